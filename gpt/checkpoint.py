@@ -1,0 +1,117 @@
+"""Checkpoints as directories, written atomically: `model.safetensors` + `config.json` (+ more).
+
+A checkpoint directory is first written under a temporary name beside its final place, every file
+flushed to disk, then renamed into place. A kill at any moment leaves either the old checkpoint or
+the new one whole, never a mix:
+
+    1. write  .<name>.tmp/            (the old <name>/ is untouched)
+    2. rename <name>/ -> .<name>.old/ (only if it exists)
+    3. rename .<name>.tmp/ -> <name>/
+    4. delete .<name>.old/
+
+A kill between 2 and 3 leaves no <name>/ but a whole .<name>.old/, which `resolve_checkpoint_dir`
+falls back to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt.config import GPTConfig
+from gpt.errors import UserError
+from gpt.model import GPT
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on a clean exit it replaces `target` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    _fsync(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """The checkpoint directory to read for `path`, recovering from a kill mid-replace (see above)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        return old
+    return path
+
+
+def save_model(model: GPT, directory: Path) -> None:
+    """Write `model.safetensors` and `config.json` into `directory` (not atomic by itself)."""
+    directory = Path(directory)
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]  # the same tensor as tok_emb.weight; stored once
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+              directory / WEIGHTS_FILE)
+    model.config.save(directory / CONFIG_FILE)
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
+    """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`."""
+    directory = resolve_checkpoint_dir(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise UserError(f"checkpoint {directory} has no {name}; is it a checkpoint directory?")
+    cfg = GPTConfig.load(directory / CONFIG_FILE)
+    try:
+        state = load_file(directory / WEIGHTS_FILE, device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {directory / WEIGHTS_FILE} ({exc}); the file is truncated "
+                        "or not safetensors") from None
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(f"{directory / WEIGHTS_FILE} does not match its config.json: missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise UserError(f"{directory / WEIGHTS_FILE}: tensor {name!r} has shape "
+                            f"{tuple(tensor.shape)}, config.json implies {shapes[name]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
+    return model.to(device)

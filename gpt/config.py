@@ -1,0 +1,135 @@
+"""Model configuration: one dataclass and the named presets.
+
+The field names follow Raschka's book (`emb_dim`, `n_heads`, ...); the presets are the four published
+GPT-2 sizes plus small models that train on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt.errors import UserError
+
+GPT2_VOCAB_SIZE = 50257
+
+
+class ConfigError(UserError, ValueError):
+    """An impossible model configuration (a `ValueError`, so plain Python callers can catch it)."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT model. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = GPT2_VOCAB_SIZE
+    """Number of token ids the model reads and predicts (GPT-2 BPE: 50257)."""
+
+    context_length: int = 1024
+    """Longest sequence the model accepts; the size of the learned position-embedding table."""
+
+    emb_dim: int = 768
+    """Width of the residual stream (d_model)."""
+
+    n_heads: int = 12
+    """Attention heads per layer; `emb_dim` must be divisible by it (head size = emb_dim / n_heads)."""
+
+    n_layers: int = 12
+    """Number of transformer blocks."""
+
+    drop_rate: float = 0.1
+    """Dropout probability on embeddings, attention weights and both residual branches (0 disables)."""
+
+    qkv_bias: bool = True
+    """Whether the fused query/key/value projection has a bias (GPT-2: yes; the book trains without)."""
+
+    tie_embeddings: bool = True
+    """Whether the LM head shares its weight tensor with the token embedding (GPT-2: yes)."""
+
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (GPT-2 uses 1e-5)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ConfigError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"pick n_heads from {_divisors(self.emb_dim)}"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named configuration, optionally with some fields replaced (`preset("gpt2", drop_rate=0)`)."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    def replace(self, **overrides: Any) -> GPTConfig:
+        """A copy with some fields changed (checked again by `__post_init__`)."""
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """Build from a dict such as `config.json`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> GPTConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read model config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # The four sizes OpenAI released; parameter counts are with the tied head counted once.
+    "gpt2-small": GPTConfig(emb_dim=768, n_heads=12, n_layers=12),  # 124M
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
+    # The default of `python train.py`: 16M parameters (13M of them the embedding), trains on the
+    # built-in corpus on a 2-core CPU in a few minutes. No qkv bias, as in the book's from-scratch run.
+    "mini": GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, qkv_bias=False),
+    # For tests and smoke runs: seconds, not minutes.
+    "tiny": GPTConfig(context_length=128, emb_dim=64, n_heads=2, n_layers=2, qkv_bias=False),
+}
+
+PRESET_ALIASES: dict[str, str] = {"gpt2": "gpt2-small", "gpt2-124m": "gpt2-small"}
+
+
+def preset_names() -> list[str]:
+    """Every accepted preset name, aliases included."""
+    return [*PRESETS, *PRESET_ALIASES]

@@ -1,0 +1,10 @@
+"""The one exception type the command-line fronts turn into a one-line message.
+
+Library code raises `UserError` for problems the user can fix (a missing file, a bad flag, a corrupt
+checkpoint). `train.py` and `generate.py` print its message as `error: ...` and exit with status 2,
+with no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the problem and the fix, on one line."""

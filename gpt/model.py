@@ -1,0 +1,202 @@
+"""The GPT-2 model, written out by hand, top-down: GPT -> Block -> (CausalSelfAttention, MLP).
+
+Module names are chosen so that loading GPT-2 weights is a key map (see `gpt/weights.py`):
+
+    tok_emb, pos_emb                        token and position embeddings
+    blocks.{i}.norm1, .attn.qkv, .attn.proj pre-LayerNorm, fused q/k/v projection, output projection
+    blocks.{i}.norm2, .mlp.fc, .mlp.proj    pre-LayerNorm, 4x expansion, projection back
+    final_norm, lm_head                     last LayerNorm and the (tied) output layer
+
+Shapes in comments: B batch, T new positions, S positions attended to (cache + new), C emb_dim,
+H heads, D head size (C = H * D), V vocab size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt.config import GPTConfig
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention written as the formula: softmax(QKᵀ/√D + M) V.
+
+    M is 0 where query i may see key j and -inf where it may not (j in its future). With a KV cache
+    the T queries are the *last* T of the S positions, so query i sits at absolute position S - T + i.
+    The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
+    kernels and without materialising the (T, S) score matrix; this function is its documentation,
+    and the tests check that the two agree.
+    """
+    T, S = q.size(-2), k.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated for the whole context so decoding never reallocates.
+
+    Generation first feeds the prompt (prefill), then one token at a time; each call appends its
+    keys/values at `length` and attends over everything cached so far.
+    """
+
+    def __init__(self, batch_size: int, n_heads: int, max_length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch_size, n_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, L, D)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, L, D)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new (B, H, T, D) keys/values; return all of them so far, (B, H, S, D)."""
+        end = self.length + k.size(2)
+        if end > self.keys.size(2):
+            raise ValueError(f"KV cache overflow: {end} positions, room for {self.keys.size(2)}")
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection (as in GPT-2's `c_attn`)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.drop_rate = cfg.drop_rate
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, H, T, D): each head attends independently over its own D channels.
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, S, D)
+        S = k.size(2)
+        # SDPA's is_causal aligns the mask top-left, which is right only when queries and keys are the
+        # same positions. A single new query may see every key (no mask); a chunk appended to a
+        # non-empty cache needs the mask shifted by S - T, built explicitly.
+        mask = None
+        if T > 1 and S > T:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
+            dropout_p=self.drop_rate if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: expand 4x, GPT-2's tanh-approximated GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.gelu(self.fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer block, pre-LayerNorm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop_resid = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.drop_resid(self.attn(self.norm1(x), cache))
+        x = x + self.drop_resid(self.mlp(self.norm2(x)))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, LM head. `GPT(cfg)(idx)` -> logits."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One Parameter in two places: the same storage, so an update to one is an update to both.
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the layers that write into the residual stream by 1/sqrt(2 * layers),
+        # so the stream's variance does not grow with depth (two such writes per block).
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache."""
+        return self.lm_head(self.hidden_states(idx, kv_cache))
+
+    def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
+        """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.
+
+        Kept separate so a loss can apply the head in chunks instead of materialising (B, T, V).
+        """
+        T = idx.size(1)
+        start = kv_cache[0].length if kv_cache else 0
+        if start + T > self.config.context_length:
+            raise ValueError(
+                f"sequence length {start + T} exceeds the model's context_length "
+                f"{self.config.context_length}; crop the input to the last "
+                f"{self.config.context_length} tokens"
+            )
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache[i] if kv_cache else None)
+        return self.final_norm(x)
+
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Empty per-layer caches for `batch_size` sequences of up to `context_length` positions."""
+        weight = self.tok_emb.weight
+        cfg = self.config
+        return [
+            KVCache(batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim,
+                    weight.device, dtype or weight.dtype)
+            for _ in range(cfg.n_layers)
+        ]
+
+    def num_parameters(self, count_tied_head_twice: bool = False) -> int:
+        """Trainable parameters. With a tied head, it is counted once unless asked to count it twice.
+
+        GPT-2 small: 124,439,808 (tied, counted once) or 163,037,184 (head counted again).
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if count_tied_head_twice and self.config.tie_embeddings:
+            total += self.lm_head.weight.numel()
+        return total

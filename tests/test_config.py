@@ -1,0 +1,65 @@
+import pytest
+
+from gpt.config import PRESETS, ConfigError, GPTConfig, preset_names
+from gpt.model import GPT
+
+
+def test_defaults_are_gpt2_small() -> None:
+    assert GPTConfig() == GPTConfig.preset("gpt2-small") == GPTConfig.preset("gpt2")
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("gpt2-small", 124), ("gpt2-medium", 355), ("gpt2-large", 774), ("gpt2-xl", 1558)],
+)
+def test_gpt2_presets_have_the_published_sizes(name: str, millions: int) -> None:
+    import torch
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPT(GPTConfig.preset(name))
+    assert round(model.num_parameters() / 1e6) == millions
+
+
+def test_unknown_preset_lists_the_names() -> None:
+    with pytest.raises(ConfigError) as err:
+        GPTConfig.preset("gpt5")
+    for name in preset_names():
+        assert name in str(err.value)
+
+
+def test_preset_overrides_are_checked() -> None:
+    assert GPTConfig.preset("mini", n_layers=2).n_layers == 2
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        GPTConfig.preset("mini", n_heads=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"emb_dim": 100, "n_heads": 3}, "emb_dim \\(100\\) must be divisible by n_heads \\(3\\)"),
+        ({"n_layers": 0}, "n_layers must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+        ({"context_length": 2.5}, "context_length must be a positive integer"),
+        ({"drop_rate": 1.0}, "drop_rate must be in \\[0, 1\\)"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
+    ],
+)
+def test_invalid_fields_raise_value_error(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**fields)
+
+
+def test_json_round_trip(tmp_path) -> None:
+    cfg = GPTConfig.preset("tiny", drop_rate=0.0)
+    cfg.save(tmp_path / "config.json")
+    assert GPTConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    with pytest.raises(ConfigError, match="unknown GPTConfig field"):
+        GPTConfig.from_dict({"emb_dim": 64, "n_head": 2})
+
+
+def test_every_preset_is_valid() -> None:
+    for cfg in PRESETS.values():
+        assert cfg.emb_dim % cfg.n_heads == 0

@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from gpt.config import GPTConfig
+from gpt.model import GPT, reference_attention
+
+TINY = GPTConfig.preset("tiny", drop_rate=0.0)
+
+
+def test_logits_shape() -> None:
+    model = GPT(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (3, 17))
+    assert model(idx).shape == (3, 17, TINY.vocab_size)
+
+
+def test_too_long_sequence_names_both_lengths() -> None:
+    model = GPT(TINY)
+    idx = torch.zeros(1, TINY.context_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{TINY.context_length + 1}.*{TINY.context_length}"):
+        model(idx)
+
+
+def test_head_is_tied_by_shared_storage() -> None:
+    model = GPT(TINY)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    with torch.no_grad():
+        model.tok_emb.weight[0, 0] = 123.0
+    assert model.lm_head.weight[0, 0] == 123.0
+
+
+def test_untied_head_is_a_separate_tensor() -> None:
+    model = GPT(TINY.replace(tie_embeddings=False))
+    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+
+
+def test_parameter_count_matches_a_formula() -> None:
+    cfg = GPTConfig(vocab_size=1000, context_length=32, emb_dim=48, n_heads=4, n_layers=3,
+                    qkv_bias=True)
+    V, L, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    expected = V * C + L * C + cfg.n_layers * per_block + 2 * C
+    model = GPT(cfg)
+    assert model.num_parameters() == expected
+    assert model.num_parameters(count_tied_head_twice=True) == expected + V * C
+    untied = GPT(cfg.replace(tie_embeddings=False))
+    assert untied.num_parameters() == expected + V * C
+
+
+def test_book_parameter_counts_for_gpt2_small() -> None:
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset("gpt2-small"))
+    assert model.num_parameters() == 124_439_808
+    assert model.num_parameters(count_tied_head_twice=True) == 163_037_184
+
+
+@pytest.mark.parametrize(("T", "S"), [(1, 1), (7, 7), (1, 9), (4, 9)])
+def test_sdpa_agrees_with_the_explicit_formula(T: int, S: int) -> None:
+    q = torch.randn(2, 3, T, 8)
+    k, v = torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(reference_attention(q, k, v), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_layer_equals_formula_on_its_own_projections() -> None:
+    model = GPT(TINY).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 11, TINY.emb_dim)
+    q, k, v = attn.qkv(x).split(TINY.emb_dim, dim=2)
+    heads = [t.view(2, 11, TINY.n_heads, TINY.head_dim).transpose(1, 2) for t in (q, k, v)]
+    y = reference_attention(*heads).transpose(1, 2).reshape(2, 11, TINY.emb_dim)
+    assert_close(attn(x), attn.proj(y), atol=1e-6, rtol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_past_logits() -> None:
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % TINY.vocab_size
+    assert_close(model(idx)[:, :12], model(changed)[:, :12])
+    assert not torch.allclose(model(idx)[:, 12:], model(changed)[:, 12:])
+
+
+def test_kv_cache_gives_the_logits_of_a_full_forward() -> None:
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 24))
+    full = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    pieces = [model(idx[:, :10], cache), model(idx[:, 10:11], cache), model(idx[:, 11:24], cache)]
+    assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_cannot_grow_past_the_context() -> None:
+    model = GPT(TINY).eval()
+    cache = model.new_kv_cache(batch_size=1)
+    model(torch.zeros(1, TINY.context_length, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+def test_dropout_is_active_only_in_training_mode() -> None:
+    model = GPT(TINY.replace(drop_rate=0.5))
+    idx = torch.randint(0, TINY.vocab_size, (1, 16))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_init_scales_residual_projections() -> None:
+    cfg = GPTConfig(vocab_size=512, context_length=16, emb_dim=256, n_heads=4, n_layers=8)
+    model = GPT(cfg)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)

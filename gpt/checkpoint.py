@@ -76,6 +76,13 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Path | None:
+    """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none."""
+    candidates = [resolve_checkpoint_dir(run / which) for run in Path(runs_dir).glob("*/")]
+    candidates = [c for c in candidates if (c / WEIGHTS_FILE).is_file()]
+    return max(candidates, key=lambda c: (c / WEIGHTS_FILE).stat().st_mtime, default=None)
+
+
 def save_model(model: GPT, directory: Path) -> None:
     """Write `model.safetensors` and `config.json` into `directory` (not atomic by itself)."""
     directory = Path(directory)

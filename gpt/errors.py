@@ -5,6 +5,18 @@ checkpoint). `train.py` and `generate.py` print its message as `error: ...` and 
 with no traceback. Anything else is a bug and keeps its traceback.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a command-line front: a `UserError` becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -3,8 +3,11 @@
 from gpt.config import GPTConfig
 from gpt.data import SlidingWindowDataset, create_dataloader
 from gpt.errors import UserError
+from gpt.loss import evaluate_loss, lm_loss, perplexity
 from gpt.model import GPT
+from gpt.sampling import generate, stream
 from gpt.tokenizer import get_tokenizer
+from gpt.weights import load_pretrained, save_hf
 
 __all__ = [
     "GPT",
@@ -12,5 +15,12 @@ __all__ = [
     "SlidingWindowDataset",
     "UserError",
     "create_dataloader",
+    "evaluate_loss",
+    "generate",
     "get_tokenizer",
+    "lm_loss",
+    "load_pretrained",
+    "perplexity",
+    "save_hf",
+    "stream",
 ]

@@ -1,5 +1,9 @@
 """Checkpoints as directories, written atomically: `model.safetensors` + `config.json` (+ more).
 
+A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters, data-loader
+position, RNG states and training config, as plain tensors and Python containers that
+`torch.load(..., weights_only=True)` reads without running any code from the file.
+
 A checkpoint directory is first written under a temporary name beside its final place, every file
 flushed to disk, then renamed into place. A kill at any moment leaves either the old checkpoint or
 the new one whole, never a mix:
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +37,8 @@ from gpt.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_STATE_FORMAT = 1  # bump when the layout of train_state.pt changes incompatibly
 
 
 def _fsync(path: Path) -> None:
@@ -122,3 +130,41 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
     return model.to(device)
+
+
+def save_checkpoint(model: GPT, train_state: dict[str, Any], directory: Path) -> None:
+    """Atomically write a training checkpoint: the model (`save_model`) and `train_state.pt`.
+
+    `train_state` must hold only tensors and plain Python values (dict, list, tuple, str, int, float,
+    bool, None), so that `load_train_state` can read it with `weights_only=True`.
+    """
+    with atomic_directory(directory) as tmp:
+        save_model(model, tmp)
+        torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, tmp / TRAIN_STATE_FILE)
+
+
+def load_train_state(directory: Path) -> dict[str, Any]:
+    """The `train_state` saved by `save_checkpoint` in `directory` (tensors on the CPU).
+
+    Raises `UserError` naming the file if it is missing, truncated, not a training state, or of
+    another format version.
+    """
+    directory = resolve_checkpoint_dir(directory)
+    path = directory / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so {directory} cannot be resumed (a weights-only "
+                        f"checkpoint); start a new run from its weights with --init {directory}")
+    try:
+        # weights_only: the file is data, never code, even if someone hands us a malicious one.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}): the file is truncated or not a "
+                        "PyTorch file; resume from another checkpoint (best/) or start a new run") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors and plain values, so it was not "
+                        "written by this trainer; it is refused unread") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path} is not a training state of format {TRAIN_STATE_FORMAT} (found "
+                        f"{found!r}); it was written by another version of this trainer")
+    return state

@@ -48,8 +48,9 @@ class KVCache:
     def __init__(self, batch_size: int, n_heads: int, max_length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, n_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, L, D)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, L, D)
+        # Uninitialised: only positions below `length` are ever read, and each is written first.
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (B, H, L, D)
+        self.values = torch.empty(shape, device=device, dtype=dtype)  # (B, H, L, D)
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,6 +62,10 @@ class KVCache:
         self.values[:, :, self.length:end] = v
         self.length = end
         return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)
+
+    def clear(self) -> None:
+        """Forget every position (the buffers stay allocated and are overwritten from position 0)."""
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -182,8 +187,16 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """Empty per-layer caches for `batch_size` sequences of up to `context_length` positions."""
+        """Empty per-layer caches for `batch_size` sequences of up to `context_length` positions.
+
+        The default dtype is the one attention will produce: the autocast dtype if autocast is on for
+        the model's device, else the weights' dtype. A mismatch would still work but would convert
+        the whole cache on every step.
+        """
         weight = self.tok_emb.weight
+        device_type = weight.device.type
+        if dtype is None and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         cfg = self.config
         return [
             KVCache(batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim,

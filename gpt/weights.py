@@ -1,63 +1,222 @@
-"""GPT-2 weights: the one table that maps Hugging Face's tensor names onto ours.
+"""GPT-2 weights: load the published checkpoints into our `GPT`, and export ours for Hugging Face.
 
-HF's `GPT2LMHeadModel` keeps OpenAI's layout: its linear layers are `Conv1D` modules whose weights
-are stored as (in, out), the transpose of `nn.Linear`'s (out, in). Everything else is a rename, and
-the LM head is the token embedding (tied), so it is not stored separately.
+`load_pretrained(name_or_path, **overrides)` reads
+
+- a Hugging Face GPT-2 directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`), as
+  published for `openai-community/gpt2`, `gpt2-medium`, `gpt2-large` and `gpt2-xl`;
+- a lone `.safetensors` (or `.bin`) file in HF names, its size inferred from the tensor shapes;
+- OpenAI's original release directory (`hparams.json`, `checkpoint`, `model.ckpt.index`,
+  `model.ckpt.data-00000-of-00001`), read without TensorFlow (see "TensorFlow checkpoints" below);
+- a checkpoint or run directory of this project (`config.json` in our field names + `model.safetensors`);
+- a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
+  downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
+
+All formats go through one table, `KEY_MAP`: one row per tensor, with its name in each format and
+whether it is a Conv1D kernel. OpenAI's TensorFlow code stores every linear layer as a width-1
+convolution kernel of shape (1, in, out); HF's `Conv1D` keeps the (in, out) layout; `nn.Linear` wants
+(out, in). Our attention keeps q, k and v fused in one projection, in the same order as `c_attn`, so
+no split is needed; GPT-2 has a qkv bias (`qkv_bias=True`) and a head tied to the token embedding,
+which is therefore not stored.
+
+Memory: loading never holds two copies of the weights. The model is built on the meta device and its
+parameters are then *assigned* tensors that are views of the memory-mapped file (copy-on-write, so
+training writes to private pages and never to the file). A Conv1D kernel becomes its transposed
+view (`w.t()`), not a transposed copy: `F.linear` multiplies by a transposed weight about as fast as
+by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak RSS 1.2x
+against 2.1x the file's size for gpt2-medium: `benchmarks/results/load.md`). Weights are float32,
+what the model computes in; cast afterwards for half precision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import argparse
+import json
+import math
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt.config import GPTConfig
-from gpt.errors import UserError
+from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, load_model, resolve_checkpoint_dir
+from gpt.config import ConfigError, GPTConfig
+from gpt.errors import UserError, run_cli
+from gpt.model import GPT
 
-# (our name, HF name, stored transposed in HF). `{i}` stands for the block index.
-HF_KEY_MAP: list[tuple[str, str, bool]] = [
-    ("tok_emb.weight", "transformer.wte.weight", False),
-    ("pos_emb.weight", "transformer.wpe.weight", False),
-    ("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight", False),
-    ("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias", False),
-    ("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", True),
-    ("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", False),
-    ("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
-    ("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", False),
-    ("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight", False),
-    ("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias", False),
-    ("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
-    ("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", False),
-    ("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
-    ("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", False),
-    ("final_norm.weight", "transformer.ln_f.weight", False),
-    ("final_norm.bias", "transformer.ln_f.bias", False),
-    ("lm_head.weight", "lm_head.weight", False),
+Format = Literal["ours", "hf", "openai"]
+
+
+class KeyRow(NamedTuple):
+    """One tensor of GPT-2 under its name in each format; `{i}` stands for the block index."""
+
+    ours: str
+    hf: str
+    openai: str | None  # None: OpenAI's release does not store it (its head is always tied)
+    conv1d: bool  # stored as a Conv1D kernel: (in, out) in HF, (1, in, out) in OpenAI; ours is (out, in)
+
+
+KEY_MAP: list[KeyRow] = [
+    KeyRow("tok_emb.weight", "transformer.wte.weight", "model/wte", False),
+    KeyRow("pos_emb.weight", "transformer.wpe.weight", "model/wpe", False),
+    KeyRow("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight", "model/h{i}/ln_1/g", False),
+    KeyRow("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias", "model/h{i}/ln_1/b", False),
+    KeyRow("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", "model/h{i}/attn/c_attn/w", True),  # noqa: E501 (one row a line)
+    KeyRow("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", "model/h{i}/attn/c_attn/b", False),  # noqa: E501 (one row a line)
+    KeyRow("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", "model/h{i}/attn/c_proj/w", True),  # noqa: E501 (one row a line)
+    KeyRow("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", "model/h{i}/attn/c_proj/b", False),  # noqa: E501 (one row a line)
+    KeyRow("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight", "model/h{i}/ln_2/g", False),
+    KeyRow("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias", "model/h{i}/ln_2/b", False),
+    KeyRow("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", "model/h{i}/mlp/c_fc/w", True),
+    KeyRow("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", "model/h{i}/mlp/c_fc/b", False),
+    KeyRow("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", "model/h{i}/mlp/c_proj/w", True),  # noqa: E501 (one row a line)
+    KeyRow("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", "model/h{i}/mlp/c_proj/b", False),
+    KeyRow("final_norm.weight", "transformer.ln_f.weight", "model/ln_f/g", False),
+    KeyRow("final_norm.bias", "transformer.ln_f.bias", "model/ln_f/b", False),
+    KeyRow("lm_head.weight", "lm_head.weight", None, False),
 ]
+# Optional in our model (the book trains without it); a checkpoint loaded without it must hold zeros.
+_QKV_BIAS = next(row for row in KEY_MAP if row.ours.endswith("attn.qkv.bias"))
+
+# Stored by HF but not weights: each block's causal-mask buffers (in older files and the published ones).
+_HF_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
+
+HUB_ORG = "openai-community"
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_HEAD_DIM = 64  # every published GPT-2 size; `n_heads` cannot be read off the tensor shapes
+EOT_TOKEN_ID = 50256  # <|endoftext|>, GPT-2's BOS and EOS
+HF_BIN_FILE = "pytorch_model.bin"
+OPENAI_FILES = ("hparams.json", "checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
 
 
-def hf_key_pairs(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
-    """`HF_KEY_MAP` expanded for every block of `cfg`, less the tensors `cfg` does not have.
+def key_pairs(cfg: GPTConfig, fmt: Format = "hf") -> list[tuple[str, str, bool]]:
+    """`(our name, name in fmt, is a Conv1D kernel)` for every tensor `GPT(cfg)` stores in `fmt`.
 
     A tied head is the token embedding, so `lm_head.weight` is not a separate tensor; without a qkv
     bias the model has no `attn.qkv.bias`.
     """
     pairs = []
-    for ours, theirs, transposed in HF_KEY_MAP:
-        if ours == "lm_head.weight" and cfg.tie_embeddings:
+    for row in KEY_MAP:
+        if row.ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        if ours.endswith("attn.qkv.bias") and not cfg.qkv_bias:
+        if row.ours.endswith("attn.qkv.bias") and not cfg.qkv_bias:
             continue
-        layers = range(cfg.n_layers) if "{i}" in ours else [None]
-        for i in layers:
-            pairs.append((ours.format(i=i), theirs.format(i=i), transposed))
+        theirs = getattr(row, fmt)
+        if theirs is None:
+            raise UserError("OpenAI's GPT-2 format always ties the head to the token embedding; "
+                            "load it with tie_embeddings=True")
+        for i in range(cfg.n_layers) if "{i}" in row.ours else [None]:
+            pairs.append((row.ours.format(i=i), theirs.format(i=i), row.conv1d and fmt != "ours"))
     return pairs
+
+
+def _stored_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[int, ...]:
+    """The shape a tensor of our `shape` has in `fmt` (see `KeyRow.conv1d`)."""
+    if not conv1d:
+        return shape
+    return ((1,) if fmt == "openai" else ()) + shape[::-1]
+
+
+def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format = "hf",
+                      where: str = "checkpoint") -> dict[str, Tensor]:
+    """Convert a state dict in `fmt` names/layout into one for `GPT(cfg)`, as float32 views.
+
+    Every tensor `cfg` needs must be present with the expected shape, and every stored tensor must
+    be used (bar HF's mask buffers and a stored copy of a tied head): a checkpoint that does not match
+    its config is an error, not a half-loaded model. `where` names the checkpoint in the errors.
+    """
+    if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
+        state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
+    expected = expected_shapes(cfg)
+    ours_state: dict[str, Tensor] = {}
+    used = set()
+    for ours, theirs, conv1d in key_pairs(cfg, fmt):
+        if theirs not in state:
+            raise UserError(f"{where} is missing tensor {theirs!r} (needed for {ours!r})")
+        tensor, stored = state[theirs], _stored_shape(expected[ours], fmt, conv1d)
+        if tuple(tensor.shape) != stored:
+            raise UserError(f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
+                            f"{stored} for this config")
+        if conv1d:
+            tensor = (tensor[0] if fmt == "openai" else tensor).t()  # a view, not a copy: see the top
+        ours_state[ours] = tensor.float()
+        used.add(theirs)
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            name = getattr(_QKV_BIAS, fmt).format(i=i)
+            bias = state.get(name)
+            if bias is not None and bias.abs().max() > 0:
+                raise UserError(
+                    f"{where} has a non-zero qkv bias in block {i}; load it with qkv_bias=True"
+                )
+            used.add(name)
+    unused = sorted(name for name in set(state) - used if not _ignorable(name, cfg, fmt))
+    if unused:
+        raise UserError(
+            f"{where} holds tensors this config does not use ({', '.join(unused[:3])}"
+            f"{', ...' if len(unused) > 3 else ''}); does its config (n_layers={cfg.n_layers}, "
+            f"tie_embeddings={cfg.tie_embeddings}) match the weights?"
+        )
+    if cfg.tie_embeddings:
+        ours_state["lm_head.weight"] = ours_state["tok_emb.weight"]  # so load_state_dict(strict=True) works
+    return ours_state
+
+
+def _ignorable(name: str, cfg: GPTConfig, fmt: Format) -> bool:
+    """Whether a stored tensor that no parameter uses may be dropped silently."""
+    if fmt == "hf":
+        return bool(_HF_BUFFER.fullmatch(name)) or (name == "lm_head.weight" and cfg.tie_embeddings)
+    if fmt == "openai":
+        return not name.startswith("model/")  # e.g. a `global_step` counter saved beside the model
+    return False
+
+
+def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """The inverse of `to_gpt_state_dict(..., "hf")`: our state dict in HF `GPT2LMHeadModel` names.
+
+    HF GPT-2 always has a qkv bias; a model trained without one gets zeros (the same function).
+    """
+    hf_state = {
+        theirs: (state[ours].t() if conv1d else state[ours]).contiguous()
+        for ours, theirs, conv1d in key_pairs(cfg, "hf")
+    }
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            hf_state[_QKV_BIAS.hf.format(i=i)] = torch.zeros(3 * cfg.emb_dim)
+    if cfg.tie_embeddings:
+        hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
+    return hf_state
+
+
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in `GPT(cfg).state_dict()`, computed without building the model."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in GPT(cfg).state_dict().items()}
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+
+def _config(fields: dict[str, Any], overrides: Mapping[str, Any]) -> GPTConfig:
+    """`GPTConfig(**fields)` with `overrides` applied, an unknown override name being an error."""
+    known = GPTConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown override(s) {unknown}; GPTConfig fields are: {', '.join(known)}")
+    return GPTConfig(**{**fields, **overrides})
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     """Our config for a HF `GPT2Config` (as a dict, e.g. a loaded `config.json`)."""
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"config.json is for a {hf_config['model_type']!r} model, not GPT-2 "
+                        "(model_type 'gpt2'); only GPT-2 checkpoints can be loaded")
     try:
         fields = dict(
             vocab_size=hf_config["vocab_size"],
@@ -73,62 +232,364 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     except KeyError as exc:
         raise UserError(f"HF GPT-2 config lacks the field {exc.args[0]!r}; is it a GPT-2 config?") \
             from None
-    return GPTConfig(**{**fields, **overrides})
+    return _config(fields, overrides)
 
 
-def hf_to_gpt_state_dict(hf_state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """Convert a HF `GPT2LMHeadModel` (or `GPT2Model`) state dict into a state dict for `GPT(cfg)`.
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The `config.json` of a HF `GPT2LMHeadModel` of our shape (the inverse of `config_from_hf`)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation, as in our MLP
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        # Only a vocabulary that has <|endoftext|> can name it as BOS/EOS.
+        **({"bos_token_id": EOT_TOKEN_ID, "eos_token_id": EOT_TOKEN_ID} if cfg.vocab_size > EOT_TOKEN_ID
+           else {}),
+    }
 
-    Every tensor `cfg` needs must be present with the expected shape; the errors name the tensor.
-    Tensors are transposed where HF stores Conv1D weights, never copied otherwise.
+
+def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping[str, Any]) -> GPTConfig:
+    """The config of a lone HF-named state dict, read off its tensor shapes.
+
+    n_layers counts the `h.{i}` blocks, emb_dim and vocab_size come from `wte`, context_length from
+    `wpe`. The head count is not visible in any shape: it is emb_dim // 64, GPT-2's head size in every
+    published size, unless `n_heads=` is passed.
     """
-    if not any(k.startswith("transformer.") for k in hf_state):  # a bare GPT2Model's keys
-        hf_state = {f"transformer.{k}": v for k, v in hf_state.items()}
-    expected = expected_shapes(cfg)
-    state: dict[str, Tensor] = {}
-    for ours, theirs, transposed in hf_key_pairs(cfg):
-        if theirs not in hf_state:
-            raise UserError(f"checkpoint is missing tensor {theirs!r} (needed for {ours!r})")
-        tensor = hf_state[theirs]
-        tensor = tensor.t() if transposed else tensor
-        if tuple(tensor.shape) != expected[ours]:
-            raise UserError(
-                f"tensor {theirs!r} has shape {tuple(hf_state[theirs].shape)}, expected "
-                f"{expected[ours][::-1] if transposed else expected[ours]} for this config"
-            )
-        state[ours] = tensor
-    if not cfg.qkv_bias:
-        for i in range(cfg.n_layers):
-            bias = hf_state.get(f"transformer.h.{i}.attn.c_attn.bias")
-            if bias is not None and bias.abs().max() > 0:
-                raise UserError(
-                    f"checkpoint has a non-zero qkv bias in block {i}; load it with qkv_bias=True"
-                )
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]  # so load_state_dict(strict=True) works
+    def tensor(name: str) -> Tensor:
+        found = state.get(f"transformer.{name}", state.get(name))
+        if found is None or found.dim() != 2:
+            raise UserError(f"{where} has no 2-D {name!r} tensor; is it a GPT-2 checkpoint?")
+        return found
+
+    (vocab_size, emb_dim), context_length = tensor("wte.weight").shape, tensor("wpe.weight").shape[0]
+    blocks = {int(m[1]) for k in state if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
+    if "n_heads" not in overrides and emb_dim % GPT2_HEAD_DIM:
+        raise UserError(f"cannot infer n_heads for {where}: its emb_dim {emb_dim} is not a multiple of "
+                        f"GPT-2's head size {GPT2_HEAD_DIM}; pass n_heads=")
+    if not blocks:
+        raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 checkpoint?")
+    fields = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
+                  n_heads=emb_dim // GPT2_HEAD_DIM, n_layers=max(blocks) + 1, qkv_bias=True)
+    return _config(fields, overrides)
+
+
+def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
+    """Our config for OpenAI's `hparams.json`."""
+    try:
+        hparams = json.loads(path.read_text())
+        fields = dict(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"],
+                      emb_dim=hparams["n_embd"], n_heads=hparams["n_head"], n_layers=hparams["n_layer"],
+                      qkv_bias=True, tie_embeddings=True)
+    except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); it needs n_vocab, n_ctx, "
+                        "n_embd, n_head and n_layer, as in OpenAI's release") from None
+    return _config(fields, overrides)
+
+
+# ---- readers: each returns a name -> tensor dict of memory-mapped tensors ---------------------------
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file, as views of its copy-on-write memory map (nothing read yet)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); the file is truncated or not safetensors: "
+                        "download it again") from None
+
+
+def _read_bin(path: Path) -> dict[str, Tensor]:
+    """A `pytorch_model.bin` state dict, unpickled only with `weights_only=True` (no code runs)."""
+    try:
+        # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True): it pickles objects "
+                        "other than tensors, which are not loaded; use a model.safetensors instead") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({reason}); the file is "
+                        "truncated or not a PyTorch file: use a model.safetensors instead") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 checkpoint?")
     return state
 
 
-def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """The inverse of `hf_to_gpt_state_dict`: our state dict in HF `GPT2LMHeadModel` names/layout.
+# ---- TensorFlow checkpoints -------------------------------------------------------------------
+# A TF checkpoint ("tensor bundle") is `<prefix>.index`, a LevelDB-style sorted string table mapping
+# each tensor's name to a serialized `BundleEntryProto` (dtype, shape, shard, offset, size), and
+# `<prefix>.data-<shard>-of-<n>` files of raw little-endian tensor bytes. The table is: data blocks
+# of prefix-compressed (key, value) entries, an index block mapping to the data blocks, and a footer
+# holding the index block's handle (varint offset and size) and a magic number. The few protobuf
+# fields needed are decoded by hand, so reading needs neither TensorFlow nor protobuf.
 
-    HF GPT-2 always has a qkv bias; a model trained without one gets zeros (the same function).
-    """
-    hf_state = {
-        theirs: (state[ours].t() if transposed else state[ours]).contiguous()
-        for ours, theirs, transposed in hf_key_pairs(cfg)
-    }
-    if not cfg.qkv_bias:
-        for i in range(cfg.n_layers):
-            hf_state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
-    if cfg.tie_embeddings:
-        hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
-    return hf_state
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic number
+_BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked crc32c (4 bytes)
+_TF_DTYPES = {1: np.float32, 2: np.float64, 19: np.float16}  # TF's DataType enum: DT_FLOAT, ...
 
 
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in `GPT(cfg).state_dict()`, computed without building the model."""
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Decode the base-128 varint at `buf[pos]`; return it and the position after it."""
+    value = shift = 0
+    while pos < len(buf):
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        wire_type = tag & 7
+        value: int | bytes
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+        elif wire_type in (1, 5):  # fixed64, fixed32 (the only one TF uses here is the crc32c)
+            size = 8 if wire_type == 1 else 4
+            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
+        elif wire_type == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire_type}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield tag >> 3, value
+
+
+def _table_block(table: bytes, handle: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) entries of the table block that the encoded block handle points to."""
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    if offset + size + _BLOCK_TRAILER_SIZE > len(table):
+        raise ValueError("a block runs past the end of the file; download it again")
+    if table[offset + size] != 0:
+        raise ValueError(f"it has a compressed block (compression type {table[offset + size]}), which this "
+                         "reader does not decompress; TensorFlow writes checkpoints uncompressed, so re-save "
+                         "it with TensorFlow's defaults")
+    block = table[offset:offset + size]
+    # The block ends with its restart points (uint32s, then their count), which a scan does not need.
+    n_restarts = int.from_bytes(block[-4:], "little")
+    end, pos, key = len(block) - 4 * (n_restarts + 1), 0, b""
+    while pos < end:
+        shared, pos = _varint(block, pos)  # bytes of the previous key this key starts with
+        unshared, pos = _varint(block, pos)
+        value_size, pos = _varint(block, pos)
+        key = key[:shared] + block[pos:pos + unshared]
+        pos += unshared
+        yield key, block[pos:pos + value_size]
+        pos += value_size
+
+
+def _read_table(table: bytes) -> dict[bytes, bytes]:
+    """Every (key, value) of a LevelDB-style table file."""
+    if len(table) < _FOOTER_SIZE or int.from_bytes(table[-8:], "little") != _TABLE_MAGIC:
+        raise ValueError("bad magic number: the file is truncated or not a TF checkpoint index; "
+                         "download it again")
+    footer = table[-_FOOTER_SIZE:]
+    _, pos = _varint(footer, 0)  # the metaindex block's offset and size: TF puts nothing there
+    _, pos = _varint(footer, pos)
+    return {key: value
+            for _, data_handle in _table_block(table, footer[pos:])
+            for key, value in _table_block(table, data_handle)}
+
+
+def _read_tf_checkpoint(prefix: Path) -> dict[str, Tensor]:
+    """The tensors of the TF checkpoint `prefix` (e.g. `dir/model.ckpt`), memory-mapped."""
+    index_path = prefix.with_name(prefix.name + ".index")
+    try:
+        entries = _read_table(index_path.read_bytes())
+        header = dict(_proto_fields(entries.pop(b"")))  # BundleHeaderProto: num_shards=1, endianness=2
+        if header.get(2, 0) != 0:
+            raise ValueError("it is big-endian; only little-endian checkpoints are supported")
+        n_shards = int(header.get(1, 1))
+        shards = []
+        for shard in range(n_shards):
+            data_path = prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{n_shards:05d}")
+            if not data_path.is_file():
+                raise ValueError(f"its data file {data_path.name} is missing; download it")
+            # Copy-on-write: the tensors are writable (training) without ever writing to the file.
+            shards.append(np.memmap(data_path, dtype=np.uint8, mode="c") if data_path.stat().st_size
+                          else np.zeros(0, np.uint8))  # mmap refuses empty files
+        return {key.decode(): _tf_tensor(key.decode(), value, shards) for key, value in entries.items()}
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read TF checkpoint {index_path}: {exc}") from None
+
+
+def _tf_tensor(name: str, entry: bytes, shards: list[np.ndarray]) -> Tensor:
+    """The tensor a `BundleEntryProto` describes, as a view of its data file's memory map."""
+    fields = dict(_proto_fields(entry))  # dtype=1, shape=2, shard_id=3, offset=4, size=5, slices=7
+    if 7 in fields:
+        raise ValueError(f"tensor {name!r} is partitioned into slices, which is not supported")
+    dtype = _TF_DTYPES.get(int(fields.get(1, 0)))
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)}; expected float32, 16 or 64")
+    shape_proto = fields.get(2, b"")
+    if not isinstance(shape_proto, bytes):
+        raise ValueError(f"tensor {name!r} has a malformed shape")
+    shape = [int(dict(_proto_fields(dim)).get(1, 0)) for field, dim in _proto_fields(shape_proto)
+             if field == 2 and isinstance(dim, bytes)]  # TensorShapeProto.dim=2, Dim.size=1
+    shard, offset, size = (int(fields.get(f, 0)) for f in (3, 4, 5))
+    if size != math.prod(shape) * np.dtype(dtype).itemsize or shard >= len(shards):
+        raise ValueError(f"the entry of tensor {name!r} is inconsistent; download the checkpoint again")
+    if offset + size > len(shards[shard]):
+        raise ValueError(f"tensor {name!r} runs past the end of its data file, which is truncated; "
+                         "download it again")
+    return torch.from_numpy(shards[shard][offset:offset + size].view(dtype).reshape(shape))
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str) -> GPT:
+    """A `GPT(cfg)` whose parameters are the tensors of `state` (in `fmt`), without copying them."""
+    ours = to_gpt_state_dict(state, cfg, fmt, where)
     with torch.device("meta"):
-        from gpt.model import GPT  # imported here: model.py must stay free of weight-format code
+        model = GPT(cfg)
+    model.load_state_dict(ours, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign=True made two Parameters of one tensor
+    return model.eval()
 
-        return {name: tuple(t.shape) for name, t in GPT(cfg).state_dict().items()}
+
+def _checkpoint_dir(path: Path) -> Path:
+    """A run directory's `best/` checkpoint, or `path` itself."""
+    best = resolve_checkpoint_dir(path / "best")
+    return best if (best / WEIGHTS_FILE).is_file() else resolve_checkpoint_dir(path)
+
+
+def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
+    config_path = path / CONFIG_FILE
+    if (path / "hparams.json").is_file():
+        cfg = _openai_config(path / "hparams.json", overrides)
+        # The `checkpoint` file names the prefix (`model_checkpoint_path: "model.ckpt"`).
+        found = re.search(r'^model_checkpoint_path:\s*"(.*)"', (path / "checkpoint").read_text(), re.M) \
+            if (path / "checkpoint").is_file() else None
+        prefix = path / Path(found[1] if found else "model.ckpt").name
+        return _build(cfg, _read_tf_checkpoint(prefix), "openai", str(prefix))
+    weights = next((path / f for f in (WEIGHTS_FILE, HF_BIN_FILE) if (path / f).is_file()), None)
+    if config_path.is_file() and weights is not None:
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path} must hold a JSON object (a model config)")
+        state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
+        if "emb_dim" in config:  # our own GPTConfig: a checkpoint of this project
+            cfg = _config(GPTConfig.from_dict(config).to_dict(), overrides)
+            return _build(cfg, state, "ours", str(weights))
+        return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
+    if _checkpoint_dir(path) != path:
+        return _load_dir(_checkpoint_dir(path), overrides)
+    raise UserError(
+        f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
+        f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "
+        f"or a checkpoint or run directory of this project ({CONFIG_FILE} + {WEIGHTS_FILE}, or best/)"
+    )
+
+
+def _download(name: str) -> Path:
+    """The hub's `openai-community/<name>` files (config.json, model.safetensors) in its local cache."""
+    repo = f"{HUB_ORG}/{name}"
+    fix = (f"download {CONFIG_FILE} and {WEIGHTS_FILE} from https://huggingface.co/{repo} into a "
+           f"directory and pass that instead of the name (e.g. --init models/{name})")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError(f"cannot download {repo}: huggingface_hub is not installed "
+                        f"(pip install 'gpt[hf]'); or {fix}") from None
+    try:
+        files = [Path(hf_hub_download(repo_id=repo, filename=f)) for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    except Exception as exc:  # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise UserError(f"cannot download {repo} ({type(exc).__name__}: {reason}); {fix}") from None
+    return files[0].parent
+
+
+def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
+    """GPT-2 with published (or exported) weights, in eval mode, on the CPU, in float32.
+
+    `name_or_path` is a path (see the module docstring for the layouts) or one of `HUB_MODELS`
+    (optionally prefixed `openai-community/`), downloaded from the Hugging Face hub; an existing path
+    wins over a name. `overrides` replace `GPTConfig` fields, e.g. `drop_rate=0.0` for fine-tuning,
+    or `n_heads=` for a lone `.safetensors` file (whose head count is taken to be emb_dim // 64).
+    Any mismatch between the config and the tensors raises a `UserError` naming the tensor.
+    """
+    path = resolve_checkpoint_dir(Path(name_or_path))
+    if path.is_dir():
+        return _load_dir(path, overrides)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            state = _read_safetensors(path)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            state = _read_bin(path)
+        else:
+            raise UserError(f"cannot load {path}: expected a .safetensors or .bin file, or a directory")
+        return _build(_infer_hf_config(state, str(path), overrides), state, "hf", str(path))
+    name = str(name_or_path).removeprefix(f"{HUB_ORG}/")
+    if name not in HUB_MODELS:
+        raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; known "
+                        f"models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
+    return _load_dir(_download(name), overrides)
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+
+def save_hf(model: GPT, out_dir: str | Path) -> None:
+    """Write `model` as a HF GPT-2 directory (`config.json` + `model.safetensors`), atomically.
+
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it and computes the same logits. A
+    tied head is stored once, as the token embedding, as HF does. `out_dir` is replaced as a whole,
+    so it must be new, empty, or an earlier export.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir()
+                             or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
+        raise UserError(f"{out_dir} exists and holds other files; save_hf replaces the whole directory, "
+                        "so choose a new or empty one")
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    hf_state = gpt_to_hf_state_dict(state, model.config)
+    if model.config.tie_embeddings:
+        del hf_state["lm_head.weight"]  # the token embedding; HF re-ties it on load
+    with atomic_directory(out_dir) as tmp:
+        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires the format tag
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gpt.weights export RUN_DIR OUT_DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m gpt.weights", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
+    export.add_argument("run_dir", type=Path, help="a run directory (its best/ is exported) or a checkpoint")
+    export.add_argument("out_dir", type=Path, help="where to write config.json and model.safetensors")
+    args = parser.parse_args(argv)
+    save_hf(load_model(_checkpoint_dir(args.run_dir)), args.out_dir)
+    print(f"wrote {args.out_dir}; transformers.GPT2LMHeadModel.from_pretrained('{args.out_dir}') loads it")
+
+
+if __name__ == "__main__":
+    run_cli(main)

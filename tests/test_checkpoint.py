@@ -1,7 +1,17 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from gpt.checkpoint import atomic_directory, load_model, save_model
+from gpt.checkpoint import (
+    TRAIN_STATE_FILE,
+    TRAIN_STATE_FORMAT,
+    atomic_directory,
+    load_model,
+    load_train_state,
+    save_checkpoint,
+    save_model,
+)
 from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -37,3 +47,41 @@ def test_truncated_weights_are_reported(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or not safetensors"):
         load_model(tmp_path)
+
+
+def test_training_checkpoint_round_trip_loads_weights_only(tmp_path) -> None:
+    model = GPT(GPTConfig.preset("tiny"))
+    state = {"step": 7, "best": float("inf"), "rng": (3, tuple(range(625)), None),
+             "moments": {"m": torch.arange(5.0)}, "config": {"lr": 1e-3, "run_name": None}}
+    save_checkpoint(model, state, tmp_path / "last")
+    loaded = load_train_state(tmp_path / "last")
+    assert loaded["format"] == TRAIN_STATE_FORMAT
+    assert {k: loaded[k] for k in ("step", "best", "rng", "config")} == {
+        k: state[k] for k in ("step", "best", "rng", "config")}
+    assert torch.equal(loaded["moments"]["m"], state["moments"]["m"])
+    assert torch.equal(load_model(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
+
+
+def test_bad_training_states_are_reported_naming_the_file(tmp_path) -> None:
+    model = GPT(GPTConfig.preset("tiny"))
+    save_model(model, tmp_path)
+    path = tmp_path / TRAIN_STATE_FILE
+    with pytest.raises(UserError, match=f"{path} is missing"):
+        load_train_state(tmp_path)
+
+    torch.save({"format": TRAIN_STATE_FORMAT, "step": 1, "pad": torch.zeros(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=f"cannot read {path} .*truncated"):
+        load_train_state(tmp_path)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match="truncated"):
+        load_train_state(tmp_path)
+
+    torch.save({"format": TRAIN_STATE_FORMAT, "payload": Path("/etc")}, path)  # an arbitrary object
+    with pytest.raises(UserError, match="refused unread"):
+        load_train_state(tmp_path)
+
+    torch.save({"format": 99}, path)
+    with pytest.raises(UserError, match="not a training state of format 1"):
+        load_train_state(tmp_path)

@@ -1,22 +1,9 @@
-import socket
-
 import pytest
 
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 TEXT = "Hello, do you like tea? <|endoftext|> In the sunlit terraces"
 IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114]
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a socket fails, as on a machine without internet."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_book_example_encodes_offline(no_network: None, monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,146 @@
+"""Decoding speed: new tokens/s of `gpt.sampling.generate` next to Hugging Face `generate`, same weights.
+
+GPT-2 small shapes (or another `--preset`) with random weights (no download), a 32-token prompt,
+top-k 50 sampling, batch 1, with and without the KV cache, in each dtype and thread count. Both
+implementations get the same weights (converted with `gpt.weights.gpt_to_hf_state_dict`), dtype and
+threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
+machine the absolute numbers move with the load, and with 2+ threads so does the ratio.
+
+    python benchmarks/bench_generate.py --threads 2,1     # the full table, written to results/
+    python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt.config import GPTConfig
+from gpt.model import GPT
+from gpt.sampling import generate
+from gpt.weights import gpt_to_hf_state_dict
+
+RESULTS = Path(__file__).parent / "results" / "generate.md"
+NOTES_HEADING = "## Notes"  # a hand-written section of RESULTS from this heading on survives a re-run
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_models(preset: str, seed: int) -> tuple[GPT, GPT2LMHeadModel]:
+    torch.manual_seed(seed)
+    ours = GPT(GPTConfig.preset(preset, drop_rate=0.0)).eval()
+    cfg = ours.config
+    hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                           n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps,
+                           tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), cfg), strict=True)
+    return ours, hf
+
+
+def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool, prompt_tokens: int,
+            new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(ours, HF) new tokens/s for one dtype and cache setting, each the best of `repeats` runs.
+
+    The two are timed alternately, so a burst of load from other processes hits both, not one.
+    """
+    ours, hf = ours.to(dtype), hf.to(dtype)
+    prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens))
+    generator = torch.Generator().manual_seed(0)
+
+    def run_ours(n: int) -> torch.Tensor:
+        return generate(ours, prompt, n, temperature=1.0, top_k=50, use_cache=use_cache,
+                        generator=generator)
+
+    def run_hf(n: int) -> torch.Tensor:
+        # eos_token_id=None: random weights may well produce token 50256, and HF would stop there.
+        with torch.inference_mode():
+            return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=50,
+                               top_p=1.0, temperature=1.0, use_cache=use_cache, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
+
+    best = {run_ours: float("inf"), run_hf: float("inf")}
+    for run in best:
+        run(4)  # warm-up: first-call allocations and kernel selection
+    for _ in range(repeats):
+        for run in best:
+            start = time.perf_counter()
+            out = run(new_tokens)
+            best[run] = min(best[run], time.perf_counter() - start)
+            made = out.size(1) - prompt_tokens
+            assert made == new_tokens, f"{run.__name__} made {made} tokens, not {new_tokens}"
+    return new_tokens / best[run_ours], new_tokens / best[run_hf]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2-small", help="model shape (a GPTConfig preset)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=200, help="tokens per run with the KV cache")
+    parser.add_argument("--uncached-new-tokens", type=int, default=20,
+                        help="tokens per run without the cache (each costs a forward over the whole "
+                             "sequence; HF in bfloat16 on a CPU without native bf16 needs seconds each)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated, of: " + ", ".join(DTYPES))
+    parser.add_argument("--no-uncached", action="store_true", help="skip the runs without cache")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated torch thread counts, each used by both (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
+    args = parser.parse_args()
+
+    ours, hf = build_models(args.preset, seed=0)
+    rows = ["| threads | dtype | KV cache | new tokens | gpt tokens/s | HF tokens/s | gpt / HF |",
+            "|---:|---|---|---:|---:|---:|---:|"]
+    settings = [(True, args.new_tokens)] + ([] if args.no_uncached else [(False, args.uncached_new_tokens)])
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for name in args.dtypes.split(","):
+            for use_cache, new_tokens in settings:
+                mine, theirs = measure(ours, hf, DTYPES[name], use_cache, args.prompt_tokens, new_tokens,
+                                       args.repeats)
+                rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {new_tokens} | "
+                            f"{mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
+                print(rows[-1], flush=True)
+    table = "\n".join(rows)
+    print(table)
+    if args.no_write:
+        return
+    header = (
+        "# Decoding speed: gpt.sampling.generate vs Hugging Face generate\n\n"
+        f"- date: {datetime.date.today()}\n- machine: {cpu_name()}, {os.cpu_count()} cores, torch CPU "
+        f"capability {torch.backends.cpu.get_cpu_capability()}\n"
+        f"- torch {torch.__version__}, transformers {transformers.__version__}\n"
+        f"- preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M parameters), random weights, batch 1, "
+        f"{args.prompt_tokens}-token prompt, top-k 50, temperature 1, best of {args.repeats} (the two "
+        "alternate)\n"
+        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`\n\n"
+    )
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    notes = "\n" + old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(header + table + "\n" + notes)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

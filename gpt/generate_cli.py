@@ -1,0 +1,167 @@
+"""What `generate.py` does once its flags are parsed: check them, load a model, stream text out."""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import tiktoken
+import torch
+
+from gpt.checkpoint import WEIGHTS_FILE, latest_checkpoint, load_model, resolve_checkpoint_dir
+from gpt.errors import UserError
+from gpt.model import GPT
+from gpt.sampling import check_sampling_args, stream
+from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is the fastest device present (cuda, then mps, then cpu); other names must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UserError(f"--device {name} is not available on this machine; use --device auto")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16, except float16 on Apple GPUs and CUDA GPUs without bf16 support.
+
+    On CPU this is measured, not assumed (benchmarks/results/generate.md, on an AVX2 CPU with no
+    native bf16): decoding one token streams every weight from memory, so halving their size made
+    cached decoding 1.2-1.9x faster for GPT-2 small and 1.5x or more for `mini`, even though the
+    arithmetic is emulated. The cost is a slower prompt forward (compute-bound: a 256-token prompt
+    on GPT-2 small took 4.5 s instead of 1.0 s) and bf16-rounded weights; `--dtype float32` gives
+    the exact trained weights.
+    """
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float16  # MPS has bf16 only from macOS 14; float16 works on every version
+    return torch.bfloat16
+
+
+def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
+    """The checkpoint directory to load: `path` itself, its best/ (else last/), or the latest run's."""
+    if path is None:
+        found = latest_checkpoint(runs_dir, "best") or latest_checkpoint(runs_dir, "last")
+        if found is None:
+            raise UserError(f"no checkpoint found under {runs_dir}/; train one with `python train.py`, "
+                            "or start from GPT-2 weights with `--init gpt2`")
+        return found
+    for candidate in (path, path / "best", path / "last"):
+        candidate = resolve_checkpoint_dir(candidate)
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise UserError(f"--checkpoint {path} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor "
+                    "a run directory (with best/ or last/); pass e.g. runs/<run-name>")
+
+
+def load_for_generation(checkpoint: Path | None, init: str | None, device: torch.device,
+                        dtype: torch.dtype, err: TextIO) -> GPT:
+    if init is not None:
+        from gpt.weights import load_pretrained  # imported only when asked for: it may pull in more
+
+        model, source = load_pretrained(init), init
+    else:
+        source = find_checkpoint(checkpoint)
+        model = load_model(source, device)
+    model = model.to(device=device, dtype=dtype)
+    print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
+          f"{str(dtype).removeprefix('torch.')}", file=err)
+    return model
+
+
+def encode_prompt(prompt: str, tokenizer: tiktoken.Encoding, model: GPT, err: TextIO) -> list[int]:
+    """Prompt token ids the model can read: the last `context_length` of them, never none."""
+    cfg = model.config
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})
+    if not ids:  # GPT-2's convention for "no prompt": start from the end-of-text token
+        ids = [ENDOFTEXT_ID]
+    if max(ids) >= cfg.vocab_size:
+        raise UserError(f"the prompt has token id {max(ids)} but the model's vocab_size is "
+                        f"{cfg.vocab_size}; this model was not trained with the GPT-2 tokenizer")
+    if len(ids) > cfg.context_length:
+        print(f"note: the prompt is {len(ids)} tokens; the model reads only the last "
+              f"{cfg.context_length} (its context_length)", file=err)
+        ids = ids[-cfg.context_length:]
+    return ids
+
+
+def write_text(tokens: Iterable[int], tokenizer: tiktoken.Encoding, out: TextIO) -> None:
+    """Write the text of `tokens` to `out` as they arrive, flushing each piece.
+
+    A GPT-2 token is a byte string, and one UTF-8 character (an emoji, a CJK character) may be split
+    across tokens. An incremental decoder holds such bytes back until the character is complete, so
+    only whole characters are written; bytes still incomplete at the end become U+FFFD.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        # A model with a vocabulary padded past the tokenizer's may (rarely) pick an unused id.
+        piece = tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab else b"\xef\xbf\xbd"
+        text = utf8.decode(piece)
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(utf8.decode(b"", final=True))
+
+
+def token_ids(new: Iterable[torch.Tensor], eos_id: int | None) -> Iterator[int]:
+    """The ids of a one-row `stream`, ending before end-of-text (which is not text to print)."""
+    for token in new:
+        token_id = int(token.item())
+        if token_id == eos_id:
+            return
+        yield token_id
+
+
+def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
+                   init: str | None, device: str, dtype: str, no_cache: bool,
+                   out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Check every value first (a typo fails in a second, not after loading), then sample.
+
+    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+    check_sampling_args(temperature, top_k, top_p)
+    if checkpoint is not None and init is not None:
+        raise UserError("--checkpoint and --init both name weights to load; pass only one")
+    torch_device = pick_device(device)
+    model = load_for_generation(checkpoint, init, torch_device, pick_dtype(dtype, torch_device), err)
+    tokenizer = get_tokenizer()
+    idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
+    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
+    generator = torch.Generator(device=torch_device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    for i in range(num_samples):
+        if num_samples > 1:
+            out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+        out.write(prompt)
+        new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     eos_id=eos_id, use_cache=not no_cache, generator=generator)
+        write_text(token_ids(new, eos_id), tokenizer, out)
+        out.write("\n")
+        out.flush()

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from gpt.config import GPTConfig
+from gpt.loss import IGNORE_INDEX, evaluate_loss, lm_loss, perplexity
+from gpt.model import GPT
+
+
+def hand_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """-mean log softmax at the target, mixed with the uniform target for label smoothing, in float64."""
+    logp = torch.log_softmax(logits.double(), dim=-1).flatten(0, -2)
+    targets = targets.flatten()
+    keep = targets != IGNORE_INDEX
+    logp, targets = logp[keep], targets[keep]
+    nll = -logp[torch.arange(len(targets)), targets]
+    uniform = -logp.mean(dim=-1)  # cross-entropy against the uniform distribution
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("n_ignored", [0, 7])
+def test_lm_loss_matches_cross_entropy_and_the_formula(smoothing: float, n_ignored: int) -> None:
+    logits = torch.randn(3, 5, 11) * 3
+    targets = torch.randint(0, 11, (3, 5))
+    targets.view(-1)[torch.randperm(15)[:n_ignored]] = IGNORE_INDEX
+    loss = lm_loss(logits, targets, label_smoothing=smoothing)
+    reference = F.cross_entropy(logits.view(-1, 11), targets.view(-1), label_smoothing=smoothing)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(loss.double(), hand_loss(logits, targets, smoothing))
+
+
+def test_lm_loss_takes_another_ignore_index_and_upcasts_bf16() -> None:
+    logits = torch.randn(2, 4, 9).bfloat16()
+    targets = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0]])
+    loss = lm_loss(logits, targets, ignore_index=0)
+    assert loss.dtype == torch.float32
+    as_default_ignore = targets.masked_fill(targets == 0, IGNORE_INDEX)
+    torch.testing.assert_close(loss.double(), hand_loss(logits.float(), as_default_ignore, 0.0))
+
+
+def test_perplexity_is_exp_of_the_loss() -> None:
+    for loss in (0.0, 1.0, 3.3, 10.8249):
+        assert perplexity(loss) == pytest.approx(math.e ** loss, rel=1e-12)
+    assert perplexity(1000.0) == math.inf
+
+
+def test_evaluate_loss_averages_over_target_tokens_in_eval_mode() -> None:
+    model = GPT(GPTConfig.preset("tiny", vocab_size=50, context_length=8))
+    x = torch.randint(0, 50, (5, 8))
+    y = torch.randint(0, 50, (5, 8))
+    y[0, :6] = IGNORE_INDEX  # unequal token counts per batch: a mean of batch means would differ
+    loader = DataLoader(TensorDataset(x, y), batch_size=2)  # batches of 2, 2, 1
+    model.train()
+    got = evaluate_loss(model, loader, max_batches=2)
+    assert model.training  # put back
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        logits = model(x[:4])  # the first two batches, without dropout
+    summed = F.cross_entropy(logits.reshape(-1, 50), y[:4].reshape(-1), reduction="sum")
+    expected = summed / (y[:4] != IGNORE_INDEX).sum()
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    assert evaluate_loss(model, loader) != pytest.approx(got, rel=1e-5)  # all three batches
+
+
+def test_evaluate_loss_refuses_an_empty_loader() -> None:
+    model = GPT(GPTConfig.preset("tiny", vocab_size=50, context_length=8))
+    with pytest.raises(ValueError, match="no target tokens"):
+        evaluate_loss(model, [])

@@ -1,0 +1,438 @@
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gpt.checkpoint
+from gpt import trainer
+from gpt.checkpoint import load_model, load_train_state, save_checkpoint, save_model
+from gpt.config import ConfigError, GPTConfig
+from gpt.model import GPT
+from gpt.trainer import (
+    TrainConfig,
+    TrainingDiverged,
+    checkpoint_state,
+    fit,
+    lr_at,
+    param_groups,
+    setup,
+    train,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_fp32_losses.json"
+REGENERATE = "GPT_REGEN_GOLDEN=1 python -m pytest tests/test_trainer.py -k golden"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy CPU threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pattern_tokens(n: int, offset: int = 0) -> np.ndarray:
+    """A deterministic, learnable token stream (no RNG, no files): a cycle through 61 token ids."""
+    return ((np.arange(offset, offset + n) * 17) % 61 * 811).astype(np.uint16)
+
+
+# 370 tokens make 23 windows of 16 (the book's count: starts 0, 16, ..., 352): 11 batches of 2 and one
+# window that drop_last leaves out, so every epoch exercises the partial-batch path.
+TOKENS = (pattern_tokens(370), pattern_tokens(120, offset=5000))
+STEPS_PER_EPOCH = 11
+
+
+def tiny(tmp_path: Path, **overrides) -> TrainConfig:
+    # Every setting the losses depend on is pinned here, so changing a default cannot change a test.
+    settings = dict(preset="tiny", drop_rate=0.1, context_length=16, batch_size=2, grad_accum=1, epochs=3,
+                    max_steps=0, lr=3e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1, grad_clip=1.0,
+                    eval_freq=4, eval_iters=2, patience=0, sample_tokens=0, dtype="float32",
+                    device="cpu", seed=123, out=str(tmp_path), run_name="run")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def params(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---- the learning rate, the optimizer groups ---------------------------------------------------
+
+
+def test_lr_schedule_follows_the_formula() -> None:
+    lr, min_lr, warmup, total = 1e-3, 1e-4, 10, 110
+    at = [lr_at(s, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total) for s in range(130)]
+    assert at[0] == pytest.approx(lr / 10) and at[4] == pytest.approx(lr / 2)  # linear warm-up
+    assert at[9] == pytest.approx(lr) and at[10] == pytest.approx(lr)  # the peak
+    assert at[60] == pytest.approx((lr + min_lr) / 2)  # half-way down the cosine
+    for step in range(10, 110):
+        expected = min_lr + (lr - min_lr) * (1 + np.cos(np.pi * (step - 10) / 100)) / 2
+        assert at[step] == pytest.approx(expected, rel=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(at[10:]))  # never rises after the peak
+    assert at[110:] == [min_lr] * 20  # the floor
+    assert lr_at(0, lr=lr, min_lr=min_lr, warmup_steps=0, total_steps=total) == pytest.approx(lr)
+
+
+def test_weight_decay_applies_to_exactly_the_matrices() -> None:
+    model = GPT(GPTConfig.preset("tiny"))  # 2 blocks, tied head
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    matrices = ["tok_emb.weight", "pos_emb.weight"] + [
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(matrices)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    vectors = sorted(names[id(p)] for p in no_decay["params"])
+    assert all(n.endswith(".bias") or "norm" in n for n in vectors)
+    # Every parameter exactly once; the tied LM head is the token embedding, not a second entry.
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_auto_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert trainer.pick_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert trainer.pick_dtype("auto", cpu) == torch.float32
+    assert trainer.pick_dtype("bf16", cpu) == trainer.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(trainer.UserError, match="needs a CUDA GPU"):
+        trainer.pick_dtype("float16", cpu)
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"lr": 0.0}, "--lr must be a positive number"),
+    ({"lr": -1e-3}, "--lr must be a positive number"),
+    ({"min_lr": 1.0}, "--min-lr must be between 0 and --lr"),
+    ({"preset": "huge"}, "--preset must be one of gpt2-small, .*mini"),
+    ({"dtype": "int8"}, "--dtype must be auto or one of"),
+    ({"batch_size": "8"}, "--batch-size must be int, got '8'"),
+    ({"compile": 1}, "--compile must be bool"),
+    ({"val_fraction": 1.5}, "--val-fraction must be between 0 and 1"),
+])
+def test_bad_settings_are_refused_naming_the_flag(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        TrainConfig(**overrides)
+
+
+def test_config_from_dict_refuses_unknown_keys_and_takes_ints_as_floats() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        TrainConfig.from_dict({"batchsize": 4})
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1
+
+
+# ---- the golden losses ------------------------------------------------------------------------
+
+
+def golden_run(tmp_path: Path) -> list[float]:
+    """The first 20 step losses of a fixed tiny run on the explicit float32 CPU path, one thread.
+
+    Pinned: every setting (see `tiny`), dtype float32 (not auto, which may pick bf16), the full-logits
+    loss of `lm_loss` (what `train_step` computes today; a faster loss path must keep this one).
+    """
+    torch.set_num_threads(1)  # a matmul's summation order may depend on the thread count
+    cfg = tiny(tmp_path, context_length=32, max_steps=20, eval_freq=20, eval_iters=1, seed=7)
+    result = train(cfg, token_ids=(pattern_tokens(1000), pattern_tokens(100, offset=3000)))
+    return [result.step_losses[step] for step in range(1, 21)]
+
+
+def golden_losses(tmp_path: Path) -> list[float]:
+    """`golden_run` in a fresh process whose ATen kernels are pinned to AVX2.
+
+    PyTorch picks its vectorised CPU kernels by the widest instruction set the CPU has, and a
+    reduction summed in 16-float lanes (AVX-512) rounds differently from one in 8-float lanes (AVX2):
+    the same run's losses then differ in the last bit. ATEN_CPU_CAPABILITY, read when torch is
+    imported, pins the lane width, so the golden file holds on every x86-64 CPU from AVX2 up (made on
+    an AVX2-only EPYC, reproduced bit for bit on an AVX-512 one).
+    """
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from test_trainer import golden_run; print(json.dumps(golden_run(Path(sys.argv[2]))))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_golden_losses(tmp_path) -> None:
+    losses = golden_losses(tmp_path)
+    if os.environ.get("GPT_REGEN_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"regenerate": REGENERATE, "torch": torch.__version__,
+                                      "losses": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert losses == golden["losses"], (
+        f"the training losses changed (golden file made with torch {golden['torch']}); if that is "
+        f"intended, regenerate with: {REGENERATE}")
+    assert losses[-1] < losses[0] - 1.0  # and they describe a model that learns
+
+
+# ---- exact resume -----------------------------------------------------------------------------
+
+
+def interrupt_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Press Ctrl-C (a real SIGINT) right after optimizer step `step`."""
+    original = trainer.train_step
+
+    def step_then_interrupt(run, batches):
+        stats = original(run, batches)
+        if run.state.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+
+
+def resume_config(tmp_path: Path, name: str) -> TrainConfig:
+    # Dropout: the random stream must resume too.
+    return tiny(tmp_path, drop_rate=0.1, epochs=2, eval_freq=6, sample_tokens=3, run_name=name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, trainer.TrainResult]:
+    """A run that never stops, to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("straight")
+    with torch.random.fork_rng():
+        result = train(resume_config(out, "straight"), token_ids=TOKENS)
+    assert result.step == 2 * STEPS_PER_EPOCH and result.stop_reason == "done"
+    return out / "straight", result
+
+
+@pytest.mark.parametrize("stop_at", [5, STEPS_PER_EPOCH])  # mid-epoch; the end of an epoch
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, stop_at: int) -> None:
+    straight_dir, straight = straight_run
+    # No samples, unlike the straight run: sampling must not change the training's random stream.
+    cfg = dataclasses.replace(resume_config(tmp_path, "run"), sample_tokens=0)
+    interrupt_after(stop_at, monkeypatch)
+    first = train(cfg, token_ids=TOKENS)
+    assert (first.stop_reason, first.step) == ("interrupted", stop_at)
+    assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    torch.manual_seed(999)  # whatever happened in between: the resumed run restores its own RNG state
+    resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
+    assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > stop_at}
+    assert_same_params(params(load_model(tmp_path / "run" / "last")),
+                       params(load_model(straight_dir / "last")))
+    # metrics.csv has each evaluation once, as the straight run logged it (tokens/s aside).
+    straight_csv = (straight_dir / "metrics.csv").read_text().splitlines()
+    resumed_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[:6] for line in resumed_csv] == [line.split(",")[:6] for line in straight_csv]
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path) -> None:
+    big = setup(tiny(tmp_path, drop_rate=0.0, batch_size=4, run_name="big"), token_ids=TOKENS)
+    small = setup(tiny(tmp_path, drop_rate=0.0, batch_size=2, grad_accum=2, run_name="small"),
+                  token_ids=TOKENS)
+    for run in (big, small):
+        run.optimizer.step = lambda *args, **kwargs: None  # keep the gradients to compare them
+    x, y = next(iter(big.train_loader))  # any 4 windows
+    big_stats = trainer.train_step(big, [(x, y)])
+    small_stats = trainer.train_step(small, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert small_stats.loss == pytest.approx(big_stats.loss, rel=1e-6)
+    assert small_stats.grad_norm == pytest.approx(big_stats.grad_norm, rel=1e-5)
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---- early stopping ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("val_losses", "min_delta", "best_step", "last_step"), [
+    ([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0], 0.0, 4, 10),
+    ([5.0, 4.9, 4.8, 4.76, 1.0], 0.25, 0, 6),  # improvements below min_delta do not count
+])
+def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, val_losses, min_delta,
+                                               best_step, last_step) -> None:
+    snapshots = {}
+    scripted = iter(val_losses)
+
+    def fake_estimate(run):
+        snapshots[run.state.step] = params(run.model)
+        return 1.0, next(scripted)
+
+    monkeypatch.setattr(trainer, "estimate_losses", fake_estimate)
+    result = train(tiny(tmp_path, eval_freq=2, patience=3, min_delta=min_delta), token_ids=TOKENS)
+    assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step, best_step)
+    assert sorted(snapshots) == list(range(0, last_step + 1, 2))
+    assert_same_params(params(load_model(tmp_path / "run" / "best")), snapshots[best_step])
+    assert_same_params(params(load_model(tmp_path / "run" / "last")), snapshots[last_step])
+    assert load_train_state(tmp_path / "run" / "best")["state"]["step"] == best_step
+    out = capsys.readouterr().out
+    assert f"best validation loss {val_losses[best_step // 2]:.4f}" in out and f"at step {best_step}" in out
+
+
+def test_patience_zero_never_stops_early(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(trainer, "estimate_losses", lambda run: (1.0, 1.0))  # a flat line
+    result = train(tiny(tmp_path, epochs=1, eval_freq=5, patience=0), token_ids=TOKENS)  # 3 flat evals
+    assert (result.stop_reason, result.step) == ("done", STEPS_PER_EPOCH)
+
+
+# ---- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_non_finite_stops_before_the_update(tmp_path, what: str) -> None:
+    run = setup(tiny(tmp_path, eval_freq=2), token_ids=TOKENS)
+    bad_step, seen, before = 5, [], {}
+
+    def poison(module, inputs, logits):
+        if not module.training:  # evaluation passes
+            return None
+        seen.append(1)
+        if len(seen) != bad_step:
+            return None
+        before.update(params(module))
+        before["adam steps"] = torch.tensor([s["step"] for s in run.optimizer.state.values()])
+        if what == "loss":
+            return logits * math.nan
+        logits.register_hook(lambda grad: grad * math.inf)  # a finite loss, an infinite gradient
+        return None
+
+    run.model.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=f"the {what} is (nan|inf) at step {bad_step}:"):
+        fit(run)
+    assert run.state.step == bad_step - 1
+    after = params(run.model)
+    after["adam steps"] = torch.tensor([s["step"] for s in run.optimizer.state.values()])
+    assert_same_params(after, before)
+    assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4  # the last evaluation's
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, epochs=1, eval_freq=4)
+    run = setup(cfg, token_ids=TOKENS)
+    original_fit_total = run.total_steps
+    run.total_steps = 4
+    fit(run)  # last/ at step 4
+    run.total_steps = original_fit_total
+    trainer.train_step(run, [next(iter(run.train_loader))])  # the model moves on to step 5
+    step4 = params(load_model(tmp_path / "run" / "last"))
+
+    def half_written(obj, path):  # killed while writing train_state.pt
+        Path(path).write_bytes(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run.model, checkpoint_state(run), tmp_path / "run" / "last")
+    monkeypatch.undo()
+    assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
+    assert_same_params(params(load_model(tmp_path / "run" / "last")), step4)
+
+    renames = []
+
+    def rename_then_die(src, dst):  # killed between "last -> .last.old" and ".last.tmp -> last"
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        os.replace(src, dst)
+
+    monkeypatch.setattr(gpt.checkpoint.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run.model, checkpoint_state(run), tmp_path / "run" / "last")
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "last").exists()
+    resumed = setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)  # reads .last.old
+    assert resumed.state.step == 4
+    assert_same_params(params(resumed.model), step4)
+
+
+KILLER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from gpt.checkpoint import save_checkpoint
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+
+    model = GPT(GPTConfig.preset("tiny"))
+    print("ready", flush=True)
+    for step in range(1, 10**6):
+        with torch.no_grad():
+            model.tok_emb.weight.fill_(step)
+        save_checkpoint(model, {"state": {"step": step}}, Path(sys.argv[1]))
+""")
+
+
+def test_a_killed_process_leaves_a_whole_checkpoint(tmp_path) -> None:
+    """SIGKILL (no cleanup at all) at arbitrary moments of a save loop: what is left loads, whole."""
+    target = tmp_path / "last"
+    for delay in (0.5,):
+        child = subprocess.Popen([sys.executable, "-c", KILLER, str(target)], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"ready\n"
+        try:
+            child.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        child.wait()
+        state = load_train_state(target)
+        model = load_model(target)
+        assert state["state"]["step"] >= 1
+        assert torch.all(model.tok_emb.weight == state["state"]["step"])  # weights and state agree
+
+
+def test_resume_refuses_changed_model_or_data(tmp_path) -> None:
+    cfg = tiny(tmp_path, epochs=1, eval_freq=4, max_steps=4)
+    train(cfg, token_ids=TOKENS)
+    with pytest.raises(trainer.UserError, match="--n-layers 3 differs from the run's None"):
+        setup(cfg.__class__(**{**cfg.to_dict(), "n_layers": 3}), resume=tmp_path / "run", token_ids=TOKENS)
+    with pytest.raises(trainer.UserError, match=r"training data changed .*\(23 windows then, 22 now\)"):
+        setup(cfg, resume=tmp_path / "run", token_ids=(TOKENS[0][:360], TOKENS[1]))
+    with pytest.raises(trainer.UserError, match="already holds a run; continue it with --resume"):
+        setup(cfg, token_ids=TOKENS)
+    # Weights and config.json of another model put into last/: they agree with each other, but not
+    # with the optimizer state beside them.
+    save_model(GPT(GPTConfig.preset("tiny", n_layers=1)), tmp_path / "run" / "last")
+    with pytest.raises(trainer.UserError, match=r"train_state\.pt: its optimizer state does not fit"):
+        setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)
+
+
+def test_metrics_after_the_resumed_step_are_dropped(tmp_path) -> None:
+    """A kill between logging an evaluation and saving its checkpoint: the resumed run logs it again."""
+    path = tmp_path / "metrics.csv"
+    columns = trainer.METRICS_COLUMNS
+    for step in (0, 4, 8):
+        trainer.append_metrics(path, {"step": step, **{c: step * 10 + i for i, c in enumerate(columns) if i}})
+    kept = trainer.read_metrics(path, up_to_step=4)
+    assert [row["step"] for row in kept] == [0, 4] and kept[1]["val_loss"] == 44
+    assert path.read_text().splitlines()[0] == ",".join(columns)
+    assert trainer.read_metrics(path, up_to_step=100) == kept  # the file itself lost the row of step 8
+
+
+def test_run_directory_files(tmp_path) -> None:
+    result = train(tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3), token_ids=TOKENS)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best", "last", "loss.png", "metrics.csv", "train_config.json"]
+    for checkpoint in ("best", "last"):
+        assert sorted(p.name for p in (run_dir / checkpoint).iterdir()) == [
+            "config.json", "model.safetensors", "train_state.pt"]
+    config = json.loads((run_dir / "train_config.json").read_text())
+    assert TrainConfig.from_dict(config) == tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3)
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(trainer.METRICS_COLUMNS)
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 5, 10, 11]  # and the last step
+    state = load_train_state(run_dir / "last")
+    assert state["state"]["step"] == result.step == STEPS_PER_EPOCH
+    assert state["state"]["tokens_seen"] == STEPS_PER_EPOCH * 2 * 16
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}

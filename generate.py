@@ -8,8 +8,9 @@
 import argparse
 from pathlib import Path
 
+from gpt.device import DTYPES
 from gpt.errors import run_cli
-from gpt.generate_cli import DTYPES, run_generation
+from gpt.generate_cli import run_generation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

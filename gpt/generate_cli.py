@@ -12,47 +12,11 @@ import tiktoken
 import torch
 
 from gpt.checkpoint import WEIGHTS_FILE, latest_checkpoint, load_model, resolve_checkpoint_dir
+from gpt.device import decoding_dtype, pick_device
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.sampling import check_sampling_args, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is the fastest device present (cuda, then mps, then cpu); other names must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise UserError(f"--device {name} is not available on this machine; use --device auto")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16, except float16 on Apple GPUs and CUDA GPUs without bf16 support.
-
-    On CPU this is measured, not assumed (benchmarks/results/generate.md, on an AVX2 CPU with no
-    native bf16): decoding one token streams every weight from memory, so halving their size made
-    cached decoding 1.2-1.9x faster for GPT-2 small and 1.5x or more for `mini`, even though the
-    arithmetic is emulated. The cost is a slower prompt forward (compute-bound: a 256-token prompt
-    on GPT-2 small took 4.5 s instead of 1.0 s) and bf16-rounded weights; `--dtype float32` gives
-    the exact trained weights.
-    """
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        return torch.float16  # MPS has bf16 only from macOS 14; float16 works on every version
-    return torch.bfloat16
 
 
 def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
@@ -147,7 +111,7 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
     if checkpoint is not None and init is not None:
         raise UserError("--checkpoint and --init both name weights to load; pass only one")
     torch_device = pick_device(device)
-    model = load_for_generation(checkpoint, init, torch_device, pick_dtype(dtype, torch_device), err)
+    model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
     tokenizer = get_tokenizer()
     idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
     eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None

@@ -50,9 +50,9 @@ from gpt.checkpoint import (
 )
 from gpt.config import ConfigError, GPTConfig, preset_names
 from gpt.data import ERRORS_MODES, SlidingWindowDataset, create_dataloader, prepare_data
+from gpt.device import DTYPES, autocast, keep_freed_memory, pick_device, training_dtype
 from gpt.errors import UserError
-from gpt.generate_cli import pick_device
-from gpt.loss import autocast, evaluate_loss, lm_loss, perplexity
+from gpt.loss import evaluate_loss, head_loss, perplexity
 from gpt.model import GPT
 from gpt.plot import plot_losses
 from gpt.sampling import generate
@@ -63,8 +63,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GPT-3's (and nanoGPT's) betas: a beta2 of 0.95 forgets old gradient scales faster than the default
 # 0.999, which keeps Adam's steps stable with the high learning rates small models train well at.
 ADAM_BETAS = (0.9, 0.95)
@@ -167,7 +165,14 @@ class TrainConfig:
     """Autocast precision: auto (bfloat16 where the hardware has it, else float16 on CUDA, else
     float32), float32, bfloat16 or float16 (CUDA only). Weights stay float32 either way."""
     compile: bool = False
-    """Compile the model with torch.compile (faster steps after a slow first one)."""
+    """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
+    BENCHMARKS.md)."""
+    loss_chunk: int = 0
+    """Run the LM head and the loss this many positions at a time, never holding a whole batch of
+    logits (less memory; 0 = the whole batch at once, measured faster on a CPU: BENCHMARKS.md)."""
+    keep_freed_memory: bool = True
+    """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
+    after every step (1.6-2x faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     seed: int = 123
@@ -192,7 +197,7 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
         need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
         for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
-                     "sample_tokens"):
+                     "sample_tokens", "loss_chunk"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
@@ -261,24 +266,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `--dtype name` on `device` (see `TrainConfig.dtype`).
-
-    On CPU, `auto` picks bfloat16 only where oneDNN reports native bf16 (AVX512-BF16 or AMX): without
-    it bf16 matmuls are emulated, and a 2048^2 matmul ran ~350x slower than in float32 on an AVX2-only
-    EPYC. float16 needs a loss scaler, which this trainer runs on CUDA only.
-    """
-    if name != "auto":
-        if DTYPES[name] == torch.float16 and device.type != "cuda":
-            raise UserError(f"--dtype {name} needs a CUDA GPU; use --dtype bfloat16 or float32 on {device}")
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
 
@@ -344,8 +331,8 @@ class Run:
     cfg: TrainConfig
     run_dir: Path
     model: GPT
-    forward: nn.Module
-    """What the steps call: `model`, or its torch.compile wrapper (which shares its parameters)."""
+    hidden_states: Callable[[Tensor], Tensor]
+    """What the training steps call: `model.hidden_states`, or its torch.compile wrapper."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -379,7 +366,9 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         run_dir = new_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = training_dtype(cfg.dtype, device)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
 
     seed_everything(cfg.seed)
     model = load_model(checkpoint, device) if checkpoint else build_model(cfg).to(device)
@@ -415,7 +404,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        forward=torch.compile(model) if cfg.compile else model,
+        hidden_states=torch.compile(model.hidden_states) if cfg.compile else model.hidden_states,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
@@ -571,7 +560,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with autocast(run.device, run.dtype):
             # Divided by the number of micro-batches, the summed gradients are those of their mean loss.
-            loss = lm_loss(run.forward(x), y) / len(batches)
+            hidden = run.hidden_states(x)  # (B, T, C): the model up to its LM head
+            loss = head_loss(hidden, run.model.lm_head.weight, y, cfg.loss_chunk) / len(batches)
         run.scaler.scale(loss).backward()
         total_loss += loss.detach()
         tokens += x.numel()
@@ -596,7 +586,7 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
 
 def estimate_losses(run: Run) -> tuple[float, float]:
     """(train, validation) loss, each averaged over its `eval_iters` evaluation batches."""
-    train_loss, val_loss = (evaluate_loss(run.forward, run.eval_loaders[name], dtype=run.dtype)
+    train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype)
                             for name in ("train", "val"))
     return train_loss, val_loss
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gpt.config import GPTConfig
-from gpt.loss import IGNORE_INDEX, evaluate_loss, lm_loss, perplexity
+from gpt.loss import IGNORE_INDEX, evaluate_loss, head_loss, lm_loss, perplexity
 from gpt.model import GPT
 
 
@@ -71,3 +71,51 @@ def test_evaluate_loss_refuses_an_empty_loader() -> None:
     model = GPT(GPTConfig.preset("tiny", vocab_size=50, context_length=8))
     with pytest.raises(ValueError, match="no target tokens"):
         evaluate_loss(model, [])
+
+
+# ---- the LM head and the loss together, whole or in chunks -------------------------------------
+
+
+def reference_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """Loss and gradients through full logits and `F.cross_entropy`, an independent reference."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = F.cross_entropy((hidden @ weight.t()).flatten(0, -2), targets.flatten())
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 7, 64, 1000])
+def test_head_loss_equals_cross_entropy_of_the_full_logits(chunk_size: int) -> None:
+    hidden, weight = torch.randn(3, 37, 16), torch.randn(101, 16)
+    targets = torch.randint(0, 101, (3, 37))
+    targets[0, :5] = targets[2, -1] = IGNORE_INDEX
+    expected_loss, expected_dh, expected_dw = reference_head_loss(hidden, weight, targets)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = head_loss(h, w, targets, chunk_size)
+    (2.5 * loss).backward()  # a scaled loss scales the gradients (gradient accumulation divides)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(h.grad, 2.5 * expected_dh)
+    torch.testing.assert_close(w.grad, 2.5 * expected_dw)
+
+
+def test_chunked_head_loss_under_bf16_autocast_is_close_to_float32() -> None:
+    hidden, weight = torch.randn(4, 64, 32), 0.3 * torch.randn(500, 32)
+    targets = torch.randint(0, 500, (4, 64))
+    expected_loss, expected_dh, expected_dw = reference_head_loss(hidden, weight, targets)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_loss(h, w, targets, chunk_size=50)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32  # fp32 master weights' grads
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.grad, expected_dh, rtol=5e-2, atol=2e-4)
+    torch.testing.assert_close(w.grad, expected_dw, rtol=5e-2, atol=2e-4)
+
+
+def test_chunked_head_loss_of_only_ignored_targets_is_nan_with_zero_gradients() -> None:
+    h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.full((2, 5), IGNORE_INDEX)
+    loss = head_loss(h, w, targets, chunk_size=3)
+    assert loss.isnan() and lm_loss(h @ w.t(), targets).isnan()  # as PyTorch's mean over nothing
+    torch.autograd.backward(loss, torch.ones(()))
+    assert not h.grad.any() and not w.grad.any()

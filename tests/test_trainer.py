@@ -17,6 +17,7 @@ import gpt.checkpoint
 from gpt import trainer
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint, save_model
 from gpt.config import ConfigError, GPTConfig
+from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.trainer import (
     TrainConfig,
@@ -58,7 +59,7 @@ def tiny(tmp_path: Path, **overrides) -> TrainConfig:
     settings = dict(preset="tiny", drop_rate=0.1, context_length=16, batch_size=2, grad_accum=1, epochs=3,
                     max_steps=0, lr=3e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1, grad_clip=1.0,
                     eval_freq=4, eval_iters=2, patience=0, sample_tokens=0, dtype="float32",
-                    device="cpu", seed=123, out=str(tmp_path), run_name="run")
+                    loss_chunk=0, device="cpu", seed=123, out=str(tmp_path), run_name="run")
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -102,17 +103,6 @@ def test_weight_decay_applies_to_exactly_the_matrices() -> None:
     # Every parameter exactly once; the tied LM head is the token embedding, not a second entry.
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert model.lm_head.weight is model.tok_emb.weight
-
-
-def test_auto_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch) -> None:
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert trainer.pick_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert trainer.pick_dtype("auto", cpu) == torch.float32
-    assert trainer.pick_dtype("bf16", cpu) == trainer.pick_dtype("bfloat16", cpu) == torch.bfloat16
-    with pytest.raises(trainer.UserError, match="needs a CUDA GPU"):
-        trainer.pick_dtype("float16", cpu)
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -295,20 +285,20 @@ def test_non_finite_stops_before_the_update(tmp_path, what: str) -> None:
     run = setup(tiny(tmp_path, eval_freq=2), token_ids=TOKENS)
     bad_step, seen, before = 5, [], {}
 
-    def poison(module, inputs, logits):
+    def poison(module, inputs, hidden):  # on the final LayerNorm: what the LM head reads
         if not module.training:  # evaluation passes
             return None
         seen.append(1)
         if len(seen) != bad_step:
             return None
-        before.update(params(module))
+        before.update(params(run.model))
         before["adam steps"] = torch.tensor([s["step"] for s in run.optimizer.state.values()])
         if what == "loss":
-            return logits * math.nan
-        logits.register_hook(lambda grad: grad * math.inf)  # a finite loss, an infinite gradient
+            return hidden * math.nan
+        hidden.register_hook(lambda grad: grad * math.inf)  # a finite loss, an infinite gradient
         return None
 
-    run.model.register_forward_hook(poison)
+    run.model.final_norm.register_forward_hook(poison)
     with pytest.raises(TrainingDiverged, match=f"the {what} is (nan|inf) at step {bad_step}:"):
         fit(run)
     assert run.state.step == bad_step - 1
@@ -394,16 +384,16 @@ def test_a_killed_process_leaves_a_whole_checkpoint(tmp_path) -> None:
 def test_resume_refuses_changed_model_or_data(tmp_path) -> None:
     cfg = tiny(tmp_path, epochs=1, eval_freq=4, max_steps=4)
     train(cfg, token_ids=TOKENS)
-    with pytest.raises(trainer.UserError, match="--n-layers 3 differs from the run's None"):
+    with pytest.raises(UserError, match="--n-layers 3 differs from the run's None"):
         setup(cfg.__class__(**{**cfg.to_dict(), "n_layers": 3}), resume=tmp_path / "run", token_ids=TOKENS)
-    with pytest.raises(trainer.UserError, match=r"training data changed .*\(23 windows then, 22 now\)"):
+    with pytest.raises(UserError, match=r"training data changed .*\(23 windows then, 22 now\)"):
         setup(cfg, resume=tmp_path / "run", token_ids=(TOKENS[0][:360], TOKENS[1]))
-    with pytest.raises(trainer.UserError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
         setup(cfg, token_ids=TOKENS)
     # Weights and config.json of another model put into last/: they agree with each other, but not
     # with the optimizer state beside them.
     save_model(GPT(GPTConfig.preset("tiny", n_layers=1)), tmp_path / "run" / "last")
-    with pytest.raises(trainer.UserError, match=r"train_state\.pt: its optimizer state does not fit"):
+    with pytest.raises(UserError, match=r"train_state\.pt: its optimizer state does not fit"):
         setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)
 
 
@@ -436,3 +426,21 @@ def test_run_directory_files(tmp_path) -> None:
     assert state["state"]["step"] == result.step == STEPS_PER_EPOCH
     assert state["state"]["tokens_seen"] == STEPS_PER_EPOCH * 2 * 16
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
+
+
+# ---- speed options do not change what is learned ----------------------------------------------
+
+
+def test_chunked_loss_trains_like_the_full_loss(tmp_path) -> None:
+    """--loss-chunk computes the same loss and gradients in pieces: float32 runs agree to rounding."""
+    runs = {}
+    for chunk in (0, 5):
+        cfg = tiny(tmp_path, loss_chunk=chunk, max_steps=8, eval_freq=8, run_name=f"chunk{chunk}")
+        with torch.random.fork_rng():
+            runs[chunk] = (train(cfg, token_ids=TOKENS), load_model(tmp_path / f"chunk{chunk}" / "last"))
+    full, chunked = runs[0], runs[5]
+    assert list(full[0].step_losses) == list(chunked[0].step_losses) == list(range(1, 9))
+    for step, loss in full[0].step_losses.items():
+        assert chunked[0].step_losses[step] == pytest.approx(loss, rel=1e-5)
+    for (name, a), b in zip(full[1].state_dict().items(), chunked[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

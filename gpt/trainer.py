@@ -114,7 +114,7 @@ class TrainConfig:
     n_heads: int | None = None
     """Attention heads; must divide --emb-dim (overrides the preset)."""
     drop_rate: float | None = None
-    """Dropout probability (overrides the preset, whose default is 0.1)."""
+    """Dropout probability (overrides the preset's: 0 for mini, 0.1 for the others)."""
     context_length: int | None = None
     """Tokens per training window; at most the model's context length, which is also the default
     (256 for mini, 1024 for GPT-2)."""
@@ -123,20 +123,20 @@ class TrainConfig:
     overlap). A smaller stride gives more, overlapping windows per epoch."""
 
     # optimisation
-    batch_size: int = 4
+    batch_size: int = 8
     """Windows per micro-batch."""
     grad_accum: int = 1
     """Micro-batches whose gradients add up to one optimizer step (effective batch = batch_size x this)."""
-    epochs: int = 1
+    epochs: int = 3
     """Passes over the training windows."""
-    max_steps: int = 30
+    max_steps: int = 0
     """Stop after this many optimizer steps even if epochs remain (the LR schedule ends there too);
-    0 = no limit, train all --epochs. The default keeps `python train.py` to a few minutes on a CPU."""
+    0 = no limit, train all --epochs."""
     lr: float = 2e-3
     """Peak learning rate, reached at the end of the warm-up."""
     min_lr: float = 2e-4
     """Learning rate at the end of the cosine decay (the floor)."""
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     """Optimizer steps of linear warm-up from ~0 to --lr."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices (embeddings included) but not to biases or LayerNorms."""
@@ -144,7 +144,7 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 disables clipping)."""
 
     # evaluation, early stopping, logging
-    eval_freq: int = 10
+    eval_freq: int = 20
     """Evaluate, log and save last/ every this many optimizer steps (and at the end)."""
     eval_iters: int = 2
     """Batches of training and of validation data the losses are averaged over at each evaluation

@@ -29,7 +29,6 @@ what the model computes in; cast afterwards for half precision.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pickle
@@ -45,9 +44,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, load_model, resolve_checkpoint_dir
+from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, resolve_checkpoint_dir
 from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError, run_cli
+from gpt.errors import UserError
 from gpt.model import GPT
 
 Format = Literal["ours", "hf", "openai"]
@@ -473,7 +472,7 @@ def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str)
     return model.eval()
 
 
-def _checkpoint_dir(path: Path) -> Path:
+def checkpoint_dir(path: Path) -> Path:
     """A run directory's `best/` checkpoint, or `path` itself."""
     best = resolve_checkpoint_dir(path / "best")
     return best if (best / WEIGHTS_FILE).is_file() else resolve_checkpoint_dir(path)
@@ -501,8 +500,8 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
             cfg = _config(GPTConfig.from_dict(config).to_dict(), overrides)
             return _build(cfg, state, "ours", str(weights))
         return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
-    if _checkpoint_dir(path) != path:
-        return _load_dir(_checkpoint_dir(path), overrides)
+    if checkpoint_dir(path) != path:
+        return _load_dir(checkpoint_dir(path), overrides)
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "
@@ -577,19 +576,3 @@ def save_hf(model: GPT, out_dir: str | Path) -> None:
     with atomic_directory(out_dir) as tmp:
         save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires the format tag
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gpt.weights export RUN_DIR OUT_DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m gpt.weights", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
-    export.add_argument("run_dir", type=Path, help="a run directory (its best/ is exported) or a checkpoint")
-    export.add_argument("out_dir", type=Path, help="where to write config.json and model.safetensors")
-    args = parser.parse_args(argv)
-    save_hf(load_model(_checkpoint_dir(args.run_dir)), args.out_dir)
-    print(f"wrote {args.out_dir}; transformers.GPT2LMHeadModel.from_pretrained('{args.out_dir}') loads it")
-
-
-if __name__ == "__main__":
-    run_cli(main)

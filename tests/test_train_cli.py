@@ -85,7 +85,7 @@ def test_bad_input_from_the_script_is_one_line_without_traceback(tmp_path) -> No
     proc = run_script("--batch-size", "0")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err == "error: --batch-size must be at least 1, got 0; e.g. --batch-size 4\n"
+    assert err == "error: --batch-size must be at least 1, got 0; e.g. --batch-size 8\n"
 
 
 def cli_error(argv: list[str], capsys) -> str:

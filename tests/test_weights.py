@@ -315,13 +315,13 @@ def test_export_command_writes_a_transformers_directory(tmp_path: Path) -> None:
     ours = GPT(GPTConfig.preset("tiny", drop_rate=0.0)).eval()
     (tmp_path / "run" / "best").mkdir(parents=True)
     save_model(ours, tmp_path / "run" / "best")
-    result = run_module("-m", "gpt.weights", "export", str(tmp_path / "run"), str(tmp_path / "out"))
+    result = run_module("-m", "gpt.export", str(tmp_path / "run"), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
 
 
 def test_export_command_error_is_one_line(tmp_path: Path) -> None:
-    result = run_module("-m", "gpt.weights", "export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    result = run_module("-m", "gpt.export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
     assert "Traceback" not in result.stderr

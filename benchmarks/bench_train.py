@@ -1,0 +1,225 @@
+"""Training speed: this project's loop next to Hugging Face GPT-2, and the machine's matmul ceiling.
+
+One run measures, for the same model shape, weights, batch and data:
+
+- `gpt` rows: the real loop (`gpt.trainer.setup` + `train_step`: forward, loss, backward, clip,
+  AdamW) in the default settings of `python train.py`, in float32, and with one speed option
+  changed at a time (the measurements behind each default);
+- `HF` rows: `transformers.GPT2LMHeadModel` with the same weights, in a plain PyTorch loop (its
+  logits, `F.cross_entropy`, backward, clip, `torch.optim.AdamW`), float32 and bf16 autocast;
+- the ceiling: GFLOP/s of a large float32 and bf16 matmul.
+
+Each case runs in a fresh subprocess, so its peak memory is its own and process-wide settings (the
+allocator, torch.compile's caches) do not leak between cases. MFU = model FLOPs / bf16 ceiling, with
+model FLOPs per token = 6 N + 12 L T C (N parameters without the position table, L layers, T
+context, C width; nanoGPT's estimate: forward + backward of every matmul, attention included).
+
+    python benchmarks/bench_train.py                              # the CPU bench config
+    python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    # The CPU bench config: the `mini` preset's shape (4 layers, 256 wide, 4 heads, context 256).
+    "mini": {"preset": "mini", "context_length": 256},
+    "gpt2-small-1024": {"preset": "gpt2-small", "context_length": 1024},
+}
+# Each case: who runs it and the settings that differ from `python train.py`'s defaults (gpt rows are
+# named by that flag).
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt default": ("gpt", {}),
+    "gpt --dtype float32": ("gpt", {"dtype": "float32"}),
+    "gpt --drop-rate 0": ("gpt", {"drop_rate": 0.0}),
+    "gpt --loss-chunk 256": ("gpt", {"loss_chunk": 256}),
+    "gpt --compile": ("gpt", {"compile": True}),
+    "gpt --no-keep-freed-memory": ("gpt", {"keep_freed_memory": False}),
+    "HF float32": ("hf", {"dtype": "float32"}),
+    "HF bf16 autocast": ("hf", {"dtype": "bfloat16"}),
+}
+PEER = "HF float32"
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batches(vocab_size: int, batch_size: int, context_length: int, count: int,
+            ) -> list[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (count, batch_size, context_length + 1), generator=generator)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, device: torch.device) -> float:
+    """Seconds per step over data[warmup:], after `warmup` untimed steps."""
+    for x, y in data[:warmup]:
+        step(x, y)
+    synchronize(device)
+    start = time.perf_counter()
+    for x, y in data[warmup:]:
+        step(x, y)
+    synchronize(device)
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+def run_gpt(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[float, int]:
+    """The project's own loop with `python train.py`'s defaults, bar `settings`."""
+    from gpt.trainer import TrainConfig, setup, train_step
+
+    shape = SHAPES[args.shape]
+    cfg = TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
+                      batch_size=args.batch_size, device=args.device, seed=0, out=str(out), run_name="gpt",
+                      sample_tokens=0, **settings)
+    filler = np.zeros(2 * (shape["context_length"] + 1) * args.batch_size, dtype=np.uint16)
+    run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
+    data = batches(run.model.config.vocab_size, args.batch_size, shape["context_length"],
+                   args.warmup + args.steps)
+    seconds = time_steps(lambda x, y: train_step(run, [(x, y)]), data, args.warmup, run.device)
+    return seconds, run.model.num_parameters() - run.model.pos_emb.weight.numel()
+
+
+def run_hf(settings: dict[str, Any], args: argparse.Namespace) -> tuple[float, int]:
+    """transformers' GPT2LMHeadModel with the weights `gpt` starts from, in a plain PyTorch loop."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
+    from gpt.trainer import ADAM_BETAS, TrainConfig
+    from gpt.weights import gpt_to_hf_state_dict, hf_config
+
+    shape, defaults = SHAPES[args.shape], TrainConfig()
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig.preset(shape["preset"]))
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
+    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=True)
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    hf.to(device).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=ADAM_BETAS,
+                                  weight_decay=defaults.weight_decay)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings["dtype"]]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = hf(input_ids=x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), defaults.grad_clip)
+        optimizer.step()
+
+    data = batches(ours.config.vocab_size, args.batch_size, shape["context_length"], args.warmup + args.steps)
+    return time_steps(step, data, args.warmup, device), ours.num_parameters() - ours.pos_emb.weight.numel()
+
+
+def worker(case: str, args: argparse.Namespace) -> None:
+    who, settings = CASES[case]
+    with tempfile.TemporaryDirectory() as out:
+        seconds, params = run_gpt(settings, args, Path(out)) if who == "gpt" else run_hf(settings, args)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "params": params, "peak_mib": peak}))
+
+
+def measure(case: str, args: argparse.Namespace) -> dict[str, float]:
+    command = [sys.executable, __file__, "--worker", case, "--shape", args.shape, "--batch-size",
+               str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
+               args.device]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{case} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="mini")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args)
+        return
+
+    device = torch.device(args.device)
+    n = 4096 if device.type == "cuda" else 2048
+    ceiling = {name: matmul_gflops(dtype, device, n, repeats=50 if device.type == "cuda" else 10)
+               for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    shape = SHAPES[args.shape]
+    tokens = args.batch_size * shape["context_length"]
+    results = {case: measure(case, args) for case in args.cases.split(",")}
+    from gpt.config import GPTConfig
+
+    cfg = GPTConfig.preset(shape["preset"])
+    print(f"# bench_train: {args.shape}, batch {args.batch_size} x {shape['context_length']} tokens, "
+          f"{args.steps} timed steps after {args.warmup}; {datetime.date.today()}")
+    print(f"# {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# matmul ceiling ({n}^3): float32 {ceiling['float32']:.0f} GFLOP/s, "
+          f"bfloat16 {ceiling['bfloat16']:.0f} GFLOP/s\n")
+    print("| case | ms/step | tokens/s | vs HF float32 | model TFLOP/s | MFU (of bf16 ceiling) "
+          "| peak memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    peer = results.get(PEER)
+    for case, r in results.items():
+        flops_per_token = 6 * r["params"] + 12 * cfg.n_layers * shape["context_length"] * cfg.emb_dim
+        tokens_per_s = tokens / r["seconds"]
+        achieved = flops_per_token * tokens_per_s / 1e9
+        ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer else "-"
+        print(f"| {case} | {r['seconds'] * 1000:.0f} | {tokens_per_s:,.0f} | {ratio} | "
+              f"{achieved / 1000:.3f} | {achieved / ceiling['bfloat16']:.1%} | {r['peak_mib']:,.0f} MiB |")
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+if __name__ == "__main__":
+    main()

@@ -37,23 +37,28 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
                            label_smoothing=label_smoothing)
 
 
-def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0) -> Tensor:
+def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0,
+              vocab_size: int | None = None) -> Tensor:
     """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, optionally without materialising them.
 
-    hidden (..., C), head_weight (V, C), targets (...). With `chunk_size` 0 this is exactly
-    `lm_loss(F.linear(hidden, head_weight), targets)`: the (..., V) logits exist in full, in float32
-    too (inside `lm_loss`) and again as their gradient, ~3 x 411 MB for a batch of 8 x 256 tokens.
+    hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count (the
+    rest belong to padding rows of the head; default: all V). With `chunk_size` 0 this is exactly
+    `lm_loss(F.linear(hidden, head_weight)[..., :vocab_size], targets)`: the (..., V) logits exist in
+    full, in float32 too (inside `lm_loss`) and again as their gradient, ~3 x 411 MB for a batch of
+    8 x 256 tokens.
     With `chunk_size` N the head and the loss run N positions at a time (`ChunkedHeadLoss`): at most
     N x V float32 values live at once, and the gradient kept for backward is (positions, V) in the
     compute dtype (bf16 under autocast). Same loss and gradients up to float rounding.
     """
+    vocab_size = head_weight.size(0) if vocab_size is None else vocab_size
     if chunk_size == 0:
-        return lm_loss(F.linear(hidden, head_weight), targets)
+        return lm_loss(F.linear(hidden, head_weight)[..., :vocab_size], targets)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # autocast would run the head in this dtype
         dtype = torch.get_autocast_dtype(device_type)
         hidden, head_weight = hidden.to(dtype), head_weight.to(dtype)
-    return ChunkedHeadLoss.apply(hidden.flatten(0, -2), head_weight, targets.flatten(), chunk_size)
+    return ChunkedHeadLoss.apply(hidden.flatten(0, -2), head_weight, targets.flatten(), chunk_size,
+                                 vocab_size)
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -68,38 +73,39 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor,
-                targets: Tensor, chunk: int) -> Tensor:
+                targets: Tensor, chunk: int, vocab_size: int) -> Tensor:
         counted = targets != IGNORE_INDEX  # (N,)
         count = counted.sum()
         scale = 1.0 / count.clamp(min=1)  # a mean; all-ignored gives a NaN loss but zero gradients
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_logits = torch.empty(hidden.size(0), weight.size(0), dtype=hidden.dtype, device=hidden.device)
+        # Padding rows of the head (past vocab_size) get no logits, hence zero gradient.
+        grad_logits = hidden.new_zeros(hidden.size(0), weight.size(0))
         grad_hidden = torch.empty_like(hidden)
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes were chosen by the caller
             for start in range(0, hidden.size(0), chunk):
                 rows = slice(start, start + chunk)
-                logits = (hidden[rows] @ weight.t()).float()  # (n, V)
+                logits = (hidden[rows] @ weight.t())[:, :vocab_size].float()  # (n, V)
                 target = targets[rows].clamp(min=0)[:, None]  # ignored rows point at token 0, weight 0
                 weight_row = (counted[rows] * scale)[:, None]  # (n, 1)
                 log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
                 loss_sum += ((log_norm - logits.gather(1, target)) * counted[rows, None]).sum()
                 # In place, the logits become the gradient: softmax, minus the one-hot, times 1/count.
                 grad = logits.sub_(log_norm).exp_().scatter_add_(1, target, -torch.ones_like(log_norm))
-                grad_logits[rows] = grad.mul_(weight_row)
+                grad_logits[rows, :vocab_size] = grad.mul_(weight_row)
                 torch.mm(grad_logits[rows], weight, out=grad_hidden[rows])
         ctx.save_for_backward(grad_logits, grad_hidden, hidden)
         return loss_sum / count
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor,
-                 ) -> tuple[Tensor | None, Tensor | None, None, None]:
+                 ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         grad_logits, grad_hidden, hidden = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # (C, N) @ (N, V), then transposed: ~30% faster on a CPU than (V, N) @ (N, C), whose
             # left operand would be a transposed view.
             grad_weight = (hidden.t() @ grad_logits).t().mul_(grad_loss)  # (V, C)
-        return grad_hidden * grad_loss, grad_weight, None, None
+        return grad_hidden * grad_loss, grad_weight, None, None, None
 
 
 def perplexity(loss: float) -> float:

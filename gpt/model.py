@@ -139,12 +139,12 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             # One Parameter in two places: the same storage, so an update to one is an update to both.
             self.lm_head.weight = self.tok_emb.weight
@@ -154,6 +154,9 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        with torch.no_grad():  # padding rows (cfg.vocab_pad_multiple): never read, kept at zero
+            self.tok_emb.weight[cfg.vocab_size:] = 0.0
+            self.lm_head.weight[cfg.vocab_size:] = 0.0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -164,7 +167,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache."""
-        return self.lm_head(self.hidden_states(idx, kv_cache))
+        return self.logits(self.hidden_states(idx, kv_cache))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head: hidden states (..., C) -> logits (..., V), padding rows' logits dropped."""
+        return self.lm_head(hidden)[..., :self.config.vocab_size]
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.
@@ -207,9 +214,14 @@ class GPT(nn.Module):
     def num_parameters(self, count_tied_head_twice: bool = False) -> int:
         """Trainable parameters. With a tied head, it is counted once unless asked to count it twice.
 
-        GPT-2 small: 124,439,808 (tied, counted once) or 163,037,184 (head counted again).
+        GPT-2 small: 124,439,808 (tied, counted once) or 163,037,184 (head counted again). Padding
+        rows (`vocab_pad_multiple`) are not counted: they are never used.
         """
+        cfg = self.config
+        head = cfg.vocab_size * cfg.emb_dim
+        padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.emb_dim
         total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        if count_tied_head_twice and self.config.tie_embeddings:
-            total += self.lm_head.weight.numel()
+        total -= padding if cfg.tie_embeddings else 2 * padding
+        if count_tied_head_twice and cfg.tie_embeddings:
+            total += head
         return total

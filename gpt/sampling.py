@@ -116,7 +116,7 @@ class Decoder:
 
     def _logits(self, new_tokens: Tensor) -> Tensor:
         hidden = self.model.hidden_states(new_tokens, self.cache)[:, -1]  # (B, C)
-        return self.model.lm_head(hidden)  # (B, V)
+        return self.model.logits(hidden)  # (B, V)
 
 
 def stream(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 0.0,

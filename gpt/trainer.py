@@ -66,7 +66,7 @@ else:  # pragma: no cover - Python 3.10
 # GPT-3's (and nanoGPT's) betas: a beta2 of 0.95 forgets old gradient scales faster than the default
 # 0.999, which keeps Adam's steps stable with the high learning rates small models train well at.
 ADAM_BETAS = (0.9, 0.95)
-MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate")
+MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple")
 # What a resumed run must keep: these fix the model, the training windows and their order, so the
 # checkpoint's weights, optimizer state and data-loader position still mean what they meant.
 RESUME_FIXED = ("data", "val_data", "val_fraction", "errors", "preset", "init", *MODEL_OVERRIDES,
@@ -115,6 +115,9 @@ class TrainConfig:
     """Attention heads; must divide --emb-dim (overrides the preset)."""
     drop_rate: float | None = None
     """Dropout probability (overrides the preset's: 0 for mini, 0.1 for the others)."""
+    vocab_pad_multiple: int | None = None
+    """Pad the embedding table and LM head to a multiple of this many rows (overrides the preset's:
+    64 for mini, 1 for the others); same results, faster matmuls (see BENCHMARKS.md)."""
     context_length: int | None = None
     """Tokens per training window; at most the model's context length, which is also the default
     (256 for mini, 1024 for GPT-2)."""
@@ -192,7 +195,7 @@ class TrainConfig:
 
         for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters"):
             need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
-        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads"):
+        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
         need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
@@ -561,7 +564,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         with autocast(run.device, run.dtype):
             # Divided by the number of micro-batches, the summed gradients are those of their mean loss.
             hidden = run.hidden_states(x)  # (B, T, C): the model up to its LM head
-            loss = head_loss(hidden, run.model.lm_head.weight, y, cfg.loss_chunk) / len(batches)
+            loss = head_loss(hidden, run.model.lm_head.weight, y, cfg.loss_chunk,
+                             run.model.config.vocab_size) / len(batches)
         run.scaler.scale(loss).backward()
         total_loss += loss.detach()
         tokens += x.numel()

@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -80,6 +81,8 @@ KEY_MAP: list[KeyRow] = [
     KeyRow("final_norm.bias", "transformer.ln_f.bias", "model/ln_f/b", False),
     KeyRow("lm_head.weight", "lm_head.weight", None, False),
 ]
+# One row per token: padded to `GPTConfig.padded_vocab_size` in our model, `vocab_size` rows in files.
+_VOCAB_ROWS = {"tok_emb.weight", "lm_head.weight"}
 # Optional in our model (the book trains without it); a checkpoint loaded without it must hold zeros.
 _QKV_BIAS = next(row for row in KEY_MAP if row.ours.endswith("attn.qkv.bias"))
 
@@ -132,7 +135,7 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
     """
     if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
         state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
-    expected = expected_shapes(cfg)
+    expected = expected_shapes(cfg.replace(vocab_pad_multiple=1))  # files hold the real vocabulary
     ours_state: dict[str, Tensor] = {}
     used = set()
     for ours, theirs, conv1d in key_pairs(cfg, fmt):
@@ -162,6 +165,9 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
             f"{', ...' if len(unused) > 3 else ''}); does its config (n_layers={cfg.n_layers}, "
             f"tie_embeddings={cfg.tie_embeddings}) match the weights?"
         )
+    padding = cfg.padded_vocab_size - cfg.vocab_size
+    for name in _VOCAB_ROWS & ours_state.keys():  # zero rows up to padded_vocab_size (a copy)
+        ours_state[name] = F.pad(ours_state[name], (0, 0, 0, padding)) if padding else ours_state[name]
     if cfg.tie_embeddings:
         ours_state["lm_head.weight"] = ours_state["tok_emb.weight"]  # so load_state_dict(strict=True) works
     return ours_state
@@ -181,10 +187,11 @@ def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[st
 
     HF GPT-2 always has a qkv bias; a model trained without one gets zeros (the same function).
     """
-    hf_state = {
-        theirs: (state[ours].t() if conv1d else state[ours]).contiguous()
-        for ours, theirs, conv1d in key_pairs(cfg, "hf")
-    }
+    def stored(ours: str, conv1d: bool) -> Tensor:
+        tensor = state[ours][:cfg.vocab_size] if ours in _VOCAB_ROWS else state[ours]  # unpadded
+        return (tensor.t() if conv1d else tensor).contiguous()
+
+    hf_state = {theirs: stored(ours, conv1d) for ours, theirs, conv1d in key_pairs(cfg, "hf")}
     if not cfg.qkv_bias:
         for i in range(cfg.n_layers):
             hf_state[_QKV_BIAS.hf.format(i=i)] = torch.zeros(3 * cfg.emb_dim)

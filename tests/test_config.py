@@ -63,3 +63,11 @@ def test_from_dict_rejects_unknown_fields() -> None:
 def test_every_preset_is_valid() -> None:
     for cfg in PRESETS.values():
         assert cfg.emb_dim % cfg.n_heads == 0
+
+
+def test_padded_vocab_size_rounds_up_to_the_multiple() -> None:
+    assert GPTConfig().padded_vocab_size == 50257  # GPT-2's published shape: no padding
+    assert GPTConfig(vocab_pad_multiple=64).padded_vocab_size == 50304
+    assert GPTConfig(vocab_size=128, vocab_pad_multiple=64).padded_vocab_size == 128
+    with pytest.raises(ConfigError, match="vocab_pad_multiple must be a positive integer"):
+        GPTConfig(vocab_pad_multiple=0)

@@ -119,3 +119,18 @@ def test_chunked_head_loss_of_only_ignored_targets_is_nan_with_zero_gradients() 
     assert loss.isnan() and lm_loss(h @ w.t(), targets).isnan()  # as PyTorch's mean over nothing
     torch.autograd.backward(loss, torch.ones(()))
     assert not h.grad.any() and not w.grad.any()
+
+
+@pytest.mark.parametrize("chunk_size", [0, 8])
+def test_head_loss_ignores_the_padding_rows_of_the_head(chunk_size: int) -> None:
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(40, 16)
+    targets = torch.randint(0, 40, (2, 9))
+    expected_loss, expected_dh, expected_dw = reference_head_loss(hidden, weight, targets)
+    padded = torch.cat([weight, 50 * torch.ones(24, 16)]).requires_grad_()  # 64 rows, 24 of padding
+    h = hidden.clone().requires_grad_()
+    loss = head_loss(h, padded, targets, chunk_size, vocab_size=40)
+    loss.backward()
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(h.grad, expected_dh)
+    torch.testing.assert_close(padded.grad[:40], expected_dw)
+    assert not padded.grad[40:].any()

@@ -115,3 +115,23 @@ def test_init_scales_residual_projections() -> None:
     model = GPT(cfg)
     assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_vocabulary_changes_nothing_but_the_table_size(tie: bool) -> None:
+    cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                    tie_embeddings=tie)
+    plain, padded = GPT(cfg).eval(), GPT(cfg.replace(vocab_pad_multiple=64)).eval()
+    assert padded.tok_emb.weight.shape == (128, 32) and padded.lm_head.weight.shape == (128, 32)
+    assert not padded.tok_emb.weight[100:].any() and not padded.lm_head.weight[100:].any()
+    with torch.no_grad():  # the same weights in the first 100 rows; something loud in the padding
+        for name, param in padded.named_parameters():
+            source = plain.get_parameter(name)
+            param[:len(source)] = source
+        padded.lm_head.weight[100:] = 100.0
+    assert padded.num_parameters() == plain.num_parameters()
+    assert (padded.num_parameters(count_tied_head_twice=True)
+            == plain.num_parameters(count_tied_head_twice=True))
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert_close(padded(idx), plain(idx))  # (2, 16, 100): the padding's logits are dropped

@@ -289,3 +289,20 @@ def test_bad_arguments_fail_at_the_call(kwargs: dict, message: str) -> None:
     args = dict(idx=torch.zeros(1, 2, dtype=torch.long), max_new_tokens=3) | kwargs
     with pytest.raises(UserError, match=message):
         stream(random_model(), **args)  # raises before any iteration
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_padded_vocabulary_never_yields_a_padding_id(use_cache: bool) -> None:
+    """The padding rows' logits are dropped: even made the largest, they are never picked."""
+    model = random_model(vocab_pad_multiple=64)
+    vocab_size = model.config.vocab_size
+    assert model.config.padded_vocab_size > vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[vocab_size:] = 100.0 * model.tok_emb.weight[:vocab_size].abs().max()
+    idx = torch.randint(0, vocab_size, (2, 5))
+    assert argmax_loop(model, idx, 12).max() < vocab_size
+    greedy = generate(model, idx, 12, use_cache=use_cache)
+    torch.testing.assert_close(greedy, argmax_loop(model, idx, 12))
+    sampled = generate(model, idx, 12, temperature=1.0, use_cache=use_cache,
+                       generator=torch.Generator().manual_seed(0))
+    assert sampled.max() < vocab_size

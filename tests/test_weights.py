@@ -320,6 +320,17 @@ def test_export_command_writes_a_transformers_directory(tmp_path: Path) -> None:
     assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
 
 
+def test_a_padded_vocabulary_loads_and_exports_the_same_logits(tmp_path: Path) -> None:
+    hf = random_hf_gpt2(TINY_CONFIGS[1])  # vocab 101 -> 128 rows
+    cfg = config_from_hf(hf.config.to_dict(), drop_rate=0.0, vocab_pad_multiple=64)
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(to_gpt_state_dict(hf.state_dict(), cfg), strict=True)
+    assert ours.tok_emb.weight.shape == (128, 32) and not ours.tok_emb.weight[101:].any()
+    assert_same_logits(ours, hf)
+    save_hf(ours, tmp_path / "out")  # back to 101 rows, as transformers expects
+    assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
+
+
 def test_export_command_error_is_one_line(tmp_path: Path) -> None:
     result = run_module("-m", "gpt.export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert result.returncode == 2

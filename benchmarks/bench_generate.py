@@ -6,8 +6,8 @@ implementations get the same weights (converted with `gpt.weights.gpt_to_hf_stat
 threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
 machine the absolute numbers move with the load, and with 2+ threads so does the ratio.
 
-    python benchmarks/bench_generate.py --threads 2,1     # the full table, written to results/
-    python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached --no-write
+    python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in BENCHMARKS.md)
+    python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -27,23 +26,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.sampling import generate
-from gpt.weights import gpt_to_hf_state_dict
+from gpt.weights import gpt_to_hf_state_dict, hf_config
 
-RESULTS = Path(__file__).parent / "results" / "generate.md"
-NOTES_HEADING = "## Notes"  # a hand-written section of RESULTS from this heading on survives a re-run
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_models(preset: str, seed: int) -> tuple[GPT, GPT2LMHeadModel]:
     torch.manual_seed(seed)
     ours = GPT(GPTConfig.preset(preset, drop_rate=0.0)).eval()
-    cfg = ours.config
-    hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                           n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps,
-                           tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
-                           attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(hf_config).eval()
-    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), cfg), strict=True)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config))).eval()
+    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=True)
     return ours, hf
 
 
@@ -105,7 +97,6 @@ def main() -> None:
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated torch thread counts, each used by both (default: torch's)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
     args = parser.parse_args()
 
     ours, hf = build_models(args.preset, seed=0)
@@ -121,25 +112,13 @@ def main() -> None:
                 rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {new_tokens} | "
                             f"{mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
                 print(rows[-1], flush=True)
-    table = "\n".join(rows)
-    print(table)
-    if args.no_write:
-        return
-    header = (
-        "# Decoding speed: gpt.sampling.generate vs Hugging Face generate\n\n"
-        f"- date: {datetime.date.today()}\n- machine: {cpu_name()}, {os.cpu_count()} cores, torch CPU "
-        f"capability {torch.backends.cpu.get_cpu_capability()}\n"
-        f"- torch {torch.__version__}, transformers {transformers.__version__}\n"
-        f"- preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M parameters), random weights, batch 1, "
-        f"{args.prompt_tokens}-token prompt, top-k 50, temperature 1, best of {args.repeats} (the two "
-        "alternate)\n"
-        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`\n\n"
-    )
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    notes = "\n" + old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(header + table + "\n" + notes)
-    print(f"wrote {RESULTS}")
+    print(
+        f"\n# {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M parameters), "
+        f"random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, temperature 1, best of "
+        f"{args.repeats}\n")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def keep_freed_memory() -> bool:
     mmap and unmaps it on free, so every step's big temporaries (a batch of logits is 8 x 256 x
     50257 floats, 411 MB) arrive as untouched pages that the kernel must fault in and zero one by
     one. Measured on the CPU bench config: 7.9M page faults in 21 steps, half the step time spent in
-    the kernel; with this, 0.6M, and a step 1.6-2x faster (BENCHMARKS.md). The price: memory
+    the kernel; with this, 0.6M, and a step 2-2.6x faster (BENCHMARKS.md). The price: memory
     freed by the process stays mapped to it (its peak RSS, not more), as with jemalloc or tcmalloc.
     A no-op off Linux/glibc.
     """

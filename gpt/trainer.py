@@ -175,7 +175,7 @@ class TrainConfig:
     logits (less memory; 0 = the whole batch at once, measured faster on a CPU: BENCHMARKS.md)."""
     keep_freed_memory: bool = True
     """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
-    after every step (1.6-2x faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory)."""
+    after every step (2.6x faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     seed: int = 123

@@ -23,7 +23,7 @@ parameters are then *assigned* tensors that are views of the memory-mapped file 
 training writes to private pages and never to the file). A Conv1D kernel becomes its transposed
 view (`w.t()`), not a transposed copy: `F.linear` multiplies by a transposed weight about as fast as
 by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak RSS 1.2x
-against 2.1x the file's size for gpt2-medium: `benchmarks/results/load.md`). Weights are float32,
+against 2.1x the file's size for gpt2-medium: BENCHMARKS.md). Weights are float32,
 what the model computes in; cast afterwards for half precision.
 """
 

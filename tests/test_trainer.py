@@ -444,3 +444,24 @@ def test_chunked_loss_trains_like_the_full_loss(tmp_path) -> None:
         assert chunked[0].step_losses[step] == pytest.approx(loss, rel=1e-5)
     for (name, a), b in zip(full[1].state_dict().items(), chunked[1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- --init: starting from GPT-2 weights --------------------------------------------------------
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = tiny(tmp_path, init=str(tmp_path / "hf"), drop_rate=0.0, max_steps=3, eval_freq=3)
+    run = setup(cfg, token_ids=TOKENS)
+    assert run.model.config.emb_dim == 16 and run.model.config.qkv_bias  # GPT-2's shape, not tiny's
+    idx = torch.tensor(TOKENS[0][:16].astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.eval()(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+    run.model.train()
+    result = fit(run)
+    assert result.step == 3 and math.isfinite(result.best_val_loss)
+    assert load_model(tmp_path / "run" / "last").config == run.model.config

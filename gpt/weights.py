@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
+import socket
+import urllib.parse
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -526,12 +529,33 @@ def _download(name: str) -> Path:
     except ImportError:
         raise UserError(f"cannot download {repo}: huggingface_hub is not installed "
                         f"(pip install 'gpt[hf]'); or {fix}") from None
-    try:
-        files = [Path(hf_hub_download(repo_id=repo, filename=f)) for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    offline = hub_unreachable()
+    try:  # offline, only huggingface_hub's local cache can answer
+        files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=offline))
+                 for f in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as exc:  # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-        raise UserError(f"cannot download {repo} ({type(exc).__name__}: {reason}); {fix}") from None
+        if offline:
+            reason = ("the hub's host name does not resolve (offline?) and the files are not in the local "
+                      "cache")
+        else:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            reason = f"{type(exc).__name__}: {first_line}"
+        raise UserError(f"cannot download {repo} ({reason}); {fix}") from None
     return files[0].parent
+
+
+def hub_unreachable() -> bool:
+    """Whether the hub's host name fails to resolve here: known in milliseconds, where a download
+    attempt offline spends ~23 s in huggingface_hub's retries before it gives up. Behind a proxy the
+    proxy resolves names, so there is nothing to check."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
 
 
 def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:

@@ -8,6 +8,7 @@ the hub is a fake module.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt import weights
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import UserError
@@ -229,22 +231,27 @@ def test_our_checkpoint_and_run_directories_load(tmp_path: Path) -> None:
 # ---- model names and the hub ------------------------------------------------------------------
 
 
-def fake_hub(monkeypatch: pytest.MonkeyPatch, download: object) -> None:
+def fake_hub(monkeypatch: pytest.MonkeyPatch, download: object, reachable: bool = True) -> None:
     module = types.ModuleType("huggingface_hub")
     module.hf_hub_download = download  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "huggingface_hub", module)
+    monkeypatch.setattr(weights, "hub_unreachable", lambda: not reachable)
 
 
-def test_model_name_downloads_from_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("reachable", [True, False])
+def test_model_name_downloads_from_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           reachable: bool) -> None:
+    """Online the hub is asked; offline only its local cache (which here has the files)."""
     hf = random_hf_gpt2(TINY_CONFIGS[0])
     hf.save_pretrained(tmp_path)
     asked = []
 
-    def download(repo_id: str, filename: str) -> str:
+    def download(repo_id: str, filename: str, local_files_only: bool) -> str:
+        assert local_files_only is not reachable
         asked.append((repo_id, filename))
         return str(tmp_path / filename)
 
-    fake_hub(monkeypatch, download)
+    fake_hub(monkeypatch, download, reachable)
     monkeypatch.chdir(tmp_path)  # where no file named like the model exists
     assert_same_logits(load_pretrained("gpt2-medium", drop_rate=0.0), hf)
     load_pretrained("openai-community/gpt2")
@@ -254,7 +261,7 @@ def test_model_name_downloads_from_the_hub(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_offline_hub_says_what_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def download(repo_id: str, filename: str) -> str:
+    def download(repo_id: str, filename: str, local_files_only: bool) -> str:
         raise ConnectionError("Failed to resolve 'huggingface.co'\n(more lines of traceback text)")
 
     fake_hub(monkeypatch, download)
@@ -266,6 +273,40 @@ def test_offline_hub_says_what_to_download(tmp_path: Path, monkeypatch: pytest.M
     assert "ConnectionError: Failed to resolve 'huggingface.co'" in message
     assert "download config.json and model.safetensors from https://huggingface.co/openai-community/gpt2 " \
            "into a directory and pass that" in message
+
+
+def test_unresolvable_hub_fails_at_once_when_the_cache_misses(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def cache_miss(repo_id: str, filename: str, local_files_only: bool) -> str:
+        assert local_files_only  # never a network attempt with its ~23 s of retries
+        raise FileNotFoundError("not in the cache")
+
+    fake_hub(monkeypatch, cache_miss, reachable=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub's host name does "
+                                        r"not resolve \(offline\?\) and the files are not in the local "
+                                        r"cache\); download config.json and model.safetensors"):
+        load_pretrained("gpt2")
+
+
+def test_hub_unreachable_is_a_name_lookup_skipped_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up = []
+
+    def fail(host: str, port: int) -> None:
+        looked_up.append(host)
+        raise socket.gaierror("Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    assert weights.hub_unreachable() and looked_up == ["huggingface.co"]
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
+    assert weights.hub_unreachable() and looked_up[-1] == "hf-mirror.example.org"
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [])
+    assert not weights.hub_unreachable()
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    assert not weights.hub_unreachable()
 
 
 def test_missing_huggingface_hub_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,8 +78,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         count = counted.sum()
         scale = 1.0 / count.clamp(min=1)  # a mean; all-ignored gives a NaN loss but zero gradients
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Padding rows of the head (past vocab_size) get no logits, hence zero gradient.
-        grad_logits = hidden.new_zeros(hidden.size(0), weight.size(0))
+        grad_logits = hidden.new_empty(hidden.size(0), weight.size(0))
+        grad_logits[:, vocab_size:] = 0  # padding rows of the head: no logits, no gradient
         grad_hidden = torch.empty_like(hidden)
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes were chosen by the caller
             for start in range(0, hidden.size(0), chunk):

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 import transformers
+from machine import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt.config import GPTConfig
@@ -71,16 +70,6 @@ def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool,
             made = out.size(1) - prompt_tokens
             assert made == new_tokens, f"{run.__name__} made {made} tokens, not {new_tokens}"
     return new_tokens / best[run_ours], new_tokens / best[run_hf]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

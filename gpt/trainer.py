@@ -175,7 +175,8 @@ class TrainConfig:
     logits (less memory; 0 = the whole batch at once, measured faster on a CPU: BENCHMARKS.md)."""
     keep_freed_memory: bool = True
     """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
-    after every step (2.6x faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory)."""
+    after every step (2.6x faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
+    A setting of the whole process (glibc's mallopt), not undone when training ends."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     seed: int = 123

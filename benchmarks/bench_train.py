@@ -97,14 +97,21 @@ def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, dev
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
-def run_gpt(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[float, int]:
-    """The project's own loop with `python train.py`'s defaults, bar `settings`."""
-    from gpt.trainer import TrainConfig, setup, train_step
+def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
+    """`python train.py`'s settings for this shape and batch, bar `settings` (a `TrainConfig`)."""
+    from gpt.trainer import TrainConfig
 
     shape = SHAPES[args.shape]
-    cfg = TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
-                      batch_size=args.batch_size, device=args.device, seed=0, out=str(out), run_name="gpt",
-                      sample_tokens=0, **settings)
+    return TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
+                       batch_size=args.batch_size, device=args.device, seed=0, out=str(out), run_name="gpt",
+                       sample_tokens=0, **settings)
+
+
+def run_gpt(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[float, int]:
+    """The project's own loop with `python train.py`'s defaults, bar `settings`."""
+    from gpt.trainer import setup, train_step
+
+    shape, cfg = SHAPES[args.shape], train_config(args, out, **settings)
     filler = np.zeros(2 * (shape["context_length"] + 1) * args.batch_size, dtype=np.uint16)
     run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
     data = batches(run.model.config.vocab_size, args.batch_size, shape["context_length"],
@@ -113,21 +120,19 @@ def run_gpt(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tu
     return seconds, run.model.num_parameters() - run.model.pos_emb.weight.numel()
 
 
-def run_hf(settings: dict[str, Any], args: argparse.Namespace) -> tuple[float, int]:
+def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[float, int]:
     """transformers' GPT2LMHeadModel with the weights `gpt` starts from, in a plain PyTorch loop."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt.config import GPTConfig
     from gpt.device import keep_freed_memory
-    from gpt.model import GPT
-    from gpt.trainer import ADAM_BETAS, TrainConfig
+    from gpt.trainer import ADAM_BETAS, build_model, seed_everything
     from gpt.weights import gpt_to_hf_state_dict, hf_config
 
-    shape, defaults = SHAPES[args.shape], TrainConfig()
+    shape, defaults = SHAPES[args.shape], train_config(args, out)
     if settings.get("keep_freed_memory"):
         keep_freed_memory()
-    torch.manual_seed(0)
-    ours = GPT(GPTConfig.preset(shape["preset"]))
+    seed_everything(defaults.seed)  # then the model `setup` builds for the gpt rows: the same weights
+    ours = build_model(defaults)
     hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=True)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
@@ -153,7 +158,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace) -> tuple[float, i
 def worker(case: str, args: argparse.Namespace) -> None:
     who, settings = CASES[case]
     with tempfile.TemporaryDirectory() as out:
-        seconds, params = run_gpt(settings, args, Path(out)) if who == "gpt" else run_hf(settings, args)
+        run = run_gpt if who == "gpt" else run_hf
+        seconds, params = run(settings, args, Path(out))
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

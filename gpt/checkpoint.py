@@ -84,6 +84,20 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def find_model_checkpoint(path: Path) -> Path | None:
+    """The checkpoint directory holding the weights for `path`, or None if there is none.
+
+    `path` may be a checkpoint itself or a run directory, whose `best/` is preferred and whose `last/`
+    stands in when there is no `best/` yet (a run stopped before its first evaluation). The one rule
+    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt.export`.
+    """
+    for candidate in (path, path / "best", path / "last"):
+        candidate = resolve_checkpoint_dir(candidate)
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    return None
+
+
 def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Path | None:
     """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none."""
     candidates = [resolve_checkpoint_dir(run / which) for run in Path(runs_dir).glob("*/")]

@@ -11,7 +11,7 @@ from typing import TextIO
 import tiktoken
 import torch
 
-from gpt.checkpoint import WEIGHTS_FILE, latest_checkpoint, load_model, resolve_checkpoint_dir
+from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoint, load_model
 from gpt.device import decoding_dtype, pick_device
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -27,10 +27,9 @@ def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
             raise UserError(f"no checkpoint found under {runs_dir}/; train one with `python train.py`, "
                             "or start from GPT-2 weights with `--init gpt2`")
         return found
-    for candidate in (path, path / "best", path / "last"):
-        candidate = resolve_checkpoint_dir(candidate)
-        if (candidate / WEIGHTS_FILE).is_file():
-            return candidate
+    found = find_model_checkpoint(path)
+    if found is not None:
+        return found
     raise UserError(f"--checkpoint {path} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor "
                     "a run directory (with best/ or last/); pass e.g. runs/<run-name>")
 

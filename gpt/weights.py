@@ -7,7 +7,8 @@
 - a lone `.safetensors` (or `.bin`) file in HF names, its size inferred from the tensor shapes;
 - OpenAI's original release directory (`hparams.json`, `checkpoint`, `model.ckpt.index`,
   `model.ckpt.data-00000-of-00001`), read without TensorFlow (see "TensorFlow checkpoints" below);
-- a checkpoint or run directory of this project (`config.json` in our field names + `model.safetensors`);
+- a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
+  directory, whose `best/` (else `last/`) is read;
 - a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
   downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
 
@@ -48,7 +49,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, resolve_checkpoint_dir
+from gpt.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    find_model_checkpoint,
+    resolve_checkpoint_dir,
+)
 from gpt.config import ConfigError, GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -482,12 +489,6 @@ def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str)
     return model.eval()
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """A run directory's `best/` checkpoint, or `path` itself."""
-    best = resolve_checkpoint_dir(path / "best")
-    return best if (best / WEIGHTS_FILE).is_file() else resolve_checkpoint_dir(path)
-
-
 def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
     config_path = path / CONFIG_FILE
     if (path / "hparams.json").is_file():
@@ -510,8 +511,9 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
             cfg = _config(GPTConfig.from_dict(config).to_dict(), overrides)
             return _build(cfg, state, "ours", str(weights))
         return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
-    if checkpoint_dir(path) != path:
-        return _load_dir(checkpoint_dir(path), overrides)
+    found = find_model_checkpoint(path)
+    if found is not None and found != path:  # a run directory: its best/ (else last/)
+        return _load_dir(found, overrides)
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "

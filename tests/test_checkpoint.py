@@ -7,6 +7,7 @@ from gpt.checkpoint import (
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
     atomic_directory,
+    find_model_checkpoint,
     load_model,
     load_train_state,
     save_checkpoint,
@@ -38,6 +39,19 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path) -> None:
         raise KeyboardInterrupt
     assert torch.equal(load_model(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_find_model_checkpoint_prefers_best_then_last(tmp_path: Path) -> None:
+    model = GPT(GPTConfig.preset("tiny"))
+    run = tmp_path / "run"
+    assert find_model_checkpoint(run) is None
+    save_model(model, (run / "last").mkdir(parents=True) or run / "last")
+    assert find_model_checkpoint(run) == run / "last"  # stopped before its first evaluation
+    save_model(model, (run / "best").mkdir() or run / "best")
+    assert find_model_checkpoint(run) == run / "best"
+    assert find_model_checkpoint(run / "last") == run / "last"  # a checkpoint is itself
+    (run / "best").rename(run / ".best.old")  # killed between the two renames of a replace
+    assert find_model_checkpoint(run) == run / ".best.old"
 
 
 def test_truncated_weights_are_reported(tmp_path) -> None:

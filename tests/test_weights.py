@@ -352,10 +352,12 @@ def test_save_hf_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_export_command_writes_a_transformers_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_export_command_writes_a_transformers_directory(tmp_path: Path, which: str) -> None:
+    """A run's best/ is exported, or its last/ when it stopped before its first evaluation."""
     ours = GPT(GPTConfig.preset("tiny", drop_rate=0.0)).eval()
-    (tmp_path / "run" / "best").mkdir(parents=True)
-    save_model(ours, tmp_path / "run" / "best")
+    (tmp_path / "run" / which).mkdir(parents=True)
+    save_model(ours, tmp_path / "run" / which)
     result = run_module("-m", "gpt.export", str(tmp_path / "run"), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
@@ -375,7 +377,9 @@ def test_a_padded_vocabulary_loads_and_exports_the_same_logits(tmp_path: Path) -
 def test_export_command_error_is_one_line(tmp_path: Path) -> None:
     result = run_module("-m", "gpt.export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'} is neither a checkpoint directory nor a run directory with "
+        "best/ or last/; pass e.g. runs/<run-name>")
     assert "Traceback" not in result.stderr
 
 

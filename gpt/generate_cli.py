@@ -41,8 +41,8 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
 
         model, source = load_pretrained(init), init
     else:
-        source = find_checkpoint(checkpoint)
-        model = load_model(source, device)
+        found = find_checkpoint(checkpoint)
+        model, source = load_model(found, device), str(found)
     model = model.to(device=device, dtype=dtype)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
           f"{str(dtype).removeprefix('torch.')}", file=err)

@@ -511,9 +511,9 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
             cfg = _config(GPTConfig.from_dict(config).to_dict(), overrides)
             return _build(cfg, state, "ours", str(weights))
         return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
-    found = find_model_checkpoint(path)
-    if found is not None and found != path:  # a run directory: its best/ (else last/)
-        return _load_dir(found, overrides)
+    checkpoint = find_model_checkpoint(path)
+    if checkpoint is not None and checkpoint != path:  # a run directory: its best/ (else last/)
+        return _load_dir(checkpoint, overrides)
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "

@@ -4,7 +4,9 @@ GPT-2 small shapes (or another `--preset`) with random weights (no download), a 
 top-k 50 sampling, batch 1, with and without the KV cache, in each dtype and thread count. Both
 implementations get the same weights (converted with `gpt.weights.gpt_to_hf_state_dict`), dtype and
 threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
-machine the absolute numbers move with the load, and with 2+ threads so does the ratio.
+machine the absolute numbers move with the load, and with 2+ threads so does the ratio. A second
+table shows what bounds a cached step: the memory's read bandwidth against the speed of the weight
+products alone (see `memory_floor`).
 
     python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in BENCHMARKS.md)
     python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached
@@ -16,6 +18,7 @@ import argparse
 import datetime
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -72,6 +75,51 @@ def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool,
     return new_tokens / best[run_ours], new_tokens / best[run_hf]
 
 
+def best_seconds(work: Callable[[], object], repeats: int) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int) -> tuple[float, float, float, float]:
+    """(read GB/s, weight-product GB/s, the same split in two, weight bytes) for a cached decode step.
+
+    A cached step multiplies one token's vector by every weight matrix once, so it must read all of
+    them from memory: the read bandwidth (a sum over 512 MB, more than any cache) bounds it. The
+    weight products are timed as a decode step runs them, each matrix once, in turn; then again with
+    each matrix's rows split into two blocks multiplied by one `torch.bmm`, a probe of how much a
+    kernel that used both cores for one product would gain (not what the model does).
+    """
+    big = torch.ones(2**32 // torch.finfo(dtype).bits, dtype=dtype)  # 512 MiB
+    read = big.numel() * big.element_size() / best_seconds(big.sum, repeats)
+    del big
+    layers = [m for m in ours.to(dtype).modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in layers}
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+
+    def products() -> None:
+        with torch.inference_mode():
+            for m in layers:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight)
+
+    rows = [m.weight[: m.weight.size(0) // 2 * 2] for m in layers]  # an even number of rows
+    blocks = [(w.view(2, w.size(0) // 2, w.size(1)).transpose(1, 2), inputs[w.size(1)].expand(2, 1, -1))
+              for w in rows]
+
+    def split_products() -> None:
+        with torch.inference_mode():
+            for weight, x in blocks:
+                torch.bmm(x, weight)  # (2, 1, in) @ (2, in, out/2)
+
+    split_bytes = sum(w.numel() * w.element_size() for w in rows)
+    return (read / 1e9, weight_bytes / best_seconds(products, repeats) / 1e9,
+            split_bytes / best_seconds(split_products, repeats) / 1e9, weight_bytes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-small", help="model shape (a GPTConfig preset)")
@@ -91,6 +139,9 @@ def main() -> None:
     ours, hf = build_models(args.preset, seed=0)
     rows = ["| threads | dtype | KV cache | new tokens | gpt tokens/s | HF tokens/s | gpt / HF |",
             "|---:|---|---|---:|---:|---:|---:|"]
+    floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products GB/s | "
+                  "products' time per token | floor at read bandwidth | products split in two (probe) GB/s |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
     settings = [(True, args.new_tokens)] + ([] if args.no_uncached else [(False, args.uncached_new_tokens)])
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -101,6 +152,12 @@ def main() -> None:
                 rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {new_tokens} | "
                             f"{mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
                 print(rows[-1], flush=True)
+            read, products, split, weight_bytes = memory_floor(ours, DTYPES[name], repeats=5)
+            floor_rows.append(
+                f"| {threads} | {name} | {weight_bytes / 1e6:.0f} MB | {read:.1f} | {products:.1f} | "
+                f"{weight_bytes / products / 1e6:.1f} ms | {weight_bytes / read / 1e6:.1f} ms | "
+                f"{split:.1f} |")
+            print(floor_rows[-1], flush=True)
     print(
         f"\n# {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, transformers "
@@ -108,6 +165,8 @@ def main() -> None:
         f"random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, temperature 1, best of "
         f"{args.repeats}\n")
     print("\n".join(rows))
+    print("\nWhat bounds a cached step: every weight read once per token (the LM head included)\n")
+    print("\n".join(floor_rows))
 
 
 if __name__ == "__main__":

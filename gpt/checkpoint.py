@@ -4,26 +4,14 @@ A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, 
 position, RNG states and training config, as plain tensors and Python containers that
 `torch.load(..., weights_only=True)` reads without running any code from the file.
 
-A checkpoint directory is first written under a temporary name beside its final place, every file
-flushed to disk, then renamed into place. A kill at any moment leaves either the old checkpoint or
-the new one whole, never a mix:
-
-    1. write  .<name>.tmp/            (the old <name>/ is untouched)
-    2. rename <name>/ -> .<name>.old/ (only if it exists)
-    3. rename .<name>.tmp/ -> <name>/
-    4. delete .<name>.old/
-
-A kill between 2 and 3 leaves no <name>/ but a whole .<name>.old/, which `resolve_checkpoint_dir`
-falls back to.
+Every checkpoint directory is written with `gpt.atomic.atomic_directory` and read through
+`gpt.atomic.resolve_directory`: a kill at any moment leaves either the old checkpoint or the new one
+whole, never a mix.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt.atomic import atomic_directory, resolve_directory
 from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -41,49 +30,6 @@ TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_STATE_FORMAT = 1  # bump when the layout of train_state.pt changes incompatibly
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on a clean exit it replaces `target` atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            _fsync(file)
-    _fsync(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    _fsync(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve_checkpoint_dir(path: Path) -> Path:
-    """The checkpoint directory to read for `path`, recovering from a kill mid-replace (see above)."""
-    path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
-        return old
-    return path
-
-
 def find_model_checkpoint(path: Path) -> Path | None:
     """The checkpoint directory holding the weights for `path`, or None if there is none.
 
@@ -92,7 +38,7 @@ def find_model_checkpoint(path: Path) -> Path | None:
     shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt.export`.
     """
     for candidate in (path, path / "best", path / "last"):
-        candidate = resolve_checkpoint_dir(candidate)
+        candidate = resolve_directory(candidate)
         if (candidate / WEIGHTS_FILE).is_file():
             return candidate
     return None
@@ -100,7 +46,7 @@ def find_model_checkpoint(path: Path) -> Path | None:
 
 def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Path | None:
     """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none."""
-    candidates = [resolve_checkpoint_dir(run / which) for run in Path(runs_dir).glob("*/")]
+    candidates = [resolve_directory(run / which) for run in Path(runs_dir).glob("*/")]
     candidates = [c for c in candidates if (c / WEIGHTS_FILE).is_file()]
     return max(candidates, key=lambda c: (c / WEIGHTS_FILE).stat().st_mtime, default=None)
 
@@ -118,7 +64,7 @@ def save_model(model: GPT, directory: Path) -> None:
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`."""
-    directory = resolve_checkpoint_dir(directory)
+    directory = resolve_directory(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint {directory} has no {name}; is it a checkpoint directory?")
@@ -163,7 +109,7 @@ def load_train_state(directory: Path) -> dict[str, Any]:
     Raises `UserError` naming the file if it is missing, truncated, not a training state, or of
     another format version.
     """
-    directory = resolve_checkpoint_dir(directory)
+    directory = resolve_directory(directory)
     path = directory / TRAIN_STATE_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing, so {directory} cannot be resumed (a weights-only "

@@ -19,7 +19,6 @@ keeps the one array and slices on demand, so its memory is O(N) whatever the str
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -27,7 +26,6 @@ import math
 import mmap
 import os
 import re
-import secrets
 import sys
 import time
 import urllib.request
@@ -45,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from gpt.atomic import atomic_file
 from gpt.errors import UserError
 from gpt.tokenizer import ENCODER_JSON_SHA256, ENDOFTEXT_ID, VOCAB_BPE_SHA256, get_tokenizer
 
@@ -258,7 +257,7 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
         return path
     # Written under a temporary name and renamed only once complete and checked: an interrupted or
     # corrupted download never leaves a file that looks like the corpus.
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         digest = hashlib.sha256()
         try:
             with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
@@ -277,30 +276,6 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
                 f"{spec.sha256}; retry, or save the right file by hand as {path}"
             )
     return path
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file open for writing that becomes `path` only if the block completes: readers never
-    see a partial file, and an exception or interrupt leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any ordinary file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        if os.name == "posix":  # make the rename itself durable (directories cannot be fsynced on Windows)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)  # already gone after a successful rename
 
 
 def _sha256_file(path: Path) -> str:
@@ -555,7 +530,7 @@ def _build_cache(source: _Source, source_arg: str, bin_path: Path, meta_path: Pa
     misdescribes it."""
     with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.label}") as bar:
         reader = _Reader(errors, bar.update)
-        with _atomic_file(bin_path) as out:
+        with atomic_file(bin_path) as out:
             tokens = _write_tokens(reader.pieces(source), out)
             if tokens == 0:
                 raise DataError(f"{source_arg!r} holds no text; give a source with text in it")
@@ -563,7 +538,7 @@ def _build_cache(source: _Source, source_arg: str, bin_path: Path, meta_path: Pa
     meta = {"format": CACHE_FORMAT, "source": source_arg, "identity": source.identity, "tokenizer": tokenizer,
             **reader.digest.summary(), "tokens": tokens, "dtype": TOKEN_DTYPE.str, "errors": errors,
             "replaced": reader.replaced, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with _atomic_file(meta_path) as out:
+    with atomic_file(meta_path) as out:
         out.write((json.dumps(meta, indent=2) + "\n").encode())
     return meta
 

@@ -2,18 +2,19 @@
 
 Drawn on matplotlib's Agg canvas through the object-oriented API (`Figure`, not `pyplot`), so it needs
 no display, changes no global backend and keeps no figure alive between calls. The file is written to
-a temporary name and renamed, so a viewer (or a kill) never sees half a PNG.
+a temporary name and renamed (`gpt.atomic`), so a viewer (or a kill) never sees half a PNG.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FormatStrFormatter
+
+from gpt.atomic import atomic_file
 
 
 def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
@@ -51,11 +52,6 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
     top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000
     if title:
         ax.set_title(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over if saving failed
+    with atomic_file(Path(path)) as out:
+        fig.savefig(out, format="png", dpi=100)
     return fig

@@ -40,12 +40,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from gpt.atomic import atomic_file, resolve_directory
 from gpt.checkpoint import (
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     load_model,
     load_train_state,
-    resolve_checkpoint_dir,
     save_checkpoint,
 )
 from gpt.config import ConfigError, GPTConfig, preset_names
@@ -415,7 +415,8 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    with atomic_file(run_dir / "train_config.json") as out:
+        out.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     if saved is not None:
         restore(run, saved, checkpoint)  # last: it also sets the random generators
     return run
@@ -711,7 +712,7 @@ def find_resume_checkpoint(path: Path) -> Path:
     """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last."""
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such run directory; give one such as runs/NAME")
-    checkpoint = path if (path / TRAIN_STATE_FILE).is_file() else resolve_checkpoint_dir(path / "last")
+    checkpoint = path if (path / TRAIN_STATE_FILE).is_file() else resolve_directory(path / "last")
     if not checkpoint.is_dir():
         raise UserError(f"--resume {path}: there is no {path / 'last'} checkpoint in it (an empty run "
                         "directory, or not one); start a new run instead")

@@ -49,13 +49,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    atomic_directory,
-    find_model_checkpoint,
-    resolve_checkpoint_dir,
-)
+from gpt.atomic import atomic_directory, resolve_directory
+from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, find_model_checkpoint
 from gpt.config import ConfigError, GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -569,7 +564,7 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
     or `n_heads=` for a lone `.safetensors` file (whose head count is taken to be emb_dim // 64).
     Any mismatch between the config and the tensors raises a `UserError` naming the tensor.
     """
-    path = resolve_checkpoint_dir(Path(name_or_path))
+    path = resolve_directory(Path(name_or_path))
     if path.is_dir():
         return _load_dir(path, overrides)
     if path.is_file():

@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.atomic import atomic_directory
 from gpt.checkpoint import (
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
-    atomic_directory,
     find_model_checkpoint,
     load_model,
     load_train_state,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import gpt.weights
-from gpt.checkpoint import atomic_directory, load_model, save_model
+from gpt.atomic import atomic_directory
+from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import run_cli
 from gpt.generate_cli import find_checkpoint, write_text

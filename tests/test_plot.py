@@ -35,9 +35,8 @@ def test_a_failed_write_keeps_the_previous_png(tmp_path, monkeypatch) -> None:
     plot_losses(EPOCHS, TRAIN, VAL, path, tokens_per_epoch=1000)
     before = path.read_bytes()
 
-    def crash(self, fname, **kwargs):
-        with open(fname, "wb") as f:
-            f.write(b"\x89PNG half")
+    def crash(self, out, **kwargs):  # killed halfway through writing the PNG
+        out.write(b"\x89PNG half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr("matplotlib.figure.Figure.savefig", crash)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt.atomic
 import gpt.checkpoint
 from gpt import trainer
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint, save_model
@@ -337,7 +338,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
             raise KeyboardInterrupt
         os.replace(src, dst)
 
-    monkeypatch.setattr(gpt.checkpoint.os, "rename", rename_then_die)
+    monkeypatch.setattr(gpt.atomic.os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(run.model, checkpoint_state(run), tmp_path / "run" / "last")
     monkeypatch.undo()

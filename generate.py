@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "GPUs without bf16; float32 for the exact trained weights")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole window for every token (slow; for checking)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model with frozen weights: 15-20 s once, then ~1.3x the "
+                             "tokens/s on a CPU; pays for long or many samples (see BENCHMARKS.md)")
     return parser.parse_args(argv)
 
 

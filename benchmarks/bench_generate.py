@@ -1,7 +1,9 @@
 """Decoding speed: new tokens/s of `gpt.sampling.generate` next to Hugging Face `generate`, same weights.
 
 GPT-2 small shapes (or another `--preset`) with random weights (no download), a 32-token prompt,
-top-k 50 sampling, batch 1, with and without the KV cache, in each dtype and thread count. Both
+top-k 50 sampling, batch 1, with and without the KV cache, and with the cache with both compiled
+the same way (`compile_for_decoding`: inductor with frozen weights; for HF, its `forward`), compile
+times shown, in each dtype and thread count. Both
 implementations get the same weights (converted with `gpt.weights.gpt_to_hf_state_dict`), dtype and
 threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
 machine the absolute numbers move with the load, and with 2+ threads so does the ratio. A second
@@ -19,15 +21,17 @@ import datetime
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch._inductor.config
 import transformers
 from machine import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt.config import GPTConfig
 from gpt.model import GPT
-from gpt.sampling import generate
+from gpt.sampling import compile_for_decoding, generate
 from gpt.weights import gpt_to_hf_state_dict, hf_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,13 +45,27 @@ def build_models(preset: str, seed: int) -> tuple[GPT, GPT2LMHeadModel]:
     return ours, hf
 
 
-def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool, prompt_tokens: int,
-            new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(ours, HF) new tokens/s for one dtype and cache setting, each the best of `repeats` runs.
+def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool, compiled: bool,
+            prompt_tokens: int, new_tokens: int, repeats: int) -> tuple[float, float, float, float]:
+    """(ours, HF) new tokens/s for one setting, each the best of `repeats` runs, and (ours, HF)
+    seconds of warm-up (where a compiled model compiles).
 
     The two are timed alternately, so a burst of load from other processes hits both, not one.
     """
     ours, hf = ours.to(dtype), hf.to(dtype)
+    if compiled:  # both, the same way: inductor with frozen weights (a process-wide setting)
+        torch._dynamo.reset()  # compile afresh for this dtype: the warm-ups below pay for it
+        ours = compile_for_decoding(ours)
+        hf.forward = torch.compile(hf.forward)
+    try:
+        return _time_alternately(ours, hf, use_cache, prompt_tokens, new_tokens, repeats)
+    finally:
+        if compiled:
+            del hf.forward  # back to the class's own forward
+
+
+def _time_alternately(ours: GPT, hf: GPT2LMHeadModel, use_cache: bool, prompt_tokens: int,
+                      new_tokens: int, repeats: int) -> tuple[float, float, float, float]:
     prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens))
     generator = torch.Generator().manual_seed(0)
 
@@ -63,8 +81,11 @@ def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool,
                                pad_token_id=0, attention_mask=torch.ones_like(prompt))
 
     best = {run_ours: float("inf"), run_hf: float("inf")}
+    warm_up = {}
     for run in best:
-        run(4)  # warm-up: first-call allocations and kernel selection
+        start = time.perf_counter()
+        run(4)  # warm-up: first-call allocations, kernel selection, compilation
+        warm_up[run] = time.perf_counter() - start
     for _ in range(repeats):
         for run in best:
             start = time.perf_counter()
@@ -72,7 +93,7 @@ def measure(ours: GPT, hf: GPT2LMHeadModel, dtype: torch.dtype, use_cache: bool,
             best[run] = min(best[run], time.perf_counter() - start)
             made = out.size(1) - prompt_tokens
             assert made == new_tokens, f"{run.__name__} made {made} tokens, not {new_tokens}"
-    return new_tokens / best[run_ours], new_tokens / best[run_hf]
+    return new_tokens / best[run_ours], new_tokens / best[run_hf], warm_up[run_ours], warm_up[run_hf]
 
 
 def best_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -85,14 +106,34 @@ def best_seconds(work: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int) -> tuple[float, float, float, float]:
-    """(read GB/s, weight-product GB/s, the same split in two, weight bytes) for a cached decode step.
+class Floor(NamedTuple):
+    """What bounds a cached decode step, in GB/s except `weight_bytes`."""
+    read: float  # the memory's read bandwidth
+    products: float  # the model's weight products, eager, as a decode step runs them
+    split: float  # the same, each split into two row blocks of one torch.bmm (a probe)
+    frozen: float  # the same products compiled with frozen (pre-packed) weights
+    weight_bytes: int
 
-    A cached step multiplies one token's vector by every weight matrix once, so it must read all of
-    them from memory: the read bandwidth (a sum over 512 MB, more than any cache) bounds it. The
-    weight products are timed as a decode step runs them, each matrix once, in turn; then again with
-    each matrix's rows split into two blocks multiplied by one `torch.bmm`, a probe of how much a
-    kernel that used both cores for one product would gain (not what the model does).
+
+class WeightProducts(torch.nn.Module):
+    """Every `nn.Linear` of a model (the same modules, not copies) applied to one token's vector."""
+
+    def __init__(self, layers: list[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(inputs[m.in_features], m.weight) for m in self.layers]
+
+
+def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int) -> Floor:
+    """A cached step multiplies one token's vector by every weight matrix once, so it must read all
+    of them from memory: the read bandwidth (a sum over 512 MiB, more than any cache) bounds it.
+
+    The weight products are timed as a decode step runs them, each matrix once, in turn: eager; with
+    each matrix's rows split into two blocks multiplied by one `torch.bmm`, a probe of what a kernel
+    using both cores for one product would gain (not what the model does); and compiled with frozen
+    weights, as `compile_for_decoding` compiles the model.
     """
     big = torch.ones(2**32 // torch.finfo(dtype).bits, dtype=dtype)  # 512 MiB
     read = big.numel() * big.element_size() / best_seconds(big.sum, repeats)
@@ -100,24 +141,26 @@ def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int) -> tuple[float, fl
     layers = [m for m in ours.to(dtype).modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in layers}
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
-
-    def products() -> None:
-        with torch.inference_mode():
-            for m in layers:
-                torch.nn.functional.linear(inputs[m.in_features], m.weight)
+    products = WeightProducts(layers).eval()
 
     rows = [m.weight[: m.weight.size(0) // 2 * 2] for m in layers]  # an even number of rows
     blocks = [(w.view(2, w.size(0) // 2, w.size(1)).transpose(1, 2), inputs[w.size(1)].expand(2, 1, -1))
               for w in rows]
 
     def split_products() -> None:
-        with torch.inference_mode():
-            for weight, x in blocks:
-                torch.bmm(x, weight)  # (2, 1, in) @ (2, in, out/2)
+        for weight, x in blocks:
+            torch.bmm(x, weight)  # (2, 1, in) @ (2, in, out/2)
 
     split_bytes = sum(w.numel() * w.element_size() for w in rows)
-    return (read / 1e9, weight_bytes / best_seconds(products, repeats) / 1e9,
-            split_bytes / best_seconds(split_products, repeats) / 1e9, weight_bytes)
+    torch._dynamo.reset()
+    torch._inductor.config.freezing = True  # what compile_for_decoding sets
+    frozen = torch.compile(products)
+    with torch.inference_mode():
+        return Floor(read=read / 1e9,
+                     products=weight_bytes / best_seconds(lambda: products(inputs), repeats) / 1e9,
+                     split=split_bytes / best_seconds(split_products, repeats) / 1e9,
+                     frozen=weight_bytes / best_seconds(lambda: frozen(inputs), repeats) / 1e9,
+                     weight_bytes=weight_bytes)
 
 
 def main() -> None:
@@ -131,32 +174,39 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated, of: " + ", ".join(DTYPES))
     parser.add_argument("--no-uncached", action="store_true", help="skip the runs without cache")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip the runs with both models compiled with frozen weights (~1 min each)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated torch thread counts, each used by both (default: torch's)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
     ours, hf = build_models(args.preset, seed=0)
-    rows = ["| threads | dtype | KV cache | new tokens | gpt tokens/s | HF tokens/s | gpt / HF |",
-            "|---:|---|---|---:|---:|---:|---:|"]
-    floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products GB/s | "
-                  "products' time per token | floor at read bandwidth | products split in two (probe) GB/s |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    settings = [(True, args.new_tokens)] + ([] if args.no_uncached else [(False, args.uncached_new_tokens)])
+    rows = ["| threads | dtype | KV cache | compiled (warm-up gpt, HF) | new tokens | gpt tokens/s "
+            "| HF tokens/s | gpt / HF |",
+            "|---:|---|---|---|---:|---:|---:|---:|"]
+    floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products GB/s "
+                  "| products' time per token | floor at read bandwidth | split in two (probe) GB/s "
+                  "| compiled, frozen weights GB/s |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    settings = [(True, False, args.new_tokens)]
+    settings += [] if args.no_compiled else [(True, True, args.new_tokens)]
+    settings += [] if args.no_uncached else [(False, False, args.uncached_new_tokens)]
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for name in args.dtypes.split(","):
-            for use_cache, new_tokens in settings:
-                mine, theirs = measure(ours, hf, DTYPES[name], use_cache, args.prompt_tokens, new_tokens,
-                                       args.repeats)
-                rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {new_tokens} | "
+            for use_cache, compiled, new_tokens in settings:
+                mine, theirs, warm_ours, warm_hf = measure(ours, hf, DTYPES[name], use_cache, compiled,
+                                                           args.prompt_tokens, new_tokens, args.repeats)
+                how = f"both ({warm_ours:.0f} s, {warm_hf:.0f} s)" if compiled else "no"
+                rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {how} | {new_tokens} | "
                             f"{mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
                 print(rows[-1], flush=True)
-            read, products, split, weight_bytes = memory_floor(ours, DTYPES[name], repeats=5)
+            floor = memory_floor(ours, DTYPES[name], repeats=5)
             floor_rows.append(
-                f"| {threads} | {name} | {weight_bytes / 1e6:.0f} MB | {read:.1f} | {products:.1f} | "
-                f"{weight_bytes / products / 1e6:.1f} ms | {weight_bytes / read / 1e6:.1f} ms | "
-                f"{split:.1f} |")
+                f"| {threads} | {name} | {floor.weight_bytes / 1e6:.0f} MB | {floor.read:.1f} | "
+                f"{floor.products:.1f} | {floor.weight_bytes / floor.products / 1e6:.1f} ms | "
+                f"{floor.weight_bytes / floor.read / 1e6:.1f} ms | {floor.split:.1f} | {floor.frozen:.1f} |")
             print(floor_rows[-1], flush=True)
     print(
         f"\n# {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "

@@ -15,7 +15,7 @@ from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoin
 from gpt.device import decoding_dtype, pick_device
 from gpt.errors import UserError
 from gpt.model import GPT
-from gpt.sampling import check_sampling_args, stream
+from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 
@@ -94,7 +94,7 @@ def token_ids(new: Iterable[torch.Tensor], eos_id: int | None) -> Iterator[int]:
 
 def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
-                   init: str | None, device: str, dtype: str, no_cache: bool,
+                   init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
                    out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Check every value first (a typo fails in a second, not after loading), then sample.
 
@@ -111,6 +111,8 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         raise UserError("--checkpoint and --init both name weights to load; pass only one")
     torch_device = pick_device(device)
     model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+    if compile:
+        model = compile_for_decoding(model)
     tokenizer = get_tokenizer()
     idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
     eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None

@@ -165,9 +165,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache."""
-        return self.logits(self.hidden_states(idx, kv_cache))
+    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False) -> Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache.
+
+        `last_only` runs the LM head on the last position only, (B, 1, V): all that decoding needs,
+        and for a 50k vocabulary the head is the largest matrix in the model.
+        """
+        hidden = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        return self.logits(hidden[:, -1:] if last_only else hidden)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head: hidden states (..., C) -> logits (..., V), padding rows' logits dropped."""

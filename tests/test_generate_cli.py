@@ -192,3 +192,21 @@ def test_the_script_end_to_end(tmp_path: Path) -> None:
     for bad in (script(tmp_path / "empty"), script(tmp_path / "with", "--temperature", "-1")):
         assert bad.returncode == 2
         assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_compile_flag_compiles_the_loaded_model(
+        run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile hands the loaded model to `compile_for_decoding` and samples with what it returns
+    (whose decoding is tested in test_sampling.py; here a stand-in avoids the compile time)."""
+    compiled = []
+
+    def stand_in(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr("gpt.generate_cli.compile_for_decoding", stand_in)
+    argv = ["--seed", "3", "--max-new-tokens", "15"]
+    status, out, _ = cli([*argv, "--compile"], capsys)
+    assert status == 0 and len(compiled) == 1 and compiled[0].config.n_layers > 0
+    assert out == cli(argv, capsys)[1]
+

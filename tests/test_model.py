@@ -93,6 +93,14 @@ def test_kv_cache_gives_the_logits_of_a_full_forward() -> None:
     assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits() -> None:
+    model = GPT(GPTConfig.preset("tiny", drop_rate=0.0, vocab_pad_multiple=64)).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 7))
+    last = model(idx, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    assert_close(last, model(idx)[:, -1:], rtol=0, atol=1e-6)
+
+
 def test_kv_cache_cannot_grow_past_the_context() -> None:
     model = GPT(TINY).eval()
     cache = model.new_kv_cache(batch_size=1)

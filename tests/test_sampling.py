@@ -1,5 +1,10 @@
 """Decoding against independent references: argmax loops, softmax frequencies, HF `generate`."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -306,3 +311,35 @@ def test_a_padded_vocabulary_never_yields_a_padding_id(use_cache: bool) -> None:
     sampled = generate(model, idx, 12, temperature=1.0, use_cache=use_cache,
                        generator=torch.Generator().manual_seed(0))
     assert sampled.max() < vocab_size
+
+
+def test_a_compiled_model_decodes_like_the_eager_one() -> None:
+    """`compile_for_decoding` (inductor, frozen weights): the same greedy tokens and, step by step,
+    the same cached logits within 1e-5 (fp32). In a subprocess: freezing is a process-wide setting."""
+    script = textwrap.dedent("""
+        import sys, torch
+        from torch._dynamo.utils import counters
+        from torch.testing import assert_close
+        sys.path.insert(0, sys.argv[1])
+        from test_sampling import random_model
+        from gpt.sampling import Decoder, compile_for_decoding, generate
+        torch.manual_seed(0)
+        model = random_model(context_length=24)
+        compiled = compile_for_decoding(model)
+        prompt = torch.randint(0, 101, (2, 5))
+        with torch.inference_mode():
+            eager_decoder, compiled_decoder = Decoder(model), Decoder(compiled)
+            expected, got = eager_decoder.start(prompt), compiled_decoder.start(prompt)
+            for _ in range(12):
+                assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                token = expected.argmax(-1)
+                expected, got = eager_decoder.step(token), compiled_decoder.step(token)
+        # 30 new tokens: past the context of 24, so the cache is rebuilt on the way.
+        assert torch.equal(generate(compiled, prompt, 30), generate(model, prompt, 30))
+        print(counters["stats"]["unique_graphs"])
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 1  # it really ran compiled graphs
+

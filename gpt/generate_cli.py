@@ -10,6 +10,7 @@ from typing import TextIO
 
 import tiktoken
 import torch
+import torch._dynamo.exc
 
 from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoint, load_model
 from gpt.device import decoding_dtype, pick_device
@@ -127,6 +128,14 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         out.write(prompt)
         new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      eos_id=eos_id, use_cache=not no_cache, generator=generator)
-        write_text(token_ids(new, eos_id), tokenizer, out)
+        try:
+            write_text(token_ids(new, eos_id), tokenizer, out)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # compiling happens at the first call
+            cause = getattr(exc, "inner_exception", exc)
+            reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if str(cause).strip() \
+                else type(cause).__name__
+            out.write("\n")
+            raise UserError(f"--compile failed ({reason}); run without --compile (on a CPU it needs "
+                            "a working C++ compiler)") from None
         out.write("\n")
         out.flush()

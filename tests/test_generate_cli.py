@@ -210,3 +210,23 @@ def test_compile_flag_compiles_the_loaded_model(
     assert status == 0 and len(compiled) == 1 and compiled[0].config.n_layers > 0
     assert out == cli(argv, capsys)[1]
 
+
+def test_a_failed_compile_is_one_line_naming_the_fix(
+        run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    class CannotCompile(torch.nn.Module):  # what inductor does at the first call without a compiler
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.config, self.new_kv_cache = model.config, model.new_kv_cache
+
+        def forward(self, *args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                lambda *_: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+
+    monkeypatch.setattr("gpt.generate_cli.compile_for_decoding", CannotCompile)
+    status, _, err = cli(["--compile", "--max-new-tokens", "5"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: --compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
+        "run without --compile (on a CPU it needs a working C++ compiler)")
+

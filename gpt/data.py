@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -582,9 +582,11 @@ def _load_tokens(source: str, data_dir: Path, errors: str) -> np.memmap:
 def _slice(tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
     """tokens[start:stop]; a memmap made by `np.memmap` becomes a new memmap of just that range, so it
     still pickles as (file, offset, length) for DataLoader workers (see `SlidingWindowDataset`)."""
-    if _memmap_origin(tokens) is not None and stop > start:
-        return np.memmap(tokens.filename, dtype=tokens.dtype, mode="r",
-                         offset=tokens.offset + start * tokens.itemsize, shape=(stop - start,))
+    origin = _memmap_origin(tokens)
+    if origin is not None and stop > start:
+        filename, offset, _ = origin
+        return np.memmap(filename, dtype=tokens.dtype, mode="r", offset=offset + start * tokens.itemsize,
+                         shape=(stop - start,))
     return tokens[start:stop]
 
 
@@ -694,7 +696,7 @@ class SlidingWindowDataset(Dataset[tuple[Tensor, Tensor]]):
         state = self.__dict__.copy()
         origin = _memmap_origin(self.token_ids)
         if origin is not None:
-            state["token_ids"] = ("memmap", *origin, self.token_ids.dtype.str)
+            state["token_ids"] = ("memmap", *origin, cast(np.memmap, self.token_ids).dtype.str)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

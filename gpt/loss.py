@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor,
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor,
                 targets: Tensor, chunk: int, vocab_size: int) -> Tensor:
         counted = targets != IGNORE_INDEX  # (N,)
         count = counted.sum()
@@ -97,7 +98,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return loss_sum / count
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor,
+    def backward(ctx: Any, grad_loss: Tensor,
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         grad_logits, grad_hidden, hidden = ctx.saved_tensors
         grad_weight = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FormatStrFormatter
+from numpy.typing import ArrayLike
 
 from gpt.atomic import atomic_file
 
@@ -46,8 +48,13 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
             axis_formatter(FormatStrFormatter("%g"))  # 4, 5, 6 ... rather than 4×10⁰
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
-    top = ax.secondary_xaxis("top", functions=(lambda e: e * tokens_per_epoch,
-                                               lambda t: t / tokens_per_epoch))
+    def to_tokens(epochs: ArrayLike) -> np.ndarray:
+        return np.asarray(epochs) * tokens_per_epoch
+
+    def to_epochs(tokens: ArrayLike) -> np.ndarray:
+        return np.asarray(tokens) / tokens_per_epoch
+
+    top = ax.secondary_xaxis("top", functions=(to_tokens, to_epochs))
     top.set_xlabel("tokens seen")
     top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000
     if title:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, get_args, get_type_hints
+from typing import Any, NoReturn, cast, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from gpt.checkpoint import (
     save_checkpoint,
 )
 from gpt.config import ConfigError, GPTConfig, preset_names
-from gpt.data import ERRORS_MODES, SlidingWindowDataset, create_dataloader, prepare_data
+from gpt.data import ERRORS_MODES, ResumableSampler, SlidingWindowDataset, create_dataloader, prepare_data
 from gpt.device import DTYPES, autocast, keep_freed_memory, pick_device, training_dtype
 from gpt.errors import UserError
 from gpt.loss import evaluate_loss, head_loss, perplexity
@@ -252,7 +252,7 @@ def rng_state() -> dict[str, Any]:
     """Every global generator's state, as tensors and plain values (safe to load weights-only)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+             "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
                        "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -351,6 +351,16 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     """One row of metrics per evaluation (what metrics.csv holds, and loss.png draws)."""
 
+    @property
+    def windows(self) -> SlidingWindowDataset:
+        """The training windows: the dataset `train_loader` draws from."""
+        return cast(SlidingWindowDataset, self.train_loader.dataset)
+
+    @property
+    def sampler(self) -> ResumableSampler:
+        """`train_loader`'s sampler, whose position in the epoch a checkpoint saves."""
+        return cast(ResumableSampler, self.train_loader.sampler)
+
 
 def setup(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> Run:
@@ -392,9 +402,10 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     # iterated; with its own generator it leaves the global one (dropout's) alone, so the dropout
     # masks do not depend on where a run was stopped and resumed.
     train_loader.generator = torch.Generator()
-    batches_per_epoch = len(train_loader.dataset) // cfg.batch_size
+    windows = len(cast(SlidingWindowDataset, train_loader.dataset))
+    batches_per_epoch = windows // cfg.batch_size
     if batches_per_epoch == 0:
-        raise UserError(f"the training data has {len(train_loader.dataset)} windows of {context_length} "
+        raise UserError(f"the training data has {windows} windows of {context_length} "
                         f"tokens, fewer than one batch of {cfg.batch_size}; lower --batch-size, "
                         "--context-length or --stride, or use more text")
     eval_loaders = {name: _eval_loader(ids, cfg.batch_size, context_length, cfg.eval_iters)
@@ -417,7 +428,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(run_dir / "train_config.json") as out:
         out.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-    if saved is not None:
+    if saved is not None and checkpoint is not None:
         restore(run, saved, checkpoint)  # last: it also sets the random generators
     return run
 
@@ -498,7 +509,7 @@ def fit(run: Run) -> TrainResult:
             if state.step >= run.total_steps:
                 stop = "done"
                 break
-            epoch = run.train_loader.sampler.epoch
+            epoch = run.sampler.epoch
             for batches in micro_batch_groups(run.train_loader, cfg.grad_accum):
                 started = time.perf_counter()
                 stats = train_step(run, batches)
@@ -650,8 +661,8 @@ def _print_sample(run: Run, when: str) -> None:
 
 
 def _print_header(run: Run) -> None:
-    cfg, windows = run.cfg, len(run.train_loader.dataset)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.train_loader.dataset.context_length
+    cfg, windows = run.cfg, len(run.windows)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.windows.context_length
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
           f"({str(run.dtype).removeprefix('torch.')}); {windows} training windows, "
           f"{run.total_steps} steps of {tokens_per_step} tokens, step {run.state.step} now; "
@@ -702,8 +713,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "state": dataclasses.asdict(run.state),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "sampler": run.train_loader.sampler.state_dict(),
-        "num_windows": len(run.train_loader.dataset),
+        "sampler": run.sampler.state_dict(),
+        "num_windows": len(run.windows),
         "rng": rng_state(),
     }
 
@@ -749,11 +760,11 @@ def restore(run: Run, saved: dict[str, Any], checkpoint: Path) -> None:
                             "resume from another checkpoint")
     run.optimizer.param_groups[0]["weight_decay"] = run.cfg.weight_decay  # a changed --weight-decay wins
     run.scaler.load_state_dict(saved["scaler"])
-    windows = len(run.train_loader.dataset)
+    windows = len(run.windows)
     if saved["num_windows"] != windows:
         raise UserError(f"the training data changed since {where} was written ({saved['num_windows']} "
                         f"windows then, {windows} now); resume with the same data, or start a new run")
-    run.train_loader.sampler.load_state_dict(saved["sampler"])
+    run.sampler.load_state_dict(saved["sampler"])
     run.state = TrainState(**saved["state"])
     run.history = read_metrics(run.run_dir / METRICS_FILE, up_to_step=run.state.step)
     set_rng_state(saved["rng"])
@@ -793,7 +804,7 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict[str, float]]:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of dataclass `cls` (Python keeps none at runtime: read the source)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    body = cast(ast.ClassDef, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]).body
     docs = {}
     for node, doc in itertools.pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

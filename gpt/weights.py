@@ -455,7 +455,7 @@ def _tf_tensor(name: str, entry: bytes, shards: list[np.ndarray]) -> Tensor:
         raise ValueError(f"tensor {name!r} is partitioned into slices, which is not supported")
     dtype = _TF_DTYPES.get(int(fields.get(1, 0)))
     if dtype is None:
-        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)}; expected float32, 16 or 64")
+        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)!r}; expected float32, 16 or 64")
     shape_proto = fields.get(2, b"")
     if not isinstance(shape_proto, bytes):
         raise ValueError(f"tensor {name!r} has a malformed shape")

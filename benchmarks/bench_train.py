@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
     if args.worker:
         worker(args.worker, args)
         return

@@ -10,7 +10,6 @@ from typing import TextIO
 
 import tiktoken
 import torch
-import torch._dynamo.exc
 
 from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoint, load_model
 from gpt.device import decoding_dtype, pick_device
@@ -112,8 +111,11 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         raise UserError("--checkpoint and --init both name weights to load; pass only one")
     torch_device = pick_device(device)
     model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
     if compile:
-        model = compile_for_decoding(model)
+        from torch._dynamo.exc import BackendCompilerFailed  # only here: importing it takes ~1 s
+
+        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
     tokenizer = get_tokenizer()
     idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
     eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
@@ -130,7 +132,7 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
                      eos_id=eos_id, use_cache=not no_cache, generator=generator)
         try:
             write_text(token_ids(new, eos_id), tokenizer, out)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:  # compiling happens at the first call
+        except compile_failed as exc:
             cause = getattr(exc, "inner_exception", exc)
             reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if str(cause).strip() \
                 else type(cause).__name__

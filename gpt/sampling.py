@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from typing import cast
 
 import torch
-import torch._inductor.config
 from torch import Tensor
 
 from gpt.errors import UserError
@@ -93,7 +92,9 @@ def compile_for_decoding(model: GPT) -> GPT:
     afterwards and then run without gradients, so use it in a process that only generates
     (as `generate.py --compile` does), not in one that trains and evaluates compiled models.
     """
-    torch._inductor.config.freezing = True
+    from torch._inductor import config as inductor_config  # here, not at the top: it takes ~1 s
+
+    inductor_config.freezing = True
     return cast(GPT, torch.compile(model))
 
 

@@ -140,7 +140,9 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
     """
     if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
         state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
-    expected = expected_shapes(cfg.replace(vocab_pad_multiple=1))  # files hold the real vocabulary
+    # HF's and OpenAI's files hold the real vocabulary; ours hold the model's (padded) table as it is.
+    stored_cfg = cfg if fmt == "ours" else cfg.replace(vocab_pad_multiple=1)
+    expected = expected_shapes(stored_cfg)
     ours_state: dict[str, Tensor] = {}
     used = set()
     for ours, theirs, conv1d in key_pairs(cfg, fmt):
@@ -170,7 +172,7 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
             f"{', ...' if len(unused) > 3 else ''}); does its config (n_layers={cfg.n_layers}, "
             f"tie_embeddings={cfg.tie_embeddings}) match the weights?"
         )
-    padding = cfg.padded_vocab_size - cfg.vocab_size
+    padding = cfg.padded_vocab_size - stored_cfg.padded_vocab_size
     for name in _VOCAB_ROWS & ours_state.keys():  # zero rows up to padded_vocab_size (a copy)
         ours_state[name] = F.pad(ours_state[name], (0, 0, 0, padding)) if padding else ours_state[name]
     if cfg.tie_embeddings:

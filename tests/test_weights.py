@@ -217,8 +217,11 @@ def test_loaded_weights_train_without_touching_the_file(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").read_bytes() == before
 
 
-def test_our_checkpoint_and_run_directories_load(tmp_path: Path) -> None:
-    model = GPT(GPTConfig.preset("tiny")).eval()
+@pytest.mark.parametrize("pad", [1, 64], ids=["unpadded", "padded-vocabulary"])
+def test_our_checkpoint_and_run_directories_load(tmp_path: Path, pad: int) -> None:
+    """As `--init runs/NAME` reads them; the default `mini` preset pads its vocabulary, and our
+    checkpoints store the padded table as the model holds it."""
+    model = GPT(GPTConfig.preset("tiny", vocab_pad_multiple=pad)).eval()
     (tmp_path / "run" / "best").mkdir(parents=True)
     save_model(model, tmp_path / "run" / "best")
     for path in (tmp_path / "run", tmp_path / "run" / "best"):

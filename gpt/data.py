@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from gpt.atomic import atomic_file
-from gpt.errors import UserError
+from gpt.errors import UserError, first_line
 from gpt.tokenizer import ENCODER_JSON_SHA256, ENDOFTEXT_ID, VOCAB_BPE_SHA256, get_tokenizer
 
 
@@ -210,7 +210,7 @@ def _hf_source(source: str) -> _Source:
             records = iter(datasets.load_dataset(name, config, split=split, streaming=True))
         except Exception as exc:  # datasets raises many types (network, unknown name, bad split)
             raise DataError(
-                f"cannot open {source!r}: {_one_line(exc)}; check the name, split and network"
+                f"cannot open {source!r}: {first_line(exc)}; check the name, split and network"
             ) from None
         index = 0
         while True:
@@ -220,7 +220,8 @@ def _hf_source(source: str) -> _Source:
                 return
             except Exception as exc:  # a stream can fail at any record (network, bad shard)
                 raise DataError(
-                    f"reading {source!r} failed at record {index}: {_one_line(exc)}; check the network, retry"
+                    f"reading {source!r} failed at record {index}: {first_line(exc)}; check the network, "
+                    "retry"
                 ) from None
             if "text" not in record:
                 raise DataError(
@@ -232,11 +233,6 @@ def _hf_source(source: str) -> _Source:
             index += 1
 
     return _Source(name.replace("/", "_"), identity, documents, total_bytes=None, hashable=False)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +263,7 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
         except OSError as exc:  # URLError, HTTPError, timeouts and resets are all OSErrors
             reason = getattr(exc, "reason", None) or exc
             raise DataError(
-                f"cannot download {name} from {spec.url} ({_one_line(reason)}); check the network, or "
+                f"cannot download {name} from {spec.url} ({first_line(reason)}); check the network, or "
                 f"download that file by hand and save it as {path}"
             ) from None
         if digest.hexdigest() != spec.sha256:

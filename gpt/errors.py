@@ -13,6 +13,19 @@ class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
 
 
+def first_line(problem: BaseException | str) -> str:
+    """The first line of an exception's message (or of a reason string), for a one-line error; an
+    exception without a message gives its type's name."""
+    text = str(problem).strip()
+    return text.splitlines()[0] if text else type(problem).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, or `Type` alone when there is no message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a command-line front: a `UserError` becomes `error: <message>` on stderr and exit status 2."""
     try:

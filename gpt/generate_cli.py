@@ -13,7 +13,7 @@ import torch
 
 from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoint, load_model
 from gpt.device import decoding_dtype, pick_device
-from gpt.errors import UserError
+from gpt.errors import UserError, describe
 from gpt.model import GPT
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -133,11 +133,9 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         try:
             write_text(token_ids(new, eos_id), tokenizer, out)
         except compile_failed as exc:
-            cause = getattr(exc, "inner_exception", exc)
-            reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if str(cause).strip() \
-                else type(cause).__name__
             out.write("\n")
-            raise UserError(f"--compile failed ({reason}); run without --compile (on a CPU it needs "
+            cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
+            raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
                             "a working C++ compiler)") from None
         out.write("\n")
         out.flush()

@@ -52,8 +52,9 @@ from torch import Tensor
 from gpt.atomic import atomic_directory, resolve_directory
 from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, find_model_checkpoint
 from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError
+from gpt.errors import UserError, describe, first_line
 from gpt.model import GPT
+from gpt.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
 
 Format = Literal["ours", "hf", "openai"]
 
@@ -97,7 +98,6 @@ _HF_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
 HUB_ORG = "openai-community"
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_HEAD_DIM = 64  # every published GPT-2 size; `n_heads` cannot be read off the tensor shapes
-EOT_TOKEN_ID = 50256  # <|endoftext|>, GPT-2's BOS and EOS
 HF_BIN_FILE = "pytorch_model.bin"
 OPENAI_FILES = ("hparams.json", "checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
 
@@ -269,7 +269,7 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         "use_cache": True,
         "tie_word_embeddings": cfg.tie_embeddings,
         # Only a vocabulary that has <|endoftext|> can name it as BOS/EOS.
-        **({"bos_token_id": EOT_TOKEN_ID, "eos_token_id": EOT_TOKEN_ID} if cfg.vocab_size > EOT_TOKEN_ID
+        **({"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID} if cfg.vocab_size > ENDOFTEXT_ID
            else {}),
     }
 
@@ -334,9 +334,8 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
         raise UserError(f"cannot read {path} safely with torch.load(weights_only=True): it pickles objects "
                         "other than tensors, which are not loaded; use a model.safetensors instead") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({reason}); the file is "
-                        "truncated or not a PyTorch file: use a model.safetensors instead") from None
+        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({first_line(exc)}); the "
+                        "file is truncated or not a PyTorch file: use a model.safetensors instead") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 checkpoint?")
     return state
@@ -537,8 +536,7 @@ def _download(name: str) -> Path:
             reason = ("the hub's host name does not resolve (offline?) and the files are not in the local "
                       "cache")
         else:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
-            reason = f"{type(exc).__name__}: {first_line}"
+            reason = describe(exc)
         raise UserError(f"cannot download {repo} ({reason}); {fix}") from None
     return files[0].parent
 

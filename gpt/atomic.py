@@ -19,12 +19,13 @@ back to, so readers that go through it always find a complete directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def _fsync(path: Path) -> None:
@@ -57,6 +58,12 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         _fsync(path.parent)  # make the rename itself durable
     finally:
         tmp.unlink(missing_ok=True)  # already gone after a successful rename
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON in `path`, written with `atomic_file`."""
+    with atomic_file(path) as out:
+        out.write((json.dumps(data, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from gpt.atomic import atomic_file
+from gpt.atomic import atomic_file, write_json
 from gpt.errors import UserError, first_line
 from gpt.tokenizer import ENCODER_JSON_SHA256, ENDOFTEXT_ID, VOCAB_BPE_SHA256, get_tokenizer
 
@@ -534,8 +534,7 @@ def _build_cache(source: _Source, source_arg: str, bin_path: Path, meta_path: Pa
     meta = {"format": CACHE_FORMAT, "source": source_arg, "identity": source.identity, "tokenizer": tokenizer,
             **reader.digest.summary(), "tokens": tokens, "dtype": TOKEN_DTYPE.str, "errors": errors,
             "replaced": reader.replaced, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with atomic_file(meta_path) as out:
-        out.write((json.dumps(meta, indent=2) + "\n").encode())
+    write_json(meta_path, meta)
     return meta
 
 

@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import inspect
 import itertools
-import json
 import math
 import random
 import signal
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from gpt.atomic import atomic_file, resolve_directory
+from gpt.atomic import resolve_directory, write_json
 from gpt.checkpoint import (
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
@@ -426,8 +425,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_file(run_dir / "train_config.json") as out:
-        out.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    write_json(run_dir / "train_config.json", cfg.to_dict())
     if saved is not None and checkpoint is not None:
         restore(run, saved, checkpoint)  # last: it also sets the random generators
     return run

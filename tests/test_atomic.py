@@ -1,10 +1,11 @@
 """Atomic writes: an interrupted write leaves the previous version whole and no stray files."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from gpt.atomic import atomic_directory, atomic_file, resolve_directory
+from gpt.atomic import atomic_directory, atomic_file, resolve_directory, write_json
 
 
 def test_atomic_file_replaces_the_target_only_when_the_block_completes(tmp_path: Path) -> None:
@@ -18,6 +19,13 @@ def test_atomic_file_replaces_the_target_only_when_the_block_completes(tmp_path:
         raise KeyboardInterrupt
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["tokens.bin"]  # no temporary left
+
+
+def test_write_json_writes_indented_json_through_atomic_file(tmp_path: Path) -> None:
+    write_json(tmp_path / "meta.json", {"tokens": 3, "source": "default"})
+    text = (tmp_path / "meta.json").read_text()
+    assert json.loads(text) == {"tokens": 3, "source": "default"} and text.endswith("}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
 
 
 def test_atomic_directory_replaces_a_whole_directory(tmp_path: Path) -> None:

@@ -369,7 +369,8 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     was taken; `cfg` must then agree with the run's settings on `RESUME_FIXED` (see `resume_config`).
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`.
     """
-    saved, checkpoint = None, None
+    checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
+    saved: dict[str, Any] = {}
     if resume is not None:
         checkpoint = find_resume_checkpoint(Path(resume))
         saved = load_train_state(checkpoint)
@@ -426,7 +427,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
-    if saved is not None and checkpoint is not None:
+    if checkpoint is not None:
         restore(run, saved, checkpoint)  # last: it also sets the random generators
     return run
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch._inductor.config
 import transformers
 from machine import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -153,8 +152,7 @@ def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int) -> Floor:
 
     split_bytes = sum(w.numel() * w.element_size() for w in rows)
     torch._dynamo.reset()
-    torch._inductor.config.freezing = True  # what compile_for_decoding sets
-    frozen = torch.compile(products)
+    frozen = compile_for_decoding(products)
     with torch.inference_mode():
         return Floor(read=read / 1e9,
                      products=weight_bytes / best_seconds(lambda: products(inputs), repeats) / 1e9,

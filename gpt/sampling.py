@@ -22,7 +22,7 @@ tokens, about one extra position per token.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -77,7 +77,10 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
-def compile_for_decoding(model: GPT) -> GPT:
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+def compile_for_decoding(model: Module) -> Module:
     """`torch.compile(model)` for `generate` and `stream`, with inductor's weight freezing.
 
     A cached decoding step multiplies one vector by every weight matrix, so its speed is how fast the
@@ -95,7 +98,7 @@ def compile_for_decoding(model: GPT) -> GPT:
     from torch._inductor import config as inductor_config  # here, not at the top: it takes ~1 s
 
     inductor_config.freezing = True
-    return cast(GPT, torch.compile(model))
+    return cast(Module, torch.compile(model))  # a wrapper that forwards attributes to `model`
 
 
 class Decoder:

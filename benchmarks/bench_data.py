@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_name
+from machine import cpu_name, peak_rss_bytes
 
 MB = 1_000_000
 
@@ -36,11 +35,6 @@ def rss_mb() -> dict[str, float]:
     return {kind: int(fields[f"Rss{kind.capitalize()}"].split()[0]) * 1024 / MB for kind in ("anon", "file")}
 
 
-def peak_rss_mb() -> float:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
-
-
 # ---------------------------------------------------------------------------------------------
 # Children: one measurement each, reported as one JSON line on stdout.
 
@@ -50,13 +44,13 @@ def child_tokenize(path: Path, data_dir: Path) -> dict[str, Any]:
     from gpt.tokenizer import get_tokenizer
 
     get_tokenizer()  # built before the clock starts: a one-off cost, not per-megabyte
-    baseline = peak_rss_mb()
+    baseline = peak_rss_bytes() / MB
     start = time.perf_counter()
     cpu_start = time.process_time()
     tokens = load_tokens(str(path), data_dir=data_dir)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "tokens": len(tokens),
-            "baseline_mb": baseline, "peak_mb": peak_rss_mb()}
+            "baseline_mb": baseline, "peak_mb": peak_rss_bytes() / MB}
 
 
 def child_dataset(path: Path, tokens: int, context: int, stride: int, batches: int) -> dict[str, Any]:

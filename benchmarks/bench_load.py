@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name, peak_rss_bytes
+
 METHODS = {
     "load_pretrained (mmap, transposes as views)": "lazy",
     "load_pretrained, then a contiguous copy of each transposed weight": "copy",
     "naive: read the whole file, build the model, copy the weights in": "naive",
 }
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def make(preset: str, directory: Path) -> None:
@@ -54,7 +51,7 @@ def child(method: str, directory: Path) -> None:
     from gpt.model import GPT
     from gpt.weights import config_from_hf, load_pretrained, to_gpt_state_dict
 
-    imports = peak_rss_mib()
+    imports = peak_rss_bytes() / 2**20
     start = time.perf_counter()
     if method == "naive":
         import json
@@ -68,10 +65,10 @@ def child(method: str, directory: Path) -> None:
             for param in model.parameters():  # one tensor at a time, as a copying loader would
                 param.data = param.data.contiguous()
     seconds = time.perf_counter() - start
-    loaded = peak_rss_mib()
+    loaded = peak_rss_bytes() / 2**20
     with torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long))
-    print(imports, loaded, peak_rss_mib(), seconds)
+    print(imports, loaded, peak_rss_bytes() / 2**20, seconds)
 
 
 def main() -> None:
@@ -96,7 +93,7 @@ def main() -> None:
         (torch_version,) = run("--make", str(directory))
         size_mib = (directory / "model.safetensors").stat().st_size / 2**20
         print(f"{args.preset}, model.safetensors {size_mib:.0f} MiB; torch {torch_version}, "
-              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}\n")
+              f"{cpu_name()}, Python {platform.python_version()}\n")
         print("| method | RSS after imports | peak RSS, loaded | peak RSS, after forward | ratio | time |")
         print("|---|---|---|---|---|---|")
         for label, method in METHODS.items():

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import cpu_name
+from machine import cpu_name, peak_rss_bytes
 
 SHAPES = {
     # The CPU bench config: the `mini` preset's shape (4 layers, 256 wide, 4 heads, context 256).
@@ -163,7 +162,7 @@ def worker(case: str, args: argparse.Namespace) -> None:
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = peak_rss_bytes() / 2**20
     print(json.dumps({"seconds": seconds, "params": params, "peak_mib": peak}))
 
 

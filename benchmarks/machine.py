@@ -1,6 +1,8 @@
-"""What the benchmarks print about the machine they ran on."""
+"""What the benchmarks print about the machine they ran on, and the memory they measure."""
 
 import platform
+import resource
+import sys
 from pathlib import Path
 
 
@@ -13,3 +15,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (`ru_maxrss`: KiB on Linux, bytes on macOS)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -172,11 +172,9 @@ class GPT(nn.Module):
         and for a 50k vocabulary the head is the largest matrix in the model.
         """
         hidden = self.hidden_states(idx, kv_cache)  # (B, T, C)
-        return self.logits(hidden[:, -1:] if last_only else hidden)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """The LM head: hidden states (..., C) -> logits (..., V), padding rows' logits dropped."""
-        return self.lm_head(hidden)[..., :self.config.vocab_size]
+        if last_only:
+            hidden = hidden[:, -1:]  # (B, 1, C)
+        return self.lm_head(hidden)[..., :self.config.vocab_size]  # padding rows' logits dropped
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.

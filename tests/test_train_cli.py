@@ -12,7 +12,8 @@ import pytest
 
 from gpt.checkpoint import load_train_state
 from gpt.errors import run_cli
-from gpt.trainer import TrainConfig, main, parse_args
+from gpt.train_cli import main, parse_args
+from gpt.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = " ".join(f"token{i % 37} and so on." for i in range(400))  # ~2,800 GPT-2 tokens
@@ -155,6 +156,9 @@ def test_config_file_then_flags(tmp_path, capsys) -> None:
     assert f"--config {toml} is not valid TOML" in cli_error(["--config", str(toml)], capsys)
     toml.write_text('batch_size = "3"\n')
     assert "--batch-size must be int, got '3'" in cli_error(["--config", str(toml)], capsys)
+    toml.write_text('errors = "replace"\n')  # the old name of --decode-errors
+    assert parse_args(["--config", str(toml)])[0].decode_errors == "replace"
+    assert parse_args(["--config", str(toml), "--errors", "strict"])[0].decode_errors == "strict"
 
 
 def test_help_documents_every_setting(capsys) -> None:
@@ -165,3 +169,9 @@ def test_help_documents_every_setting(capsys) -> None:
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
     assert "Peak learning rate, reached at the end of the warm-up. [0.002]" in text
+    assert "--decode-errors TEXT, --errors TEXT" in text  # the old flag, still accepted
+
+
+def test_train_script_only_calls_the_package() -> None:
+    lines = (ROOT / "train.py").read_text().splitlines()
+    assert len(lines) <= 15 and "from gpt.train_cli import cli" in lines

@@ -81,8 +81,8 @@ class MetricsLog:
         rows = self.rows()
         best_index = max((i for i, row in enumerate(rows) if row["step"] == best_step), default=None)
         return plot_losses([row["epoch"] for row in rows], [row["train_loss"] for row in rows],
-                    [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
-                    best_index=best_index, log_scale=log_scale, title=title)
+                           [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
+                           best_index=best_index, log_scale=log_scale, title=title)
 
 
 def format_row(row: dict[str, float]) -> str:

@@ -115,7 +115,8 @@ class Run:
     run_dir: Path
     model: GPT
     loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss`, or its torch.compile wrapper (`--compile`)."""
+    """What the training steps call: `model.loss`, or with `--compile` its torch.compile wrapper (which
+    compiles the transformer; the head's loss runs uncompiled, see `gpt.loss.head_loss`)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""

@@ -4,7 +4,8 @@ With no flags it trains the `mini` preset on the built-in corpus (offline, a few
 writes runs/<start time>/ with metrics.csv, loss.png and the checkpoints best/ and last/.
 """
 
-from gpt.train_cli import cli
+from gpt.errors import run_cli
+from gpt.train_cli import main
 
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

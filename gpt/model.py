@@ -241,3 +241,12 @@ class GPT(nn.Module):
         if count_tied_head_twice and cfg.tie_embeddings:
             total += head
         return total
+
+    def tie_weights(self) -> None:
+        """Make the LM head the token embedding's Parameter again, if the config ties them.
+
+        Needed after `load_state_dict(..., assign=True)`, which gives each name its own Parameter;
+        `gpt.checkpoint.model_from_state_dict` is the one loader that calls it.
+        """
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight

@@ -1,4 +1,8 @@
-"""The train command: `python train.py ...` (or `gpt-train ...` once installed) parsed and run."""
+"""The `train.py` command: its command line parsed (settings from four sources), then a run trained.
+
+`build_parser` (in `gpt.train_config`, next to the settings it turns into flags) holds its flags and
+`main(argv)` runs it. `train.py` at the repository root and `python -m gpt.train_cli` only call `main`.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """The console-script entry point (`gpt-train`, see pyproject.toml): `main` with a bad input
-    turned into one `error: ...` line and exit status 2 (`gpt.errors.run_cli`)."""
+    """The console-script entry point: `main`, with bad input turned into one `error: ...` line and
+    exit status 2 (`gpt.errors.run_cli`)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
     run_cli(main)

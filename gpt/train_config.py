@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, cast, get_args, get_type_hints
 
-from gpt.config import ConfigError, preset_names
-from gpt.data import ERRORS_MODES
+from gpt.config import ConfigError, check_known_fields, preset_names
 from gpt.device import DTYPES
 from gpt.errors import UserError
+from gpt.token_cache import ERRORS_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -195,10 +195,7 @@ class TrainConfig:
         """Build from a dict (a TOML file, a saved run); unknown keys are an error, not ignored, and
         old names (`RENAMED`) are read as the new ones."""
         data = current_names(data)
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "setting")
         return cls(**data)
 
 

@@ -7,7 +7,8 @@ ids. `split_tokens` / `prepare_data` give the (train, validation) arrays, as vie
 (`range(0, N - L, stride)`), but lazily: it keeps the one array and slices on demand, so its memory is
 O(N) whatever the stride, and a memmap stays on disk until a window is read. `create_dataloader` wraps
 it with a sampler whose order depends only on (seed, epoch), so a checkpoint resumes at exactly the
-next batch.
+next batch. `build_loaders` makes a training run's loaders from the two arrays (the shuffled training
+batches and the fixed evaluation batches), and `micro_batch_groups` groups batches into optimizer steps.
 """
 
 from __future__ import annotations

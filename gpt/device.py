@@ -54,15 +54,16 @@ def pick_device(name: str) -> torch.device:
 def configure_device(device: torch.device) -> None:
     """The process-wide settings for running on `device`; call it once, after `pick_device`.
 
-    On a GPU, `device` becomes the current one: what torch asks of "the" GPU (autocast's bfloat16
-    check, the GPU that memory is pinned for, new streams) is then asked of cuda:N, not of cuda:0.
-    And float32 matrix products may use TF32 (10-bit mantissa inputs, float32 accumulation): on
-    Ampere and newer GPUs, several times the float32 rate at a precision training does not feel;
-    older GPUs have no TF32 and ignore the setting. With mixed precision the products are bf16 or
-    float16 anyway. A setting of the whole process, not undone afterwards.
+    On CUDA, `cuda:N` becomes the current GPU: what torch asks of "the" GPU (autocast's bfloat16
+    check, the GPU memory is pinned for, new streams) is then asked of it, not of cuda:0 (plain
+    `cuda` is the current GPU already). And float32 matrix products may run in TF32 (inputs rounded
+    to a 10-bit mantissa, float32 accumulation) on the tensor cores of Ampere and newer GPUs, as
+    PyTorch recommends for training; older GPUs have no TF32 and ignore it, and with mixed precision
+    the products are bf16 or float16 anyway. Not undone afterwards.
     """
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
 
 
@@ -170,8 +171,8 @@ def set_device_rng_state(device: torch.device, saved: dict[str, Any] | None) -> 
 
 
 # What a RuntimeError says when an allocator gave up: CUDA's and MPS's (older torch raised those as a
-# plain RuntimeError), and the CPU's.
-_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory")
+# plain RuntimeError), cuBLAS's when it cannot get its workspace, and the CPU's.
+_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|can't allocate memory")
 
 
 def user_error_for(exc: BaseException, out_of_memory_fix: str) -> UserError | None:

@@ -76,15 +76,18 @@ def test_a_cuda_device_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch: 
 def test_configure_device_makes_the_chosen_gpu_current_and_lets_float32_matmuls_use_tf32(
         monkeypatch: pytest.MonkeyPatch) -> None:
     fake_gpus(monkeypatch, [(8, 0), (8, 0)])
-    current: list[torch.device] = []
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    current: list[int] = []
+    # Under the real torch.cuda.set_device, which takes only a device with an index.
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append, raising=False)
     precision = torch.get_float32_matmul_precision()
     try:
         configure_device(CPU)
         assert current == [] and torch.get_float32_matmul_precision() == "highest"  # the CPU: untouched
         configure_device(pick_device("cuda:1"))
-        assert current == [torch.device("cuda", 1)]
+        assert current == [1]
         assert torch.get_float32_matmul_precision() == "high"  # TF32 allowed
+        configure_device(pick_device("cuda"))  # the current GPU already
+        assert current == [1]
     finally:
         torch.set_float32_matmul_precision(precision)
 

@@ -167,6 +167,9 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch
                   "Error code 12 (Cannot allocate memory)"),
      "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
      "Error code 12 (Cannot allocate memory)); lower --batch-size"),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     "out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`); "
+     "lower --batch-size"),
     (BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation. Either the "
                                                "package is not installed or it is too old."), None),
      "--compile failed (RuntimeError: Cannot find a working triton installation. Either the package is "

@@ -73,19 +73,32 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     The gradient of the mean cross-entropy with respect to row i's logits is
     (softmax(logits_i) - onehot(target_i)) / n for the n counted rows, and 0 for ignored ones. The
-    forward pass computes it chunk by chunk while the chunk's logits are at hand, in place of them,
-    and turns it into the gradient of `hidden` (g @ weight) straight away; `weight`'s gradient
-    (g.T @ hidden) is one matmul over all rows in backward. Nothing of size (rows, V) is kept but g.
+    forward pass computes g = softmax - onehot chunk by chunk while the chunk's logits are at hand, in
+    place of them, and turns it into g @ weight (for `hidden`'s gradient) straight away; `weight`'s
+    gradient (g.T @ hidden) is one matmul over all rows in backward. Nothing of size (rows, V) is kept
+    but g, in the compute dtype.
+
+    g is kept times `GRAD_HEADROOM`, not divided by n: in float16 a probability divided by the row
+    count (1/50257/16384 for GPT-2 at 16 x 1024 tokens) is below float16's smallest number and would
+    be stored as 0 before the loss scaler could act, zeroing whole rows of the head's gradient. 1/n
+    and the incoming gradient (which carries the loss scale) are applied in backward, in float32, to
+    the (rows, C) operands rather than to g, so backward adds no pass over (rows, V).
     """
+
+    GRAD_HEADROOM = 2.0**8
+    """A power of two, so exact in any float format. Times it, a probability as small as 1/V of GPT-2's
+    vocabulary is a normal float16 number (unscaled it would be subnormal, with fewer bits), while
+    g @ weight, at most 2 x 256 x max|weight|, stays far below float16's largest number (65504). It
+    changes nothing in bf16 or float32, whose range is float32's."""
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor,
                 targets: Tensor, chunk: int, vocab_size: int, with_grad: bool) -> Tensor:
         counted = targets != IGNORE_INDEX  # (N,)
         count = counted.sum()
-        scale = 1.0 / count.clamp(min=1)  # a mean; all-ignored gives a NaN loss but zero gradients
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if with_grad:  # without (evaluation), nothing of size (N, V) is made at all
+            row_factor = counted[:, None] * ChunkedHeadLoss.GRAD_HEADROOM  # (N, 1): 0 for ignored rows
             grad_logits = hidden.new_empty(hidden.size(0), weight.size(0))
             grad_logits[:, vocab_size:] = 0  # padding rows of the head: no logits, no gradient
             grad_hidden = torch.empty_like(hidden)
@@ -97,25 +110,26 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
                 loss_sum += ((log_norm - logits.gather(1, target)) * counted[rows, None]).sum()
                 if with_grad:
-                    weight_row = (counted[rows] * scale)[:, None]  # (n, 1)
-                    # In place, the logits become the gradient: softmax, minus the one-hot, times 1/count.
+                    # In place, the logits become g: softmax, minus the one-hot, times the row's factor.
                     grad = logits.sub_(log_norm).exp_().scatter_add_(1, target, -torch.ones_like(log_norm))
-                    grad_logits[rows, :vocab_size] = grad.mul_(weight_row)
+                    grad_logits[rows, :vocab_size] = grad.mul_(row_factor[rows])
                     torch.mm(grad_logits[rows], weight, out=grad_hidden[rows])
         if with_grad:
-            ctx.save_for_backward(grad_logits, grad_hidden, hidden)
+            ctx.save_for_backward(grad_logits, grad_hidden, hidden, count)
         return loss_sum / count
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor,
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
-        grad_logits, grad_hidden, hidden = ctx.saved_tensors
+        grad_logits, grad_hidden, hidden, count = ctx.saved_tensors
+        # All-ignored targets give a NaN loss but zero gradients (g is 0 on every row).
+        scale = grad_loss.float() / (count.clamp(min=1) * ChunkedHeadLoss.GRAD_HEADROOM)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # (C, N) @ (N, V), then transposed: faster on a CPU than (V, N) @ (N, C), whose left
             # operand would be a transposed view.
-            grad_weight = (hidden.t() @ grad_logits).t().mul_(grad_loss)  # (V, C)
-        return grad_hidden * grad_loss, grad_weight, None, None, None, None
+            grad_weight = ((hidden.float() * scale).to(hidden.dtype).t() @ grad_logits).t()  # (V, C)
+        return (grad_hidden.float() * scale).to(hidden.dtype), grad_weight, None, None, None, None
 
 
 def perplexity(loss: float) -> float:

@@ -98,7 +98,7 @@ def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, dev
 
 def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
     """`python train.py`'s settings for this shape and batch, bar `settings` (a `TrainConfig`)."""
-    from gpt.trainer import TrainConfig
+    from gpt.train_config import TrainConfig
 
     shape = SHAPES[args.shape]
     return TrainConfig(preset=shape["preset"], context_length=shape["context_length"],

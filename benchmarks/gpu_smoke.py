@@ -50,6 +50,7 @@ from gpt.errors import describe
 from gpt.loss import evaluate_loss, head_loss
 from gpt.model import GPT
 from gpt.sampling import generate
+from gpt.train_config import TrainConfig
 from gpt.weights import save_hf
 
 
@@ -58,7 +59,7 @@ def train_run(out: Path, name: str, device: str, dtype: str, args: argparse.Name
               ) -> dict[int, float]:
     """Train (or resume) run `out/name` as `train.py` would; its step losses. `stop_after` presses
     Ctrl-C (a real SIGINT, handled by the trainer) after that step."""
-    cfg = trainer.TrainConfig(
+    cfg = TrainConfig(
         preset=args.preset, context_length=args.context_length, batch_size=args.batch_size,
         drop_rate=0.1, max_steps=args.steps, epochs=1000, eval_freq=max(1, args.steps // 2), eval_iters=2,
         warmup_steps=1, sample_tokens=0, loss_chunk=args.loss_chunk, dtype=dtype, device=device,

@@ -7,23 +7,24 @@ ids. `split_tokens` / `prepare_data` give the (train, validation) arrays, as vie
 (`range(0, N - L, stride)`), but lazily: it keeps the one array and slices on demand, so its memory is
 O(N) whatever the stride, and a memmap stays on disk until a window is read. `create_dataloader` wraps
 it with a sampler whose order depends only on (seed, epoch), so a checkpoint resumes at exactly the
-next batch.
+next batch. `build_loaders` makes a training run's loaders from the two arrays (the shuffled training
+batches and the fixed evaluation batches), and `micro_batch_groups` groups batches into optimizer steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from gpt.corpora import DataError
-from gpt.token_cache import ERRORS_MODES, load_tokens  # noqa: F401 (ERRORS_MODES: gpt.trainer's import)
+from gpt.token_cache import load_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Splits.
@@ -181,3 +182,53 @@ def create_dataloader(token_ids: np.ndarray | Tensor | list[int], batch_size: in
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int, context_length: int,
+                  stride: int, eval_batches: int, seed: int,
+                  ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]]]:
+    """The loaders of a training run: (training batches, {"train": ..., "val": ...} evaluation batches).
+
+    The training loader shuffles with a seeded, resumable sampler (`create_dataloader`) and drops a
+    last partial batch; it must have at least one batch. Each evaluation loader gives `eval_batches`
+    batches of non-overlapping windows spread evenly over its split (or all of its windows, if
+    fewer): every evaluation reads the same windows, from the whole text, not its start.
+    """
+    train_loader = create_dataloader(train_ids, batch_size, context_length, stride, shuffle=True, seed=seed)
+    # A DataLoader draws a seed for its workers from the *global* torch generator each time it is
+    # iterated; with its own generator it leaves the global one (dropout's) alone, so the dropout
+    # masks do not depend on where a run was stopped and resumed.
+    train_loader.generator = torch.Generator()
+    windows = len(cast(SlidingWindowDataset, train_loader.dataset))
+    if windows < batch_size:
+        raise DataError(f"the training data has {windows} windows of {context_length} tokens, fewer than "
+                        f"one batch of {batch_size}; lower --batch-size, --context-length or --stride, "
+                        "or use more text")
+    eval_loaders = {name: _eval_loader(ids, batch_size, context_length, eval_batches)
+                    for name, ids in (("train", train_ids), ("val", val_ids))}
+    return train_loader, eval_loaders
+
+
+def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, batches: int,
+                 ) -> DataLoader[tuple[Tensor, Tensor]]:
+    dataset = SlidingWindowDataset(token_ids, context_length, context_length)
+    if len(dataset) == 0:
+        raise DataError(f"{len(token_ids)} tokens make no window of {context_length} + 1 tokens to "
+                        "evaluate on; use more text or a smaller --context-length")
+    count = min(len(dataset), batches * batch_size)
+    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()  # distinct: step >= 1
+    # Its own generator, as for the training loader.
+    return DataLoader(Subset(dataset, picks), batch_size=batch_size, generator=torch.Generator())
+
+
+def micro_batch_groups(loader: Iterable[tuple[Tensor, Tensor]], size: int,
+                       ) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """The loader's batches in groups of `size` (one optimizer step each); the last may be smaller."""
+    group: list[tuple[Tensor, Tensor]] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -46,18 +46,13 @@ from gpt.errors import UserError
 from gpt.loss import evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
+from gpt.optim import build_optimizer, lr_at
 from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
-from gpt.sampling import generate
-from gpt.tokenizer import ENDOFTEXT, get_tokenizer
+from gpt.sampling import sample_text
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
 from gpt.weights import load_pretrained
 
-# GPT-3's (and nanoGPT's) betas: a beta2 of 0.95 forgets old gradient scales faster than the default
-# 0.999, which keeps Adam's steps stable with the high learning rates small models train well at.
-ADAM_BETAS = (0.9, 0.95)
-
-
-# ---- the pieces: seeds, learning rate, optimizer, model ------------------------------------------
+# ---- the pieces: seeds, model ------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -65,35 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
-
-        step < warmup_steps:   lr * (step + 1) / warmup_steps
-        then, until total:     min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,
-                               p = (step - warmup_steps) / (total_steps - warmup_steps)
-        step >= total_steps:   min_lr
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on every matrix (>= 2-D), none on vectors.
-
-    Vectors are biases and LayerNorm gains/shifts: decaying them pulls shifts and scales towards 0,
-    which only hurts. The embedding tables are matrices and *do* decay, as in GPT-2 and nanoGPT: with
-    tied embeddings the token embedding is also the output layer's weight, the largest matrix of a
-    small model; the position embedding follows the same rule. A tied tensor is listed once.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields shared ones once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -184,11 +150,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
                                                eval_batches=cfg.eval_iters, seed=cfg.seed)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    # The fused kernel updates a tensor in one pass instead of ~10: much faster than the default
-    # loop on a CPU (see BENCHMARKS.md).
-    fused = True if device.type in ("cpu", "cuda") else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
-                                  fused=fused)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -434,25 +396,11 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
 # ---- samples, the header line, Ctrl-C ---------------------------------------------------------
 
 
-def sample_text(run: Run) -> str:
-    """`sample_prompt` and `sample_tokens` tokens after it, drawn from the top 40 at temperature 1.
-
-    The draws come from a generator of their own, seeded with the run's seed: sampling never touches
-    the global random stream that dropout uses, so a run trains the same with or without samples, and
-    each sample differs from the last only because the model did.
-    """
-    tokenizer = get_tokenizer()
-    prompt = tokenizer.encode(run.cfg.sample_prompt, allowed_special={ENDOFTEXT})
-    idx = torch.tensor([prompt], device=run.device)
-    generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
-    with autocast(run.device, run.dtype):
-        out = generate(run.model, idx, run.cfg.sample_tokens, temperature=1.0, top_k=40, generator=generator)
-    return tokenizer.decode(out[0].tolist())
-
-
 def _print_sample(run: Run, when: str) -> None:
     if run.cfg.sample_tokens > 0:
-        tqdm.write(f"sample {when}: " + sample_text(run).replace("\n", " "))
+        text = sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
+                           dtype=run.dtype)
+        tqdm.write(f"sample {when}: " + text.replace("\n", " "))
 
 
 def _print_header(run: Run) -> None:

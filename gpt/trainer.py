@@ -335,9 +335,9 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     state.step += 1
+    state.tokens_seen += tokens
     if skipped:
         tqdm.write(skipped_step_note(run.scaler, state.step))
-    state.tokens_seen += tokens
     return StepStats(loss_value, norm_value, lr, tokens)
 
 

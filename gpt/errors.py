@@ -5,12 +5,18 @@ checkpoint). `train.py` and `generate.py` print its message as `error: ...` and 
 with no traceback. Anything else is a bug and keeps its traceback.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
+
+
+class SettingError(UserError, ValueError):
+    """A setting out of its range (a `ValueError` too, so plain Python callers can catch it)."""
 
 
 def first_line(problem: BaseException | str) -> str:
@@ -33,3 +39,11 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown flag, a value of the wrong type) are a `UserError` too:
+    one line through `run_cli`, not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see {self.prog} --help")

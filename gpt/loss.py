@@ -171,9 +171,11 @@ def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int 
     targets = targets.flatten()
     counted = targets != ignore_index
     logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read token 0
-    # 1 - p as -expm1(log p): for a confident prediction p rounds to 1.0 in float32, and 1 - p to 0,
-    # whose gradient under pow(gamma < 1) is infinite; expm1 keeps the small difference.
-    modulation = (-torch.expm1(logp_target)).pow(gamma)
+    # 1 - p as -expm1(log p), which keeps the small difference where p rounds to 1.0. Where even log p
+    # is 0 (a near-certain token), 1 - p is 0, and the gradient of pow(gamma < 1) there infinite: the
+    # floor turns it into 0 (such a token's loss is 0 either way).
+    one_minus_p = (-torch.expm1(logp_target)).clamp(min=torch.finfo(logp.dtype).tiny)
+    modulation = one_minus_p.pow(gamma)
     return -(modulation * logp_target)[counted].mean()  # no counted target: NaN, as in lm_loss
 
 

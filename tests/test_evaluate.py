@@ -155,7 +155,7 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "story.txt"
-    path.write_text("I had always thought Jack Gisburn rather a cheap genius, though a good fellow enough. " * 6)
+    path.write_text("I had always thought Jack Gisburn rather a cheap genius, though a good fellow. " * 6)
     return path
 
 

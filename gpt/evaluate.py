@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gpt.data import ERRORS_MODES, load_tokens
-from gpt.device import DTYPES, pick_device, training_dtype
+from gpt.device import DTYPES, keep_freed_memory, pick_device, training_dtype
 from gpt.errors import ArgumentParser, SettingError, UserError, run_cli
 from gpt.generate_cli import load_for_generation
 from gpt.loss import IGNORE_INDEX, evaluate_loss, perplexity
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"the model predicts {model.config.vocab_size} token ids, GPT-2's tokenizer has "
                         f"{tokenizer.n_vocab}; score a model trained with the GPT-2 tokenizer")
     ids = load_tokens(args.data, data_dir=args.data_dir, errors=args.errors)
+    keep_freed_memory()  # every batch's logits are as big as a training step's: reuse their memory
     nll, tokens = sliding_window_nll(model, ids, windows, dtype=dtype, progress=not args.json)
     n_bytes = scored_bytes(ids, tokenizer)
     result = {"tokens": tokens, "loss": nll / tokens, "perplexity": perplexity(nll / tokens),

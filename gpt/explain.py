@@ -104,8 +104,9 @@ def one_hot_arithmetic(logits: Tensor, target: int, names: tuple[str, str]) -> s
     summed = float((y * F.log_softmax(z, dim=0)).sum())  # the sum itself, not a shortcut
     target_name, input_name = names
     return "\n".join([
-        f"position 0 by hand: after {input_name}, z = the {z.numel()} logits; y = the one-hot vector of "
-        f"the target {target_name} (1 at id {target}, 0 at the other {z.numel() - 1})",
+        f"position 0 by hand: after {input_name}, z = the {z.numel()} logits,",
+        f"  y = the one-hot vector of the target {target_name} (1 at id {target}, 0 at the other "
+        f"{z.numel() - 1})",
         f"  log_softmax(z)[k] = z[k] - log(sum_j exp(z[j])) = z[k] - {log_norm:.4f}",
         f"  sum_k y[k] * log_softmax(z)[k] = z[{target}] - {log_norm:.4f} = {float(z[target]):.4f} - "
         f"{log_norm:.4f} = {summed:.4f}",

@@ -17,7 +17,7 @@ from gpt.atomic import atomic_directory
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.data import SlidingWindowDataset, load_tokens
-from gpt.errors import SettingError, run_cli
+from gpt.errors import SettingError
 from gpt.evaluate import Windows, main, scored_bytes, sliding_window_nll
 from gpt.loss import evaluate_loss
 from gpt.model import GPT
@@ -159,21 +159,11 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `python -m gpt.evaluate argv`, run in this process."""
-    try:
-        run_cli(lambda: main(argv))
-        status = 0
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
-        run_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = cli(["--checkpoint", str(run_dir), "--data", str(text_file), "--context-length", "24",
-                            "--stride", "10", "--dtype", "float32", "--json"], capsys)
+        run_dir: Path, text_file: Path, tmp_path: Path, run_command) -> None:
+    status, out, err = run_command(main, ["--checkpoint", str(run_dir), "--data", str(text_file),
+                                          "--context-length", "24", "--stride", "10", "--dtype", "float32",
+                                          "--json"])
     assert status == 0, err
     result = json.loads(out)
     ids = torch.from_numpy(load_tokens(str(text_file)).astype(np.int64))
@@ -189,10 +179,10 @@ def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
 
 
 def test_the_table_prints_the_same_numbers(run_dir: Path, text_file: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                           run_command) -> None:
     argv = ["--data", str(text_file), "--dtype", "float32"]  # the latest run; L = 32, S = 16
-    result = json.loads(cli([*argv, "--json"], capsys)[1])
-    status, out, err = cli(argv, capsys)
+    result = json.loads(run_command(main, [*argv, "--json"])[1])
+    status, out, err = run_command(main, argv)
     assert status == 0, err
     assert "windows of 32 every 16" in out
     assert f"tokens scored  {result['tokens']:,}" in out
@@ -216,17 +206,12 @@ def test_the_table_prints_the_same_numbers(run_dir: Path, text_file: Path,
     ([], "the following arguments are required: --data"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, text_file: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                 run_command, argv: list[str],
                                                  message: str) -> None:
     (tmp_path / "one.txt").write_text("Hello")
     if argv and "--data" not in argv:
         argv = [*argv, "--data", str(text_file)]
-    status, out, err = cli(argv, capsys)
-    assert status == 2
-    assert out == ""
-    error = err.splitlines()[-1]
-    assert error.startswith("error: ") and message in error, err
-    assert "Traceback" not in err and err.count("error:") == 1
+    assert message in run_command(main, argv).one_line_error()
 
 
 def test_the_module_runs_as_a_command(run_dir: Path, text_file: Path) -> None:

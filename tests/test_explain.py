@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.errors import SettingError, run_cli
+from gpt.errors import SettingError
 from gpt.explain import explain, main, one_hot_arithmetic
 from gpt.loss import lm_loss
 from gpt.model import GPT
@@ -103,22 +103,12 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "runs" / "x"
 
 
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `python -m gpt.explain argv`, run in this process."""
-    try:
-        run_cli(lambda: main(argv))
-        status = 0
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 TEXT = "Every effort moves you"
 
 
-def test_json_has_every_position_and_the_summary(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = cli(["--checkpoint", str(run_dir), "--text", TEXT, "--json", "--top", "2"], capsys)
+def test_json_has_every_position_and_the_summary(run_dir: Path, run_command) -> None:
+    status, out, err = run_command(main, ["--checkpoint", str(run_dir), "--text", TEXT, "--json",
+                                          "--top", "2"])
     assert status == 0, err
     result = json.loads(out)
     tokenizer = get_tokenizer()
@@ -137,10 +127,10 @@ def test_json_has_every_position_and_the_summary(run_dir: Path, capsys: pytest.C
 
 
 def test_the_table_has_a_line_per_position_the_mean_and_the_arithmetic(
-        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        run_dir: Path, tmp_path: Path, run_command) -> None:
     (tmp_path / "text.txt").write_text(TEXT)
-    loss = json.loads(cli(["--file", "text.txt", "--json"], capsys)[1])["summary"]["loss"]
-    status, out, err = cli(["--file", "text.txt", "--plot", "tokens.png"], capsys)
+    loss = json.loads(run_command(main, ["--file", "text.txt", "--json"])[1])["summary"]["loss"]
+    status, out, err = run_command(main, ["--file", "text.txt", "--plot", "tokens.png"])
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["pos", "input", "target"] and lines[0].endswith("top 3 predictions")
@@ -152,9 +142,9 @@ def test_the_table_has_a_line_per_position_the_mean_and_the_arithmetic(
 
 
 def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           run_command) -> None:
     text = "one two three " * 10
-    status, out, err = cli(["--text", text, "--json"], capsys)
+    status, out, err = run_command(main, ["--text", text, "--json"])
     assert status == 0, err
     assert len(json.loads(out)["tokens"]) == 16  # the model's context length
     assert f"note: the text is {len(get_tokenizer().encode(text))} tokens; explaining the first 17" in err
@@ -171,12 +161,7 @@ def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
     ([], "one of the arguments --text --file is required; see python -m gpt.explain --help"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                 run_command, argv: list[str],
                                                  message: str) -> None:
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
-    status, out, err = cli(argv, capsys)
-    assert status == 2
-    assert out == ""
-    error = err.splitlines()[-1]
-    assert error.startswith("error: ") and message in error, err
-    assert "Traceback" not in err and err.count("error:") == 1
+    assert message in run_command(main, argv).one_line_error()

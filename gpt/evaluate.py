@@ -3,8 +3,8 @@
 A text longer than the model's context is scored by the standard sliding-window procedure (`Windows`):
 windows of L tokens every S tokens, each token scored once, by the window that gives it the most
 context. With S = L the windows do not overlap and a token near a window's start is predicted from
-few tokens; a smaller S gives every token at least L - S + 1 tokens of context (a lower, fairer
-loss), for L / S times the compute.
+few tokens; a smaller S gives every token after the first window at least L - S + 1 tokens of context
+(a lower, fairer loss), for about L / S times the compute.
 
 Reported: the tokens scored, the mean loss (nats per token), the perplexity exp(loss), and bits per
 byte (see `bits_per_byte`), which compares models whose tokenizers cut text differently. The text is

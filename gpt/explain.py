@@ -14,6 +14,7 @@ as one JSON object.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -57,6 +58,8 @@ class TokenLoss:
 
 @dataclass(frozen=True)
 class Explanation:
+    """What the model made of a whole text."""
+
     tokens: list[TokenLoss]
     loss: float
     """`lm_loss` of the same ids: the mean of the tokens' nll."""
@@ -70,12 +73,12 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
     require_two_tokens(ids.numel())
     if top < 0:
         raise SettingError(f"--top must be 0 or more, got {top}")
-    inputs, targets = ids[:-1], ids[1:]
+    inputs, targets = ids[:-1], ids[1:].cpu()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(inputs[None])[0].float()  # (T, V)
+            logits = model(inputs[None])[0].float().cpu()  # (T, V)
     finally:
         model.train(was_training)
     logp = F.log_softmax(logits, dim=-1)
@@ -88,7 +91,7 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
                   top=[(int(t), float(p)) for t, p in zip(top_ids[i], top_logp[i].exp(), strict=True)])
         for i in range(len(targets))
     ]
-    return Explanation(tokens, float(lm_loss(logits, targets)), logits[0].cpu())
+    return Explanation(tokens, float(lm_loss(logits, targets)), logits[0])
 
 
 def one_hot_arithmetic(logits: Tensor, target: int, names: tuple[str, str]) -> str:
@@ -134,7 +137,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def read_text(args: Any) -> str:
+def read_text(args: argparse.Namespace) -> str:
+    """The text of --text, or of the --file."""
     if args.text is not None:
         return str(args.text)
     try:
@@ -148,6 +152,8 @@ def read_text(args: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt.explain ...`: check the flags and the text, load the model, explain, print."""
     args = build_parser().parse_args(argv)
+    if args.plot is not None and not args.plot.absolute().parent.is_dir():
+        raise UserError(f"--plot {args.plot}: the directory {args.plot.absolute().parent} does not exist")
     tokenizer = get_tokenizer()
     ids = tokenizer.encode(read_text(args), allowed_special={ENDOFTEXT})
     device = pick_device(args.device)

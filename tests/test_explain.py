@@ -157,6 +157,7 @@ def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
     (["--file", "latin1.txt"], "--file latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
     (["--text", TEXT, "--checkpoint", "nowhere"], "--checkpoint nowhere is neither a checkpoint directory"),
     (["--text", TEXT, "--top", "-1"], "--top must be 0 or more, got -1"),
+    (["--text", TEXT, "--plot", "no/such/dir/tokens.png"], "--plot no/such/dir/tokens.png: the directory "),
     (["--text", TEXT, "--file", "x.txt"], "argument --file: not allowed with argument --text"),
     ([], "one of the arguments --text --file is required; see python -m gpt.explain --help"),
 ])

@@ -74,7 +74,7 @@ class Windows:
             raise SettingError(f"--context-length must be at least 1, got {self.context_length}")
         if not 1 <= self.stride <= self.context_length:
             raise SettingError(f"--stride must be between 1 and --context-length ({self.context_length}), "
-                                 f"got {self.stride}; a stride above it would skip tokens")
+                               f"got {self.stride}; a stride above it would skip tokens")
         if self.batch_size < 1:
             raise SettingError(f"--batch-size must be at least 1, got {self.batch_size}")
 
@@ -87,7 +87,7 @@ class Windows:
         length = model_context if context_length is None else context_length
         if length > model_context:
             raise SettingError(f"--context-length {length} exceeds the model's context length "
-                                 f"{model_context}; use --context-length {model_context} or less")
+                               f"{model_context}; use --context-length {model_context} or less")
         return cls(length, max(1, length // 2) if stride is None else stride, batch_size)
 
     def spans(self, n_tokens: int) -> Iterator[Span]:

@@ -229,7 +229,7 @@ class Objective:
         need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
         if self.label_smoothing > 0 and self.focal_gamma > 0:
             raise SettingError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
-                                 "not combine here; give only one of them")
+                               "not combine here; give only one of them")
 
     @property
     def is_cross_entropy(self) -> bool:
@@ -243,7 +243,7 @@ class Objective:
             flag = ("--teacher" if self.teacher is not None else
                     "--label-smoothing" if self.label_smoothing else "--focal-gamma")
             raise SettingError(f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
-                                 f"train with {flag}")
+                               f"train with {flag}")
 
     def loss(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """The objective of `logits` (..., V) against `targets` (...), -100 targets left out; with a

@@ -8,7 +8,7 @@ few tokens; a smaller S gives every token after the first window at least L - S 
 
 Reported: the tokens scored, the mean loss (nats per token), the perplexity exp(loss), and bits per
 byte (see `bits_per_byte`), which compares models whose tokenizers cut text differently. The text is
-read from the token cache (`gpt.data.load_tokens`, any source `train.py --data` accepts) one batch of
+read from the token cache (`gpt.token_cache.load_tokens`, any source `train.py --data` accepts) one batch of
 windows at a time, so a corpus larger than memory streams from its memmap.
 """
 
@@ -25,15 +25,15 @@ from typing import NamedTuple
 import numpy as np
 import tiktoken
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from gpt.data import ERRORS_MODES, load_tokens
 from gpt.device import DTYPES, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import ArgumentParser, SettingError, UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.generate_cli import load_for_generation
-from gpt.loss import IGNORE_INDEX, evaluate_loss, perplexity
+from gpt.loss import IGNORE_INDEX, LanguageModel, evaluate_loss, perplexity
 from gpt.model import GPT
+from gpt.token_cache import ERRORS_MODES, load_tokens
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 TokenIds = np.ndarray | Tensor
@@ -71,12 +71,12 @@ class Windows:
 
     def __post_init__(self) -> None:
         if self.context_length < 1:
-            raise SettingError(f"--context-length must be at least 1, got {self.context_length}")
+            raise UserError(f"--context-length must be at least 1, got {self.context_length}")
         if not 1 <= self.stride <= self.context_length:
-            raise SettingError(f"--stride must be between 1 and --context-length ({self.context_length}), "
+            raise UserError(f"--stride must be between 1 and --context-length ({self.context_length}), "
                                f"got {self.stride}; a stride above it would skip tokens")
         if self.batch_size < 1:
-            raise SettingError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     @classmethod
     def for_model(cls, model: GPT, context_length: int | None = None, stride: int | None = None,
@@ -86,7 +86,7 @@ class Windows:
         model_context = model.config.context_length
         length = model_context if context_length is None else context_length
         if length > model_context:
-            raise SettingError(f"--context-length {length} exceeds the model's context length "
+            raise UserError(f"--context-length {length} exceeds the model's context length "
                                f"{model_context}; use --context-length {model_context} or less")
         return cls(length, max(1, length // 2) if stride is None else stride, batch_size)
 
@@ -116,7 +116,7 @@ class Windows:
 def require_two_tokens(n_tokens: int) -> None:
     """A loss needs one token to read and one to predict."""
     if n_tokens < 2:
-        raise SettingError(f"the text is {n_tokens} token{'s' * (n_tokens != 1)} long; a loss needs at "
+        raise UserError(f"the text is {n_tokens} token{'s' * (n_tokens != 1)} long; a loss needs at "
                            "least two (one to read, one to predict)")
 
 
@@ -133,7 +133,7 @@ def _read(ids: TokenIds, start: int, stop: int) -> Tensor:
     return torch.from_numpy(np.asarray(ids[start:stop], dtype=np.int64))
 
 
-def sliding_window_nll(model: nn.Module, ids: TokenIds, windows: Windows, *,
+def sliding_window_nll(model: LanguageModel, ids: TokenIds, windows: Windows, *,
                        dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[float, int]:
     """(summed loss in nats, tokens scored) of the text `ids` under `model`, by `windows`.
 
@@ -198,7 +198,7 @@ def build_parser() -> ArgumentParser:
                              "or hf:NAME[:CONFIG]:SPLIT")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where downloaded corpora and token caches are kept (default data)")
-    parser.add_argument("--errors", default="strict", choices=ERRORS_MODES,
+    parser.add_argument("--decode-errors", "--errors", default="strict", choices=ERRORS_MODES,
                         help="bytes that are not UTF-8: strict (refuse) or replace (with U+FFFD)")
     parser.add_argument("--context-length", type=int, metavar="L",
                         help="tokens per window (default: the model's context length)")
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if model.config.vocab_size < tokenizer.n_vocab:
         raise UserError(f"the model predicts {model.config.vocab_size} token ids, GPT-2's tokenizer has "
                         f"{tokenizer.n_vocab}; score a model trained with the GPT-2 tokenizer")
-    ids = load_tokens(args.data, data_dir=args.data_dir, errors=args.errors)
+    ids = load_tokens(args.data, data_dir=args.data_dir, errors=args.decode_errors)
     keep_freed_memory()  # every batch's logits are as big as a training step's: reuse their memory
     nll, tokens = sliding_window_nll(model, ids, windows, dtype=dtype, progress=not args.json)
     n_bytes = scored_bytes(ids, tokenizer)

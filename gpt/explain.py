@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.device import pick_device
-from gpt.errors import ArgumentParser, SettingError, UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.evaluate import add_model_flags, require_two_tokens
 from gpt.generate_cli import load_for_generation
 from gpt.loss import lm_loss, perplexity
@@ -72,7 +72,7 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
     ids[1:] the targets. The model runs in eval mode without gradients (and is put back as it was)."""
     require_two_tokens(ids.numel())
     if top < 0:
-        raise SettingError(f"--top must be 0 or more, got {top}")
+        raise UserError(f"--top must be 0 or more, got {top}")
     inputs, targets = ids[:-1], ids[1:].cpu()
     was_training = model.training
     model.eval()

@@ -16,11 +16,12 @@ from transformers import GPT2LMHeadModel
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.data import SlidingWindowDataset, load_tokens
-from gpt.errors import SettingError
+from gpt.data import SlidingWindowDataset
+from gpt.errors import UserError
 from gpt.evaluate import Windows, main, scored_bytes, sliding_window_nll
 from gpt.loss import evaluate_loss
 from gpt.model import GPT
+from gpt.token_cache import load_tokens
 from gpt.tokenizer import ENDOFTEXT, get_tokenizer
 from gpt.weights import save_hf
 
@@ -130,12 +131,12 @@ def test_scored_bytes_are_the_utf8_bytes_of_the_text_after_the_first_token() -> 
                                                (8, 0, "--stride must be between 1"),
                                                (0, 1, "--context-length must be at least 1")])
 def test_bad_windows_are_refused(L: int, S: int, match: str) -> None:
-    with pytest.raises(SettingError, match=match):
+    with pytest.raises(UserError, match=match):
         Windows(L, S)
 
 
 def test_a_text_of_one_token_cannot_be_scored() -> None:
-    with pytest.raises(SettingError, match="1 token long; a loss needs at least two"):
+    with pytest.raises(UserError, match="1 token long; a loss needs at least two"):
         sliding_window_nll(random_model(), torch.tensor([5]), Windows(4, 4))
 
 

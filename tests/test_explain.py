@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.errors import SettingError
+from gpt.errors import UserError
 from gpt.explain import explain, main, one_hot_arithmetic
 from gpt.loss import lm_loss
 from gpt.model import GPT
@@ -87,7 +87,7 @@ def test_per_token_losses_are_cross_entropy_and_their_mean_is_lm_loss() -> None:
 
 
 def test_top_must_not_be_negative() -> None:
-    with pytest.raises(SettingError, match="--top must be 0 or more, got -1"):
+    with pytest.raises(UserError, match="--top must be 0 or more, got -1"):
         explain(Bigram(PROBS), torch.tensor([0, 1]), top=-1)
 
 

@@ -59,7 +59,7 @@ def test_load_records_reads_every_accepted_shape(tmp_path) -> None:
 ])
 def test_bad_records_name_the_file_and_line(tmp_path, name, text, message) -> None:
     (tmp_path / name).write_text(text)
-    with pytest.raises(UserError, match=None) as info:
+    with pytest.raises(UserError) as info:
         load_records(tmp_path / name)
     assert message in str(info.value)
 
@@ -70,11 +70,11 @@ def test_bad_records_name_the_file_and_line(tmp_path, name, text, message) -> No
 def test_templates_lay_out_the_prompt() -> None:
     assert format_prompt("qa", "Why?") == "Question: Why?\nAnswer: "
     assert format_prompt("plain", "Why?") == "Why? "
-    assert format_prompt("alpaca", "Add", "1 2") == (ALPACA_HEAD + "Add\n\n### Input:\n1 2\n\n### Response:\n")
+    assert format_prompt("alpaca", "Add", "1 2") == ALPACA_HEAD + "Add\n\n### Input:\n1 2\n\n### Response:\n"
     assert format_prompt("alpaca", "Add") == ALPACA_HEAD + "Add\n\n### Response:\n"
     assert format_prompt("<{input}|{prompt}>", "p", "i") == "<i|p>"
     assert format_prompt("Q: {prompt} A:", "p", "i") == "Q: p\n\ni A:"  # no {input} field: after the prompt
-    with pytest.raises(UserError, match="has no {prompt} field"):
+    with pytest.raises(UserError, match=r"has no \{prompt\} field"):
         InstructionDataset([Record("a", "b")], TOK, "Q: {question}")
 
 

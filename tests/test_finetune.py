@@ -56,7 +56,10 @@ def fine_tune(tmp_path: Path, data: Path, **overrides):
 # ---- the loss of a step is the mean over all its target tokens ------------------------------------
 
 
-def test_grad_accumulation_on_unequal_records_matches_one_big_batch(tmp_path, qa_file) -> None:
+def test_grad_accumulation_on_unequal_records_matches_one_big_batch(tmp_path) -> None:
+    # Answers of 1 to 4 words: micro-batches with unequal numbers of targets.
+    rows = [{**row, "answer": " ".join([row["answer"]] * (1 + i % 4))} for i, row in enumerate(capitals(24))]
+    qa_file = write_jsonl(tmp_path / "varied.jsonl", rows)
     big = setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, batch_size=4, run_name="big"))
     small = setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, batch_size=2, grad_accum=2, run_name="small"))
     for run in (big, small):
@@ -129,7 +132,8 @@ def test_resume_with_the_bucketed_sampler_continues_exactly(tmp_path, qa_file, m
     with pytest.raises(KeyboardInterrupt):
         train(cfg)  # the last checkpoint is step 4's
     monkeypatch.undo()
-    resumed = train(cfg, resume=tmp_path / "run")
+    # The template as the run resolved it (train.py --resume takes it from the run's settings).
+    resumed = train(dataclasses.replace(cfg, prompt_template="qa"), resume=tmp_path / "run")
     assert {s: resumed.step_losses[s] for s in resumed.step_losses} == {
         s: straight.step_losses[s] for s in resumed.step_losses}
     assert min(resumed.step_losses) == 5 and resumed.step == straight.step == 12
@@ -152,8 +156,8 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     records = capitals(50)
     data = write_jsonl(tmp_path / "capitals.jsonl", records)
     cfg = tiny(tmp_path, data=str(data), val_data=str(data), context_length=None, drop_rate=0.0,
-               batch_size=10, epochs=30, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_freq=1000,
-               eval_iters=5, eval_answers=50)
+               emb_dim=128, n_heads=4, batch_size=10, epochs=24, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+               eval_freq=1000, eval_iters=5, eval_answers=50)
     result = train(cfg)
     last = list(csv.DictReader(io.StringIO((result.run_dir / "metrics.csv").read_text())))[-1]
     assert float(last["val_exact_match"]) >= 0.9
@@ -194,7 +198,8 @@ def cli_error(argv: list[str], capsys) -> str:
     ("", [], "holds no records"),
     ('{"question": "a", "answer": ""}\n', [], "qa.jsonl:1: the response is empty"),
     (None, ["--prompt-template", "Q: {question}"], "has no {prompt} field"),
-    (None, ["--context-length", "12"], "are too long for even one response token in a context of 12"),
+    ("".join(json.dumps({"question": f"q{i}?", "answer": "word " * 20}) + "\n" for i in range(10)),
+     ["--context-length", "12"], "records are too long for even one response token in a context of 12"),
     (None, ["--val-fraction", "0.01"], "leaves 0 for validation"),
 ])
 def test_bad_records_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, flags, message) -> None:

@@ -50,11 +50,13 @@ class TrainConfig:
     # data
     data: str = "default"
     """Training text: a corpus name (default: Python's help topics, offline; the-verdict;
-    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT."""
+    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; or a
+    .jsonl/.json file of question/answer or instruction records, to fine-tune on (see the README)."""
     val_data: str | None = None
     """Validation text (same forms as --data); without it the last --val-fraction of --data is held out."""
     val_fraction: float = 0.1
-    """Fraction of --data (its end) held out for validation when --val-data is not given."""
+    """Fraction of --data (its end; of records, the last after a shuffle with --seed) held out for
+    validation when --val-data is not given."""
     decode_errors: str = "strict"
     """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or replace
     (with U+FFFD)."""

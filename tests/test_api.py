@@ -34,6 +34,7 @@ def test_signatures() -> None:
     assert keyword_only == ["temperature", "top_k", "top_p", "eos_id", "use_cache", "generator"]
     assert parameters(gpt.load_pretrained) == ["name_or_path", "overrides"]
     assert parameters(gpt.save_hf) == ["model", "out_dir"]
-    assert parameters(gpt.InstructionDataset) == ["records", "tokenizer", "template", "mask_prompt", "max_length"]
+    assert parameters(gpt.InstructionDataset) == ["records", "tokenizer", "template", "mask_prompt",
+                                                  "max_length"]
     assert parameters(gpt.pad_collate) == ["batch", "pad_id", "ignore_index"]
     assert parameters(gpt.load_records) == ["path"]

@@ -23,8 +23,8 @@ from gpt.checkpoint import (
     load_train_state,
     require_model_checkpoint,
 )
-from gpt.device import DTYPES, decoding_dtype, pick_device
-from gpt.errors import UserError, describe, run_cli
+from gpt.device import DTYPES, configure_device, decoding_dtype, flag_fixable_errors, pick_device
+from gpt.errors import UserError, run_cli
 from gpt.model import GPT
 from gpt.records import format_prompt
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
@@ -88,7 +88,9 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
 
     A checkpoint of a run fine-tuned on records (`gpt.records`) answers: each prompt is laid out
     with the run's template (unless `raw`) and only the answer is written. `interactive` reads the
-    prompts from `inp`, one per line. `out`/`err`/`inp` default to the current sys.stdout/stderr/stdin.
+    prompts from `inp`, one per line. `out`/`err`/`inp` default to the current
+    sys.stdout/stderr/stdin, looked up at the call. Out of memory and a failed `--compile` (at the
+    first token) end in a one-line `UserError` naming the fix.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -97,44 +99,34 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
     torch_device = pick_device(device)
-    model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
-    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
-    if compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # only here: a slow import
-
-        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
-    template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
-    tokenizer = get_tokenizer()
-    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
-    generator = torch.Generator(device=torch_device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    for text in (line.rstrip("\n") for line in inp) if interactive else [prompt]:
-        full = text if template is None else format_prompt(template, text)
-        idx = torch.tensor([encode_prompt(full, tokenizer, model, err)], device=torch_device)
-        for i in range(num_samples):
-            if num_samples > 1:
-                out.write(f"--- sample {i + 1} of {num_samples} ---\n")
-            out.write(text if template is None else "")  # an answer is printed without its question
-            new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=eos_id, use_cache=not no_cache, generator=generator)
-            write_sample(token_ids(new, eos_id), tokenizer, out, compile_failed)
-
-
-def write_sample(tokens: Iterable[int], tokenizer: tiktoken.Encoding, out: TextIO,
-                 compile_failed: tuple[type[Exception], ...]) -> None:
-    """`write_text` and a line end; a failed compilation (raised at the first token) as a `UserError`."""
-    try:
-        write_text(tokens, tokenizer, out)
-    except compile_failed as exc:
-        out.write("\n")
-        cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
-        raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
-                        "a working C++ compiler)") from None
-    out.write("\n")
-    out.flush()
+    configure_device(torch_device)
+    with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
+                             "model, or --device cpu"):
+        model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+        if compile:
+            model = compile_for_decoding(model)
+        template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
+        tokenizer = get_tokenizer()
+        eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
+        generator = torch.Generator(device=torch_device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        for text in (line.rstrip("\n") for line in inp) if interactive else [prompt]:
+            full = text if template is None else format_prompt(template, text)
+            idx = torch.tensor([encode_prompt(full, tokenizer, model, err)], device=torch_device)
+            for i in range(num_samples):
+                if num_samples > 1:
+                    out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+                out.write(text if template is None else "")  # an answer is printed without its question
+                new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_id=eos_id, use_cache=not no_cache, generator=generator)
+                try:
+                    write_text(token_ids(new, eos_id), tokenizer, out)
+                finally:  # also before an error, which goes to `err`
+                    out.write("\n")
+                    out.flush()
 
 
 def run_template(checkpoint: Path) -> str | None:
@@ -163,8 +155,9 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
-        model, source = load_model(found, device), str(found)
-    model = model.to(device=device, dtype=dtype)
+        model, source = load_model(found, "cpu"), str(found)
+    # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
+    model = model.to(dtype=dtype).to(device)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
           f"{str(dtype).removeprefix('torch.')}", file=err)
     return model

@@ -101,18 +101,22 @@ class RecordData:
                 f"{context_length}), prompt template {self.template!r}")
 
 
+Batches = DataLoader[tuple[Tensor, Tensor]]
+
+
 def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
-                ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]],
-                           RecordData | None]:
+                pin_memory: bool = False) -> tuple[Batches, dict[str, Batches], RecordData | None]:
     """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
-    text (`gpt.data.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`)."""
+    text (`gpt.data.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
+    which `pin_memory` is passed to: records are small, and their batches are padded as they come)."""
     if is_record_file(cfg.data):
         return record_loaders(cfg, context_length)
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
     return (*build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
-                           stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed),
+                           stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
+                           pin_memory=pin_memory),
             None)
 
 

@@ -42,8 +42,16 @@ from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
-from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import UserError
+from gpt.device import (
+    autocast,
+    configure_device,
+    flag_fixable_errors,
+    keep_freed_memory,
+    pick_device,
+    skipped_step_note,
+    training_dtype,
+)
+from gpt.errors import TrainingDiverged, UserError
 from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -134,6 +142,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
+    configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -147,12 +156,13 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
 
-    train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids)
+    train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
+                                                      pin_memory=device.type == "cuda")
     if records is not None:  # fine-tuning on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -168,7 +178,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
-                            num_windows=len(run.windows))
+                            num_windows=len(run.windows), device=device)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
         run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,10 +222,6 @@ class TrainResult:
     """Training loss of every step taken in this call, by step number (1 = the first step)."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm stopped being finite."""
-
-
 @dataclass
 class _Progress:
     """What `fit` keeps from step to step besides the run: the bar, the losses, the speed."""
@@ -230,8 +236,11 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`)."""
-    return fit(setup(cfg, resume=resume, token_ids=token_ids))
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
+    `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+                             "--loss-chunk, or use --dtype bfloat16"):
+        return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
 def fit(run: Run) -> TrainResult:
@@ -324,10 +333,10 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = total_loss.item(), grad_norm.item()
-    checks = [("loss", loss_value)]
-    if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
-        checks.append(("gradient norm", norm_value))  # that step and lowers its scale
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
+    skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
     for what, value in checks:
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -338,6 +347,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int
     run.scaler.update()
     state.step += 1
     state.tokens_seen += tokens
+    if skipped:
+        tqdm.write(skipped_step_note(run.scaler, state.step))
     return StepStats(loss_value, norm_value, lr, tokens)
 
 
@@ -401,7 +412,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     previous one whole.
     """
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
-                             sampler=run.sampler, num_windows=len(run.windows))
+                             sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     save_checkpoint(run.model, state, run.run_dir / "last")
     if best:
         save_checkpoint(run.model, state, run.run_dir / "best")

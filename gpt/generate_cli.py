@@ -16,10 +16,17 @@ from typing import TextIO
 import tiktoken
 import torch
 
-from gpt.checkpoint import latest_checkpoint, load_model, require_model_checkpoint
+from gpt.checkpoint import (
+    TRAIN_STATE_FILE,
+    latest_checkpoint,
+    load_model,
+    load_train_state,
+    require_model_checkpoint,
+)
 from gpt.device import DTYPES, configure_device, decoding_dtype, flag_fixable_errors, pick_device
 from gpt.errors import UserError, run_cli
 from gpt.model import GPT
+from gpt.records import format_prompt
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.weights import load_pretrained
@@ -28,7 +35,13 @@ from gpt.weights import load_pretrained
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Sample text from a trained checkpoint or from GPT-2 weights, streamed to the terminal.")
-    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    parser.add_argument("--prompt", default="Every effort moves you",
+                        help="text to continue; for a fine-tuned run, the question (laid out with the "
+                             "run's prompt template; only the answer is printed)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="read one prompt per line from standard input and answer each (Ctrl-D ends)")
+    parser.add_argument("--raw", action="store_true",
+                        help="a fine-tuned run's prompt template off: continue the prompt as it is")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature; 0 = greedy (default 0.8)")
@@ -69,14 +82,19 @@ def cli() -> None:
 def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
                    init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
-                   out: TextIO | None = None, err: TextIO | None = None) -> None:
+                   interactive: bool = False, raw: bool = False, out: TextIO | None = None,
+                   err: TextIO | None = None, inp: TextIO | None = None) -> None:
     """Check every value first (a typo fails at once, not after loading), then sample.
 
-    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call. Out of memory and
-    a failed `--compile` (at the first token) end in a one-line `UserError` naming the fix.
+    A checkpoint of a run fine-tuned on records (`gpt.records`) answers: each prompt is laid out
+    with the run's template (unless `raw`) and only the answer is written. `interactive` reads the
+    prompts from `inp`, one per line. `out`/`err`/`inp` default to the current
+    sys.stdout/stderr/stdin, looked up at the call. Out of memory and a failed `--compile` (at the
+    first token) end in a one-line `UserError` naming the fix.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    inp = sys.stdin if inp is None else inp
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
@@ -87,25 +105,37 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
         if compile:
             model = compile_for_decoding(model)
+        template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
         tokenizer = get_tokenizer()
-        idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
         eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
         generator = torch.Generator(device=torch_device)
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        for i in range(num_samples):
-            if num_samples > 1:
-                out.write(f"--- sample {i + 1} of {num_samples} ---\n")
-            out.write(prompt)
-            new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=eos_id, use_cache=not no_cache, generator=generator)
-            try:
-                write_text(token_ids(new, eos_id), tokenizer, out)
-            finally:  # also before an error, which goes to `err`
-                out.write("\n")
-                out.flush()
+        for text in (line.rstrip("\n") for line in inp) if interactive else [prompt]:
+            full = text if template is None else format_prompt(template, text)
+            idx = torch.tensor([encode_prompt(full, tokenizer, model, err)], device=torch_device)
+            for i in range(num_samples):
+                if num_samples > 1:
+                    out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+                out.write(text if template is None else "")  # an answer is printed without its question
+                new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_id=eos_id, use_cache=not no_cache, generator=generator)
+                try:
+                    write_text(token_ids(new, eos_id), tokenizer, out)
+                finally:  # also before an error, which goes to `err`
+                    out.write("\n")
+                    out.flush()
+
+
+def run_template(checkpoint: Path) -> str | None:
+    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
+    with the run's settings), or None: a pretraining run's, or weights without a training state."""
+    if not (checkpoint / TRAIN_STATE_FILE).is_file():
+        return None
+    template: str | None = load_train_state(checkpoint)["train_config"].get("prompt_template")
+    return template
 
 
 def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:

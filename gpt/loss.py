@@ -30,6 +30,13 @@ IGNORE_INDEX = -100
 """Target value whose position is left out of the loss (PyTorch's convention, e.g. for padding)."""
 
 
+def count_targets(batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    """The counted targets (not `IGNORE_INDEX`) of (inputs, targets) batches: the tokens a training
+    step's loss is the mean over (`gpt.trainer.train_step`). Call it before the batches go to the
+    device: it sums on the host."""
+    return sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+
+
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
             label_smoothing: float = 0.0) -> Tensor:
     """Mean token-level cross-entropy of `logits` (..., V) against `targets` (...).

@@ -34,10 +34,12 @@ from gpt.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
 from gpt.data import ResumableSampler
 from gpt.device import device_rng_state, load_scaler_state, set_device_rng_state
 from gpt.errors import UserError
+from gpt.record_data import BucketBatchSampler
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
-                "context_length", "stride", "batch_size", "grad_accum", "seed")
+                "context_length", "stride", "batch_size", "grad_accum", "seed",
+                "prompt_template", "mask_prompt")
 """What a resumed run must keep: these fix the model, the training windows and their order, so the
 checkpoint's weights, optimizer state and data-loader position still mean what they meant."""
 
@@ -98,8 +100,8 @@ class TrainState:
 
 
 def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int,
-                     device: torch.device) -> dict[str, Any]:
+                     scaler: torch.amp.GradScaler, sampler: ResumableSampler | BucketBatchSampler,
+                     num_windows: int, device: torch.device) -> dict[str, Any]:
     """Everything besides the weights that a resumed run needs to continue exactly (see above)."""
     return {
         "train_config": cfg.to_dict(),
@@ -131,8 +133,8 @@ def resume_config(path: Path) -> dict[str, Any]:
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
     """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`; `saved` is its train state."""
     before = current_names(saved["train_config"])
-    for name in RESUME_FIXED:
-        if before.get(name) != getattr(cfg, name):
+    for name in RESUME_FIXED:  # a setting newer than the run has its default there
+        if before.get(name, getattr(TrainConfig, name)) != getattr(cfg, name):
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
@@ -140,8 +142,8 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
 
 
 def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int,
-            device: torch.device) -> TrainState:
+            scaler: torch.amp.GradScaler, sampler: ResumableSampler | BucketBatchSampler,
+            num_windows: int, device: torch.device) -> TrainState:
     """Put the optimizer, loss scaler, sampler and random generators back where `checkpoint` was
     taken (`saved` is its train state; the weights are loaded already); return the loop's counters.
 

@@ -37,10 +37,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gpt.answers import sample_answer, val_exact_match
 from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint
 from gpt.config import GPTConfig
-from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
+from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
 from gpt.device import (
     autocast,
     configure_device,
@@ -51,10 +52,12 @@ from gpt.device import (
     training_dtype,
 )
 from gpt.errors import TrainingDiverged, UserError
-from gpt.loss import evaluate_loss, perplexity
-from gpt.metrics import METRICS_FILE, MetricsLog, format_row
+from gpt.loss import count_targets, evaluate_loss, perplexity
+from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
+from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
+from gpt.records import InstructionDataset
 from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
 from gpt.sampling import sample_text
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
@@ -104,16 +107,19 @@ class Run:
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
     state: TrainState = field(default_factory=TrainState)
+    records: RecordData | None = None
+    """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
 
     @property
-    def windows(self) -> SlidingWindowDataset:
-        """The training windows: the dataset `train_loader` draws from."""
-        return cast(SlidingWindowDataset, self.train_loader.dataset)
+    def windows(self) -> SlidingWindowDataset | InstructionDataset:
+        """The training windows (or records): the dataset `train_loader` draws from."""
+        return cast(SlidingWindowDataset | InstructionDataset, self.train_loader.dataset)
 
     @property
-    def sampler(self) -> ResumableSampler:
-        """`train_loader`'s sampler, whose position in the epoch a checkpoint saves."""
-        return cast(ResumableSampler, self.train_loader.sampler)
+    def sampler(self) -> ResumableSampler | BucketBatchSampler:
+        """`train_loader`'s sampler (of batches, for records), whose position a checkpoint saves."""
+        batches, windows = self.train_loader.batch_sampler, self.train_loader.sampler
+        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler, windows)
 
 
 def setup(cfg: TrainConfig, *, resume: Path | None = None,
@@ -150,14 +156,10 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
 
-    train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
-        cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
-        data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
-    train_loader, eval_loaders = build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
-                                               context_length=context_length,
-                                               stride=cfg.stride or context_length,
-                                               eval_batches=cfg.eval_iters, seed=cfg.seed,
-                                               pin_memory=device.type == "cuda")
+    train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
+                                                      pin_memory=device.type == "cuda")
+    if records is not None:  # fine-tuning on records: the template is kept with the run
+        cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -168,8 +170,11 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
-        tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
+        * context_length,
+        metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS + (
+            (ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())),
+        records=records,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
@@ -300,10 +305,11 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
     return None
 
 
-def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
+def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int | None = None) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
-    before the weights change if the loss or the gradient norm is not finite."""
+    before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
+    the step's `step_targets` (default `count_targets(batches)`); a micro-batch with none is skipped."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                total_steps=run.total_steps)
@@ -312,14 +318,19 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     tokens = 0
+    step_targets = count_targets(batches) if step_targets is None else step_targets
     for x, y in batches:
+        tokens += x.numel()
+        counted = count_targets([(x, y)])
+        if counted == 0:  # nothing to learn from here (and its mean loss would be 0/0)
+            continue
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with autocast(run.device, run.dtype):
-            # Divided by the number of micro-batches, the summed gradients are those of their mean loss.
-            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / len(batches)
+            # Its mean loss times its share of the step's targets: the gradients add up to the step's
+            # mean. Divided, so that equal shares (pretraining) divide by exactly len(batches).
+            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / (step_targets / counted)
         run.scaler.scale(loss).backward()
         total_loss += loss.detach()
-        tokens += x.numel()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
@@ -359,6 +370,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
            "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
+    if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
+        row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
+                                             limit=run.cfg.eval_answers, dtype=run.dtype)
     log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
@@ -408,18 +422,22 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
 
 
 def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0:
-        text = sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
-                           dtype=run.dtype)
+    if run.cfg.sample_tokens > 0:  # for records: the answer to the first validation prompt
+        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
+            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
+                             dtype=run.dtype)
         tqdm.write(f"sample {when}: " + text.replace("\n", " "))
 
 
 def _print_header(run: Run) -> None:
     cfg, windows = run.cfg, len(run.windows)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.windows.context_length
+    data = run.records.describe(windows, run.windows.context_length) if run.records else \
+        f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
-          f"({str(run.dtype).removeprefix('torch.')}); {windows} training windows, "
-          f"{run.total_steps} steps of {tokens_per_step} tokens, step {run.state.step} now; "
+          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
+          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
+          f"step {run.state.step} now; "
           f"run directory {run.run_dir}")
 
 

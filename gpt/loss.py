@@ -55,10 +55,6 @@ def _at_least_float32(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-# Left out of torch.compile (`train.py --compile` compiles `GPT.loss`): the compiler takes the model up
-# to its head, and the head's loss runs as written here, whose chunked path is laid out around the
-# buffers it fills in place. Compiling it too would be a new speed option, to measure first.
-@torch.compiler.disable
 def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0,
               vocab_size: int | None = None) -> Tensor:
     """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, optionally without materialising them.

@@ -186,7 +186,10 @@ class GPT(nn.Module):
         `gpt.loss.head_loss`: with `chunk_size` N the LM head and the loss run N positions at a time,
         so the (B, T, V) logits never exist whole. The head's padding rows get no logits.
         """
-        hidden = self.hidden_states(idx)  # (B, T, C)
+        return self.head_loss(self.hidden_states(idx), targets, chunk_size=chunk_size)
+
+    def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
+        """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
         return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:

@@ -12,7 +12,7 @@ Perplexity, exp(loss), reads as "the model is as unsure as a uniform choice amon
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -152,15 +152,23 @@ class LanguageModel(Protocol):
     def loss(self, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor: ...
 
 
+def count_targets(batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    """The target tokens that count in the loss (not `IGNORE_INDEX`) over (input, target) `batches`."""
+    return sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+
+
 def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                   max_batches: int | None = None, *, dtype: torch.dtype = torch.float32,
-                  chunk_size: int = 0) -> float:
+                  chunk_size: int = 0,
+                  all_reduce: Callable[[list[float]], list[float]] | None = None) -> float:
     """Mean loss over the first `max_batches` batches of `loader` (all of them if None).
 
     The model runs in eval mode (no dropout) without gradients, and is put back into the mode it was
     in. The mean is over target tokens, so a short last batch weighs by its size, not as a full batch.
     Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and with a
-    `chunk_size` just as sparing of memory.
+    `chunk_size` just as sparing of memory. `all_reduce` sums [loss total, token count] over the
+    ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`), each of which evaluated its own
+    batches: the mean is then over all of them.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -179,6 +187,7 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                 count += n
     finally:
         model.train(was_training)
-    if count == 0:
+    total, tokens = all_reduce([total, count]) if all_reduce else (total, count)
+    if tokens == 0:
         raise ValueError("evaluate_loss: the loader gave no target tokens to average over")
-    return total / count
+    return total / tokens

@@ -41,9 +41,10 @@ from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
-from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
+from gpt.device import autocast, keep_freed_memory, training_dtype
+from gpt.distributed import Dist, init_distributed
 from gpt.errors import UserError
-from gpt.loss import evaluate_loss, perplexity
+from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
@@ -96,6 +97,7 @@ class Run:
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
     state: TrainState = field(default_factory=TrainState)
+    dist: Dist = field(default_factory=Dist)  # this process's rank among torchrun's (`gpt.distributed`)
 
     @property
     def windows(self) -> SlidingWindowDataset:
@@ -117,17 +119,18 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
     the run directory is written to.
     """
+    cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.distributed); one process without it
     checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
     saved: dict[str, Any] = {}
     if resume is not None:
         checkpoint = find_resume_checkpoint(Path(resume))
         saved = load_train_state(checkpoint)
-        check_resume_settings(cfg, saved, checkpoint)
+        check_resume_settings(cfg, saved, checkpoint, dist.world_size)
         run_dir = checkpoint.parent
     else:
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
-    device = pick_device(cfg.device)
+    device = dist.device
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -147,27 +150,31 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     train_loader, eval_loaders = build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
                                                context_length=context_length,
                                                stride=cfg.stride or context_length,
-                                               eval_batches=cfg.eval_iters, seed=cfg.seed)
+                                               eval_batches=cfg.eval_iters, seed=cfg.seed,
+                                               rank=dist.rank, world_size=dist.world_size)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=torch.compile(model.loss) if cfg.compile else model.loss,
+        loss=dist.wrap(model, cfg),
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
-        tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        tokens_per_epoch=batches_per_epoch * cfg.batch_size * dist.world_size * context_length,
+        metrics=MetricsLog(run_dir / METRICS_FILE), dist=dist,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows))
+        dist.restore_rngs(saved)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
-        run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "train_config.json", cfg.to_dict())
+    if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
+        if checkpoint is not None:  # those steps are taken again, and log again
+            run.metrics.truncate(up_to_step=run.state.step)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "train_config.json", cfg.to_dict())
     return run
 
 
@@ -234,7 +241,8 @@ def fit(run: Run) -> TrainResult:
     state = run.state
     _print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
-    bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=None if run.dist.is_main else True)  # None: shown on a terminal
     with bar, ctrl_c_flag() as interrupted:
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
@@ -283,7 +291,7 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
             return "early_stop"
         if state.step >= run.total_steps:
             return "done"
-        if progress.interrupted():
+        if run.dist.any(progress.interrupted()):  # every rank stops at the same step
             if not evaluated:  # last/ is older than this step
                 save_checkpoints(run, best=False)
             return "interrupted"
@@ -302,18 +310,20 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
-    tokens = 0
-    for x, y in batches:
+    tokens, world = 0, run.dist.world_size
+    targets = run.dist.sum(count_targets(batches))  # the step's, over all ranks (gpt.distributed)
+    for i, (x, y) in enumerate(batches):
+        share = targets / (count_targets([(x, y)]) * world)  # this micro-batch's part, with DDP's average
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        with autocast(run.device, run.dtype):
-            # Divided by the number of micro-batches, the summed gradients are those of their mean loss.
-            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / len(batches)
-        run.scaler.scale(loss).backward()
+        with autocast(run.device, run.dtype), run.dist.grad_sync(last=i == len(batches) - 1):
+            # Weighted by its share of the targets, the summed gradients are those of their mean loss.
+            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / share
+            run.scaler.scale(loss).backward()
         total_loss += loss.detach()
-        tokens += x.numel()
+        tokens += x.numel() * world
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = total_loss.item(), grad_norm.item()
+    loss_value, norm_value = run.dist.mean(total_loss).item(), grad_norm.item()
     checks = [("loss", loss_value)]
     if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
         checks.append(("gradient norm", norm_value))  # that step and lowers its scale
@@ -356,7 +366,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
 def evaluate(run: Run) -> tuple[float, float]:
     """(train, validation) loss, each averaged over its `eval_iters` evaluation batches."""
     train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
-                                          chunk_size=run.cfg.loss_chunk) for name in ("train", "val"))
+                                          chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
+                            for name in ("train", "val"))
     return train_loss, val_loss
 
 
@@ -372,7 +383,9 @@ def keep_score(state: TrainState, val_loss: float, min_delta: float) -> bool:
 
 
 def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line."""
+    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line (rank 0 alone)."""
+    if not run.dist.is_main:
+        return
     run.metrics.append(row)
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
@@ -386,8 +399,10 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
-    state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
-                             sampler=run.sampler, num_windows=len(run.windows))
+    state = run.dist.add_rank_state(checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer,
+                                    scaler=run.scaler, sampler=run.sampler, num_windows=len(run.windows)))
+    if not run.dist.is_main:  # rank 0 writes for all: with DDP every rank holds the same weights
+        return
     save_checkpoint(run.model, state, run.run_dir / "last")
     if best:
         save_checkpoint(run.model, state, run.run_dir / "best")
@@ -397,7 +412,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
 
 
 def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0:
+    if run.cfg.sample_tokens > 0 and run.dist.is_main:
         text = sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
                            dtype=run.dtype)
         tqdm.write(f"sample {when}: " + text.replace("\n", " "))
@@ -405,7 +420,7 @@ def _print_sample(run: Run, when: str) -> None:
 
 def _print_header(run: Run) -> None:
     cfg, windows = run.cfg, len(run.windows)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.windows.context_length
+    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
           f"({str(run.dtype).removeprefix('torch.')}); {windows} training windows, "
           f"{run.total_steps} steps of {tokens_per_step} tokens, step {run.state.step} now; "

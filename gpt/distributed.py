@@ -161,6 +161,8 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     if missing:
         raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
                         "--nproc_per_node=N train.py ..., or unset WORLD_SIZE for one process")
+    if cfg.parallel == "fsdp":  # sharded parameters and DCP checkpoints: not built yet
+        raise UserError("--parallel fsdp is not implemented yet; use --parallel ddp (the default)")
     rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device)  # --device cuda (NCCL) on a machine without CUDA: an error here
     if device.type == "mps":

@@ -27,6 +27,7 @@ from gpt.checkpoint import load_model
 from gpt.data import ResumableSampler, build_loaders
 from gpt.distributed import init_distributed
 from gpt.errors import UserError
+from gpt.loss import count_targets
 from gpt.resume import check_resume_settings
 from gpt.train_config import TrainConfig
 
@@ -93,6 +94,24 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
         _record(out, name, rank, interrupted_train(cfg, step=3, on_rank=1))
     resumed = trainer.train(cfg, resume=out / "dropout_stopped", token_ids=TOKENS)
     _record(out, "dropout_resumed", rank, resumed)
+    run = trainer.setup(cfg_for(out, "masked", grad_accum=2), token_ids=TOKENS)
+    stats = trainer.train_step(run, masked_batches(rank))
+    if rank == 0:
+        torch.save({"loss": stats.loss, "params": params(run.model)}, out / "masked.pt")
+
+
+def masked_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank `rank`'s 2 micro-batches of 2 rows, with targets masked (-100) as fine-tuning records are:
+    a different number of target tokens in each micro-batch and on each rank."""
+    generator = torch.Generator().manual_seed(rank)
+    batches = []
+    for micro in range(2):
+        x = torch.randint(0, 50000, (2, 16), generator=generator)
+        y = torch.randint(0, 50000, (2, 16), generator=generator)
+        y[0, :3 + 5 * rank + 4 * micro] = -100  # a prompt's tokens count for nothing
+        y[1, 16 - micro - 2 * rank:] = -100  # nor does padding
+        batches.append((x, y))
+    return batches
 
 
 def results(out: Path, name: str) -> list[dict]:
@@ -246,9 +265,24 @@ def test_a_rank_that_raises_ends_the_job_with_a_non_zero_exit(tmp_path) -> None:
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(timeout=120)  # well past the 20 s process-group timeout: a hang is caught
+        process.join(timeout=240)  # start-up and two steps, then at most the 20 s timeout: a hang fails
     alive = [process.is_alive() for process in ranks]
     for process in ranks:
         process.kill()
     assert alive == [False, False]
     assert [process.exitcode for process in ranks] != [0, 0] and all(p.exitcode != 0 for p in ranks)
+
+
+def test_masked_targets_give_two_ranks_the_gradients_of_one_process(runs) -> None:
+    """Normalised by the global count of targets: a rank with fewer weighs less, as in one batch."""
+    ranks = [masked_batches(rank) for rank in range(WORLD)]
+    together = [(torch.cat([ranks[0][i][0], ranks[1][i][0]]), torch.cat([ranks[0][i][1], ranks[1][i][1]]))
+                for i in range(2)]  # global micro-batch i: rank 0's rows, then rank 1's
+    run = trainer.setup(cfg_for(runs, "masked_one", batch_size=4, grad_accum=2), token_ids=TOKENS)
+    stats = trainer.train_step(run, together)
+    two_ranks = torch.load(runs / "masked.pt", weights_only=True)
+    assert two_ranks["loss"] == pytest.approx(stats.loss, rel=1e-6)
+    assert_close_params(two_ranks["params"], params(run.model))
+    # Not a case that a per-rank or per-micro-batch mean would pass too: the counts differ.
+    counts = [count_targets([batch]) for rank in ranks for batch in rank]
+    assert len(set(counts)) == len(counts)

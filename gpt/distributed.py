@@ -71,7 +71,7 @@ class Dist:
             torch.manual_seed(cfg.seed + self.rank)
             self.ddp = DistributedDataParallel(
                 _Loss(model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)  # the buffers (the causal mask) never change: nothing to send
+                forward_sync_buffers=False)  # the buffers (the causal mask) never change: none to send
             loss = self.ddp
         return torch.compile(loss) if cfg.compile else loss
 

@@ -8,6 +8,7 @@ the test process compares it with one-process runs of its own.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -94,6 +95,13 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
         _record(out, name, rank, interrupted_train(cfg, step=3, on_rank=1))
     resumed = trainer.train(cfg, resume=out / "dropout_stopped", token_ids=TOKENS)
     _record(out, "dropout_resumed", rank, resumed)
+    diverging = trainer.setup(cfg_for(out, "nan"), token_ids=TOKENS)
+    loss = diverging.loss
+    if rank == 1:  # a non-finite loss on rank 1 alone, in step 2
+        diverging.loss = lambda x, y, **kw: loss(x, y, **kw) * (math.nan if diverging.state.step == 1 else 1)
+    with pytest.raises(trainer.TrainingDiverged) as raised:
+        trainer.fit(diverging)
+    (out / f"nan.{rank}.txt").write_text(str(raised.value))
     run = trainer.setup(cfg_for(out, "masked", grad_accum=2), token_ids=TOKENS)
     stats = trainer.train_step(run, masked_batches(rank))
     if rank == 0:
@@ -186,6 +194,12 @@ def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs) -> None:
     assert set(losses(resumed)) == {4, 5, 6}
     assert_same_params(params(load_model(runs / "dropout_stopped" / "last")),
                        params(load_model(runs / "dropout_straight" / "last")))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both_at_that_step(runs) -> None:
+    for rank in range(WORLD):
+        message = (runs / f"nan.{rank}.txt").read_text()
+        assert message.startswith("the loss is nan at step 2: training stopped")
 
 
 def test_early_stopping_fires_on_both_ranks_at_the_same_evaluation(runs) -> None:

@@ -117,7 +117,7 @@ class Dist:
         state["world_size"] = self.world_size
         if self.world_size > 1:
             rngs: list[Any] = [None] * self.world_size
-            torch_dist.all_gather_object(rngs, rng_state())
+            torch_dist.all_gather_object(rngs, rng_state(self.device))
             state["rank_rngs"] = rngs
         return state
 
@@ -129,7 +129,7 @@ class Dist:
             return
         rngs = saved.get("rank_rngs", [])
         if len(rngs) == self.world_size:
-            set_rng_state(rngs[self.rank])
+            set_rng_state(rngs[self.rank], self.device)
         else:
             torch.manual_seed(saved["train_config"]["seed"] + saved["state"]["step"] + self.rank)
 

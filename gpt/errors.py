@@ -15,6 +15,11 @@ class UserError(ValueError):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
 
 
+class TrainingDiverged(UserError):
+    """Training can no longer make progress: the loss or the gradient norm stopped being finite, or
+    float16's loss scale collapsed."""
+
+
 def first_line(problem: BaseException | str) -> str:
     """The first line of an exception's message (or of a reason string), for a one-line error; an
     exception without a message gives its type's name."""

@@ -41,9 +41,16 @@ from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
-from gpt.device import autocast, keep_freed_memory, training_dtype
+from gpt.device import (
+    autocast,
+    configure_device,
+    flag_fixable_errors,
+    keep_freed_memory,
+    skipped_step_note,
+    training_dtype,
+)
 from gpt.distributed import Dist, init_distributed
-from gpt.errors import UserError
+from gpt.errors import TrainingDiverged, UserError
 from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -131,6 +138,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = dist.device
+    configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -151,10 +159,11 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
                                                context_length=context_length,
                                                stride=cfg.stride or context_length,
                                                eval_batches=cfg.eval_iters, seed=cfg.seed,
+                                               pin_memory=device.type == "cuda",
                                                rank=dist.rank, world_size=dist.world_size)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -167,7 +176,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
-                            num_windows=len(run.windows))
+                            num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
     if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
@@ -214,10 +223,6 @@ class TrainResult:
     """Training loss of every step taken in this call, by step number (1 = the first step)."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm stopped being finite."""
-
-
 @dataclass
 class _Progress:
     """What `fit` keeps from step to step besides the run: the bar, the losses, the speed."""
@@ -232,8 +237,11 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`)."""
-    return fit(setup(cfg, resume=resume, token_ids=token_ids))
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
+    `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+                             "--loss-chunk, or use --dtype bfloat16"):
+        return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
 def fit(run: Run) -> TrainResult:
@@ -323,10 +331,11 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         tokens += x.numel() * world
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = run.dist.mean(total_loss).item(), grad_norm.item()
-    checks = [("loss", loss_value)]
-    if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
-        checks.append(("gradient norm", norm_value))  # that step and lowers its scale
+    total_loss = run.dist.mean(total_loss)  # over all ranks' batches
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
+    skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
     for what, value in checks:
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -337,6 +346,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.scaler.update()
     state.step += 1
     state.tokens_seen += tokens
+    if skipped:
+        tqdm.write(skipped_step_note(run.scaler, state.step))
     return StepStats(loss_value, norm_value, lr, tokens)
 
 
@@ -399,8 +410,9 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
-    state = run.dist.add_rank_state(checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer,
-                                    scaler=run.scaler, sampler=run.sampler, num_windows=len(run.windows)))
+    state = run.dist.add_rank_state(checkpoint_state(
+        cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler, sampler=run.sampler,
+        num_windows=len(run.windows), device=run.device))
     if not run.dist.is_main:  # rank 0 writes for all: with DDP every rank holds the same weights
         return
     save_checkpoint(run.model, state, run.run_dir / "last")

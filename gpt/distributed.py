@@ -111,15 +111,16 @@ class Dist:
             return flag
         return bool(self._all_reduce(torch.tensor(int(flag)), torch_dist.ReduceOp.MAX))
 
-    def add_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` (a checkpoint's train state, with rank 0's generators as "rng") plus every rank's
-        generators ("rank_rngs", by rank) and the world size. Every rank must call it (a collective)."""
+    def add_rank_state(self, state: dict[str, Any]) -> bool:
+        """Add to `state` (a checkpoint's train state, with rank 0's generators as "rng") every rank's
+        generators ("rank_rngs", by rank) and the world size; True on rank 0, the one that writes it.
+        Every rank must call it (a collective)."""
         state["world_size"] = self.world_size
         if self.world_size > 1:
             rngs: list[Any] = [None] * self.world_size
             torch_dist.all_gather_object(rngs, rng_state(self.device))
             state["rank_rngs"] = rngs
-        return state
+        return self.is_main
 
     def restore_rngs(self, saved: dict[str, Any]) -> None:
         """After `gpt.resume.restore` set rank 0's generators: this rank's own, when the checkpoint was

@@ -19,14 +19,11 @@ and the checkpoints `last/` (every evaluation) and `best/` (lowest validation lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -51,6 +48,7 @@ from gpt.device import (
 )
 from gpt.distributed import Dist, init_distributed
 from gpt.errors import TrainingDiverged, UserError
+from gpt.interrupt import ctrl_c_flag
 from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -369,7 +367,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
            "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
-    log_evaluation(run, row, improved)
+    if run.dist.is_main:  # rank 0 alone prints and writes
+        log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
 
@@ -394,9 +393,7 @@ def keep_score(state: TrainState, val_loss: float, min_delta: float) -> bool:
 
 
 def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line (rank 0 alone)."""
-    if not run.dist.is_main:
-        return
+    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line."""
     run.metrics.append(row)
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
@@ -410,17 +407,15 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
-    state = run.dist.add_rank_state(checkpoint_state(
-        cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler, sampler=run.sampler,
-        num_windows=len(run.windows), device=run.device))
-    if not run.dist.is_main:  # rank 0 writes for all: with DDP every rank holds the same weights
-        return
-    save_checkpoint(run.model, state, run.run_dir / "last")
-    if best:
-        save_checkpoint(run.model, state, run.run_dir / "best")
+    state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
+                             sampler=run.sampler, num_windows=len(run.windows), device=run.device)
+    if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
+        save_checkpoint(run.model, state, run.run_dir / "last")
+        if best:
+            save_checkpoint(run.model, state, run.run_dir / "best")
 
 
-# ---- samples, the header line, Ctrl-C ---------------------------------------------------------
+# ---- samples, the header line -----------------------------------------------------------------
 
 
 def _print_sample(run: Run, when: str) -> None:
@@ -437,28 +432,3 @@ def _print_header(run: Run) -> None:
           f"({str(run.dtype).removeprefix('torch.')}); {windows} training windows, "
           f"{run.total_steps} steps of {tokens_per_step} tokens, step {run.state.step} now; "
           f"run directory {run.run_dir}")
-
-
-@contextlib.contextmanager
-def ctrl_c_flag() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop reads between steps; the second interrupts at once.
-
-    Stopping between steps, never inside one, is what makes the checkpoint saved after a Ctrl-C
-    consistent: no half-accumulated gradients, no half-updated optimizer. Yields `interrupted()`.
-    """
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield pressed.is_set
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.set()
-        tqdm.write("Ctrl-C: stopping after this step and saving last/ (press again to quit at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield pressed.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,14 +131,22 @@ class ResumableSampler(Sampler[int]):
     to resume mid-epoch at exactly the next batch: `state_dict()` / `load_state_dict()`. The shuffled
     order is one int32 tensor, never a Python list of int objects (a pointer and a boxed int per
     window): with stride 1 there are as many windows as tokens.
+
+    With `world_size` ranks (`gpt.distributed`), the order is cut into global batches of
+    `batch_size x world_size` samples and rank r hands out the r-th slice of `batch_size` of each: the
+    ranks' batches together are the batches of one process with `batch_size x world_size`, and a last
+    partial global batch is left out (as a DataLoader's `drop_last` would). `position` then counts the
+    samples handed out to all ranks, so a checkpoint means the same for any number of ranks.
     """
 
-    def __init__(self, data_source: Sized, shuffle: bool, seed: int) -> None:
+    def __init__(self, data_source: Sized, shuffle: bool, seed: int, *, batch_size: int = 1,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.num_samples = len(data_source)
         self.shuffle = shuffle
         self.seed = seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch = 0
-        self.position = 0  # samples of this epoch already handed out
+        self.position = 0  # samples of this epoch already handed out (to all ranks)
 
     def _order(self) -> Tensor | range:
         if not self.shuffle:
@@ -147,17 +155,22 @@ class ResumableSampler(Sampler[int]):
         dtype = torch.int32 if self.num_samples < 2**31 else torch.int64
         return torch.randperm(self.num_samples, generator=generator, dtype=dtype)
 
+    def _whole(self) -> int:
+        """The samples in whole global batches (all of them in one process with batch size 1)."""
+        size = self.batch_size * self.world_size
+        return self.num_samples - self.num_samples % size
+
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        while self.position < self.num_samples:
-            index = int(order[self.position])
-            self.position += 1
-            yield index
+        while self.position < self._whole():
+            start = self.position + self.rank * self.batch_size  # this rank's slice of the global batch
+            self.position += self.batch_size * self.world_size
+            yield from (int(index) for index in order[start:start + self.batch_size])
         self.epoch += 1
         self.position = 0
 
     def __len__(self) -> int:
-        return self.num_samples - self.position
+        return (self._whole() - self.position) // self.world_size
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -188,41 +201,49 @@ def create_dataloader(token_ids: np.ndarray | Tensor | list[int], batch_size: in
 
 def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int, context_length: int,
                   stride: int, eval_batches: int, seed: int, pin_memory: bool = False,
+                  rank: int = 0, world_size: int = 1,
                   ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]]]:
     """The loaders of a training run: (training batches, {"train": ..., "val": ...} evaluation batches).
 
-    The training loader shuffles with a seeded, resumable sampler (`create_dataloader`) and drops a
-    last partial batch; it must have at least one batch. Each evaluation loader gives `eval_batches`
-    batches of non-overlapping windows spread evenly over its split (or all of its windows, if
-    fewer): every evaluation reads the same windows, from the whole text, not its start.
-    `pin_memory`: as for `create_dataloader`, for the training batches.
+    The training loader shuffles with a seeded, resumable sampler and leaves out a last partial
+    batch; it must have at least one batch. Each evaluation loader gives `eval_batches` batches of
+    non-overlapping windows spread evenly over its split (or all of its windows, if fewer): every
+    evaluation reads the same windows, from the whole text, not its start. With `world_size` ranks,
+    the batches (training and evaluation) are this rank's slices of those of one process with
+    `batch_size x world_size` (see `ResumableSampler`). `pin_memory`: as for `create_dataloader`.
     """
-    train_loader = create_dataloader(train_ids, batch_size, context_length, stride, shuffle=True, seed=seed,
-                                     pin_memory=pin_memory)
+    dataset = SlidingWindowDataset(train_ids, context_length, stride)
+    global_batch = batch_size * world_size
+    if len(dataset) < global_batch:
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        fewer = " (or the processes)" if world_size > 1 else ""
+        raise DataError(f"the training data has {len(dataset)} windows of {context_length} tokens, fewer "
+                        f"than one batch of {batch_size}{per}; lower --batch-size{fewer}, --context-length "
+                        "or --stride, or use more text")
+    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, batch_size=batch_size, rank=rank,
+                               world_size=world_size)
     # A DataLoader draws a seed for its workers from the *global* torch generator each time it is
     # iterated; with its own generator it leaves the global one (dropout's) alone, so the dropout
     # masks do not depend on where a run was stopped and resumed.
-    train_loader.generator = torch.Generator()
-    windows = len(cast(SlidingWindowDataset, train_loader.dataset))
-    if windows < batch_size:
-        raise DataError(f"the training data has {windows} windows of {context_length} tokens, fewer than "
-                        f"one batch of {batch_size}; lower --batch-size, --context-length or --stride, "
-                        "or use more text")
-    eval_loaders = {name: _eval_loader(ids, batch_size, context_length, eval_batches)
+    train_loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                              pin_memory=pin_memory, generator=torch.Generator())
+    eval_loaders = {name: _eval_loader(ids, batch_size, context_length, eval_batches, rank, world_size)
                     for name, ids in (("train", train_ids), ("val", val_ids))}
     return train_loader, eval_loaders
 
 
-def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, batches: int,
-                 ) -> DataLoader[tuple[Tensor, Tensor]]:
+def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, batches: int, rank: int,
+                 world_size: int) -> DataLoader[tuple[Tensor, Tensor]]:
     dataset = SlidingWindowDataset(token_ids, context_length, context_length)
     if len(dataset) == 0:
         raise DataError(f"{len(token_ids)} tokens make no window of {context_length} + 1 tokens to "
                         "evaluate on; use more text or a smaller --context-length")
-    count = min(len(dataset), batches * batch_size)
+    count = min(len(dataset), batches * batch_size * world_size)
     picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()  # distinct: step >= 1
+    # This rank's slice of each global batch; a rank may get none of a short last one (or any).
+    mine = [pick for i, pick in enumerate(picks) if i // batch_size % world_size == rank]
     # Its own generator, as for the training loader.
-    return DataLoader(Subset(dataset, picks), batch_size=batch_size, generator=torch.Generator())
+    return DataLoader(Subset(dataset, mine), batch_size=batch_size, generator=torch.Generator())
 
 
 def micro_batch_groups(loader: Iterable[tuple[Tensor, Tensor]], size: int,

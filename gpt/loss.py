@@ -15,7 +15,7 @@ are at the end, gathered by `Objective`; the LM head can also be run in chunks (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -167,13 +167,16 @@ class LanguageModel(Protocol):
 
 def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                   max_batches: int | None = None, *, dtype: torch.dtype = torch.float32,
-                  chunk_size: int = 0) -> float:
+                  chunk_size: int = 0,
+                  all_reduce: Callable[[list[float]], list[float]] | None = None) -> float:
     """Mean loss over the first `max_batches` batches of `loader` (all of them if None).
 
     The model runs in eval mode (no dropout) without gradients, and is put back into the mode it was
     in. The mean is over target tokens, so a short last batch weighs by its size, not as a full batch.
     Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and with a
-    `chunk_size` just as sparing of memory.
+    `chunk_size` just as sparing of memory. `all_reduce` sums [loss total, token count] over the
+    ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`), each of which evaluated its own
+    batches: the mean is then over all of them.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -192,9 +195,10 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                 count += n
     finally:
         model.train(was_training)
-    if count == 0:
+    total, tokens = all_reduce([total, count]) if all_reduce else (total, count)
+    if tokens == 0:
         raise ValueError("evaluate_loss: the loader gave no target tokens to average over")
-    return total / count
+    return total / tokens
 
 
 # ---- the variants: label smoothing, focal loss, distillation -----------------------------------

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from gpt.data import build_loaders, prepare_data
+from gpt.distributed import Dist
 from gpt.errors import UserError
 from gpt.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
 from gpt.tokenizer import get_tokenizer
@@ -105,18 +106,25 @@ Batches = DataLoader[tuple[Tensor, Tensor]]
 
 
 def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
-                pin_memory: bool = False) -> tuple[Batches, dict[str, Batches], RecordData | None]:
+                pin_memory: bool = False, dist: Dist | None = None,
+                ) -> tuple[Batches, dict[str, Batches], RecordData | None]:
     """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
     text (`gpt.data.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
-    which `pin_memory` is passed to: records are small, and their batches are padded as they come)."""
+    which `pin_memory` is passed to: records are small, and their batches are padded as they come).
+    Under torchrun (`dist`), text batches are this rank's slices of the global batch."""
+    dist = dist or Dist()
     if is_record_file(cfg.data):
+        if dist.world_size > 1:
+            raise UserError(f"{cfg.data}: fine-tuning on records runs in one process for now (its "
+                            "length-bucketed batches are not sliced across ranks); run it with python "
+                            "train.py, without torchrun")
         return record_loaders(cfg, context_length)
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
     return (*build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
                            stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
-                           pin_memory=pin_memory),
+                           pin_memory=pin_memory, rank=dist.rank, world_size=dist.world_size),
             None)
 
 

@@ -38,10 +38,11 @@ from gpt.record_data import BucketBatchSampler
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
-                "context_length", "stride", "batch_size", "grad_accum", "seed",
+                "context_length", "stride", "grad_accum", "seed",
                 "prompt_template", "mask_prompt")
 """What a resumed run must keep: these fix the model, the training windows and their order, so the
-checkpoint's weights, optimizer state and data-loader position still mean what they meant."""
+checkpoint's weights, optimizer state and data-loader position still mean what they meant. So does
+the global batch, `batch_size` x the number of processes (`check_resume_settings`)."""
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -130,9 +131,19 @@ def resume_config(path: Path) -> dict[str, Any]:
     return current_names(load_train_state(find_resume_checkpoint(path))["train_config"])
 
 
-def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`; `saved` is its train state."""
+def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path,
+                          world_size: int = 1) -> None:
+    """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`, and a global batch
+    (`batch_size` x `world_size` processes) that differs from the run's; `saved` is its train state
+    (with "world_size" when a multi-process run wrote it)."""
     before = current_names(saved["train_config"])
+    then = before["batch_size"] * saved.get("world_size", 1)
+    if cfg.batch_size * world_size != then:
+        fix = (f"use --batch-size {then // world_size}" if then % world_size == 0 else
+               f"use a number of processes that divides {then}")
+        raise UserError(f"--resume: the global batch --batch-size {cfg.batch_size} x {world_size} "
+                        f"process(es) differs from the run's {then} windows (in "
+                        f"{checkpoint / TRAIN_STATE_FILE}); {fix}, so that the data order carries on")
     for name in RESUME_FIXED:  # a setting newer than the run has its default there
         if before.get(name, getattr(TrainConfig, name)) != getattr(cfg, name):
             raise UserError(

@@ -33,6 +33,8 @@ else:  # pragma: no cover - Python 3.10
 
 MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple")
 """The settings that replace a field of the model's `GPTConfig` (its preset's, or its weights')."""
+PARALLEL_MODES = ("ddp", "fsdp")
+"""The values of --parallel (see `gpt.distributed`)."""
 RENAMED = {"errors": "decode_errors"}
 """Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
 old flag stays an alias of the new one."""
@@ -157,6 +159,13 @@ class TrainConfig:
     A setting of the whole process (glibc's mallopt), not undone when training ends."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one of the visible GPUs) or mps."""
+    parallel: str = "ddp"
+    """How the processes of a `torchrun` launch share the work: ddp (each rank holds the whole model and
+    trains on its slice of every global batch) or fsdp (parameters, gradients and optimizer state
+    sharded too); ignored by a plain `python train.py`, which is one process."""
+    dist_timeout: int = 600
+    """Seconds a rank waits for the others in a collective (an all-reduce) before the whole job fails:
+    what bounds the wait when a rank died or raised."""
     seed: int = 123
     """Seed of every random number generator (init, dropout, data order)."""
     out: str = "runs"
@@ -172,7 +181,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
                                   f"e.g. {flag(name)} {example}")
 
-        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters"):
+        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout"):
             need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
         for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
@@ -181,6 +190,7 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
                      "sample_tokens", "loss_chunk", "eval_answers"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
+        need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
         need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",

@@ -19,14 +19,11 @@ and the checkpoints `last/` (every evaluation) and `best/` (lowest validation lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -47,11 +44,12 @@ from gpt.device import (
     configure_device,
     flag_fixable_errors,
     keep_freed_memory,
-    pick_device,
     skipped_step_note,
     training_dtype,
 )
+from gpt.distributed import Dist, init_distributed
 from gpt.errors import TrainingDiverged, UserError
+from gpt.interrupt import ctrl_c_flag
 from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -108,6 +106,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     records: RecordData | None = None
     """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
+    dist: Dist = field(default_factory=Dist)  # this process's rank among torchrun's (`gpt.distributed`)
 
     @property
     def windows(self) -> SlidingWindowDataset | InstructionDataset:
@@ -130,17 +129,18 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
     the run directory is written to.
     """
+    cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.distributed); one process without it
     checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
     saved: dict[str, Any] = {}
     if resume is not None:
         checkpoint = find_resume_checkpoint(Path(resume))
         saved = load_train_state(checkpoint)
-        check_resume_settings(cfg, saved, checkpoint)
+        check_resume_settings(cfg, saved, checkpoint, dist.world_size)
         run_dir = checkpoint.parent
     else:
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
-    device = pick_device(cfg.device)
+    device = dist.device
     configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
@@ -156,7 +156,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
                         f"{model_context}; use --context-length {model_context} or less")
 
     train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
-                                                      pin_memory=device.type == "cuda")
+                                                      pin_memory=device.type == "cuda", dist=dist)
     if records is not None:  # fine-tuning on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
@@ -165,23 +165,26 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=compiled_loss(model) if cfg.compile else model.loss,
+        loss=dist.wrap(model, cfg, compiled_loss(model) if cfg.compile else model.loss),
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
-        * context_length,
+        * dist.world_size * context_length,
         metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS + (
             (ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())),
-        records=records,
+        records=records, dist=dist,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
+        dist.restore_rngs(saved)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
-        run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "train_config.json", cfg.to_dict())
+    if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
+        if checkpoint is not None:  # those steps are taken again, and log again
+            run.metrics.truncate(up_to_step=run.state.step)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "train_config.json", cfg.to_dict())
     return run
 
 
@@ -254,7 +257,8 @@ def fit(run: Run) -> TrainResult:
     state = run.state
     _print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
-    bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=None if run.dist.is_main else True)  # None: shown on a terminal
     with bar, ctrl_c_flag() as interrupted:
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
@@ -303,7 +307,7 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
             return "early_stop"
         if state.step >= run.total_steps:
             return "done"
-        if progress.interrupted():
+        if run.dist.any(progress.interrupted()):  # every rank stops at the same step
             if not evaluated:  # last/ is older than this step
                 save_checkpoints(run, best=False)
             return "interrupted"
@@ -311,11 +315,11 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
     return None
 
 
-def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int | None = None) -> StepStats:
+def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
     before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
-    the step's `step_targets` (default `count_targets(batches)`); a micro-batch with none is skipped."""
+    the step's target tokens (`count_targets`, over all ranks); a micro-batch with none is skipped."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                total_steps=run.total_steps)
@@ -323,22 +327,24 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
-    tokens = 0
-    step_targets = count_targets(batches) if step_targets is None else step_targets
-    for x, y in batches:
-        tokens += x.numel()
+    tokens, world = 0, run.dist.world_size
+    targets = run.dist.sum(count_targets(batches))  # the step's, over all ranks (gpt.distributed)
+    for i, (x, y) in enumerate(batches):
+        tokens += x.numel() * world
         counted = count_targets([(x, y)])
-        if counted == 0:  # nothing to learn from here (and its mean loss would be 0/0)
+        if counted == 0:  # nothing to learn from here (its mean loss would be 0/0); records: one rank
             continue
+        share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        with autocast(run.device, run.dtype):
-            # Its mean loss times its share of the step's targets: the gradients add up to the step's
-            # mean. Divided, so that equal shares (pretraining) divide by exactly len(batches).
-            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / (step_targets / counted)
-        run.scaler.scale(loss).backward()
+        with autocast(run.device, run.dtype), run.dist.grad_sync(last=i == len(batches) - 1):
+            # Its mean loss divided by its share: the gradients add up to those of the step's mean.
+            # Divided, so that equal shares (pretraining, one process) divide by exactly len(batches).
+            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / share
+            run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    total_loss = run.dist.mean(total_loss)  # over all ranks' batches
     loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
     # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
     skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
@@ -379,7 +385,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
         row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
                                              limit=run.cfg.eval_answers, dtype=run.dtype)
-    log_evaluation(run, row, improved)
+    if run.dist.is_main:  # rank 0 alone prints and writes
+        log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
 
@@ -387,7 +394,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
 def evaluate(run: Run) -> tuple[float, float]:
     """(train, validation) loss, each averaged over its `eval_iters` evaluation batches."""
     train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
-                                          chunk_size=run.cfg.loss_chunk) for name in ("train", "val"))
+                                          chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
+                            for name in ("train", "val"))
     return train_loss, val_loss
 
 
@@ -419,16 +427,17 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     """
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
-    save_checkpoint(run.model, state, run.run_dir / "last")
-    if best:
-        save_checkpoint(run.model, state, run.run_dir / "best")
+    if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
+        save_checkpoint(run.model, state, run.run_dir / "last")
+        if best:
+            save_checkpoint(run.model, state, run.run_dir / "best")
 
 
-# ---- samples, the header line, Ctrl-C ---------------------------------------------------------
+# ---- samples, the header line -----------------------------------------------------------------
 
 
 def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0:  # for records: the answer to the first validation prompt
+    if run.cfg.sample_tokens > 0 and run.dist.is_main:  # records: the answer to the first validation prompt
         text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
             else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
                              dtype=run.dtype)
@@ -437,7 +446,7 @@ def _print_sample(run: Run, when: str) -> None:
 
 def _print_header(run: Run) -> None:
     cfg, windows = run.cfg, len(run.windows)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.windows.context_length
+    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
@@ -445,28 +454,3 @@ def _print_header(run: Run) -> None:
           f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
           f"step {run.state.step} now; "
           f"run directory {run.run_dir}")
-
-
-@contextlib.contextmanager
-def ctrl_c_flag() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop reads between steps; the second interrupts at once.
-
-    Stopping between steps, never inside one, is what makes the checkpoint saved after a Ctrl-C
-    consistent: no half-accumulated gradients, no half-updated optimizer. Yields `interrupted()`.
-    """
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield pressed.is_set
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.set()
-        tqdm.write("Ctrl-C: stopping after this step and saving last/ (press again to quit at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield pressed.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -15,8 +15,9 @@ are at the end, gathered by `Objective`; the LM head can also be run in chunks (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -161,16 +162,19 @@ class LanguageModel(Protocol):
 
     def loss(self, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor: ...
 
+    def __call__(self, idx: Tensor) -> Tensor: ...
+
 
 def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                   max_batches: int | None = None, *, dtype: torch.dtype = torch.float32,
-                  chunk_size: int = 0) -> float:
+                  chunk_size: int = 0, loss: Callable[..., Tensor] | None = None) -> float:
     """Mean loss over the first `max_batches` batches of `loader` (all of them if None).
 
     The model runs in eval mode (no dropout) without gradients, and is put back into the mode it was
     in. The mean is over target tokens, so a short last batch weighs by its size, not as a full batch.
     Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and with a
-    `chunk_size` just as sparing of memory.
+    `chunk_size` just as sparing of memory. `loss`, called the same way, measures something else on
+    the same model (a training objective: `objective_loss`).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -185,7 +189,7 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                 n = int((y != IGNORE_INDEX).sum())
                 if n == 0:  # a batch of nothing but ignored targets has no loss (lm_loss: NaN)
                     continue
-                total += model.loss(x, y, chunk_size=chunk_size).item() * n
+                total += (loss or model.loss)(x, y, chunk_size=chunk_size).item() * n
                 count += n
     finally:
         model.train(was_training)
@@ -297,3 +301,29 @@ class Objective:
         weight, temperature = self.distill_weight, self.distill_temperature
         kl = distillation_kl(logits, teacher_logits, targets, temperature)
         return (1 - weight) * hard + weight * temperature**2 * kl
+
+
+def objective_loss(objective: Objective, model: Callable[[Tensor], Tensor],
+                   teacher: Callable[[Tensor], Tensor] | None, idx: Tensor, targets: Tensor, *,
+                   chunk_size: int = 0) -> Tensor:
+    """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean loss.
+
+    Called like `GPT.loss` (`functools.partial` binds the first three), under the caller's autocast;
+    the `teacher`'s logits come from the same inputs under that autocast, without gradients.
+    `chunk_size` must be 0: the variants need whole logits (`Objective.check_loss_chunk`).
+    """
+    if chunk_size:
+        raise ValueError("objective_loss: the variants need whole logits; chunk_size must be 0")
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(idx)
+    return objective.loss(model(idx), targets, teacher_logits)
+
+
+def training_loss(objective: Objective, model: LanguageModel,
+                  teacher: Callable[[Tensor], Tensor] | None) -> Callable[..., Tensor]:
+    """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss` itself
+    for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
+    `objective`, `model` and `teacher`."""
+    return model.loss if objective.is_cross_entropy else partial(objective_loss, objective, model, teacher)

@@ -2,6 +2,8 @@
 
     step,epoch,tokens_seen,train_loss,val_loss,val_perplexity,lr,grad_norm,tokens_per_s
 
+The losses are plain cross-entropy whatever the run trains with, so runs stay comparable; a run with
+another objective (`gpt.loss.Objective`) has one more column, `train_objective`, at the end.
 `MetricsLog` appends rows, reads them back, draws loss.png from them, and, when a run resumes, drops
 the rows logged after its checkpoint: those steps are taken again and log again.
 `format_row` is the same row as the line printed at each evaluation.
@@ -22,6 +24,9 @@ from gpt.plot import plot_losses
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_perplexity", "lr",
                    "grad_norm", "tokens_per_s")
+OBJECTIVE_COLUMN = "train_objective"
+"""The training objective on the same batches as train_loss; only in runs whose objective is not plain
+cross-entropy (a pretraining run's metrics.csv keeps the columns above)."""
 _INT_COLUMNS = ("step", "tokens_seen")
 
 
@@ -29,14 +34,16 @@ class MetricsLog:
     """`metrics.csv` at `path`: `append` a row, `rows()` to read them all, `truncate` on resume,
     `plot` the losses."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, objective: bool = False) -> None:
+        """`objective`: the run trains with another objective than cross-entropy (`OBJECTIVE_COLUMN`)."""
         self.path = Path(path)
+        self.columns = METRICS_COLUMNS + ((OBJECTIVE_COLUMN,) if objective else ())
 
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -67,7 +74,7 @@ class MetricsLog:
             return []
         kept = [row for row in self.rows() if row["step"] <= up_to_step]
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=self.columns)
         writer.writeheader()
         writer.writerows(kept)
         with atomic_file(self.path) as out:
@@ -87,8 +94,10 @@ class MetricsLog:
 
 def format_row(row: dict[str, float]) -> str:
     """One evaluation's row as the line printed during training."""
+    objective = f" (objective {row[OBJECTIVE_COLUMN]:.3f})" if OBJECTIVE_COLUMN in row else ""
     parts = [f"step {row['step']:>5}", f"epoch {row['epoch']:.2f}", f"tokens {row['tokens_seen']:,}",
-             f"train {row['train_loss']:.3f}", f"val {row['val_loss']:.3f} (ppl {row['val_perplexity']:.1f})"]
+             f"train {row['train_loss']:.3f}{objective}",
+             f"val {row['val_loss']:.3f} (ppl {row['val_perplexity']:.1f})"]
     if not math.isnan(row["lr"]):  # the evaluation before the first step has no step to report on
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}",
                   f"{row['tokens_per_s']:,.0f} tok/s"]

@@ -37,9 +37,21 @@ from gpt.errors import UserError
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
-                "context_length", "stride", "batch_size", "grad_accum", "seed")
-"""What a resumed run must keep: these fix the model, the training windows and their order, so the
-checkpoint's weights, optimizer state and data-loader position still mean what they meant."""
+                "context_length", "stride", "batch_size", "grad_accum", "seed",
+                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature")
+"""What a resumed run must keep: these fix the model, the training windows and their order, and the
+objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
+meant, and metrics.csv keeps its columns. `--teacher` may name another path (the teacher's directory
+moved, or the run continues on another machine: the teacher is read-only and in no checkpoint, and
+`load_teacher` checks it again), but a run with a teacher keeps one and a run without stays without."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (torch.manual_seed seeds every GPU too): the
+    generators whose states `rng_state` saves."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -128,15 +140,28 @@ def resume_config(path: Path) -> dict[str, Any]:
     return current_names(load_train_state(find_resume_checkpoint(path))["train_config"])
 
 
+def open_resume_checkpoint(path: Path, cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint directory, its train state) that `--resume path` continues, once `cfg` is checked
+    against the run's settings (`check_resume_settings`)."""
+    checkpoint = find_resume_checkpoint(path)
+    saved = load_train_state(checkpoint)
+    check_resume_settings(cfg, saved, checkpoint)
+    return checkpoint, saved
+
+
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
     """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`; `saved` is its train state."""
-    before = current_names(saved["train_config"])
+    # A setting added since the run was saved has its default there.
+    before = {**TrainConfig().to_dict(), **current_names(saved["train_config"])}
+    if (before["teacher"] is None) != (cfg.teacher is None):
+        raise UserError(f"--resume: the run was trained {'with' if cfg.teacher is None else 'without'} "
+                        "--teacher and a resumed run keeps its objective; start a new run to change it")
     for name in RESUME_FIXED:
         if before.get(name) != getattr(cfg, name):
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
-                "keeps its model and data, so drop the flag or start a new run")
+                "keeps its model, data and objective, so drop the flag or start a new run")
 
 
 def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,

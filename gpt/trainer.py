@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, load_train_state, save_checkpoint
+from gpt.checkpoint import load_model, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
 from gpt.device import (
@@ -51,23 +50,18 @@ from gpt.device import (
     training_dtype,
 )
 from gpt.errors import TrainingDiverged, UserError
-from gpt.loss import evaluate_loss, perplexity
-from gpt.metrics import METRICS_FILE, MetricsLog, format_row
+from gpt.loss import evaluate_loss, perplexity, training_loss
+from gpt.metrics import METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
-from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
+from gpt.resume import TrainState, checkpoint_state, open_resume_checkpoint, restore, seed_everything
 from gpt.sampling import sample_text
+from gpt.tb import TensorBoardLog
+from gpt.teacher import load_teacher
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
 from gpt.weights import load_pretrained
 
-# ---- the pieces: seeds, model ------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (torch.manual_seed seeds every GPU too)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ---- the model ------------------------------------------------------------------------------------
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -89,8 +83,8 @@ class Run:
     run_dir: Path
     model: GPT
     loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss`, or with `--compile` its torch.compile wrapper (which
-    compiles the transformer; the head's loss runs uncompiled, see `gpt.loss.head_loss`)."""
+    """What the training steps call: `model.loss`, or another objective's `gpt.loss.objective_loss`;
+    with `--compile` its torch.compile wrapper (`model.loss`'s head runs uncompiled: `head_loss`)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -104,6 +98,10 @@ class Run:
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
     state: TrainState = field(default_factory=TrainState)
+    teacher: GPT | None = None
+    """The frozen `--teacher` distilled from (`gpt.teacher`), or None."""
+    tensorboard: TensorBoardLog | None = None
+    """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
 
     @property
     def windows(self) -> SlidingWindowDataset:
@@ -125,15 +123,9 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
     the run directory is written to.
     """
-    checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
-    saved: dict[str, Any] = {}
-    if resume is not None:
-        checkpoint = find_resume_checkpoint(Path(resume))
-        saved = load_train_state(checkpoint)
-        check_resume_settings(cfg, saved, checkpoint)
-        run_dir = checkpoint.parent
-    else:
-        run_dir = choose_run_dir(cfg)
+    # the checkpoint resumed from, and its training state
+    checkpoint, saved = open_resume_checkpoint(Path(resume), cfg) if resume is not None else (None, {})
+    run_dir = checkpoint.parent if checkpoint else choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
     configure_device(device)
@@ -149,6 +141,8 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     if context_length > model_context:
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
+    teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
+    loss = training_loss(cfg.objective, model, teacher)
 
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
@@ -164,18 +158,20 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=torch.compile(model.loss) if cfg.compile else model.loss,
+        loss=torch.compile(loss) if cfg.compile else loss, teacher=teacher,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        metrics=MetricsLog(run_dir / METRICS_FILE, objective=not cfg.objective.is_cross_entropy),
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
         run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
+    if cfg.tensorboard:  # on resume, its events after the checkpoint are dropped too
+        run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
     return run
@@ -244,7 +240,7 @@ def fit(run: Run) -> TrainResult:
     _print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
-    with bar, ctrl_c_flag() as interrupted:
+    with bar, ctrl_c_flag() as interrupted, run.tensorboard or contextlib.nullcontext():
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
             progress.val_loss = evaluate_and_save(run)["val_loss"]
@@ -359,6 +355,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
            "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
+    if not run.cfg.objective.is_cross_entropy:  # the losses above stay cross-entropy: runs compare
+        row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
+                                              loss=run.loss)
     log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
@@ -383,8 +382,10 @@ def keep_score(state: TrainState, val_loss: float, min_delta: float) -> bool:
 
 
 def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line."""
+    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a line."""
     run.metrics.append(row)
+    if run.tensorboard:
+        run.tensorboard.log(int(row["step"]), row)
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
                      title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")

@@ -1,14 +1,14 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model, data, loaders, optimizer; a resumed run restored
+      setup(cfg)                        seed, model (teacher), data, loaders, optimizer; resume restores
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
-          train_step(run, batches)      zero grads, GPT.loss, backward, clip, check finite, step
+          train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
             evaluate(run)                 measure: train and validation loss
             keep_score(state, ...)        keep score for early stopping
-            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png
+            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (TensorBoard)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,

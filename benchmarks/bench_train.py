@@ -125,7 +125,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
 
     from gpt.device import keep_freed_memory
     from gpt.optim import ADAM_BETAS
-    from gpt.trainer import build_model, seed_everything
+    from gpt.resume import seed_everything
+    from gpt.trainer import build_model
     from gpt.weights import gpt_to_hf_state_dict, hf_config
 
     shape, defaults = SHAPES[args.shape], train_config(args, out)

@@ -1,7 +1,7 @@
 """Data-parallel training over the processes `torchrun` starts: every multi-process concern in one place.
 
     init_distributed(cfg)        the process group from torchrun's environment, or none (one process)
-    Dist.wrap(model, cfg)        what the training steps call: `model.loss`, under DDP when there are ranks
+    Dist.wrap(model, cfg, loss)  what the training steps call: `loss`, or `model.loss` under DDP with ranks
     Dist.grad_sync(last)         gradients all-reduced on a step's last micro-batch only
     Dist.sum / mean / any / ...  the all-reduces of the numbers every rank must agree on
     Dist.add_rank_state(state)   every rank's random generators and the world size, in a checkpoint
@@ -67,6 +67,9 @@ class Dist:
         ranks (then compiled whole with --compile), as it is in one process."""
         if self.world_size == 1:
             return loss
+        if not cfg.objective.is_cross_entropy:
+            raise UserError("--label-smoothing, --focal-gamma and --teacher train in one process for now "
+                            "(DDP wraps the plain cross-entropy); run without torchrun")
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from
         # here each rank draws its own dropout masks, as the different rows of one batch would.
         torch.manual_seed(cfg.seed + self.rank)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 
 from gpt.device import autocast
 from gpt.errors import UserError
+
+if TYPE_CHECKING:  # gpt.model imports this module
+    from gpt.model import GPT
 
 IGNORE_INDEX = -100
 """Target value whose position is left out of the loss (PyTorch's convention, e.g. for padding)."""
@@ -164,19 +168,22 @@ class LanguageModel(Protocol):
 
     def loss(self, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor: ...
 
+    def __call__(self, idx: Tensor) -> Tensor: ...
+
 
 def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                   max_batches: int | None = None, *, dtype: torch.dtype = torch.float32,
-                  chunk_size: int = 0,
+                  chunk_size: int = 0, loss: Callable[..., Tensor] | None = None,
                   all_reduce: Callable[[list[float]], list[float]] | None = None) -> float:
     """Mean loss over the first `max_batches` batches of `loader` (all of them if None).
 
     The model runs in eval mode (no dropout) without gradients, and is put back into the mode it was
     in. The mean is over target tokens, so a short last batch weighs by its size, not as a full batch.
     Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and with a
-    `chunk_size` just as sparing of memory. `all_reduce` sums [loss total, token count] over the
-    ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`), each of which evaluated its own
-    batches: the mean is then over all of them.
+    `chunk_size` just as sparing of memory. `loss`, called the same way, measures something else on
+    the same model (a training objective: `objective_loss`). `all_reduce` sums [loss total, token
+    count] over the ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`), each of which
+    evaluated its own batches: the mean is then over all of them.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -191,7 +198,7 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
                 n = int((y != IGNORE_INDEX).sum())
                 if n == 0:  # a batch of nothing but ignored targets has no loss (lm_loss: NaN)
                     continue
-                total += model.loss(x, y, chunk_size=chunk_size).item() * n
+                total += (loss or model.loss)(x, y, chunk_size=chunk_size).item() * n
                 count += n
     finally:
         model.train(was_training)
@@ -304,3 +311,37 @@ class Objective:
         weight, temperature = self.distill_weight, self.distill_temperature
         kl = distillation_kl(logits, teacher_logits, targets, temperature)
         return (1 - weight) * hard + weight * temperature**2 * kl
+
+
+def objective_loss(objective: Objective, model: Callable[[Tensor], Tensor],
+                   teacher: Callable[[Tensor], Tensor] | None, idx: Tensor, targets: Tensor, *,
+                   chunk_size: int = 0) -> Tensor:
+    """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean loss.
+
+    Called like `GPT.loss` (`functools.partial` binds the first three), under the caller's autocast;
+    the `teacher`'s logits come from the same inputs under that autocast, without gradients.
+    `chunk_size` must be 0: the variants need whole logits (`Objective.check_loss_chunk`).
+    """
+    if chunk_size:
+        raise ValueError("objective_loss: the variants need whole logits; chunk_size must be 0")
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(idx)
+    return objective.loss(model(idx), targets, teacher_logits)
+
+
+def training_loss(objective: Objective, model: GPT, teacher: Callable[[Tensor], Tensor] | None, *,
+                  compile: bool = False) -> Callable[..., Tensor]:
+    """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss` itself
+    for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
+    `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain cross-entropy
+    the transformer only, the head's loss run as written (its chunked path fills buffers in place, and
+    compiling it too would be a new speed option to measure first)."""
+    if not objective.is_cross_entropy:
+        loss = partial(objective_loss, objective, model, teacher)
+        return torch.compile(loss) if compile else loss
+    if not compile:
+        return model.loss
+    body = torch.compile(model.hidden_states)
+    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)

@@ -2,6 +2,8 @@
 
     step,epoch,tokens_seen,train_loss,val_loss,val_perplexity,lr,grad_norm,tokens_per_s
 
+The losses are plain cross-entropy whatever the run trains with, so runs stay comparable; a run with
+another objective (`gpt.loss.Objective`) has one more column, `train_objective`, at the end.
 `MetricsLog` appends rows, reads them back, draws loss.png from them, and, when a run resumes, drops
 the rows logged after its checkpoint: those steps are taken again and log again.
 `format_row` is the same row as the line printed at each evaluation.
@@ -24,6 +26,9 @@ METRICS_COLUMNS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "va
                    "grad_norm", "tokens_per_s")
 ANSWER_COLUMN = "val_exact_match"
 """The extra column of a fine-tuning run: the share of validation answers that were exactly right."""
+OBJECTIVE_COLUMN = "train_objective"
+"""The training objective on the same batches as train_loss; only in runs whose objective is not plain
+cross-entropy (a pretraining run's metrics.csv keeps the columns above)."""
 _INT_COLUMNS = ("step", "tokens_seen")
 
 
@@ -90,8 +95,10 @@ class MetricsLog:
 
 def format_row(row: dict[str, float]) -> str:
     """One evaluation's row as the line printed during training."""
+    objective = f" (objective {row[OBJECTIVE_COLUMN]:.3f})" if OBJECTIVE_COLUMN in row else ""
     parts = [f"step {row['step']:>5}", f"epoch {row['epoch']:.2f}", f"tokens {row['tokens_seen']:,}",
-             f"train {row['train_loss']:.3f}", f"val {row['val_loss']:.3f} (ppl {row['val_perplexity']:.1f})"]
+             f"train {row['train_loss']:.3f}{objective}",
+             f"val {row['val_loss']:.3f} (ppl {row['val_perplexity']:.1f})"]
     if not math.isnan(row["lr"]):  # the evaluation before the first step has no step to report on
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}",
                   f"{row['tokens_per_s']:,.0f} tok/s"]

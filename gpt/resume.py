@@ -38,11 +38,22 @@ from gpt.record_data import BucketBatchSampler
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
-                "context_length", "stride", "grad_accum", "seed",
-                "prompt_template", "mask_prompt")
-"""What a resumed run must keep: these fix the model, the training windows and their order, so the
-checkpoint's weights, optimizer state and data-loader position still mean what they meant. So does
-the global batch, `batch_size` x the number of processes (`check_resume_settings`)."""
+                "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
+                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature")
+"""What a resumed run must keep: these fix the model, the training windows and their order, and the
+objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
+meant, and metrics.csv keeps its columns. So does the global batch, `batch_size` x the number of
+processes (`check_resume_settings`). `--teacher` may name another path (the teacher's directory
+moved, or the run continues on another machine: the teacher is read-only and in no checkpoint, and
+`load_teacher` checks it again), but a run with a teacher keeps one and a run without stays without."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (torch.manual_seed seeds every GPU too): the
+    generators whose states `rng_state` saves."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -131,12 +142,22 @@ def resume_config(path: Path) -> dict[str, Any]:
     return current_names(load_train_state(find_resume_checkpoint(path))["train_config"])
 
 
+def open_resume_checkpoint(path: Path, cfg: TrainConfig, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint directory, its train state) that `--resume path` continues, once `cfg` is checked
+    against the run's settings (`check_resume_settings`)."""
+    checkpoint = find_resume_checkpoint(path)
+    saved = load_train_state(checkpoint)
+    check_resume_settings(cfg, saved, checkpoint, world_size)
+    return checkpoint, saved
+
+
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path,
                           world_size: int = 1) -> None:
     """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`, and a global batch
     (`batch_size` x `world_size` processes) that differs from the run's; `saved` is its train state
     (with "world_size" when a multi-process run wrote it)."""
-    before = current_names(saved["train_config"])
+    # A setting added since the run was saved has its default there.
+    before = {**TrainConfig().to_dict(), **current_names(saved["train_config"])}
     then = before["batch_size"] * saved.get("world_size", 1)
     if cfg.batch_size * world_size != then:
         fix = (f"use --batch-size {then // world_size}" if then % world_size == 0 else
@@ -144,12 +165,15 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
         raise UserError(f"--resume: the global batch --batch-size {cfg.batch_size} x {world_size} "
                         f"process(es) differs from the run's {then} windows (in "
                         f"{checkpoint / TRAIN_STATE_FILE}); {fix}, so that the data order carries on")
-    for name in RESUME_FIXED:  # a setting newer than the run has its default there
-        if before.get(name, getattr(TrainConfig, name)) != getattr(cfg, name):
+    if (before["teacher"] is None) != (cfg.teacher is None):
+        raise UserError(f"--resume: the run was trained {'with' if cfg.teacher is None else 'without'} "
+                        "--teacher and a resumed run keeps its objective; start a new run to change it")
+    for name in RESUME_FIXED:
+        if before.get(name) != getattr(cfg, name):
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
-                "keeps its model and data, so drop the flag or start a new run")
+                "keeps its model, data and objective, so drop the flag or start a new run")
 
 
 def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,

@@ -44,3 +44,10 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close on leaving a `with` block, however it is left (the end, Ctrl-C, an error)."""
+        self.close()

@@ -25,7 +25,10 @@ def load_teacher(name_or_path: str, student: GPTConfig, context_length: int,
     `context_length` tokens (the training windows' length).
     """
     try:
-        teacher = load_pretrained(name_or_path)
+        # Building a model draws its random init from torch's generator: forked, so the student's run
+        # (its dropout) draws the same numbers with a teacher as without.
+        with torch.random.fork_rng(devices=[]):
+            teacher = load_pretrained(name_or_path)
     except UserError as exc:
         raise UserError(f"--teacher {name_or_path}: {exc}") from None
     if teacher.config.vocab_size != student.vocab_size:

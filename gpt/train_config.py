@@ -23,7 +23,9 @@ from typing import Any, NoReturn, cast, get_args, get_type_hints
 from gpt.config import ConfigError, check_known_fields, preset_names
 from gpt.device import DTYPES
 from gpt.errors import UserError
+from gpt.loss import Objective
 from gpt.records import is_record_file
+from gpt.tb import require_tensorboard
 from gpt.token_cache import ERRORS_MODES
 
 if sys.version_info >= (3, 11):
@@ -139,6 +141,24 @@ class TrainConfig:
     eval_answers: int = 32
     """Records only: validation records answered greedily at each evaluation for the val_exact_match
     column (0 disables it)."""
+    tensorboard: bool = False
+    """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
+    `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
+
+    # the training objective (validation losses stay plain cross-entropy)
+    label_smoothing: float = 0.0
+    """Train against the one-hot target mixed with the uniform distribution by this much, in [0, 1)
+    (0 = plain cross-entropy)."""
+    focal_gamma: float = 0.0
+    """Train with focal loss, each token's loss weighed by (1 - p)^gamma of its probability p
+    (0 = plain cross-entropy)."""
+    teacher: str | None = None
+    """Distil from this model (GPT-2 weights, a Hugging Face directory, a run or checkpoint directory)
+    of any size with the student's vocabulary; default none."""
+    distill_weight: float = 0.5
+    """With --teacher: the loss is (1 - this) x the hard loss + this x T^2 x KL(teacher || student)."""
+    distill_temperature: float = 2.0
+    """With --teacher: T, both models' logits are divided by it before their softmax."""
 
     # system
     dtype: str = "auto"
@@ -206,6 +226,16 @@ class TrainConfig:
              "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
         need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
              "some text (or use --sample-tokens 0)", '"Every effort moves you"')
+        self.objective.check_loss_chunk(self.loss_chunk)  # building it checks the objective's settings
+        if self.tensorboard:
+            require_tensorboard()  # here, so a missing package stops the run before it starts
+
+    @property
+    def objective(self) -> Objective:
+        """What training minimises (`gpt.loss.Objective`, which checks these settings)."""
+        return Objective(label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
+                         teacher=self.teacher, distill_weight=self.distill_weight,
+                         distill_temperature=self.distill_temperature)
 
     def _check_types(self) -> None:
         """Values from a TOML file or Python are not parsed by argparse: check each field's type."""

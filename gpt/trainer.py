@@ -1,14 +1,14 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model, data, loaders, optimizer; a resumed run restored
+      setup(cfg)                        seed, model (teacher), data, loaders, optimizer; resume restores
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
-          train_step(run, batches)      zero grads, GPT.loss, backward, clip, check finite, step
+          train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
             evaluate(run)                 measure: train and validation loss
             keep_score(state, ...)        keep score for early stopping
-            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png
+            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (TensorBoard)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
@@ -19,14 +19,14 @@ and the checkpoints `last/` (every evaluation) and `best/` (lowest validation lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from gpt.answers import sample_answer, val_exact_match
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, load_train_state, save_checkpoint
+from gpt.checkpoint import load_model, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
 from gpt.device import (
@@ -50,25 +50,20 @@ from gpt.device import (
 from gpt.distributed import Dist, init_distributed
 from gpt.errors import TrainingDiverged, UserError
 from gpt.interrupt import ctrl_c_flag
-from gpt.loss import count_targets, evaluate_loss, perplexity
-from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, MetricsLog, format_row
+from gpt.loss import count_targets, evaluate_loss, perplexity, training_loss
+from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
 from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
-from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
+from gpt.resume import TrainState, checkpoint_state, open_resume_checkpoint, restore, seed_everything
 from gpt.sampling import sample_text
+from gpt.tb import TensorBoardLog
+from gpt.teacher import load_teacher
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
 from gpt.weights import load_pretrained
 
-# ---- the pieces: seeds, model ------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (torch.manual_seed seeds every GPU too)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ---- the model ------------------------------------------------------------------------------------
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -90,7 +85,8 @@ class Run:
     run_dir: Path
     model: GPT
     loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss`, or with `--compile` `compiled_loss(model)`."""
+    """What the training steps call: `model.loss` (or another objective's `gpt.loss.objective_loss`),
+    compiled with `--compile` (`gpt.loss.training_loss`), and under torchrun wrapped by DDP."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -107,6 +103,10 @@ class Run:
     records: RecordData | None = None
     """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
     dist: Dist = field(default_factory=Dist)  # this process's rank among torchrun's (`gpt.distributed`)
+    teacher: GPT | None = None
+    """The frozen `--teacher` distilled from (`gpt.teacher`), or None."""
+    tensorboard: TensorBoardLog | None = None
+    """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
 
     @property
     def windows(self) -> SlidingWindowDataset | InstructionDataset:
@@ -130,15 +130,9 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     the run directory is written to.
     """
     cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.distributed); one process without it
-    checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
-    saved: dict[str, Any] = {}
-    if resume is not None:
-        checkpoint = find_resume_checkpoint(Path(resume))
-        saved = load_train_state(checkpoint)
-        check_resume_settings(cfg, saved, checkpoint, dist.world_size)
-        run_dir = checkpoint.parent
-    else:
-        run_dir = choose_run_dir(cfg)
+    checkpoint, saved = (open_resume_checkpoint(Path(resume), cfg, dist.world_size) if resume is not None
+                         else (None, {}))  # the checkpoint resumed from, and its training state
+    run_dir = checkpoint.parent if checkpoint else choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = dist.device
     configure_device(device)
@@ -154,6 +148,8 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     if context_length > model_context:
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
+    teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
+    loss = training_loss(cfg.objective, model, teacher, compile=cfg.compile)
 
     train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
                                                       pin_memory=device.type == "cuda", dist=dist)
@@ -165,14 +161,15 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=dist.wrap(model, cfg, compiled_loss(model) if cfg.compile else model.loss),
+        loss=dist.wrap(model, cfg, loss), teacher=teacher,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS + (
-            (ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())),
+        metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS
+                           + ((ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())
+                           + (() if cfg.objective.is_cross_entropy else (OBJECTIVE_COLUMN,))),
         records=records, dist=dist,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
@@ -183,16 +180,11 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
         if checkpoint is not None:  # those steps are taken again, and log again
             run.metrics.truncate(up_to_step=run.state.step)
+        if cfg.tensorboard:  # on resume, its events after the checkpoint are dropped too
+            run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint else None)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "train_config.json", cfg.to_dict())
     return run
-
-
-def compiled_loss(model: GPT) -> Callable[..., Tensor]:
-    """`model.loss` with the transformer compiled and the head's loss run as written: the chunked
-    path fills its buffers in place, and compiling it too would be a new speed option to measure."""
-    body = torch.compile(model.hidden_states)
-    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)
 
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
@@ -259,7 +251,7 @@ def fit(run: Run) -> TrainResult:
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=None if run.dist.is_main else True)  # None: shown on a terminal
-    with bar, ctrl_c_flag() as interrupted:
+    with bar, ctrl_c_flag() as interrupted, run.tensorboard or contextlib.nullcontext():
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
             progress.val_loss = evaluate_and_save(run)["val_loss"]
@@ -385,6 +377,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
         row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
                                              limit=run.cfg.eval_answers, dtype=run.dtype)
+    if OBJECTIVE_COLUMN in run.metrics.columns:  # the losses above stay cross-entropy: runs compare
+        row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
+                                              loss=run.loss)
     if run.dist.is_main:  # rank 0 alone prints and writes
         log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
@@ -411,8 +406,10 @@ def keep_score(state: TrainState, val_loss: float, min_delta: float) -> bool:
 
 
 def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv, redraw loss.png from it, print the row as a line."""
+    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a line."""
     run.metrics.append(row)
+    if run.tensorboard:
+        run.tensorboard.log(int(row["step"]), row)
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
                      title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")

@@ -2,6 +2,7 @@
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -65,3 +66,12 @@ def run_command(capsys: pytest.CaptureFixture[str]) -> Callable[..., CommandResu
         return CommandResult(status, out, err)
 
     return run
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small text file for `train.py --data` (~2,800 GPT-2 tokens): a tiny run's windows with room
+    for a validation split."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"token{i % 37} and so on." for i in range(400)))
+    return path

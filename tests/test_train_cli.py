@@ -17,14 +17,6 @@ from gpt.train_cli import main, parse_args
 from gpt.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = " ".join(f"token{i % 37} and so on." for i in range(400))  # ~2,800 GPT-2 tokens
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def tiny_flags(tmp_path: Path, corpus: Path, *more: str) -> list[str]:

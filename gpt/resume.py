@@ -24,7 +24,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from gpt.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
 from gpt.data import ResumableSampler
 from gpt.device import device_rng_state, load_scaler_state, set_device_rng_state
 from gpt.errors import UserError
-from gpt.record_data import BucketBatchSampler
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
+
+if TYPE_CHECKING:  # gpt.record_data imports gpt.distributed, which imports this module
+    from gpt.record_data import BucketBatchSampler
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",

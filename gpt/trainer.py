@@ -12,7 +12,7 @@
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
-and the checkpoints `last/` (every evaluation) and `best/` (lowest validation loss), each
+and the checkpoints `last/` (every `save_freq`-th evaluation) and `best/` (lowest validation loss), each
 `model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`). The settings are
 `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
 """
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, load_train_state, save_checkpoint
+from gpt.checkpoint import load_model, load_train_state
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
 from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
@@ -49,6 +49,7 @@ from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
 from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
 from gpt.sampling import sample_text
+from gpt.saver import CheckpointSaver
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
 from gpt.weights import load_pretrained
 
@@ -95,7 +96,10 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
+    saver: CheckpointSaver
+    """Writes last/ and best/, in the background with `async_save`; `fit` waits for it at the end."""
     state: TrainState = field(default_factory=TrainState)
+    last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
     @property
     def windows(self) -> SlidingWindowDataset:
@@ -150,7 +154,8 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
                                                eval_batches=cfg.eval_iters, seed=cfg.seed)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                device=device)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -159,12 +164,15 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        metrics=MetricsLog(run_dir / METRICS_FILE), saver=CheckpointSaver(background=cfg.async_save),
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows))
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
+        for group in optimizer.param_groups:  # and so do changed --adam-betas
+            group["betas"] = cfg.betas
+        run.last_saved = run.state.step
         run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
@@ -235,7 +243,7 @@ def fit(run: Run) -> TrainResult:
     _print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
-    with bar, ctrl_c_flag() as interrupted:
+    with bar, ctrl_c_flag() as interrupted, run.saver:  # the saver: no write left in flight
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
             progress.val_loss = evaluate_and_save(run)["val_loss"]
@@ -284,8 +292,8 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
         if state.step >= run.total_steps:
             return "done"
         if progress.interrupted():
-            if not evaluated:  # last/ is older than this step
-                save_checkpoints(run, best=False)
+            if run.last_saved != state.step:  # last/ is older than this step
+                save_checkpoints(run, last=True, best=False)
             return "interrupted"
     _print_sample(run, f"after epoch {epoch + 1}")
     return None
@@ -349,7 +357,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
            "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
     log_evaluation(run, row, improved)
-    save_checkpoints(run, best=improved)
+    cfg = run.cfg
+    ends = state.step >= run.total_steps or 0 < cfg.patience <= state.evals_since_best
+    save_checkpoints(run, last=ends or (state.step // cfg.eval_freq) % cfg.save_freq == 0, best=improved)
     return row
 
 
@@ -380,17 +390,20 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     tqdm.write(format_row(row) + ("  (best)" if improved else ""))
 
 
-def save_checkpoints(run: Run, *, best: bool) -> None:
-    """Save last/, and best/ too when `best`, from one checkpoint state (`gpt.resume`).
+def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
+    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.resume`) through `run.saver`.
 
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
+    directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
+    if not directories:
+        return
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows))
-    save_checkpoint(run.model, state, run.run_dir / "last")
-    if best:
-        save_checkpoint(run.model, state, run.run_dir / "best")
+    run.saver.save(run.model, state, directories)
+    if last:
+        run.last_saved = run.state.step
 
 
 # ---- samples, the header line, Ctrl-C ---------------------------------------------------------

@@ -52,6 +52,8 @@ class CheckpointSaver:
         into each of `directories` in turn; in the background mode this returns once the copy is taken.
         """
         self.wait()
+        if not directories:
+            return
         tensors = stored_state(model)
         if not self.background:
             self._write(tensors, model.config, train_state, directories)

@@ -96,8 +96,7 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
-    saver: CheckpointSaver
-    """Writes last/ and best/, in the background with `async_save`; `fit` waits for it at the end."""
+    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
     state: TrainState = field(default_factory=TrainState)
     last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
@@ -397,8 +396,6 @@ def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
     previous one whole.
     """
     directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
-    if not directories:
-        return
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows))
     run.saver.save(run.model, state, directories)

@@ -38,8 +38,7 @@ def trained(preset: str) -> tuple[GPT, torch.optim.Optimizer]:
     torch.manual_seed(0)
     untied = {"tie_embeddings": False} if preset.startswith("gpt2") else {}
     model = GPT(GPTConfig.preset(preset, context_length=64, **untied))
-    optimizer = build_optimizer(model, lr=4e-4, weight_decay=0.1, betas=(0.9, 0.999),
-                                device=torch.device("cpu"))
+    optimizer = build_optimizer(model, lr=4e-4, weight_decay=0.1, betas=(0.9, 0.999))
     x = torch.randint(0, model.config.vocab_size, (2, 64))
     model.loss(x, x).backward()
     optimizer.step()

@@ -41,8 +41,16 @@ from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
-from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import UserError
+from gpt.device import (
+    autocast,
+    configure_device,
+    flag_fixable_errors,
+    keep_freed_memory,
+    pick_device,
+    skipped_step_note,
+    training_dtype,
+)
+from gpt.errors import TrainingDiverged, UserError
 from gpt.loss import evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -131,6 +139,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
+    configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -150,11 +159,11 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     train_loader, eval_loaders = build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
                                                context_length=context_length,
                                                stride=cfg.stride or context_length,
-                                               eval_batches=cfg.eval_iters, seed=cfg.seed)
+                                               eval_batches=cfg.eval_iters, seed=cfg.seed,
+                                               pin_memory=device.type == "cuda")
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -167,7 +176,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
-                            num_windows=len(run.windows))
+                            num_windows=len(run.windows), device=device)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
         for group in optimizer.param_groups:  # and so do changed --adam-betas
             group["betas"] = cfg.betas
@@ -214,10 +223,6 @@ class TrainResult:
     """Training loss of every step taken in this call, by step number (1 = the first step)."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm stopped being finite."""
-
-
 @dataclass
 class _Progress:
     """What `fit` keeps from step to step besides the run: the bar, the losses, the speed."""
@@ -232,8 +237,11 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`)."""
-    return fit(setup(cfg, resume=resume, token_ids=token_ids))
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
+    `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+                             "--loss-chunk, or use --dtype bfloat16"):
+        return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
 def fit(run: Run) -> TrainResult:
@@ -320,10 +328,10 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         tokens += x.numel()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = total_loss.item(), grad_norm.item()
-    checks = [("loss", loss_value)]
-    if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
-        checks.append(("gradient norm", norm_value))  # that step and lowers its scale
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
+    skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
     for what, value in checks:
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -334,6 +342,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.scaler.update()
     state.step += 1
     state.tokens_seen += tokens
+    if skipped:
+        tqdm.write(skipped_step_note(run.scaler, state.step))
     return StepStats(loss_value, norm_value, lr, tokens)
 
 
@@ -397,7 +407,7 @@ def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
     """
     directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
-                             sampler=run.sampler, num_windows=len(run.windows))
+                             sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     run.saver.save(run.model, state, directories)
     if last:
         run.last_saved = run.state.step

@@ -106,8 +106,7 @@ def memorise(cfg: TrainConfig, init_scheme: str, steps: int) -> float:
                           drop_rate=cfg.drop_rate or 0.0, qkv_bias=bool(cfg.qkv_bias),
                           tie_embeddings=bool(cfg.tie_embeddings), init_scheme=init_scheme))
     # A tiny model learns at a higher rate than GPT-2 small; the rest is the recipe's optimizer.
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                device=torch.device("cpu"))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=cfg.weight_decay, betas=cfg.betas)
     losses = []
     for step in range(steps):
         i = (step % 4) * 2

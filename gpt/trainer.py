@@ -180,7 +180,6 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
         for group in optimizer.param_groups:  # and so do changed --adam-betas
             group["betas"] = cfg.betas
-        run.last_saved = run.state.step
         run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
@@ -409,8 +408,7 @@ def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     run.saver.save(run.model, state, directories)
-    if last:
-        run.last_saved = run.state.step
+    run.last_saved = run.state.step if last else run.last_saved
 
 
 # ---- samples, the header line, Ctrl-C ---------------------------------------------------------

@@ -124,7 +124,6 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt.device import keep_freed_memory
-    from gpt.optim import ADAM_BETAS
     from gpt.resume import seed_everything
     from gpt.trainer import build_model
     from gpt.weights import gpt_to_hf_state_dict, hf_config
@@ -139,7 +138,7 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     hf.to(device).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=ADAM_BETAS,
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=defaults.betas,
                                   weight_decay=defaults.weight_decay)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings["dtype"]]
 

@@ -125,10 +125,13 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
 def save_model(model: GPT, directory: Path) -> None:
     """Write `model.safetensors` (`stored_state`) and `config.json` into `directory` (not atomic by
     itself)."""
-    directory = Path(directory)
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in stored_state(model).items()},
+    _write_model(stored_state(model), model.config, Path(directory))
+
+
+def _write_model(tensors: Mapping[str, Tensor], cfg: GPTConfig, directory: Path) -> None:
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
               directory / WEIGHTS_FILE)
-    model.config.save(directory / CONFIG_FILE)
+    cfg.save(directory / CONFIG_FILE)
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
@@ -152,8 +155,15 @@ def save_checkpoint(model: GPT, train_state: dict[str, Any], directory: Path) ->
     `train_state` must hold only tensors and plain Python values (dict, list, tuple, str, int, float,
     bool, None), so that `load_train_state` can read it with `weights_only=True`.
     """
+    write_checkpoint(stored_state(model), model.config, train_state, directory)
+
+
+def write_checkpoint(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state: dict[str, Any],
+                     directory: Path) -> None:
+    """`save_checkpoint` from the model's `stored_state` and config rather than the model: what
+    `gpt.saver` writes from a copy taken earlier."""
     with atomic_directory(directory) as tmp:
-        save_model(model, tmp)
+        _write_model(tensors, cfg, tmp)
         torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, tmp / TRAIN_STATE_FILE)
 
 

@@ -151,22 +151,27 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             # One Parameter in two places: the same storage, so an update to one is an update to both.
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the init of the layers that write into the residual stream by 1/sqrt(2 * layers),
-        # so the stream's variance does not grow with depth (two such writes per block).
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.init_scheme == "gpt2":  # else "torch": every module keeps the init its constructor drew
+            self._init_gpt2()
         with torch.no_grad():  # padding rows (cfg.vocab_pad_multiple): never read, kept at zero
             self.tok_emb.weight[cfg.vocab_size:] = 0.0
             self.lm_head.weight[cfg.vocab_size:] = 0.0
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_gpt2(self) -> None:
+        """GPT-2's init: every matrix N(0, 0.02), biases zero (LayerNorms keep ones and zeros).
+
+        The layers that write into the residual stream are scaled down by 1/sqrt(2 * layers), so the
+        stream's variance does not grow with depth (two such writes per block). PyTorch's defaults
+        (`init_scheme="torch"`) instead draw embeddings from N(0, 1), a scale GPT-2 never trains at.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False) -> Tensor:
         """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache.

@@ -12,7 +12,7 @@
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
-and the checkpoints `last/` (every evaluation) and `best/` (lowest validation loss), each
+and the checkpoints `last/` (every `save_freq`-th evaluation) and `best/` (lowest validation loss), each
 `model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`). The settings are
 `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
 """
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from gpt.answers import sample_answer, val_exact_match
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, save_checkpoint
+from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
 from gpt.device import (
@@ -58,6 +58,7 @@ from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
 from gpt.resume import TrainState, checkpoint_state, open_resume_checkpoint, restore, seed_everything
 from gpt.sampling import sample_text
+from gpt.saver import CheckpointSaver
 from gpt.tb import TensorBoardLog
 from gpt.teacher import load_teacher
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
@@ -99,6 +100,7 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
+    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
     state: TrainState = field(default_factory=TrainState)
     records: RecordData | None = None
     """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
@@ -107,6 +109,7 @@ class Run:
     """The frozen `--teacher` distilled from (`gpt.teacher`), or None."""
     tensorboard: TensorBoardLog | None = None
     """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
+    last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
     @property
     def windows(self) -> SlidingWindowDataset | InstructionDataset:
@@ -157,7 +160,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -170,13 +173,15 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS
                            + ((ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())
                            + (() if cfg.objective.is_cross_entropy else (OBJECTIVE_COLUMN,))),
-        records=records, dist=dist,
+        records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save),
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
+        for group in optimizer.param_groups:  # and so do changed --adam-betas
+            group["betas"] = cfg.betas
     if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
         if checkpoint is not None:  # those steps are taken again, and log again
             run.metrics.truncate(up_to_step=run.state.step)
@@ -251,7 +256,8 @@ def fit(run: Run) -> TrainResult:
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=None if run.dist.is_main else True)  # None: shown on a terminal
-    with bar, ctrl_c_flag() as interrupted, run.tensorboard or contextlib.nullcontext():
+    # The saver: no write left in flight at the end.
+    with bar, ctrl_c_flag() as interrupted, run.saver, run.tensorboard or contextlib.nullcontext():
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
             progress.val_loss = evaluate_and_save(run)["val_loss"]
@@ -300,8 +306,8 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
         if state.step >= run.total_steps:
             return "done"
         if run.dist.any(progress.interrupted()):  # every rank stops at the same step
-            if not evaluated:  # last/ is older than this step
-                save_checkpoints(run, best=False)
+            if run.last_saved != state.step:  # last/ is older than this step
+                save_checkpoints(run, last=True, best=False)
             return "interrupted"
     _print_sample(run, f"after epoch {epoch + 1}")
     return None
@@ -382,7 +388,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
                                               loss=run.loss)
     if run.dist.is_main:  # rank 0 alone prints and writes
         log_evaluation(run, row, improved)
-    save_checkpoints(run, best=improved)
+    cfg = run.cfg
+    ends = state.step >= run.total_steps or 0 < cfg.patience <= state.evals_since_best
+    save_checkpoints(run, last=ends or (state.step // cfg.eval_freq) % cfg.save_freq == 0, best=improved)
     return row
 
 
@@ -416,18 +424,18 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     tqdm.write(format_row(row) + ("  (best)" if improved else ""))
 
 
-def save_checkpoints(run: Run, *, best: bool) -> None:
-    """Save last/, and best/ too when `best`, from one checkpoint state (`gpt.resume`).
+def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
+    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.resume`) through `run.saver`.
 
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
+    directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
-        save_checkpoint(run.model, state, run.run_dir / "last")
-        if best:
-            save_checkpoint(run.model, state, run.run_dir / "best")
+        run.saver.save(run.model, state, directories)
+    run.last_saved = run.state.step if last else run.last_saved
 
 
 # ---- samples, the header line -----------------------------------------------------------------

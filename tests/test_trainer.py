@@ -174,7 +174,8 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoints(run, best=False)  # last/
+        trainer.save_checkpoints(run, last=True, best=False)
+        run.saver.wait()  # a background save's error is raised here
     monkeypatch.undo()
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
     assert_same_params(params(load_model(tmp_path / "run" / "last")), step4)
@@ -189,7 +190,8 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.atomic.os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoints(run, best=False)  # last/
+        trainer.save_checkpoints(run, last=True, best=False)
+        run.saver.wait()
     monkeypatch.undo()
     assert not (tmp_path / "run" / "last").exists()
     resumed = setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)  # reads .last.old

@@ -330,7 +330,10 @@ def test_unknown_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.M
 # ---- save_hf and the export command -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": False}, {"tie_embeddings": False}], ids=str)
+@pytest.mark.parametrize("overrides", [
+    {}, {"qkv_bias": False}, {"tie_embeddings": False},
+    {"tie_embeddings": False, "qkv_bias": False, "init_scheme": "torch"},  # recipes/book-ch5.toml's
+], ids=str)
 def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path, overrides: dict) -> None:
     ours = GPT(GPTConfig.preset("tiny", vocab_size=97, context_length=16, drop_rate=0.0, **overrides)).eval()
     with torch.no_grad():
@@ -342,6 +345,8 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path, over
     assert ("lm_head.weight" in stored) == (not ours.config.tie_embeddings)  # a tied head is stored once
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.model_type == "gpt2" and hf.config.activation_function == "gelu_new"
+    assert hf.config.tie_word_embeddings is ours.config.tie_embeddings
+    assert (hf.lm_head.weight is hf.transformer.wte.weight) is ours.config.tie_embeddings
     assert_same_logits(ours, hf)
     back = load_pretrained(tmp_path / "hf", **overrides)
     for name, tensor in ours.state_dict().items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from gpt.atomic import atomic_file
+from gpt.atomic import atomic_file, write_errors
 from gpt.plot import plot_losses
 
 METRICS_FILE = "metrics.csv"
@@ -35,7 +35,7 @@ class MetricsLog:
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        with write_errors(self.path), open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
             if new:
                 writer.writeheader()

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, load_train_state, save_checkpoint
+from gpt.checkpoint import load_model, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
 from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
@@ -47,9 +47,10 @@ from gpt.loss import evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
-from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
+from gpt.resume import TrainState, checkpoint_state, restore
+from gpt.run_dir import OpenedRun, RunLock, open_run_dir
 from gpt.sampling import sample_text
-from gpt.train_config import MODEL_OVERRIDES, TrainConfig
+from gpt.train_config import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig
 from gpt.weights import load_pretrained
 
 # ---- the pieces: seeds, model ------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
+    lock: RunLock
+    """This process's lock on `run_dir`, released when `fit` ends."""
     state: TrainState = field(default_factory=TrainState)
 
     @property
@@ -115,17 +118,19 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `resume` (a run directory, or a checkpoint directory in one) continues a run where that checkpoint
     was taken; `cfg` must then agree with the run's settings on `RESUME_FIXED` (see `gpt.resume`).
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
-    the run directory is written to.
+    the run directory is written to, and the run directory is locked (`gpt.run_dir`) until `fit` ends.
     """
-    checkpoint: Path | None = None  # the checkpoint resumed from, and its training state
-    saved: dict[str, Any] = {}
-    if resume is not None:
-        checkpoint = find_resume_checkpoint(Path(resume))
-        saved = load_train_state(checkpoint)
-        check_resume_settings(cfg, saved, checkpoint)
-        run_dir = checkpoint.parent
-    else:
-        run_dir = choose_run_dir(cfg)
+    opened = open_run_dir(cfg, resume)  # checked, locked, a resumed run's state read: nothing built yet
+    try:
+        return _build(cfg, opened, token_ids)
+    except BaseException:
+        opened.lock.release(failed=True)
+        raise
+
+
+def _build(cfg: TrainConfig, opened: OpenedRun, token_ids: tuple[np.ndarray, np.ndarray] | None) -> Run:
+    """The rest of `setup`, in the run directory `opened` (locked)."""
+    run_dir, checkpoint, saved = opened.path, opened.checkpoint, opened.saved
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
     dtype = training_dtype(cfg.dtype, device)
@@ -159,25 +164,16 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        metrics=MetricsLog(run_dir / METRICS_FILE), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows))
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
-        run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "train_config.json", cfg.to_dict())
+    # Steps after the checkpoint (all, for a start at step 0) are taken again, and log again.
+    run.metrics.truncate(up_to_step=run.state.step if checkpoint is not None else -1)
+    write_json(run_dir / RUN_CONFIG_FILE, cfg.to_dict())
     return run
-
-
-def choose_run_dir(cfg: TrainConfig) -> Path:
-    """`out/run_name` (default name: the start time), which must not hold a run already; creates nothing."""
-    run_dir = Path(cfg.out) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
-                        "another --run-name")
-    return run_dir
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -235,7 +231,7 @@ def fit(run: Run) -> TrainResult:
     _print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
-    with bar, ctrl_c_flag() as interrupted:
+    with run.lock, bar, ctrl_c_flag() as interrupted:
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
         if state.step == 0:  # the untrained model's losses: where the curves start
             progress.val_loss = evaluate_and_save(run)["val_loss"]
@@ -317,12 +313,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     checks = [("loss", loss_value)]
     if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
         checks.append(("gradient norm", norm_value))  # that step and lowers its scale
-    for what, value in checks:
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the {what} is {value} at step {state.step + 1}: training stopped before that step "
-                f"changed the weights, and {run.run_dir / 'last'} holds the last good checkpoint; "
-                "lower --lr, keep --grad-clip on, or use --dtype float32")
+    check_finite(run, checks, f"at step {state.step + 1}: training stopped before that step changed the "
+                 "weights")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     state.step += 1
@@ -343,6 +335,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     """
     state = run.state
     train_loss, val_loss = evaluate(run)
+    check_finite(run, [("training loss", train_loss), ("validation loss", val_loss)],
+                 f"at the evaluation of step {state.step}: these weights are not saved")
     improved = keep_score(state, val_loss, run.cfg.min_delta)
     row = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
@@ -351,6 +345,20 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
+
+
+def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
+    """Raise `TrainingDiverged` if one of the named `values` is not finite, naming the checkpoints
+    that are good: last/ is only ever saved after an evaluation whose losses were finite."""
+    for what, value in values:
+        if not math.isfinite(value):
+            last, best, step = run.run_dir / "last", run.run_dir / "best", run.state.best_step
+            saved = (f"{last} holds the last checkpoint with finite losses and {best} the best (step "
+                     f"{step}): resume one (--resume {best}) with a lower --lr"
+                     if math.isfinite(run.state.best_val_loss) else
+                     "no checkpoint was saved: start again with a lower --lr")
+            raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, or use "
+                                   "--dtype float32")
 
 
 def evaluate(run: Run) -> tuple[float, float]:

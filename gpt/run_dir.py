@@ -46,6 +46,7 @@ class RunLock:
     `with` block, or of the process)."""
 
     def __init__(self, run_dir: Path, fd: int, made: list[Path]) -> None:
+        # made: what this start created (the lock file, directories), removed if the start fails
         self.run_dir, self._fd, self._made = run_dir, fd, made
 
     @classmethod
@@ -54,10 +55,15 @@ class RunLock:
         made = _make_writable(run_dir)
         path = run_dir / LOCK_FILE
         while True:
+            exclusive = 0 if path.exists() else os.O_EXCL  # O_EXCL: this start makes the file
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | exclusive, 0o666)
+            except FileExistsError:  # another start made it just now: lock that one
+                continue
             except OSError as exc:
                 raise UserError(f"cannot create {path} ({exc.strerror}); choose another --out") from None
+            if exclusive:
+                made.insert(0, path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -74,14 +80,13 @@ class RunLock:
         return cls(run_dir, fd, made)
 
     def release(self, *, failed: bool = False) -> None:
-        """Drop the lock (closing the file drops it); after a `failed` start, also remove the
-        directories this start made, if it wrote nothing else into them."""
+        """Drop the lock (closing the file drops it); after a `failed` start, also remove what this
+        start made: the lock file, and the directories if it wrote nothing else into them."""
         if self._fd < 0:
             return
-        if failed and self._made and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
-            (self.run_dir / LOCK_FILE).unlink()
-            for directory in self._made:  # run_dir first, then up
-                directory.rmdir()
+        for made in self._made if failed else []:  # the lock file first, then run_dir and up
+            with contextlib.suppress(OSError):  # a directory that is not empty stays
+                made.unlink() if made.name == LOCK_FILE else made.rmdir()
         os.close(self._fd)
         self._fd = -1
 

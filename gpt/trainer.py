@@ -13,7 +13,8 @@
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
 and the checkpoints `last/` (every evaluation) and `best/` (lowest validation loss), each
-`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`). The settings are
+`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`), and `.lock`, which keeps it to one
+writing process (`gpt.run_dir`). The settings are
 `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
 """
 

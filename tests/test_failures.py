@@ -254,8 +254,8 @@ def test_random_kills_lose_nothing_and_leave_no_temporaries(tmp_path) -> None:
     """At least 20 SIGKILLs at random moments of a run that evaluates and saves at every step, each
     followed by a resume: every checkpoint left behind loads, the finished run's weights and metrics
     are a straight run's, and no temporary file is left."""
-    cfg = small(tmp_path, epochs=2, eval_freq=1)
-    straight = train(small(tmp_path, epochs=2, eval_freq=1, run_name="straight"), token_ids=TOKENS)
+    cfg = small(tmp_path, epochs=1, eval_freq=1)
+    straight = train(small(tmp_path, epochs=1, eval_freq=1, run_name="straight"), token_ids=TOKENS)
     run_dir, rng, kills = tmp_path / "run", random.Random(15), 0
     fork = multiprocessing.get_context("fork")  # starts at once: torch is imported already
     while kills < 20:
@@ -292,8 +292,8 @@ def test_random_kills_lose_nothing_and_leave_no_temporaries(tmp_path) -> None:
 def test_init_gpt2_offline_fails_at_once_with_what_to_download(tmp_path, capsys, monkeypatch,
                                                              no_network) -> None:
     """No retries: the hub is asked once whether it can be reached, then only the local cache."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)

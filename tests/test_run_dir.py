@@ -1,5 +1,8 @@
 """The run directory: checked before anything is built, one writer, reusable before its first save."""
 
+import contextlib
+import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -64,16 +67,28 @@ def test_a_bad_output_directory_fails_before_anything_is_built(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"][:1 + (case == "unwritable")]
 
 
-def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys) -> None:
+def _resume_in_child(run_dir: Path, answer) -> None:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            run_cli(lambda: main(["--resume", str(run_dir)]))
+    except SystemExit as exc:
+        answer.send((exc.code, err.getvalue()))
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path) -> None:
+    """A --resume of a run that is still being written: another process (forked, so that it starts at
+    once), refused with the first one's process id."""
     first = setup(tiny(tmp_path, max_steps=4), token_ids=TOKENS)  # holds the lock until its fit ends
-    code = ("import sys; from pathlib import Path; from gpt.errors import run_cli; "
-            "from gpt.train_cli import main; run_cli(lambda: main(['--resume', sys.argv[1]]))")
-    second = subprocess.run([sys.executable, "-c", code, str(first.run_dir)], capture_output=True, text=True,
-                            timeout=120, check=False)
-    assert second.returncode == 2
-    assert second.stderr == (f"error: {first.run_dir} is in use: process {os.getpid()} is writing it (it "
-                             f"holds {first.run_dir / '.lock'}); wait for it to end or stop it, or choose "
-                             "another --run-name\n")
+    answer, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_resume_in_child,
+                                                        args=(first.run_dir, child_end))
+    child.start()
+    assert answer.poll(120)
+    assert answer.recv() == (2, f"error: {first.run_dir} is in use: process {os.getpid()} is writing it (it "
+                                f"holds {first.run_dir / '.lock'}); wait for it to end or stop it, or choose "
+                                "another --run-name\n")
+    child.join()
     fit_result = trainer.fit(first)  # ... and the lock goes with it
     resumed = setup(tiny(tmp_path, max_steps=4), resume=first.run_dir, token_ids=TOKENS)
     assert resumed.state.step == fit_result.step

@@ -7,6 +7,7 @@
           train_step(run, batches)      zero grads, GPT.loss, backward, clip, check finite, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
             evaluate(run)                 measure: train and validation loss
+            check_finite(run, ...)        stop if one is not finite: such weights are never saved
             keep_score(state, ...)        keep score for early stopping
             log_evaluation(run, ...)      metrics.csv, the printed line, loss.png
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
@@ -332,7 +333,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
 
     `stats` is the step just taken (None before the first). Returns the metrics row it logged. The
     row goes to metrics.csv before the checkpoints are saved: a kill in between leaves a row that
-    the resumed run drops and logs again, never a checkpoint without its row.
+    the resumed run drops and logs again, never a checkpoint without its row. Losses that are not
+    finite stop the run here (`check_finite`), before they are logged or their weights saved.
     """
     state = run.state
     train_loss, val_loss = evaluate(run)

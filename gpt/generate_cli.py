@@ -17,8 +17,8 @@ import tiktoken
 import torch
 
 from gpt.checkpoint import latest_checkpoint, load_model, require_model_checkpoint
-from gpt.device import DTYPES, decoding_dtype, pick_device
-from gpt.errors import UserError, describe, run_cli
+from gpt.device import DTYPES, configure_device, decoding_dtype, flag_fixable_errors, pick_device
+from gpt.errors import UserError, run_cli
 from gpt.model import GPT
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -72,7 +72,8 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
                    out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Check every value first (a typo fails at once, not after loading), then sample.
 
-    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
+    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call. Out of memory and
+    a failed `--compile` (at the first token) end in a one-line `UserError` naming the fix.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -80,35 +81,31 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
     torch_device = pick_device(device)
-    model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
-    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
-    if compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # only here: a slow import
-
-        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
-    tokenizer = get_tokenizer()
-    idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
-    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
-    generator = torch.Generator(device=torch_device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    for i in range(num_samples):
-        if num_samples > 1:
-            out.write(f"--- sample {i + 1} of {num_samples} ---\n")
-        out.write(prompt)
-        new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     eos_id=eos_id, use_cache=not no_cache, generator=generator)
-        try:
-            write_text(token_ids(new, eos_id), tokenizer, out)
-        except compile_failed as exc:
-            out.write("\n")
-            cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
-            raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
-                            "a working C++ compiler)") from None
-        out.write("\n")
-        out.flush()
+    configure_device(torch_device)
+    with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
+                             "model, or --device cpu"):
+        model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+        if compile:
+            model = compile_for_decoding(model)
+        tokenizer = get_tokenizer()
+        idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
+        eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
+        generator = torch.Generator(device=torch_device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        for i in range(num_samples):
+            if num_samples > 1:
+                out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+            out.write(prompt)
+            new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_id=eos_id, use_cache=not no_cache, generator=generator)
+            try:
+                write_text(token_ids(new, eos_id), tokenizer, out)
+            finally:  # also before an error, which goes to `err`
+                out.write("\n")
+                out.flush()
 
 
 def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
@@ -128,8 +125,9 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
-        model, source = load_model(found, device), str(found)
-    model = model.to(device=device, dtype=dtype)
+        model, source = load_model(found, "cpu"), str(found)
+    # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
+    model = model.to(dtype=dtype).to(device)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
           f"{str(dtype).removeprefix('torch.')}", file=err)
     return model

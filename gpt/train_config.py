@@ -127,8 +127,10 @@ class TrainConfig:
 
     # system
     dtype: str = "auto"
-    """Autocast precision: auto (bfloat16 where the hardware has it, else float16 on CUDA, else
-    float32), float32, bfloat16 or float16 (CUDA only). Weights stay float32 either way."""
+    """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+, or
+    a CPU with AVX512-BF16/AMX; float16 with a loss scaler on older CUDA GPUs; else float32),
+    float32, bfloat16 (Apple GPUs: macOS 14+) or float16 (CUDA only). Weights stay float32 either
+    way."""
     compile: bool = False
     """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
     BENCHMARKS.md)."""
@@ -141,7 +143,7 @@ class TrainConfig:
     after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
     A setting of the whole process (glibc's mallopt), not undone when training ends."""
     device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one of the visible GPUs) or mps."""
     seed: int = 123
     """Seed of every random number generator (init, dropout, data order)."""
     out: str = "runs"

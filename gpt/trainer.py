@@ -14,9 +14,8 @@
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
 and the checkpoints `last/` (every evaluation) and `best/` (lowest validation loss), each
-`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`), and `.lock`, which keeps it to one
-writing process (`gpt.run_dir`). The settings are
-`gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
+`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`); `gpt.run_dir` locks it. The
+settings are `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
 """
 
 from __future__ import annotations
@@ -43,8 +42,16 @@ from gpt.atomic import write_json
 from gpt.checkpoint import load_model, save_checkpoint
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
-from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import UserError
+from gpt.device import (
+    autocast,
+    configure_device,
+    flag_fixable_errors,
+    keep_freed_memory,
+    pick_device,
+    skipped_step_note,
+    training_dtype,
+)
+from gpt.errors import TrainingDiverged, UserError
 from gpt.loss import evaluate_loss, perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
@@ -135,6 +142,7 @@ def _build(cfg: TrainConfig, opened: OpenedRun, token_ids: tuple[np.ndarray, np.
     run_dir, checkpoint, saved = opened.path, opened.checkpoint, opened.saved
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
+    configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -154,10 +162,11 @@ def _build(cfg: TrainConfig, opened: OpenedRun, token_ids: tuple[np.ndarray, np.
     train_loader, eval_loaders = build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
                                                context_length=context_length,
                                                stride=cfg.stride or context_length,
-                                               eval_batches=cfg.eval_iters, seed=cfg.seed)
+                                               eval_batches=cfg.eval_iters, seed=cfg.seed,
+                                               pin_memory=device.type == "cuda")
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -170,7 +179,7 @@ def _build(cfg: TrainConfig, opened: OpenedRun, token_ids: tuple[np.ndarray, np.
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
-                            num_windows=len(run.windows))
+                            num_windows=len(run.windows), device=device)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
     # Steps after the checkpoint (all, for a start at step 0) are taken again, and log again.
     run.metrics.truncate(up_to_step=run.state.step if checkpoint is not None else -1)
@@ -205,10 +214,6 @@ class TrainResult:
     """Training loss of every step taken in this call, by step number (1 = the first step)."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm stopped being finite."""
-
-
 @dataclass
 class _Progress:
     """What `fit` keeps from step to step besides the run: the bar, the losses, the speed."""
@@ -223,8 +228,11 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`)."""
-    return fit(setup(cfg, resume=resume, token_ids=token_ids))
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
+    `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+                             "--loss-chunk, or use --dtype bfloat16"):
+        return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
 def fit(run: Run) -> TrainResult:
@@ -311,16 +319,18 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         tokens += x.numel()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = total_loss.item(), grad_norm.item()
-    checks = [("loss", loss_value)]
-    if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
-        checks.append(("gradient norm", norm_value))  # that step and lowers its scale
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
+    skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
     check_finite(run, checks, f"at step {state.step + 1}: training stopped before that step changed the "
                  "weights")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     state.step += 1
     state.tokens_seen += tokens
+    if skipped:
+        tqdm.write(skipped_step_note(run.scaler, state.step))
     return StepStats(loss_value, norm_value, lr, tokens)
 
 
@@ -333,8 +343,7 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
 
     `stats` is the step just taken (None before the first). Returns the metrics row it logged. The
     row goes to metrics.csv before the checkpoints are saved: a kill in between leaves a row that
-    the resumed run drops and logs again, never a checkpoint without its row. Losses that are not
-    finite stop the run here (`check_finite`), before they are logged or their weights saved.
+    the resumed run drops and logs again, never a checkpoint without its row.
     """
     state = run.state
     train_loss, val_loss = evaluate(run)
@@ -398,7 +407,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     previous one whole.
     """
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
-                             sampler=run.sampler, num_windows=len(run.windows))
+                             sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     save_checkpoint(run.model, state, run.run_dir / "last")
     if best:
         save_checkpoint(run.model, state, run.run_dir / "best")

@@ -23,7 +23,7 @@ def parameters(func) -> list[str]:
 def test_signatures() -> None:
     assert parameters(gpt.SlidingWindowDataset) == ["token_ids", "context_length", "stride"]
     assert parameters(gpt.create_dataloader) == ["token_ids", "batch_size", "context_length", "stride",
-                                                 "shuffle", "drop_last", "seed", "num_workers"]
+                                                 "shuffle", "drop_last", "seed", "num_workers", "pin_memory"]
     assert parameters(gpt.lm_loss) == ["logits", "targets", "ignore_index", "label_smoothing"]
     assert parameters(gpt.generate) == ["model", "idx", "max_new_tokens", "temperature", "top_k", "top_p",
                                         "eos_id", "use_cache", "generator"]

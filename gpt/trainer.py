@@ -243,7 +243,7 @@ def fit(run: Run) -> TrainResult:
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", disable=None, dynamic_ncols=True)
     with run.lock, bar, ctrl_c_flag() as interrupted:
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
-        if state.step == 0:  # the untrained model's losses: where the curves start
+        if state.step == 0 and not logged:  # the untrained model's losses (a step-0 checkpoint has them)
             progress.val_loss = evaluate_and_save(run)["val_loss"]
         stop = None
         while stop is None:

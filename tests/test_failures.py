@@ -246,6 +246,22 @@ def test_weights_whose_evaluation_is_not_finite_are_not_saved(tmp_path) -> None:
 # ---- kill -9 at random moments ----------------------------------------------------------------
 
 
+def test_a_run_resumed_from_its_step_0_checkpoint_evaluates_step_0_once(tmp_path) -> None:
+    """Killed after the first save (step 0), before the first step: the resumed run is the straight one,
+    with one step-0 row (found by the kill loop below: it used to log step 0 again)."""
+    straight = train(small(tmp_path, run_name="straight", max_steps=4, eval_freq=2), token_ids=TOKENS)
+    cfg = small(tmp_path, max_steps=4, eval_freq=2)
+    run = setup(cfg, token_ids=TOKENS)
+    run.total_steps = 0  # stops right after the step-0 evaluation and its checkpoint
+    fit(run)
+    resumed = train(cfg, resume=run.run_dir, token_ids=TOKENS)
+    assert resumed.step_losses == straight.step_losses
+    rows, straight_rows = (MetricsLog(d / "metrics.csv").rows() for d in (run.run_dir, tmp_path / "straight"))
+    assert [(r["step"], r["val_loss"]) for r in rows] == [(r["step"], r["val_loss"]) for r in straight_rows]
+    counters = [load_train_state(d / "last")["state"] for d in (run.run_dir, tmp_path / "straight")]
+    assert counters[0] == counters[1]  # evals_since_best too: step 0 was not counted twice
+
+
 def _train_in_child(cfg, resume) -> None:
     train(cfg, resume=resume, token_ids=TOKENS)
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gpt.atomic import atomic_directory, resolve_directory
 from gpt.config import GPTConfig
-from gpt.errors import UserError, first_line
+from gpt.errors import UserError, describe, first_line
 from gpt.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
@@ -117,7 +117,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:  # ValueError: a header that is not JSON, say
         raise UserError(f"cannot read {path} ({first_line(exc)}); the file is truncated or not "
                         "safetensors: replace it with a complete copy") from None
 
@@ -167,6 +167,20 @@ def write_checkpoint(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state:
         torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, tmp / TRAIN_STATE_FILE)
 
 
+def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:
+    """What `torch.load(path, weights_only=True)` reads, on the CPU: the file is data, never code, even
+    if someone hands us a malicious one. The one place a `.pt`/`.bin` file is read; when it cannot be,
+    a `UserError` names the file and `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **load_args)
+    except Exception as exc:  # a damaged file makes the unpickler raise almost anything (KeyError, ...)
+        # The unpickler's own message advises weights_only=False, which would run the file's code.
+        reason = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) else describe(exc)
+        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True) ({reason}): the file "
+                        "is truncated, not a PyTorch file, or holds objects other than tensors and plain "
+                        f"values (refused unread); {fix}") from None
+
+
 def load_train_state(directory: Path) -> dict[str, Any]:
     """The `train_state` saved by `save_checkpoint` in `directory` (tensors on the CPU).
 
@@ -178,15 +192,7 @@ def load_train_state(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} is missing, so {directory} cannot be resumed (a weights-only "
                         f"checkpoint); start a new run from its weights with --init {directory}")
-    try:
-        # weights_only: the file is data, never code, even if someone hands us a malicious one.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}): the file is truncated or not a "
-                        "PyTorch file; resume from another checkpoint (best/) or start a new run") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors and plain values, so it was not "
-                        "written by this trainer; it is refused unread") from None
+    state = read_torch_file(path, "resume from another checkpoint (best/) or start a new run")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path} is not a training state of format {TRAIN_STATE_FORMAT} (found "

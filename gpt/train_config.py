@@ -41,6 +41,8 @@ PARALLEL_MODES = ("ddp", "fsdp")
 RENAMED = {"errors": "decode_errors"}
 """Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
 old flag stays an alias of the new one."""
+RUN_CONFIG_FILE = "train_config.json"
+"""A run directory's record of its settings (`TrainConfig.to_dict`), written when the run starts."""
 
 
 def flag(name: str) -> str:
@@ -368,6 +370,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8, comments included
+        raise UserError(f"--config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path} is not valid TOML: {exc}") from None
     return current_names({key.replace("-", "_"): value for key, value in data.items()})

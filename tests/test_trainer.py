@@ -237,7 +237,7 @@ def test_run_directory_files(tmp_path) -> None:
     result = train(tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3), token_ids=TOKENS)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best", "last", "loss.png", "metrics.csv", "train_config.json"]
+        ".lock", "best", "last", "loss.png", "metrics.csv", "train_config.json"]
     for checkpoint in ("best", "last"):
         assert sorted(p.name for p in (run_dir / checkpoint).iterdir()) == [
             "config.json", "model.safetensors", "train_state.pt"]

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.answers import sample_answer, val_exact_match
+from gpt.answers import val_exact_match
 from gpt.atomic import write_json
 from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
@@ -57,9 +57,9 @@ from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
 from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
+from gpt.report import print_header, print_sample, print_summary
 from gpt.resume import TrainState, checkpoint_state, restore, seed_everything
 from gpt.run_dir import OpenedRun, RunLock, open_run_dir
-from gpt.sampling import sample_text
 from gpt.saver import CheckpointSaver
 from gpt.tb import TensorBoardLog
 from gpt.teacher import load_teacher
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None,
 def fit(run: Run) -> TrainResult:
     """Train until all steps are done, early stopping fires, or Ctrl-C; see the module docstring."""
     state = run.state
-    _print_header(run)
+    print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=None if run.dist.is_main else True)  # None: shown on a terminal
@@ -269,16 +269,10 @@ def fit(run: Run) -> TrainResult:
         while stop is None:
             stop = _train_epoch(run, progress)
     if stop != "interrupted":
-        _print_sample(run, "at the end")
-    best = state.best_val_loss
-    print(f"best validation loss {best:.4f} (perplexity {perplexity(best):.1f}) at step {state.best_step}: "
-          f"weights in {run.run_dir / 'best'}")
-    if stop == "early_stop":
-        print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
-    if stop == "interrupted":
-        print(f"interrupted at step {state.step}; {run.run_dir / 'last'} is saved; continue with: "
-              f"python train.py --resume {run.run_dir}")
-    return TrainResult(run.run_dir, stop, state.step, state.best_step, best, progress.step_losses)
+        print_sample(run, "at the end")
+    print_summary(run, stop)
+    return TrainResult(run.run_dir, stop, state.step, state.best_step, state.best_val_loss,
+                       progress.step_losses)
 
 
 def _train_epoch(run: Run, progress: _Progress) -> str | None:
@@ -313,7 +307,7 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
             if run.last_saved != state.step:  # last/ is older than this step
                 save_checkpoints(run, last=True, best=False)
             return "interrupted"
-    _print_sample(run, f"after epoch {epoch + 1}")
+    print_sample(run, f"after epoch {epoch + 1}")
     return None
 
 
@@ -452,26 +446,3 @@ def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
     if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
         run.saver.save(run.model, state, directories)
     run.last_saved = run.state.step if last else run.last_saved
-
-
-# ---- samples, the header line -----------------------------------------------------------------
-
-
-def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0 and run.dist.is_main:  # records: the answer to the first validation prompt
-        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
-            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
-                             dtype=run.dtype)
-        tqdm.write(f"sample {when}: " + text.replace("\n", " "))
-
-
-def _print_header(run: Run) -> None:
-    cfg, windows = run.cfg, len(run.windows)
-    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
-    data = run.records.describe(windows, run.windows.context_length) if run.records else \
-        f"{windows} training windows"
-    print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
-          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
-          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
-          f"step {run.state.step} now; "
-          f"run directory {run.run_dir}")

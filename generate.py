@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "GPUs without bf16; float32 for the exact trained weights")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole window for every token (slow; for checking)")
+    parser.add_argument("--quantize", default="none", metavar="SCHEME",
+                        help="weights for faster decoding: none (default), int8 (weight-only int8 in "
+                             "every linear layer, the LM head included) or int8-no-head (the head "
+                             "stays bfloat16); int8 needs bfloat16 on a CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model with frozen weights: 15-20 s once, then ~1.3x the "
                              "tokens/s on a CPU; pays for long or many samples (see BENCHMARKS.md)")

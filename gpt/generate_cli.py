@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -15,6 +16,7 @@ from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoin
 from gpt.device import decoding_dtype, pick_device
 from gpt.errors import UserError, describe
 from gpt.model import GPT
+from gpt.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -95,7 +97,7 @@ def token_ids(new: Iterable[torch.Tensor], eos_id: int | None) -> Iterator[int]:
 def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
                    init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
-                   out: TextIO | None = None, err: TextIO | None = None) -> None:
+                   quantize: str = "none", out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Check every value first (a typo fails in a second, not after loading), then sample.
 
     `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
@@ -109,8 +111,17 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
     check_sampling_args(temperature, top_k, top_p)
     if checkpoint is not None and init is not None:
         raise UserError("--checkpoint and --init both name weights to load; pass only one")
+    check_scheme(quantize)
     torch_device = pick_device(device)
-    model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+    torch_dtype = decoding_dtype(dtype, torch_device)
+    if quantize != "none":
+        check_int8_supported(torch_device, torch_dtype)
+    model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
+    started = time.perf_counter()
+    # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
+    model = prepare_for_decoding(model, quantize, pack=not compile)
+    if quantize != "none":
+        print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
     compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
     if compile:
         from torch._dynamo.exc import BackendCompilerFailed  # only here: importing it takes ~1 s

@@ -5,6 +5,7 @@ from gpt.data import SlidingWindowDataset, create_dataloader
 from gpt.errors import UserError
 from gpt.loss import evaluate_loss, lm_loss, perplexity
 from gpt.model import GPT
+from gpt.quantize import prepack, quantize_int8
 from gpt.sampling import generate, stream
 from gpt.tokenizer import get_tokenizer
 from gpt.weights import load_pretrained, save_hf
@@ -21,6 +22,8 @@ __all__ = [
     "lm_loss",
     "load_pretrained",
     "perplexity",
+    "prepack",
+    "quantize_int8",
     "save_hf",
     "stream",
 ]

@@ -3,7 +3,7 @@
 import inspect
 
 import gpt
-from gpt import data, loss, model, sampling, weights
+from gpt import data, loss, model, quantize, sampling, weights
 
 
 def test_exports_are_the_package_objects() -> None:
@@ -13,6 +13,7 @@ def test_exports_are_the_package_objects() -> None:
     assert gpt.lm_loss is loss.lm_loss and gpt.perplexity is loss.perplexity
     assert gpt.generate is sampling.generate
     assert gpt.load_pretrained is weights.load_pretrained and gpt.save_hf is weights.save_hf
+    assert gpt.quantize_int8 is quantize.quantize_int8 and gpt.prepack is quantize.prepack
     assert all(hasattr(gpt, name) for name in gpt.__all__)
 
 
@@ -32,3 +33,4 @@ def test_signatures() -> None:
     assert keyword_only == ["temperature", "top_k", "top_p", "eos_id", "use_cache", "generator"]
     assert parameters(gpt.load_pretrained) == ["name_or_path", "overrides"]
     assert parameters(gpt.save_hf) == ["model", "out_dir"]
+    assert parameters(gpt.quantize_int8) == ["model", "include_head"]

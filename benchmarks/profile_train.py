@@ -11,11 +11,12 @@ casts, LayerNorm/GELU, dropout, optimizer (with the gradient-norm clip), embeddi
 
 How an op is counted: each profiled op's own time (its children's excluded) goes to the first kind
 in `KINDS` that matches its name or the name of any op or autograd node it runs inside. So a cast
-inside a matmul is a cast, and everything inside attention (its matmuls and its dropout, when SDPA
-runs its math kernel) is attention. Backward nodes are matched by name: the math kernel's backward
-is made of plain ops (`BmmBackward0`, `SoftmaxBackward0`: only attention uses them here), and
-dropout's backward is a `MulBackward0` (the model multiplies nothing else in backward, bar the math
-kernel's scaling of the scores).
+inside a matmul is a cast, and everything inside SDPA (its matmuls and, in its math kernel, its
+dropout) is attention. Attention written out (`reference_attention`, which the model trains through
+with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls,
+softmax and the causal mask's fill are attention (nothing else in the model uses them), and its
+dropout is dropout. Dropout's backward is a `MulBackward0` (the model multiplies nothing else in
+backward, bar the scaling of q and k in attention).
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ import torch
 from bench_train import batches, machine
 from torch.autograd.profiler_util import FunctionEvent
 
-# (kind, name fragments): the first kind with a fragment in the op's or an enclosing op's name wins.
+# (kind, name fragments): the first kind with a fragment in the op's or an enclosing op's name wins
+# (so LogSoftmaxBackward is the LM head's before SoftmaxBackward can make it attention).
 KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("optimizer", ("Optimizer.", "_fused_adam", "_foreach_norm", "_foreach_mul", "clip_grad")),
-    ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "aten::bmm",
-                   "BmmBackward", "aten::_softmax", "SoftmaxBackward")),
     ("LM-head softmax/CE", ("cross_entropy", "log_softmax", "nll_loss", "LogSoftmaxBackward",
                             "NllLossBackward", "logsumexp")),
+    ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "aten::bmm",
+                   "BmmBackward", "aten::_softmax", "SoftmaxBackward", "masked_fill",
+                   "MaskedFillBackward")),
     ("dropout", ("dropout", "bernoulli", "MulBackward0")),
     ("LayerNorm/GELU", ("layer_norm", "LayerNormBackward", "gelu", "GeluBackward")),
     ("casts", ("aten::to", "aten::_to_copy", "ToCopyBackward")),

@@ -5,7 +5,7 @@ writes runs/<start time>/ with metrics.csv, loss.png and the checkpoints best/ a
 """
 
 from gpt.errors import run_cli
-from gpt.trainer import main
+from gpt.train_cli import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -40,7 +40,7 @@ def rss_mb() -> dict[str, float]:
 
 
 def child_tokenize(path: Path, data_dir: Path) -> dict[str, Any]:
-    from gpt.data import load_tokens
+    from gpt.token_cache import load_tokens
     from gpt.tokenizer import get_tokenizer
 
     get_tokenizer()  # built before the clock starts: a one-off cost, not per-megabyte

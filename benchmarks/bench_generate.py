@@ -48,7 +48,8 @@ def build_models(preset: str, seed: int) -> tuple[GPT, GPT2LMHeadModel]:
     torch.manual_seed(seed)
     ours = GPT(GPTConfig.preset(preset, drop_rate=0.0)).eval()
     hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config))).eval()
-    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=True)
+    # Not strict: a tied head is stored once, as wte, which HF's head shares.
+    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
     return ours, hf
 
 

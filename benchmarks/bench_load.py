@@ -58,7 +58,8 @@ def child(method: str, directory: Path) -> None:
 
         cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
         model = GPT(cfg)
-        model.load_state_dict(to_gpt_state_dict(load_file(directory / "model.safetensors"), cfg))
+        state = to_gpt_state_dict(load_file(directory / "model.safetensors"), cfg)
+        model.load_state_dict(state, strict=False)  # a tied head is stored once, as tok_emb.weight
     else:
         model = load_pretrained(directory)
         if method == "copy":

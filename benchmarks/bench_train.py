@@ -117,7 +117,7 @@ def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, dev
 
 def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
     """`python train.py`'s settings for this shape and batch, bar `settings` (a `TrainConfig`)."""
-    from gpt.trainer import TrainConfig
+    from gpt.train_config import TrainConfig
 
     shape = SHAPES[args.shape]
     return TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
@@ -152,7 +152,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     seed_everything(defaults.seed)  # then the model `setup` builds for the gpt rows: the same weights
     ours = build_model(defaults)
     hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
-    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=True)
+    # Not strict: a tied head is stored once, as wte, which HF's head shares.
+    hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     hf.to(device).train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=ADAM_BETAS,

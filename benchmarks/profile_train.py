@@ -73,7 +73,8 @@ def kind_of(event: FunctionEvent) -> str:
 def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: float | None,
                   ) -> tuple[dict[str, float], dict[str, float], float]:
     """(microseconds by kind, microseconds by op name, wall seconds per step) for `steps` steps."""
-    from gpt.trainer import TrainConfig, setup, train_step
+    from gpt.train_config import TrainConfig
+    from gpt.trainer import setup, train_step
 
     settings = SHAPES[shape]
     extra = {} if drop_rate is None else {"drop_rate": drop_rate}

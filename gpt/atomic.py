@@ -1,6 +1,7 @@
 """Writing files and directories so that a kill at any moment leaves the old version or the new one
 whole, never half of one: the token cache and downloads (`gpt.data`), checkpoints and exports
-(`gpt.checkpoint`, `gpt.weights`), the loss plot and the run's settings (`gpt.plot`, `gpt.trainer`).
+(`gpt.checkpoint`, `gpt.weights`), the loss plot, the run's settings and a resumed run's metrics.csv
+(`gpt.plot`, `gpt.trainer`, `gpt.metrics`).
 
 A file (`atomic_file`) is written under a temporary name beside it, flushed to disk, then renamed
 over the target in one step (`os.replace`).

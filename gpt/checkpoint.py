@@ -1,5 +1,9 @@
 """Checkpoints as directories, written atomically: `model.safetensors` + `config.json` (+ more).
 
+`model_from_state_dict` is the one place a `GPT` is made from stored tensors (ours, or GPT-2's once
+`gpt.weights` has converted their names) and its head tied to the embedding again; `load_model`
+reads our checkpoints with it.
+
 A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters, data-loader
 position, RNG states and training config, as plain tensors and Python containers that
 `torch.load(..., weights_only=True)` reads without running any code from the file.
@@ -12,16 +16,18 @@ whole, never a mix.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 
 from gpt.atomic import atomic_directory, resolve_directory
 from gpt.config import GPTConfig
-from gpt.errors import UserError
+from gpt.errors import UserError, first_line
 from gpt.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,6 +50,19 @@ def find_model_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def require_model_checkpoint(path: Path, flag: str | None = None) -> Path:
+    """`find_model_checkpoint(path)`, or a `UserError` saying what `path` should be.
+
+    `flag` is how the user gave `path` (e.g. `--checkpoint`), for the message.
+    """
+    found = find_model_checkpoint(path)
+    if found is None:
+        given = f"{flag} {path}" if flag else str(path)
+        raise UserError(f"{given} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor a run "
+                        "directory (with best/ or last/); pass e.g. runs/<run-name>")
+    return found
+
+
 def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Path | None:
     """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none."""
     candidates = [resolve_directory(run / which) for run in Path(runs_dir).glob("*/")]
@@ -51,45 +70,80 @@ def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Pat
     return max(candidates, key=lambda c: (c / WEIGHTS_FILE).stat().st_mtime, default=None)
 
 
-def save_model(model: GPT, directory: Path) -> None:
-    """Write `model.safetensors` and `config.json` into `directory` (not atomic by itself)."""
-    directory = Path(directory)
+def stored_state(model: GPT) -> dict[str, Tensor]:
+    """What a checkpoint stores of `model`: its state dict, except that a tied head is stored once,
+    as `tok_emb.weight` (`lm_head.weight` would be the same tensor again)."""
     state = model.state_dict()
     if model.config.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as tok_emb.weight; stored once
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+        del state["lm_head.weight"]
+    return state
+
+
+def stored_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `stored_state` gives for a `GPT(cfg)`, computed on the meta device."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in stored_state(GPT(cfg)).items()}
+
+
+def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, Tensor], where: str) -> GPT:
+    """A `GPT(cfg)` whose parameters are the tensors of `state`, taken as they are (not copied).
+
+    `state` must hold exactly the tensors of `stored_state`, with their shapes; otherwise a
+    `UserError` naming `where` (the file) says what does not match. The model is built on the meta
+    device (no memory, no random init) and then *assigned* the tensors, so a memory-mapped file stays
+    the only copy of the weights; the head is then re-tied. The one loader: `load_model` reads our
+    checkpoints with it, `gpt.weights` the published formats once their names are converted.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {name: tuple(t.shape) for name, t in stored_state(model).items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise UserError(f"{where} does not match its config (n_layers={cfg.n_layers}, qkv_bias="
+                        f"{cfg.qkv_bias}, tie_embeddings={cfg.tie_embeddings}): missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; load it with the config it was saved with")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise UserError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, its config implies "
+                            f"{expected[name]}; load it with the config it was saved with")
+    model.load_state_dict(state, strict=False, assign=True)  # not strict: a tied head is not stored
+    model.tie_weights()
+    return model
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; on the CPU, views of its copy-on-write memory map, so
+    nothing is read until used and training writes to private pages, never to the file."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path} ({first_line(exc)}); the file is truncated or not "
+                        "safetensors: replace it with a complete copy") from None
+
+
+def save_model(model: GPT, directory: Path) -> None:
+    """Write `model.safetensors` (`stored_state`) and `config.json` into `directory` (not atomic by
+    itself)."""
+    directory = Path(directory)
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in stored_state(model).items()},
               directory / WEIGHTS_FILE)
     model.config.save(directory / CONFIG_FILE)
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
-    """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`."""
+def load_model(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
+    """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`.
+
+    `overrides` replace fields of its `config.json` (e.g. `drop_rate=0.0`); the weights must still fit.
+    What `--resume`, `--init` of a checkpoint, `generate.py` and `python -m gpt.export` all read with.
+    """
     directory = resolve_directory(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint {directory} has no {name}; is it a checkpoint directory?")
-    cfg = GPTConfig.load(directory / CONFIG_FILE)
-    try:
-        state = load_file(directory / WEIGHTS_FILE, device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {directory / WEIGHTS_FILE} ({exc}); the file is truncated "
-                        "or not safetensors") from None
-    with torch.device("meta"):
-        model = GPT(cfg)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise UserError(f"{directory / WEIGHTS_FILE} does not match its config.json: missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != shapes[name]:
-            raise UserError(f"{directory / WEIGHTS_FILE}: tensor {name!r} has shape "
-                            f"{tuple(tensor.shape)}, config.json implies {shapes[name]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
-    return model.to(device)
+    cfg = GPTConfig.load(directory / CONFIG_FILE).replace(**overrides)
+    state = read_safetensors(directory / WEIGHTS_FILE, device)
+    return model_from_state_dict(cfg, state, str(directory / WEIGHTS_FILE))
 
 
 def save_checkpoint(model: GPT, train_state: dict[str, Any], directory: Path) -> None:

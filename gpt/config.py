@@ -8,17 +8,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.errors import UserError
+from gpt.errors import UserError, describe
 
 GPT2_VOCAB_SIZE = 50257
 
 
-class ConfigError(UserError, ValueError):
-    """An impossible model configuration (a `ValueError`, so plain Python callers can catch it)."""
+class ConfigError(UserError):
+    """An impossible or unreadable configuration (a `UserError`, hence also a `ValueError`)."""
+
+
+def check_known_fields(names: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Raise `ConfigError` if `names` (e.g. a dict's keys) holds one not in `known`.
+
+    A misspelt setting is an error, never silently dropped. `what` names one entry in the message:
+    `unknown {what}(s) a, b; known: x, y, z`.
+    """
+    known = list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; `ConfigError` (one line) if it cannot be read, is not JSON,
+    or holds something else. `what` says what the file should hold, e.g. "a model config"."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"cannot read {path} ({describe(exc)}); it should hold {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; it should hold {what}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -88,11 +113,11 @@ class GPTConfig:
         key = PRESET_ALIASES.get(name, name)
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
-        return dataclasses.replace(PRESETS[key], **overrides)
+        return PRESETS[key].replace(**overrides)
 
     def replace(self, **overrides: Any) -> GPTConfig:
-        """A copy with some fields changed (checked again by `__post_init__`)."""
-        return dataclasses.replace(self, **overrides)
+        """A copy with some fields changed (an unknown name is an error; checked by `__post_init__`)."""
+        return self.from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,10 +125,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
         """Build from a dict such as `config.json`; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "GPTConfig field")
         return cls(**data)
 
     def save(self, path: Path) -> None:
@@ -111,13 +133,7 @@ class GPTConfig:
 
     @classmethod
     def load(cls, path: Path) -> GPTConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read model config {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config {path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "a model config (GPTConfig fields)"))
 
 
 def _divisors(n: int) -> list[int]:
@@ -130,11 +146,10 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
     "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
     "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
-    # The default of `python train.py`: 16M parameters (13M of them the embedding), trains on the
-    # built-in corpus on a 2-core CPU in about two minutes. No qkv bias, as in the book's from-scratch
-    # run. No dropout: for the default run's 3 epochs it only slowed learning (validation loss 4.20
-    # with 0.1 against 4.07 without) and cost ~20% of the step time; the padded vocabulary saves
-    # ~5% of it (BENCHMARKS.md).
+    # The default of `python train.py`: 16M parameters (13M of them the embedding), small enough to
+    # train on the built-in corpus on a laptop CPU in minutes. No qkv bias, as in the book's
+    # from-scratch run. No dropout: over the default run's few epochs it only slowed learning, and it
+    # costs step time; the vocabulary is padded for faster matmul shapes (both: BENCHMARKS.md).
     "mini": GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.0,
                       qkv_bias=False, vocab_pad_multiple=64),
     # For tests and smoke runs: seconds, not minutes.

@@ -1,15 +1,17 @@
 """The one exception type the command-line fronts turn into a one-line message.
 
 Library code raises `UserError` for problems the user can fix (a missing file, a bad flag, a corrupt
-checkpoint). `train.py` and `generate.py` print its message as `error: ...` and exit with status 2,
-with no traceback. Anything else is a bug and keeps its traceback.
+checkpoint, a bad argument). It is a `ValueError`, so a Python caller that passes a bad value can
+catch it as one. Every command's `main` runs through `run_cli`, which prints the message as
+`error: ...` and exits with status 2, with no traceback. Anything else is a bug and keeps its
+traceback.
 """
 
 import sys
 from collections.abc import Callable
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
 
 

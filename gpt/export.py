@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt.checkpoint import find_model_checkpoint, load_model
-from gpt.errors import UserError, run_cli
+from gpt.checkpoint import load_model, require_model_checkpoint
+from gpt.errors import run_cli
 from gpt.weights import save_hf
 
 
@@ -20,11 +20,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a run directory (its best/, else its last/, is exported) or a checkpoint")
     parser.add_argument("out_dir", type=Path, help="where to write config.json and model.safetensors")
     args = parser.parse_args(argv)
-    checkpoint = find_model_checkpoint(args.run_dir)
-    if checkpoint is None:
-        raise UserError(f"{args.run_dir} is neither a checkpoint directory nor a run directory with best/ "
-                        "or last/; pass e.g. runs/<run-name>")
-    save_hf(load_model(checkpoint), args.out_dir)
+    save_hf(load_model(require_model_checkpoint(args.run_dir)), args.out_dir)
     print(f"wrote {args.out_dir}; transformers.GPT2LMHeadModel.from_pretrained('{args.out_dir}') loads it")
 
 

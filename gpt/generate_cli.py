@@ -1,7 +1,12 @@
-"""What `generate.py` does once its flags are parsed: check them, load a model, stream text out."""
+"""The `generate.py` command: sample text from a checkpoint or GPT-2 weights, streamed to the terminal.
+
+`build_parser` holds its flags and `main(argv)` runs it: check every value, load a model, write the
+text as it is sampled. `generate.py` at the repository root only calls `main`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import sys
 import time
@@ -12,13 +17,113 @@ from typing import TextIO
 import tiktoken
 import torch
 
-from gpt.checkpoint import WEIGHTS_FILE, find_model_checkpoint, latest_checkpoint, load_model
-from gpt.device import decoding_dtype, pick_device
-from gpt.errors import UserError, describe
+from gpt.checkpoint import latest_checkpoint, load_model, require_model_checkpoint
+from gpt.device import DTYPES, decoding_dtype, pick_device
+from gpt.errors import UserError, describe, run_cli
 from gpt.model import GPT
 from gpt.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.weights import load_pretrained
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Sample text from a trained checkpoint or from GPT-2 weights, streamed to the terminal.")
+    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample only among the k most likely tokens (default 50)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="then only within the nucleus of this probability mass, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    parser.add_argument("--num-samples", type=int, default=1, help="how many continuations (default 1)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", type=Path, default=None, metavar="RUN_DIR",
+                         help="a run directory (its best/, else last/) or a checkpoint directory; "
+                              "default: the most recent run under runs/")
+    weights.add_argument("--init", default=None, metavar="NAME_OR_PATH",
+                         help="GPT-2 weights instead of a checkpoint: gpt2, gpt2-medium, ... or a path")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: bfloat16 (each token reads every weight, so half the bytes decode "
+                             "faster, also on CPU), float16 on GPUs without bf16; float32 for the exact "
+                             "trained weights")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole window for every token (slow; for checking)")
+    parser.add_argument("--quantize", default="none", metavar="SCHEME",
+                        help="weights for faster decoding: none (default), int8 (weight-only int8 in "
+                             "every linear layer, the LM head included) or int8-no-head (the head "
+                             "stays bfloat16); int8 needs bfloat16 on a CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model with frozen weights: a one-time compilation, then "
+                             "more tokens/s on a CPU; pays for long or many samples (see BENCHMARKS.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_generation(**vars(build_parser().parse_args(argv)))
+
+
+def cli() -> None:
+    """The console-script entry point."""
+    run_cli(main)
+
+
+def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
+                   init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
+                   quantize: str = "none", out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Check every value first (a typo fails at once, not after loading), then sample.
+
+    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
+    check_scheme(quantize)
+    torch_device = pick_device(device)
+    torch_dtype = decoding_dtype(dtype, torch_device)
+    if quantize != "none":
+        check_int8_supported(torch_device, torch_dtype)
+    model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
+    started = time.perf_counter()
+    # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
+    model = prepare_for_decoding(model, quantize, pack=not compile)
+    if quantize != "none":
+        print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
+    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
+    if compile:
+        from torch._dynamo.exc import BackendCompilerFailed  # only here: a slow import
+
+        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
+    tokenizer = get_tokenizer()
+    idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
+    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
+    generator = torch.Generator(device=torch_device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    for i in range(num_samples):
+        if num_samples > 1:
+            out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+        out.write(prompt)
+        new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     eos_id=eos_id, use_cache=not no_cache, generator=generator)
+        try:
+            write_text(token_ids(new, eos_id), tokenizer, out)
+        except compile_failed as exc:
+            out.write("\n")
+            cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
+            raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
+                            "a working C++ compiler)") from None
+        out.write("\n")
+        out.flush()
 
 
 def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
@@ -29,18 +134,12 @@ def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
             raise UserError(f"no checkpoint found under {runs_dir}/; train one with `python train.py`, "
                             "or start from GPT-2 weights with `--init gpt2`")
         return found
-    found = find_model_checkpoint(path)
-    if found is not None:
-        return found
-    raise UserError(f"--checkpoint {path} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor "
-                    "a run directory (with best/ or last/); pass e.g. runs/<run-name>")
+    return require_model_checkpoint(path, "--checkpoint")
 
 
 def load_for_generation(checkpoint: Path | None, init: str | None, device: torch.device,
                         dtype: torch.dtype, err: TextIO) -> GPT:
     if init is not None:
-        from gpt.weights import load_pretrained  # imported only when asked for: it may pull in more
-
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
@@ -94,59 +193,5 @@ def token_ids(new: Iterable[torch.Tensor], eos_id: int | None) -> Iterator[int]:
         yield token_id
 
 
-def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                   top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
-                   init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
-                   quantize: str = "none", out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """Check every value first (a typo fails in a second, not after loading), then sample.
-
-    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
-    """
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    if max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
-    check_sampling_args(temperature, top_k, top_p)
-    if checkpoint is not None and init is not None:
-        raise UserError("--checkpoint and --init both name weights to load; pass only one")
-    check_scheme(quantize)
-    torch_device = pick_device(device)
-    torch_dtype = decoding_dtype(dtype, torch_device)
-    if quantize != "none":
-        check_int8_supported(torch_device, torch_dtype)
-    model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
-    started = time.perf_counter()
-    # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
-    model = prepare_for_decoding(model, quantize, pack=not compile)
-    if quantize != "none":
-        print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
-    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
-    if compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # only here: importing it takes ~1 s
-
-        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
-    tokenizer = get_tokenizer()
-    idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
-    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
-    generator = torch.Generator(device=torch_device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    for i in range(num_samples):
-        if num_samples > 1:
-            out.write(f"--- sample {i + 1} of {num_samples} ---\n")
-        out.write(prompt)
-        new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     eos_id=eos_id, use_cache=not no_cache, generator=generator)
-        try:
-            write_text(token_ids(new, eos_id), tokenizer, out)
-        except compile_failed as exc:
-            out.write("\n")
-            cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
-            raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
-                            "a working C++ compiler)") from None
-        out.write("\n")
-        out.flush()
+if __name__ == "__main__":
+    run_cli(main)

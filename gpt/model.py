@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.config import GPTConfig
+from gpt.errors import UserError
+from gpt.loss import head_loss, lm_loss
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -144,7 +146,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, LM head. `GPT(cfg)(idx)` -> logits."""
+    """GPT-2: embeddings, `n_layers` blocks, final LayerNorm, LM head. `GPT(cfg)(idx)` -> logits,
+    `GPT(cfg).loss(idx, targets)` -> the mean next-token cross-entropy (what training minimises)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -186,15 +189,27 @@ class GPT(nn.Module):
             hidden = hidden[:, -1:]  # (B, 1, C)
         return self.lm_head(hidden)[..., :self.config.vocab_size]  # padding rows' logits dropped
 
+    def loss(self, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
+        """Token ids (B, T) and next-token targets (B, T) -> mean cross-entropy, a float32 scalar.
+
+        The same as `lm_loss(self(idx), targets)` (targets equal to `IGNORE_INDEX` left out), through
+        `gpt.loss.head_loss`: with `chunk_size` N the LM head and the loss run N positions at a time,
+        so the (B, T, V) logits never exist whole. The head's padding rows get no logits.
+        """
+        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.quantize): no
+            return lm_loss(self(idx), targets)  # plain weight to chunk, so the logits in full
+        hidden = self.hidden_states(idx)  # (B, T, C)
+        return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
+
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.
 
-        Kept separate so a loss can apply the head in chunks instead of materialising (B, T, V).
+        Kept separate so that `loss` can apply the head in chunks instead of materialising (B, T, V).
         """
         T = idx.size(1)
         start = kv_cache[0].length if kv_cache else 0
         if start + T > self.config.context_length:
-            raise ValueError(
+            raise UserError(
                 f"sequence length {start + T} exceeds the model's context_length "
                 f"{self.config.context_length}; crop the input to the last "
                 f"{self.config.context_length} tokens"
@@ -238,3 +253,12 @@ class GPT(nn.Module):
         if count_tied_head_twice and cfg.tie_embeddings:
             total += head
         return total
+
+    def tie_weights(self) -> None:
+        """Make the LM head the token embedding's Parameter again, if the config ties them.
+
+        Needed after `load_state_dict(..., assign=True)`, which gives each name its own Parameter;
+        `gpt.checkpoint.model_from_state_dict` is the one loader that calls it.
+        """
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gpt.device import cpu_has_native_bf16
+from gpt.device import has_native_bf16
 from gpt.errors import UserError
 from gpt.model import GPT
 
@@ -172,7 +172,7 @@ def can_prepack(model: GPT) -> bool:
     """Whether `prepack` applies: bf16 weights on a CPU whose oneDNN runs bf16 natively."""
     weight = model.tok_emb.weight
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and cpu_has_native_bf16())
+            and torch.backends.mkldnn.is_available() and has_native_bf16(weight.device))
 
 
 def prepack(model: GPT) -> GPT:

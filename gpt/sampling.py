@@ -3,7 +3,7 @@
 Three layers, each usable on its own:
 
     sample_next(logits, ...)   one step on (B, V) logits: greedy, or temperature -> top-k -> top-p -> draw
-    Decoder(model, ...)        the model side: tokens in, next-token logits out (cached or not)
+    DecodeSession(model, ...)  the model side: tokens in, next-token logits out (cached or not)
     stream(model, idx, ...)    the loop: yields each new (B,) token; `generate` collects it
 
 Beyond the context. The model has absolute position embeddings, so a cached key is only valid for the
@@ -31,8 +31,14 @@ from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise `UserError` for a value `sample_next` cannot use; the message names the flag's range."""
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None,
+                        top_p: float | None) -> None:
+    """Raise `UserError` for a value `stream` cannot use; the message names the accepted range.
+
+    `stream` calls it; `generate.py` calls it too, before loading a model, so that a typo fails at once.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:  # also rejects NaN
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -85,24 +91,24 @@ def compile_for_decoding(model: Module) -> Module:
 
     A cached decoding step multiplies one vector by every weight matrix, so its speed is how fast the
     weights stream from memory. Freezing lets inductor treat the weights as constants and pre-pack
-    each matrix into the blocked layout oneDNN's kernels read fastest: on a 2-core AVX-512 CPU a
-    bf16 step's weight products go from ~20 to ~43 GB/s and tokens/s rise 1.4-1.6x (float32:
-    1.3x; BENCHMARKS.md). Without freezing, compiling gains little here.
+    each matrix into the blocked layout oneDNN's kernels read fastest, so the weight products run
+    closer to the memory's bandwidth and tokens/s rise (measured in BENCHMARKS.md). Without freezing,
+    compiling gains little here.
 
-    Costs: 15-20 s of compilation at the first call (again for a new batch size), a packed copy of
-    the weights in memory, and weights fixed at compile time (later updates are not seen). The
+    Costs: a compilation at the first call (again for a new batch size), a packed copy of the
+    weights in memory, and weights fixed at compile time (later updates are not seen). The
     setting is process-wide (`torch._inductor.config.freezing`) and applies to every model compiled
     afterwards and then run without gradients, so use it in a process that only generates
     (as `generate.py --compile` does), not in one that trains and evaluates compiled models.
     """
-    from torch._inductor import config as inductor_config  # here, not at the top: it takes ~1 s
+    from torch._inductor import config as inductor_config  # here, not at the top: a slow import
 
     inductor_config.freezing = True
     return cast(Module, torch.compile(model))  # a wrapper that forwards attributes to `model`
 
 
-class Decoder:
-    """The model side of decoding: feed tokens, get the logits (B, V) of the token that follows.
+class DecodeSession:
+    """The model side of one decoding: feed tokens, get the logits (B, V) of the token that follows.
 
     `start(prompt)` then `step(token)` per new token. With `use_cache` each step runs the model on one
     position; without, on the whole window. See the module docstring for what happens past the
@@ -157,9 +163,7 @@ def stream(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float =
     if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
         raise UserError(f"idx must be a (batch, time) tensor of token ids with time >= 1, got "
                         f"shape {tuple(idx.shape)} and dtype {idx.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     vocab_size = model.config.vocab_size
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise UserError(f"eos_id {eos_id} is not a token of this model (vocab_size {vocab_size}); "
@@ -177,8 +181,8 @@ def _stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, to
     was_training = model.training
     model.eval()
     try:
-        decoder = Decoder(model, use_cache)
-        logits = decoder.start(idx)
+        session = DecodeSession(model, use_cache)
+        logits = session.start(idx)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -188,7 +192,7 @@ def _stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, to
             yield token
             if i + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 return
-            logits = decoder.step(token)
+            logits = session.step(token)
     finally:
         model.train(was_training)
 

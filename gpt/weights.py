@@ -6,9 +6,10 @@
   published for `openai-community/gpt2`, `gpt2-medium`, `gpt2-large` and `gpt2-xl`;
 - a lone `.safetensors` (or `.bin`) file in HF names, its size inferred from the tensor shapes;
 - OpenAI's original release directory (`hparams.json`, `checkpoint`, `model.ckpt.index`,
-  `model.ckpt.data-00000-of-00001`), read without TensorFlow (see "TensorFlow checkpoints" below);
+  `model.ckpt.data-00000-of-00001`), read without TensorFlow by `gpt.tf_checkpoint`;
 - a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
-  directory, whose `best/` (else `last/`) is read;
+  directory, whose `best/` (else `last/`) is read: by `gpt.checkpoint.load_model`, as `--resume` reads
+  it, with the same checks;
 - a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
   downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
 
@@ -17,46 +18,53 @@ whether it is a Conv1D kernel. OpenAI's TensorFlow code stores every linear laye
 convolution kernel of shape (1, in, out); HF's `Conv1D` keeps the (in, out) layout; `nn.Linear` wants
 (out, in). Our attention keeps q, k and v fused in one projection, in the same order as `c_attn`, so
 no split is needed; GPT-2 has a qkv bias (`qkv_bias=True`) and a head tied to the token embedding,
-which is therefore not stored.
+which is therefore not stored. The conversions work on tensors as the files store them, a tied head
+once; `gpt.checkpoint.model_from_state_dict` builds the model from them and ties the head.
 
 Memory: loading never holds two copies of the weights. The model is built on the meta device and its
 parameters are then *assigned* tensors that are views of the memory-mapped file (copy-on-write, so
 training writes to private pages and never to the file). A Conv1D kernel becomes its transposed
 view (`w.t()`), not a transposed copy: `F.linear` multiplies by a transposed weight about as fast as
-by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak RSS 1.2x
-against 2.1x the file's size for gpt2-medium: BENCHMARKS.md). Weights are float32,
-what the model computes in; cast afterwards for half precision.
+by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak memory
+measured in BENCHMARKS.md). Weights are float32, what the model computes in; cast afterwards for
+half precision.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
 import socket
 import urllib.parse
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from gpt.atomic import atomic_directory, resolve_directory
-from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, find_model_checkpoint
-from gpt.config import ConfigError, GPTConfig
+from gpt.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    find_model_checkpoint,
+    load_model,
+    model_from_state_dict,
+    read_safetensors,
+    stored_shapes,
+)
+from gpt.config import GPTConfig, read_json_object
 from gpt.errors import UserError, describe, first_line
 from gpt.model import GPT
+from gpt.tf_checkpoint import read_tf_checkpoint
 from gpt.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
 
-Format = Literal["ours", "hf", "openai"]
+Format = Literal["hf", "openai"]  # the published formats; our own checkpoints are read by load_model
 
 
 class KeyRow(NamedTuple):
@@ -119,11 +127,11 @@ def key_pairs(cfg: GPTConfig, fmt: Format = "hf") -> list[tuple[str, str, bool]]
             raise UserError("OpenAI's GPT-2 format always ties the head to the token embedding; "
                             "load it with tie_embeddings=True")
         for i in range(cfg.n_layers) if "{i}" in row.ours else [None]:
-            pairs.append((row.ours.format(i=i), theirs.format(i=i), row.conv1d and fmt != "ours"))
+            pairs.append((row.ours.format(i=i), theirs.format(i=i), row.conv1d))
     return pairs
 
 
-def _stored_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[int, ...]:
+def _file_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[int, ...]:
     """The shape a tensor of our `shape` has in `fmt` (see `KeyRow.conv1d`)."""
     if not conv1d:
         return shape
@@ -132,23 +140,24 @@ def _stored_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[in
 
 def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format = "hf",
                       where: str = "checkpoint") -> dict[str, Tensor]:
-    """Convert a state dict in `fmt` names/layout into one for `GPT(cfg)`, as float32 views.
+    """Convert a state dict in `fmt` names/layout into our names, as float32 views.
 
-    Every tensor `cfg` needs must be present with the expected shape, and every stored tensor must
-    be used (bar HF's mask buffers and a stored copy of a tied head): a checkpoint that does not match
-    its config is an error, not a half-loaded model. `where` names the checkpoint in the errors.
+    The result is what our checkpoints store (`gpt.checkpoint.stored_state`, a tied head once) and
+    what `model_from_state_dict` builds a model from. Every tensor `cfg` needs must be present with
+    the expected shape, and every stored tensor must be used (bar HF's mask buffers and a stored copy
+    of a tied head): a checkpoint that does not match its config is an error, not a half-loaded model.
+    `where` names the checkpoint in the errors.
     """
     if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
         state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
-    # HF's and OpenAI's files hold the real vocabulary; ours hold the model's (padded) table as it is.
-    stored_cfg = cfg if fmt == "ours" else cfg.replace(vocab_pad_multiple=1)
-    expected = expected_shapes(stored_cfg)
+    stored_cfg = cfg.replace(vocab_pad_multiple=1)  # the files hold the real vocabulary, unpadded
+    expected = stored_shapes(stored_cfg)
     ours_state: dict[str, Tensor] = {}
     used = set()
     for ours, theirs, conv1d in key_pairs(cfg, fmt):
         if theirs not in state:
             raise UserError(f"{where} is missing tensor {theirs!r} (needed for {ours!r})")
-        tensor, stored = state[theirs], _stored_shape(expected[ours], fmt, conv1d)
+        tensor, stored = state[theirs], _file_shape(expected[ours], fmt, conv1d)
         if tuple(tensor.shape) != stored:
             raise UserError(f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
                             f"{stored} for this config")
@@ -175,22 +184,19 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
     padding = cfg.padded_vocab_size - stored_cfg.padded_vocab_size
     for name in _VOCAB_ROWS & ours_state.keys():  # zero rows up to padded_vocab_size (a copy)
         ours_state[name] = F.pad(ours_state[name], (0, 0, 0, padding)) if padding else ours_state[name]
-    if cfg.tie_embeddings:
-        ours_state["lm_head.weight"] = ours_state["tok_emb.weight"]  # so load_state_dict(strict=True) works
     return ours_state
 
 
 def _ignorable(name: str, cfg: GPTConfig, fmt: Format) -> bool:
     """Whether a stored tensor that no parameter uses may be dropped silently."""
-    if fmt == "hf":
+    if fmt == "hf":  # a module's state dict (old .bin files) has the tied head under its own name too
         return bool(_HF_BUFFER.fullmatch(name)) or (name == "lm_head.weight" and cfg.tie_embeddings)
-    if fmt == "openai":
-        return not name.startswith("model/")  # e.g. a `global_step` counter saved beside the model
-    return False
+    return not name.startswith("model/")  # OpenAI: e.g. a `global_step` counter saved beside the model
 
 
 def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
-    """The inverse of `to_gpt_state_dict(..., "hf")`: our state dict in HF `GPT2LMHeadModel` names.
+    """The inverse of `to_gpt_state_dict(..., "hf")`: our state dict in HF `GPT2LMHeadModel` names,
+    as HF's `model.safetensors` stores them (a tied head once, as `transformer.wte.weight`).
 
     HF GPT-2 always has a qkv bias; a model trained without one gets zeros (the same function).
     """
@@ -202,27 +208,10 @@ def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[st
     if not cfg.qkv_bias:
         for i in range(cfg.n_layers):
             hf_state[_QKV_BIAS.hf.format(i=i)] = torch.zeros(3 * cfg.emb_dim)
-    if cfg.tie_embeddings:
-        hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
     return hf_state
 
 
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in `GPT(cfg).state_dict()`, computed without building the model."""
-    with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in GPT(cfg).state_dict().items()}
-
-
-# ---- configs ---------------------------------------------------------------------------------
-
-
-def _config(fields: dict[str, Any], overrides: Mapping[str, Any]) -> GPTConfig:
-    """`GPTConfig(**fields)` with `overrides` applied, an unknown override name being an error."""
-    known = GPTConfig.__dataclass_fields__
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown override(s) {unknown}; GPTConfig fields are: {', '.join(known)}")
-    return GPTConfig(**{**fields, **overrides})
+# ---- configs: each applies `overrides` through GPTConfig.from_dict, which refuses unknown names ----
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
@@ -245,7 +234,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     except KeyError as exc:
         raise UserError(f"HF GPT-2 config lacks the field {exc.args[0]!r}; is it a GPT-2 config?") \
             from None
-    return _config(fields, overrides)
+    return GPTConfig.from_dict({**fields, **overrides})
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
@@ -296,33 +285,24 @@ def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping
         raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 checkpoint?")
     fields = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
                   n_heads=emb_dim // GPT2_HEAD_DIM, n_layers=max(blocks) + 1, qkv_bias=True)
-    return _config(fields, overrides)
+    return GPTConfig.from_dict({**fields, **overrides})
 
 
 def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
     """Our config for OpenAI's `hparams.json`."""
+    needs = "n_vocab, n_ctx, n_embd, n_head and n_layer, as in OpenAI's release"
+    hparams = read_json_object(path, f"OpenAI's hparams ({needs})")
     try:
-        hparams = json.loads(path.read_text())
         fields = dict(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"],
                       emb_dim=hparams["n_embd"], n_heads=hparams["n_head"], n_layers=hparams["n_layer"],
                       qkv_bias=True, tie_embeddings=True)
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); it needs n_vocab, n_ctx, "
-                        "n_embd, n_head and n_layer, as in OpenAI's release") from None
-    return _config(fields, overrides)
+    except KeyError as exc:
+        raise UserError(f"{path} lacks the field {exc.args[0]!r}; it needs {needs}") from None
+    return GPTConfig.from_dict({**fields, **overrides})
 
 
 # ---- readers: each returns a name -> tensor dict of memory-mapped tensors ---------------------------
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Tensors of a safetensors file, as views of its copy-on-write memory map (nothing read yet)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {path} ({exc}); the file is truncated or not safetensors: "
-                        "download it again") from None
+# (safetensors: `gpt.checkpoint.read_safetensors`; TensorFlow: `gpt.tf_checkpoint.read_tf_checkpoint`)
 
 
 def _read_bin(path: Path) -> dict[str, Tensor]:
@@ -341,175 +321,31 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
     return state
 
 
-# ---- TensorFlow checkpoints -------------------------------------------------------------------
-# A TF checkpoint ("tensor bundle") is `<prefix>.index`, a LevelDB-style sorted string table mapping
-# each tensor's name to a serialized `BundleEntryProto` (dtype, shape, shard, offset, size), and
-# `<prefix>.data-<shard>-of-<n>` files of raw little-endian tensor bytes. The table is: data blocks
-# of prefix-compressed (key, value) entries, an index block mapping to the data blocks, and a footer
-# holding the index block's handle (varint offset and size) and a magic number. The few protobuf
-# fields needed are decoded by hand, so reading needs neither TensorFlow nor protobuf.
-
-_TABLE_MAGIC = 0xDB4775248B80FB57
-_FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic number
-_BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked crc32c (4 bytes)
-_TF_DTYPES = {1: np.float32, 2: np.float64, 19: np.float16}  # TF's DataType enum: DT_FLOAT, ...
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Decode the base-128 varint at `buf[pos]`; return it and the position after it."""
-    value = shift = 0
-    while pos < len(buf):
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("truncated varint")
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos)
-        wire_type = tag & 7
-        value: int | bytes
-        if wire_type == 0:
-            value, pos = _varint(buf, pos)
-        elif wire_type in (1, 5):  # fixed64, fixed32 (the only one TF uses here is the crc32c)
-            size = 8 if wire_type == 1 else 4
-            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
-        elif wire_type == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire_type}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        yield tag >> 3, value
-
-
-def _table_block(table: bytes, handle: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The (key, value) entries of the table block that the encoded block handle points to."""
-    offset, pos = _varint(handle, 0)
-    size, _ = _varint(handle, pos)
-    if offset + size + _BLOCK_TRAILER_SIZE > len(table):
-        raise ValueError("a block runs past the end of the file; download it again")
-    if table[offset + size] != 0:
-        raise ValueError(f"it has a compressed block (compression type {table[offset + size]}), which this "
-                         "reader does not decompress; TensorFlow writes checkpoints uncompressed, so re-save "
-                         "it with TensorFlow's defaults")
-    block = table[offset:offset + size]
-    # The block ends with its restart points (uint32s, then their count), which a scan does not need.
-    n_restarts = int.from_bytes(block[-4:], "little")
-    end, pos, key = len(block) - 4 * (n_restarts + 1), 0, b""
-    while pos < end:
-        shared, pos = _varint(block, pos)  # bytes of the previous key this key starts with
-        unshared, pos = _varint(block, pos)
-        value_size, pos = _varint(block, pos)
-        key = key[:shared] + block[pos:pos + unshared]
-        pos += unshared
-        yield key, block[pos:pos + value_size]
-        pos += value_size
-
-
-def _read_table(table: bytes) -> dict[bytes, bytes]:
-    """Every (key, value) of a LevelDB-style table file."""
-    if len(table) < _FOOTER_SIZE or int.from_bytes(table[-8:], "little") != _TABLE_MAGIC:
-        raise ValueError("bad magic number: the file is truncated or not a TF checkpoint index; "
-                         "download it again")
-    footer = table[-_FOOTER_SIZE:]
-    _, pos = _varint(footer, 0)  # the metaindex block's offset and size: TF puts nothing there
-    _, pos = _varint(footer, pos)
-    return {key: value
-            for _, data_handle in _table_block(table, footer[pos:])
-            for key, value in _table_block(table, data_handle)}
-
-
-def _read_tf_checkpoint(prefix: Path) -> dict[str, Tensor]:
-    """The tensors of the TF checkpoint `prefix` (e.g. `dir/model.ckpt`), memory-mapped."""
-    index_path = prefix.with_name(prefix.name + ".index")
-    try:
-        entries = _read_table(index_path.read_bytes())
-        header = dict(_proto_fields(entries.pop(b"")))  # BundleHeaderProto: num_shards=1, endianness=2
-        if header.get(2, 0) != 0:
-            raise ValueError("it is big-endian; only little-endian checkpoints are supported")
-        n_shards = int(header.get(1, 1))
-        shards = []
-        for shard in range(n_shards):
-            data_path = prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{n_shards:05d}")
-            if not data_path.is_file():
-                raise ValueError(f"its data file {data_path.name} is missing; download it")
-            # Copy-on-write: the tensors are writable (training) without ever writing to the file.
-            shards.append(np.memmap(data_path, dtype=np.uint8, mode="c") if data_path.stat().st_size
-                          else np.zeros(0, np.uint8))  # mmap refuses empty files
-        return {key.decode(): _tf_tensor(key.decode(), value, shards) for key, value in entries.items()}
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read TF checkpoint {index_path}: {exc}") from None
-
-
-def _tf_tensor(name: str, entry: bytes, shards: list[np.ndarray]) -> Tensor:
-    """The tensor a `BundleEntryProto` describes, as a view of its data file's memory map."""
-    fields = dict(_proto_fields(entry))  # dtype=1, shape=2, shard_id=3, offset=4, size=5, slices=7
-    if 7 in fields:
-        raise ValueError(f"tensor {name!r} is partitioned into slices, which is not supported")
-    dtype = _TF_DTYPES.get(int(fields.get(1, 0)))
-    if dtype is None:
-        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)!r}; expected float32, 16 or 64")
-    shape_proto = fields.get(2, b"")
-    if not isinstance(shape_proto, bytes):
-        raise ValueError(f"tensor {name!r} has a malformed shape")
-    shape = [int(dict(_proto_fields(dim)).get(1, 0)) for field, dim in _proto_fields(shape_proto)
-             if field == 2 and isinstance(dim, bytes)]  # TensorShapeProto.dim=2, Dim.size=1
-    shard, offset, size = (int(fields.get(f, 0)) for f in (3, 4, 5))
-    if size != math.prod(shape) * np.dtype(dtype).itemsize or shard >= len(shards):
-        raise ValueError(f"the entry of tensor {name!r} is inconsistent; download the checkpoint again")
-    if offset + size > len(shards[shard]):
-        raise ValueError(f"tensor {name!r} runs past the end of its data file, which is truncated; "
-                         "download it again")
-    return torch.from_numpy(shards[shard][offset:offset + size].view(dtype).reshape(shape))
-
-
 # ---- loading ----------------------------------------------------------------------------------
 
 
 def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str) -> GPT:
     """A `GPT(cfg)` whose parameters are the tensors of `state` (in `fmt`), without copying them."""
-    ours = to_gpt_state_dict(state, cfg, fmt, where)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.load_state_dict(ours, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign=True made two Parameters of one tensor
-    return model.eval()
+    return model_from_state_dict(cfg, to_gpt_state_dict(state, cfg, fmt, where), where).eval()
 
 
 def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
-    config_path = path / CONFIG_FILE
     if (path / "hparams.json").is_file():
         cfg = _openai_config(path / "hparams.json", overrides)
         # The `checkpoint` file names the prefix (`model_checkpoint_path: "model.ckpt"`).
         found = re.search(r'^model_checkpoint_path:\s*"(.*)"', (path / "checkpoint").read_text(), re.M) \
             if (path / "checkpoint").is_file() else None
         prefix = path / Path(found[1] if found else "model.ckpt").name
-        return _build(cfg, _read_tf_checkpoint(prefix), "openai", str(prefix))
+        return _build(cfg, read_tf_checkpoint(prefix), "openai", str(prefix))
     weights = next((path / f for f in (WEIGHTS_FILE, HF_BIN_FILE) if (path / f).is_file()), None)
-    if config_path.is_file() and weights is not None:
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{config_path} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_path} must hold a JSON object (a model config)")
-        state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
-        if "emb_dim" in config:  # our own GPTConfig: a checkpoint of this project
-            cfg = _config(GPTConfig.from_dict(config).to_dict(), overrides)
-            return _build(cfg, state, "ours", str(weights))
-        return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
-    checkpoint = find_model_checkpoint(path)
-    if checkpoint is not None and checkpoint != path:  # a run directory: its best/ (else last/)
-        return _load_dir(checkpoint, overrides)
+    if (path / CONFIG_FILE).is_file() and weights is not None:
+        config = read_json_object(path / CONFIG_FILE, "a model config")
+        if "emb_dim" not in config:  # HF's field names (n_embd, ...), not our GPTConfig's
+            state = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
+            return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
+    checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
+    if checkpoint is not None:
+        return load_model(checkpoint, **overrides).float().eval()
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "
@@ -542,8 +378,8 @@ def _download(name: str) -> Path:
 
 
 def hub_unreachable() -> bool:
-    """Whether the hub's host name fails to resolve here: known in milliseconds, where a download
-    attempt offline spends ~23 s in huggingface_hub's retries before it gives up. Behind a proxy the
+    """Whether the hub's host name fails to resolve here: known at once, where a download attempt
+    offline goes through all of huggingface_hub's retries before it gives up. Behind a proxy the
     proxy resolves names, so there is nothing to check."""
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return False
@@ -569,7 +405,7 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
         return _load_dir(path, overrides)
     if path.is_file():
         if path.suffix == ".safetensors":
-            state = _read_safetensors(path)
+            state = read_safetensors(path)
         elif path.suffix in (".bin", ".pt", ".pth"):
             state = _read_bin(path)
         else:
@@ -589,8 +425,8 @@ def save_hf(model: GPT, out_dir: str | Path) -> None:
     """Write `model` as a HF GPT-2 directory (`config.json` + `model.safetensors`), atomically.
 
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it and computes the same logits. A
-    tied head is stored once, as the token embedding, as HF does. `out_dir` is replaced as a whole,
-    so it must be new, empty, or an earlier export.
+    tied head is stored once, as the token embedding, as HF does (`gpt_to_hf_state_dict`). `out_dir`
+    is replaced as a whole, so it must be new, empty, or an earlier export.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir()
@@ -599,8 +435,6 @@ def save_hf(model: GPT, out_dir: str | Path) -> None:
                         "so choose a new or empty one")
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     hf_state = gpt_to_hf_state_dict(state, model.config)
-    if model.config.tie_embeddings:
-        del hf_state["lm_head.weight"]  # the token embedding; HF re-ties it on load
     with atomic_directory(out_dir) as tmp:
         save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires the format tag
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Shared test settings: deterministic, single-process CPU runs."""
 
 import socket
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,3 +21,12 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a busy CPU threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

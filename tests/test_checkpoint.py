@@ -1,7 +1,14 @@
+"""Checkpoint directories: the round trip, the one loader's checks, run-directory lookup, train state."""
+
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import (
@@ -10,12 +17,18 @@ from gpt.checkpoint import (
     find_model_checkpoint,
     load_model,
     load_train_state,
+    model_from_state_dict,
+    require_model_checkpoint,
     save_checkpoint,
     save_model,
+    stored_shapes,
 )
-from gpt.config import GPTConfig
+from gpt.config import ConfigError, GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.weights import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -28,6 +41,69 @@ def test_model_round_trip(tmp_path, tied: bool) -> None:
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert (loaded.lm_head.weight is loaded.tok_emb.weight) == tied
+
+
+def test_tied_head_is_stored_once_and_is_the_embedding_again_after_loading(tmp_path: Path) -> None:
+    model = GPT(GPTConfig.preset("tiny"))
+    save_model(model, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in stored and set(stored) == set(model.state_dict()) - {"lm_head.weight"}
+    assert {k: tuple(v.shape) for k, v in stored.items()} == stored_shapes(model.config)
+    loaded = load_model(tmp_path).train()
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))  # the head is no extra one
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=1.0)
+    loaded(torch.randint(0, 100, (1, 8))).sum().backward()
+    optimizer.step()  # one update, seen through both names
+    assert torch.equal(loaded.lm_head.weight, loaded.tok_emb.weight)
+    assert not torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_overrides_replace_config_fields_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    model = GPT(GPTConfig.preset("tiny"))
+    save_model(model, tmp_path)
+    assert load_model(tmp_path, drop_rate=0.0).config == model.config.replace(drop_rate=0.0)
+    with pytest.raises(ConfigError, match="unknown GPTConfig field"):
+        load_model(tmp_path, dropout=0.0)
+
+
+def mismatched_checkpoint(run: Path) -> Path:
+    """A run whose best/ has the weights of 2 layers and a config.json saying 1."""
+    (run / "best").mkdir(parents=True)
+    save_model(GPT(GPTConfig.preset("tiny")), run / "best")
+    config = json.loads((run / "best" / "config.json").read_text())
+    (run / "best" / "config.json").write_text(json.dumps({**config, "n_layers": 1}))
+    return run / "best"
+
+
+def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_path: Path) -> None:
+    """`--resume` loads with `load_model`, `--init` (and `load_pretrained`) go through it: one check,
+    one message, naming the file and what does not match."""
+    best = mismatched_checkpoint(tmp_path / "run")
+    with pytest.raises(UserError) as resumed:
+        load_model(best)
+    message = str(resumed.value)
+    assert message.startswith(f"{best / 'model.safetensors'} does not match its config (n_layers=1, ")
+    assert "unexpected ['blocks.1.attn.proj.bias', " in message and "\n" not in message
+    for path in (tmp_path / "run", best):
+        with pytest.raises(UserError) as loaded:
+            load_pretrained(path)
+        assert str(loaded.value) == message
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    init = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "runs"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert init.returncode == 2 and "Traceback" not in init.stderr
+    assert init.stderr.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    state = dict(GPT(GPTConfig.preset("tiny")).state_dict())
+    del state["lm_head.weight"]
+    state["pos_emb.weight"] = state["pos_emb.weight"][:64]
+    with pytest.raises(UserError, match=r"^somewhere: tensor 'pos_emb.weight' has shape \(64, 64\), its "
+                                        r"config implies \(128, 64\)"):
+        model_from_state_dict(GPTConfig.preset("tiny"), state, "somewhere")
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path) -> None:
@@ -52,6 +128,17 @@ def test_find_model_checkpoint_prefers_best_then_last(tmp_path: Path) -> None:
     assert find_model_checkpoint(run / "last") == run / "last"  # a checkpoint is itself
     (run / "best").rename(run / ".best.old")  # killed between the two renames of a replace
     assert find_model_checkpoint(run) == run / ".best.old"
+
+
+def test_require_model_checkpoint_says_what_the_path_should_be(tmp_path: Path) -> None:
+    save_model(GPT(GPTConfig.preset("tiny")), (tmp_path / "run" / "last").mkdir(parents=True) or
+               tmp_path / "run" / "last")
+    assert require_model_checkpoint(tmp_path / "run") == tmp_path / "run" / "last"
+    with pytest.raises(UserError) as info:
+        require_model_checkpoint(tmp_path / "nowhere", "--checkpoint")
+    assert str(info.value) == (f"--checkpoint {tmp_path / 'nowhere'} is neither a checkpoint directory (with "
+                               "model.safetensors) nor a run directory (with best/ or last/); pass e.g. "
+                               "runs/<run-name>")
 
 
 def test_truncated_weights_are_reported(tmp_path) -> None:

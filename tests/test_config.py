@@ -1,6 +1,10 @@
-import pytest
+import json
+from pathlib import Path
 
-from gpt.config import PRESETS, ConfigError, GPTConfig, preset_names
+import pytest
+import torch
+
+from gpt.config import PRESETS, ConfigError, GPTConfig, check_known_fields, preset_names, read_json_object
 from gpt.model import GPT
 
 
@@ -13,8 +17,6 @@ def test_defaults_are_gpt2_small() -> None:
     [("gpt2-small", 124), ("gpt2-medium", 355), ("gpt2-large", 774), ("gpt2-xl", 1558)],
 )
 def test_gpt2_presets_have_the_published_sizes(name: str, millions: int) -> None:
-    import torch
-
     with torch.device("meta"):  # shapes only, no memory
         model = GPT(GPTConfig.preset(name))
     assert round(model.num_parameters() / 1e6) == millions
@@ -58,6 +60,42 @@ def test_json_round_trip(tmp_path) -> None:
 def test_from_dict_rejects_unknown_fields() -> None:
     with pytest.raises(ConfigError, match="unknown GPTConfig field"):
         GPTConfig.from_dict({"emb_dim": 64, "n_head": 2})
+    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) n_head; known: vocab_size, "):
+        GPTConfig().replace(n_head=2)
+    with pytest.raises(ConfigError, match="unknown GPTConfig field"):
+        GPTConfig.preset("tiny", layers=2)
+
+
+def test_check_known_fields_names_every_unknown_one_and_the_known_ones() -> None:
+    check_known_fields({"lr": 1, "seed": 2}, ["lr", "seed", "epochs"], "setting")  # all known: no error
+    check_known_fields([], ["lr"], "setting")
+    with pytest.raises(ConfigError) as info:
+        check_known_fields({"lr": 1, "sed": 2, "batchsize": 3}, ["lr", "seed", "batch_size"], "setting")
+    assert str(info.value) == "unknown setting(s) batchsize, sed; known: lr, seed, batch_size"
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"cannot read \S+x\.json \(FileNotFoundError: .*\); it should hold a model config$"),
+    ("{\"emb_dim\": 64,", r"cannot read \S+x\.json \(JSONDecodeError: .*\); it should hold a model config$"),
+    (b"\xff\xfe{}", r"cannot read \S+x\.json \(UnicodeDecodeError: .*\); it should hold a model config$"),
+    ("[1, 2]", r"x\.json holds a JSON list, not an object; it should hold a model config$"),
+])
+def test_read_json_object_errors_are_one_line(tmp_path: Path, content: str | bytes | None,
+                                              message: str) -> None:
+    path = tmp_path / "x.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        read_json_object(path, "a model config")
+    assert "\n" not in str(info.value)
+
+
+def test_read_json_object_returns_the_object(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps({"n_embd": 16, "nested": {"a": [1]}}))
+    assert read_json_object(tmp_path / "x.json", "a config") == {"n_embd": 16, "nested": {"a": [1]}}
 
 
 def test_every_preset_is_valid() -> None:

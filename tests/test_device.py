@@ -1,4 +1,5 @@
-"""Device and precision choices, and the allocator setting that keeps big temporaries cheap."""
+"""Device and precision choices, and the allocator setting that keeps big temporaries cheap. The GPU
+answers (device count, compute capability, macOS version) are mocked: these run on any CPU."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from gpt.device import decoding_dtype, pick_device, training_dtype
+from gpt.device import configure_device, decoding_dtype, pick_device, training_dtype
 from gpt.errors import UserError
 
 CPU = torch.device("cpu")
@@ -37,6 +38,76 @@ def test_decoding_uses_bf16_on_every_cpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert decoding_dtype("auto", CPU) == torch.bfloat16
     assert decoding_dtype("float32", CPU) == torch.float32
+
+
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, capabilities: list[tuple[int, int]]) -> None:
+    """CUDA GPUs of these compute capabilities; cuda:0 is the current one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[torch.device(device or "cuda").index or 0])
+    # What torch says on every GPU since Pascal: emulated bf16 counts as supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+def test_auto_dtype_on_cuda_is_bf16_from_ampere_and_float16_before_asked_of_the_chosen_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpus(monkeypatch, [(8, 0), (7, 5)])  # an A100 as cuda:0, a T4 as cuda:1
+    ampere, turing = pick_device("cuda:0"), pick_device("cuda:1")
+    assert training_dtype("auto", ampere) == decoding_dtype("auto", ampere) == torch.bfloat16
+    assert training_dtype("auto", turing) == decoding_dtype("auto", turing) == torch.float16
+    assert training_dtype("auto", pick_device("cuda")) == torch.bfloat16  # the current GPU: cuda:0
+    fake_gpus(monkeypatch, [(7, 0)])  # a V100
+    assert training_dtype("auto", pick_device("cuda")) == torch.float16
+    assert training_dtype("bfloat16", pick_device("cuda")) == torch.bfloat16  # asked for: emulated, slow
+    fake_gpus(monkeypatch, [(9, 0)])  # an H100
+    assert training_dtype("auto", pick_device("cuda")) == torch.bfloat16
+
+
+def test_a_cuda_device_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpus(monkeypatch, [(8, 6), (8, 6)])
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError) as caught:
+        pick_device("cuda:2")
+    assert str(caught.value) == ("--device cuda:2: this machine has 2 visible CUDA GPU(s), cuda:0 to cuda:1; "
+                                 "use one of those, or --device cuda")
+
+
+def test_configure_device_makes_the_chosen_gpu_current_and_lets_float32_matmuls_use_tf32(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpus(monkeypatch, [(8, 0), (8, 0)])
+    current: list[int] = []
+    # Under the real torch.cuda.set_device, which takes only a device with an index.
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", current.append, raising=False)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        configure_device(CPU)
+        assert current == [] and torch.get_float32_matmul_precision() == "highest"  # the CPU: untouched
+        configure_device(pick_device("cuda:1"))
+        assert current == [1]
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 allowed
+        configure_device(pick_device("cuda"))  # the current GPU already
+        assert current == [1]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize(("macos_14", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch: pytest.MonkeyPatch, macos_14: bool,
+                                                 expected: torch.dtype | None) -> None:
+    """Before macOS 14 torch turns bf16 autocast off with a warning: the run would be float32."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14)
+    mps = pick_device("mps")
+    for choose in (training_dtype, decoding_dtype):
+        if expected is not None:
+            assert choose("bfloat16", mps) == expected
+        else:
+            with pytest.raises(UserError, match="needs macOS 14 or newer; use --dtype float32"):
+                choose("bf16", mps)
+    assert training_dtype("auto", mps) == torch.float32 and decoding_dtype("auto", mps) == torch.float16
+    with pytest.raises(UserError, match="there is one Apple GPU"):
+        pick_device("mps:1")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt.weights
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.errors import run_cli
-from gpt.generate_cli import find_checkpoint, write_text
+from gpt.generate_cli import find_checkpoint, main, write_text
 from gpt.model import GPT
 from gpt.sampling import generate
 from gpt.tokenizer import get_tokenizer
@@ -113,7 +113,7 @@ def test_no_checkpoint_anywhere_says_to_train_or_init(
         (["--top-k", "0"], "top_k"),
         (["--top-p", "0"], "top_p"),
         (["--top-p", "1.5"], "top_p"),
-        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--max-new-tokens", "-1"], "max_new_tokens"),
         (["--num-samples", "0"], "--num-samples"),
         (["--checkpoint", "no/such/dir"], "--checkpoint"),
         (["--device", "tpu9"], "--device"),
@@ -144,7 +144,7 @@ def test_init_loads_gpt2_weights_through_load_pretrained(
         asked.append(name_or_path)
         return GPT(CFG)
 
-    monkeypatch.setattr(gpt.weights, "load_pretrained", fake_load_pretrained, raising=False)
+    monkeypatch.setattr("gpt.generate_cli.load_pretrained", fake_load_pretrained)
     status, out, err = cli(["--init", "gpt2", "--max-new-tokens", "2"], capsys)
     assert status == 0, err
     assert asked == ["gpt2"] and out.startswith("Every effort moves you")
@@ -192,6 +192,24 @@ def test_the_script_end_to_end(tmp_path: Path) -> None:
     for bad in (script(tmp_path / "empty"), script(tmp_path / "with", "--temperature", "-1")):
         assert bad.returncode == 2
         assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_the_root_script_only_calls_the_package_command(tmp_path: Path) -> None:
+    """`generate.py` is `gpt.generate_cli.main`; `python -m gpt.generate_cli` is the same command."""
+    assert generate_script.main is main
+    save_checkpoint(tmp_path / "runs" / "x" / "best")
+    args = ["--seed", "5", "--max-new-tokens", "6", "--dtype", "float32"]
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    as_module, as_script = run("-m", "gpt.generate_cli", *args), run(str(SCRIPT), *args)
+    assert as_module.returncode == 0, as_module.stderr
+    assert as_module.stdout == as_script.stdout and as_module.stdout.startswith("Every effort moves you")
+    bad = run("-m", "gpt.generate_cli", "--top-p", "2")
+    assert bad.returncode == 2
+    assert bad.stderr == "error: top_p must be in (0, 1] (1 keeps every token), got 2.0\n"
 
 
 def test_compile_flag_compiles_the_loaded_model(

@@ -67,6 +67,16 @@ def test_evaluate_loss_averages_over_target_tokens_in_eval_mode() -> None:
     assert evaluate_loss(model, loader) != pytest.approx(got, rel=1e-5)  # all three batches
 
 
+def test_evaluate_loss_in_chunks_equals_the_whole_batch_at_once() -> None:
+    model = GPT(GPTConfig.preset("tiny", vocab_size=50, context_length=8, vocab_pad_multiple=64))
+    x, y = torch.randint(0, 50, (5, 8)), torch.randint(0, 50, (5, 8))
+    y[0, :6] = IGNORE_INDEX
+    loader = DataLoader(TensorDataset(x, y), batch_size=2)
+    whole = evaluate_loss(model, loader)
+    for chunk_size in (1, 5, 16, 100):
+        assert evaluate_loss(model, loader, chunk_size=chunk_size) == pytest.approx(whole, rel=1e-6)
+
+
 def test_evaluate_loss_refuses_an_empty_loader() -> None:
     model = GPT(GPTConfig.preset("tiny", vocab_size=50, context_length=8))
     with pytest.raises(ValueError, match="no target tokens"):

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from gpt.config import GPTConfig
+from gpt.errors import UserError
+from gpt.loss import IGNORE_INDEX
 from gpt.model import GPT, reference_attention
 
 TINY = GPTConfig.preset("tiny", drop_rate=0.0)
@@ -18,8 +20,26 @@ def test_logits_shape() -> None:
 def test_too_long_sequence_names_both_lengths() -> None:
     model = GPT(TINY)
     idx = torch.zeros(1, TINY.context_length + 1, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"{TINY.context_length + 1}.*{TINY.context_length}"):
+    with pytest.raises(UserError, match=f"{TINY.context_length + 1}.*{TINY.context_length}"):
         model(idx)
+
+
+@pytest.mark.parametrize("pad_multiple", [1, 64])  # 64: the head has padding rows
+@pytest.mark.parametrize("chunk_size", [0, 7])
+def test_loss_is_cross_entropy_of_the_full_logits(pad_multiple: int, chunk_size: int) -> None:
+    """`GPT.loss` against `F.cross_entropy` on the logits of `forward`: same value, same gradients."""
+    model = GPT(GPTConfig.preset("tiny", vocab_size=300, drop_rate=0.0, vocab_pad_multiple=pad_multiple))
+    assert model.lm_head.weight.size(0) == (300 if pad_multiple == 1 else 320)
+    idx, targets = torch.randint(0, 300, (2, 9)), torch.randint(0, 300, (2, 9))
+    targets[1, :3] = IGNORE_INDEX
+    expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    loss = model.loss(idx, targets, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, expected)
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected_grads, strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_head_is_tied_by_shared_storage() -> None:
@@ -125,7 +145,7 @@ def test_kv_cache_cannot_grow_past_the_context() -> None:
     model = GPT(TINY).eval()
     cache = model.new_kv_cache(batch_size=1)
     model(torch.zeros(1, TINY.context_length, dtype=torch.long), cache)
-    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+    with pytest.raises(UserError, match="exceeds the model's context_length"):
         model(torch.zeros(1, 1, dtype=torch.long), cache)
 
 

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
-from gpt.sampling import Decoder, generate, sample_next, stream
+from gpt.sampling import DecodeSession, generate, sample_next, stream
 from gpt.weights import gpt_to_hf_state_dict
 
 VOCAB = 101
@@ -24,8 +24,9 @@ def random_model(context_length: int = 32, **overrides: object) -> GPT:
     """A small model whose greedy continuations vary and depend on the whole context.
 
     With GPT-2's 0.02 init every token gets about the same logit and greedy decoding repeats one
-    token, which would make agreement between two decoders nearly automatic. Unit-scale embeddings
-    and head spread the logits; blocks at 0.2 make tokens far back in the window (the cache) matter.
+    token, which would make agreement between two decoding sessions nearly automatic. Unit-scale
+    embeddings and head spread the logits; blocks at 0.2 make tokens far back in the window (the
+    cache) matter.
     """
     cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, emb_dim=32, n_heads=4, n_layers=2,
                     **{"drop_rate": 0.0, "tie_embeddings": False, **overrides})
@@ -53,7 +54,7 @@ def argmax_loop(model: GPT, idx: Tensor, steps: int, window_start: dict[int, int
 
 
 def cached_window_starts(prompt_len: int, total: int, ctx: int) -> dict[int, int]:
-    """What gpt/sampling.py documents for the cached decoder: the first position the prediction after
+    """What gpt/sampling.py documents for cached decoding: the first position the prediction after
     n tokens reads. The prompt is cropped to ctx; when the window would exceed ctx it restarts from
     the last ctx // 2 tokens."""
     start, starts = max(0, prompt_len - ctx), {}
@@ -151,7 +152,7 @@ def test_sampled_frequencies_follow_softmax(temperature: float, top_k: int | Non
 def test_cached_logits_equal_uncached_within_the_context() -> None:
     model = random_model(context_length=24)
     tokens = torch.randint(0, VOCAB, (2, 24))
-    cached, uncached = Decoder(model, use_cache=True), Decoder(model, use_cache=False)
+    cached, uncached = DecodeSession(model, use_cache=True), DecodeSession(model, use_cache=False)
     with torch.no_grad():
         assert_close(cached.start(tokens[:, :6]), uncached.start(tokens[:, :6]), atol=1e-5, rtol=1e-5)
         for n in range(6, 24):
@@ -160,12 +161,12 @@ def test_cached_logits_equal_uncached_within_the_context() -> None:
             assert_close(uncached.step(tokens[:, n]), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_past_the_context_each_decoder_reads_its_documented_window() -> None:
+def test_past_the_context_each_session_reads_its_documented_window() -> None:
     ctx = 16
     model = random_model(context_length=ctx)
     tokens = torch.randint(0, VOCAB, (2, 60))
     starts = cached_window_starts(prompt_len=20, total=60, ctx=ctx)  # the prompt itself is too long
-    cached, uncached = Decoder(model, use_cache=True), Decoder(model, use_cache=False)
+    cached, uncached = DecodeSession(model, use_cache=True), DecodeSession(model, use_cache=False)
     differs = []
     with torch.no_grad():
         for n in range(20, 60):
@@ -240,16 +241,16 @@ def test_greedy_matches_hugging_face_generate(use_cache: bool) -> None:
 def test_bf16_model_and_autocast_decode_like_float32() -> None:
     model = random_model()
     idx = torch.randint(0, VOCAB, (2, 8))
-    reference = Decoder(model).start(idx)
+    reference = DecodeSession(model).start(idx)
     scale = reference.abs().max()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.new_kv_cache(1)[0].keys.dtype == torch.bfloat16
-        under_autocast = Decoder(model).start(idx)
+        under_autocast = DecodeSession(model).start(idx)
         assert generate(model, idx, 5).shape == (2, 13)
     bf16_model = random_model()
     bf16_model.load_state_dict(model.state_dict())
     bf16_model.to(torch.bfloat16)
-    in_bf16 = Decoder(bf16_model).start(idx)
+    in_bf16 = DecodeSession(bf16_model).start(idx)
     assert generate(bf16_model, idx, 5, temperature=1.0, top_k=10).shape == (2, 13)
     for logits in (under_autocast, in_bf16):
         assert logits.dtype == torch.bfloat16
@@ -322,18 +323,18 @@ def test_a_compiled_model_decodes_like_the_eager_one() -> None:
         from torch.testing import assert_close
         sys.path.insert(0, sys.argv[1])
         from test_sampling import random_model
-        from gpt.sampling import Decoder, compile_for_decoding, generate
+        from gpt.sampling import DecodeSession, compile_for_decoding, generate
         torch.manual_seed(0)
         model = random_model(context_length=24)
         compiled = compile_for_decoding(model)
         prompt = torch.randint(0, 101, (2, 5))
         with torch.inference_mode():
-            eager_decoder, compiled_decoder = Decoder(model), Decoder(compiled)
-            expected, got = eager_decoder.start(prompt), compiled_decoder.start(prompt)
+            eager_session, compiled_session = DecodeSession(model), DecodeSession(compiled)
+            expected, got = eager_session.start(prompt), compiled_session.start(prompt)
             for _ in range(12):
                 assert_close(got, expected, rtol=1e-5, atol=1e-5)
                 token = expected.argmax(-1)
-                expected, got = eager_decoder.step(token), compiled_decoder.step(token)
+                expected, got = eager_session.step(token), compiled_session.step(token)
         # 30 new tokens: past the context of 24, so the cache is rebuilt on the way.
         assert torch.equal(generate(compiled, prompt, 30), generate(model, prompt, 30))
         print(counters["stats"]["unique_graphs"])

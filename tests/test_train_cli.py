@@ -1,6 +1,7 @@
 """train.py end to end: real subprocesses for the smoke run, Ctrl-C and divergence; the bad-input
 cases in-process through the same `run_cli(main)` the script runs (fast, and the same code path)."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 from gpt.checkpoint import load_train_state
 from gpt.errors import run_cli
-from gpt.trainer import TrainConfig, main, parse_args
+from gpt.train_cli import main, parse_args
+from gpt.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = " ".join(f"token{i % 37} and so on." for i in range(400))  # ~2,800 GPT-2 tokens
@@ -155,6 +157,9 @@ def test_config_file_then_flags(tmp_path, capsys) -> None:
     assert f"--config {toml} is not valid TOML" in cli_error(["--config", str(toml)], capsys)
     toml.write_text('batch_size = "3"\n')
     assert "--batch-size must be int, got '3'" in cli_error(["--config", str(toml)], capsys)
+    toml.write_text('errors = "replace"\n')  # the old name of --decode-errors
+    assert parse_args(["--config", str(toml)])[0].decode_errors == "replace"
+    assert parse_args(["--config", str(toml), "--errors", "strict"])[0].decode_errors == "strict"
 
 
 def test_help_documents_every_setting(capsys) -> None:
@@ -165,3 +170,17 @@ def test_help_documents_every_setting(capsys) -> None:
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
     assert "Peak learning rate, reached at the end of the warm-up. [0.002]" in text
+    assert "--decode-errors TEXT, --errors TEXT" in text  # the old flag, still accepted
+
+
+def test_the_root_script_only_calls_the_package_command() -> None:
+    """`train.py` is `gpt.train_cli.main`; `python -m gpt.train_cli` is the same command."""
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main is main
+    as_module = subprocess.run([sys.executable, "-m", "gpt.train_cli", "--batch-size", "0"],
+                               capture_output=True, text=True, timeout=120, check=False,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert as_module.returncode == 2
+    assert as_module.stderr == "error: --batch-size must be at least 1, got 0; e.g. --batch-size 8\n"

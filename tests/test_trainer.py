@@ -1,9 +1,7 @@
-import dataclasses
 import itertools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,66 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import STEPS_PER_EPOCH, TOKENS, assert_same_params, params, pattern_tokens, tiny
 
 import gpt.atomic
 import gpt.checkpoint
 from gpt import trainer
-from gpt.checkpoint import load_model, load_train_state, save_checkpoint, save_model
-from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError
+from gpt.checkpoint import load_model, load_train_state
+from gpt.config import GPTConfig
+from gpt.metrics import METRICS_COLUMNS
 from gpt.model import GPT
-from gpt.trainer import (
-    TrainConfig,
-    TrainingDiverged,
-    checkpoint_state,
-    fit,
-    lr_at,
-    param_groups,
-    setup,
-    train,
-)
+from gpt.train_config import TrainConfig
+from gpt.trainer import TrainingDiverged, fit, lr_at, param_groups, setup, train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_fp32_losses.json"
+GOLDEN_RTOL = 1e-6  # float32 rounding across CPU vendors; a real change moves a loss by far more
 REGENERATE = "GPT_REGEN_GOLDEN=1 python -m pytest tests/test_trainer.py -k golden"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy CPU threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def pattern_tokens(n: int, offset: int = 0) -> np.ndarray:
-    """A deterministic, learnable token stream (no RNG, no files): a cycle through 61 token ids."""
-    return ((np.arange(offset, offset + n) * 17) % 61 * 811).astype(np.uint16)
-
-
-# 370 tokens make 23 windows of 16 (the book's count: starts 0, 16, ..., 352): 11 batches of 2 and one
-# window that drop_last leaves out, so every epoch exercises the partial-batch path.
-TOKENS = (pattern_tokens(370), pattern_tokens(120, offset=5000))
-STEPS_PER_EPOCH = 11
-
-
-def tiny(tmp_path: Path, **overrides) -> TrainConfig:
-    # Every setting the losses depend on is pinned here, so changing a default cannot change a test.
-    settings = dict(preset="tiny", drop_rate=0.1, context_length=16, batch_size=2, grad_accum=1, epochs=3,
-                    max_steps=0, lr=3e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1, grad_clip=1.0,
-                    eval_freq=4, eval_iters=2, patience=0, sample_tokens=0, dtype="float32",
-                    loss_chunk=0, device="cpu", seed=123, out=str(tmp_path), run_name="run")
-    return TrainConfig(**{**settings, **overrides})
-
-
-def params(model: GPT) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the learning rate, the optimizer groups ---------------------------------------------------
@@ -106,31 +61,6 @@ def test_weight_decay_applies_to_exactly_the_matrices() -> None:
     assert model.lm_head.weight is model.tok_emb.weight
 
 
-# ---- configuration ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-    ({"lr": 0.0}, "--lr must be a positive number"),
-    ({"lr": -1e-3}, "--lr must be a positive number"),
-    ({"min_lr": 1.0}, "--min-lr must be between 0 and --lr"),
-    ({"preset": "huge"}, "--preset must be one of gpt2-small, .*mini"),
-    ({"dtype": "int8"}, "--dtype must be auto or one of"),
-    ({"batch_size": "8"}, "--batch-size must be int, got '8'"),
-    ({"compile": 1}, "--compile must be bool"),
-    ({"val_fraction": 1.5}, "--val-fraction must be between 0 and 1"),
-])
-def test_bad_settings_are_refused_naming_the_flag(overrides: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        TrainConfig(**overrides)
-
-
-def test_config_from_dict_refuses_unknown_keys_and_takes_ints_as_floats() -> None:
-    with pytest.raises(ConfigError, match="unknown setting"):
-        TrainConfig.from_dict({"batchsize": 4})
-    assert TrainConfig.from_dict({"lr": 1}).lr == 1
-
-
 # ---- the golden losses ------------------------------------------------------------------------
 
 
@@ -152,8 +82,10 @@ def golden_losses(tmp_path: Path) -> list[float]:
     PyTorch picks its vectorised CPU kernels by the widest instruction set the CPU has, and a
     reduction summed in 16-float lanes (AVX-512) rounds differently from one in 8-float lanes (AVX2):
     the same run's losses then differ in the last bit. ATEN_CPU_CAPABILITY, read when torch is
-    imported, pins the lane width, so the golden file holds on every x86-64 CPU from AVX2 up (made on
-    an AVX2-only EPYC, reproduced bit for bit on an AVX-512 one).
+    imported, pins the lane width (made on an AVX2-only EPYC, reproduced bit for bit on an AVX-512
+    one). It does not pin the BLAS library's own kernels, which differ by CPU vendor: an Intel Xeon
+    gives the same run with a few losses one or two float32 ulps away, so `test_golden_losses`
+    compares to GOLDEN_RTOL, far below what any change to the model, data or loop moves them by.
     """
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
             "from test_trainer import golden_run; print(json.dumps(golden_run(Path(sys.argv[2]))))")
@@ -171,63 +103,13 @@ def test_golden_losses(tmp_path) -> None:
         GOLDEN.write_text(json.dumps({"regenerate": REGENERATE, "torch": torch.__version__,
                                       "losses": losses}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
-    assert losses == golden["losses"], (
+    assert losses == pytest.approx(golden["losses"], rel=GOLDEN_RTOL, abs=0), (
         f"the training losses changed (golden file made with torch {golden['torch']}); if that is "
         f"intended, regenerate with: {REGENERATE}")
     assert losses[-1] < losses[0] - 1.0  # and they describe a model that learns
 
 
-# ---- exact resume -----------------------------------------------------------------------------
-
-
-def interrupt_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Press Ctrl-C (a real SIGINT) right after optimizer step `step`."""
-    original = trainer.train_step
-
-    def step_then_interrupt(run, batches):
-        stats = original(run, batches)
-        if run.state.step == step:
-            signal.raise_signal(signal.SIGINT)
-        return stats
-
-    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
-
-
-def resume_config(tmp_path: Path, name: str) -> TrainConfig:
-    # Dropout: the random stream must resume too.
-    return tiny(tmp_path, drop_rate=0.1, epochs=2, eval_freq=6, sample_tokens=3, run_name=name)
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory) -> tuple[Path, trainer.TrainResult]:
-    """A run that never stops, to compare resumed runs against."""
-    out = tmp_path_factory.mktemp("straight")
-    with torch.random.fork_rng():
-        result = train(resume_config(out, "straight"), token_ids=TOKENS)
-    assert result.step == 2 * STEPS_PER_EPOCH and result.stop_reason == "done"
-    return out / "straight", result
-
-
-@pytest.mark.parametrize("stop_at", [5, STEPS_PER_EPOCH])  # mid-epoch; the end of an epoch
-def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, stop_at: int) -> None:
-    straight_dir, straight = straight_run
-    # No samples, unlike the straight run: sampling must not change the training's random stream.
-    cfg = dataclasses.replace(resume_config(tmp_path, "run"), sample_tokens=0)
-    interrupt_after(stop_at, monkeypatch)
-    first = train(cfg, token_ids=TOKENS)
-    assert (first.stop_reason, first.step) == ("interrupted", stop_at)
-    assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
-    monkeypatch.undo()
-
-    torch.manual_seed(999)  # whatever happened in between: the resumed run restores its own RNG state
-    resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
-    assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > stop_at}
-    assert_same_params(params(load_model(tmp_path / "run" / "last")),
-                       params(load_model(straight_dir / "last")))
-    # metrics.csv has each evaluation once, as the straight run logged it (tokens/s aside).
-    straight_csv = (straight_dir / "metrics.csv").read_text().splitlines()
-    resumed_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert [line.split(",")[:6] for line in resumed_csv] == [line.split(",")[:6] for line in straight_csv]
+# ---- gradient accumulation ---------------------------------------------------------------
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path) -> None:
@@ -261,7 +143,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
         snapshots[run.state.step] = params(run.model)
         return 1.0, next(scripted)
 
-    monkeypatch.setattr(trainer, "estimate_losses", fake_estimate)
+    monkeypatch.setattr(trainer, "evaluate", fake_estimate)
     result = train(tiny(tmp_path, eval_freq=2, patience=3, min_delta=min_delta), token_ids=TOKENS)
     assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step, best_step)
     assert sorted(snapshots) == list(range(0, last_step + 1, 2))
@@ -273,7 +155,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
 
 
 def test_patience_zero_never_stops_early(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(trainer, "estimate_losses", lambda run: (1.0, 1.0))  # a flat line
+    monkeypatch.setattr(trainer, "evaluate", lambda run: (1.0, 1.0))  # a flat line
     result = train(tiny(tmp_path, epochs=1, eval_freq=5, patience=0), token_ids=TOKENS)  # 3 flat evals
     assert (result.stop_reason, result.step) == ("done", STEPS_PER_EPOCH)
 
@@ -325,7 +207,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(run.model, checkpoint_state(run), tmp_path / "run" / "last")
+        trainer.save_checkpoints(run, best=False)  # last/
     monkeypatch.undo()
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
     assert_same_params(params(load_model(tmp_path / "run" / "last")), step4)
@@ -340,7 +222,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.atomic.os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(run.model, checkpoint_state(run), tmp_path / "run" / "last")
+        trainer.save_checkpoints(run, best=False)  # last/
     monkeypatch.undo()
     assert not (tmp_path / "run" / "last").exists()
     resumed = setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)  # reads .last.old
@@ -382,34 +264,6 @@ def test_a_killed_process_leaves_a_whole_checkpoint(tmp_path) -> None:
         assert torch.all(model.tok_emb.weight == state["state"]["step"])  # weights and state agree
 
 
-def test_resume_refuses_changed_model_or_data(tmp_path) -> None:
-    cfg = tiny(tmp_path, epochs=1, eval_freq=4, max_steps=4)
-    train(cfg, token_ids=TOKENS)
-    with pytest.raises(UserError, match="--n-layers 3 differs from the run's None"):
-        setup(cfg.__class__(**{**cfg.to_dict(), "n_layers": 3}), resume=tmp_path / "run", token_ids=TOKENS)
-    with pytest.raises(UserError, match=r"training data changed .*\(23 windows then, 22 now\)"):
-        setup(cfg, resume=tmp_path / "run", token_ids=(TOKENS[0][:360], TOKENS[1]))
-    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
-        setup(cfg, token_ids=TOKENS)
-    # Weights and config.json of another model put into last/: they agree with each other, but not
-    # with the optimizer state beside them.
-    save_model(GPT(GPTConfig.preset("tiny", n_layers=1)), tmp_path / "run" / "last")
-    with pytest.raises(UserError, match=r"train_state\.pt: its optimizer state does not fit"):
-        setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)
-
-
-def test_metrics_after_the_resumed_step_are_dropped(tmp_path) -> None:
-    """A kill between logging an evaluation and saving its checkpoint: the resumed run logs it again."""
-    path = tmp_path / "metrics.csv"
-    columns = trainer.METRICS_COLUMNS
-    for step in (0, 4, 8):
-        trainer.append_metrics(path, {"step": step, **{c: step * 10 + i for i, c in enumerate(columns) if i}})
-    kept = trainer.read_metrics(path, up_to_step=4)
-    assert [row["step"] for row in kept] == [0, 4] and kept[1]["val_loss"] == 44
-    assert path.read_text().splitlines()[0] == ",".join(columns)
-    assert trainer.read_metrics(path, up_to_step=100) == kept  # the file itself lost the row of step 8
-
-
 def test_run_directory_files(tmp_path) -> None:
     result = train(tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3), token_ids=TOKENS)
     run_dir = tmp_path / "run"
@@ -421,7 +275,7 @@ def test_run_directory_files(tmp_path) -> None:
     config = json.loads((run_dir / "train_config.json").read_text())
     assert TrainConfig.from_dict(config) == tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3)
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    assert lines[0] == ",".join(trainer.METRICS_COLUMNS)
+    assert lines[0] == ",".join(METRICS_COLUMNS)
     assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 5, 10, 11]  # and the last step
     state = load_train_state(run_dir / "last")
     assert state["state"]["step"] == result.step == STEPS_PER_EPOCH

@@ -1,0 +1,158 @@
+"""Resuming a run exactly: what a checkpoint keeps besides the weights, and putting it back.
+
+A run stopped at step s and resumed continues as if it had never stopped: the same batches in the
+same order, the same dropout masks, the same optimizer moments, so the same losses bit for bit. For
+that, `train_state.pt` (written by `gpt.checkpoint.save_checkpoint`) holds `checkpoint_state`:
+
+    train_config   the run's settings (those in `RESUME_FIXED` must not change on resume)
+    state          the loop's counters (`TrainState`)
+    optimizer      AdamW's moments and step counts
+    scaler         float16's loss scale
+    sampler        the epoch and the position in it of the data order (`ResumableSampler`)
+    num_windows    how many training windows there were (a changed corpus is refused)
+    rng            every global random generator (dropout draws from them)
+
+Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt.atomic import resolve_directory
+from gpt.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
+from gpt.data import ResumableSampler
+from gpt.errors import UserError
+from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
+
+RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
+                "context_length", "stride", "batch_size", "grad_accum", "seed")
+"""What a resumed run must keep: these fix the model, the training windows and their order, so the
+checkpoint's weights, optimizer state and data-loader position still mean what they meant."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state, as tensors and plain values (safe to load weights-only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """The loop's counters; saved in every checkpoint so that a resumed run continues exactly."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    tokens_seen: int = 0
+    """Input tokens trained on so far."""
+    best_val_loss: float = math.inf
+    """Lowest validation loss so far (improvements smaller than min_delta do not count)."""
+    best_step: int = 0
+    """The step at which `best_val_loss` was measured (the weights in best/)."""
+    evals_since_best: int = 0
+    """Evaluations in a row without an improvement: the early-stopping counter."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict (what `load_state_dict` takes back)."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set every counter from a `state_dict()`."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int,
+                     ) -> dict[str, Any]:
+    """Everything besides the weights that a resumed run needs to continue exactly (see above)."""
+    return {
+        "train_config": cfg.to_dict(),
+        "state": state.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "num_windows": num_windows,
+        "rng": rng_state(),
+    }
+
+
+def find_resume_checkpoint(path: Path) -> Path:
+    """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last."""
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such run directory; give one such as runs/NAME")
+    checkpoint = path if (path / TRAIN_STATE_FILE).is_file() else resolve_directory(path / "last")
+    if not checkpoint.is_dir():
+        raise UserError(f"--resume {path}: there is no {path / 'last'} checkpoint in it (an empty run "
+                        "directory, or not one); start a new run instead")
+    return checkpoint
+
+
+def resume_config(path: Path) -> dict[str, Any]:
+    """The settings of the run a `--resume path` continues (the base that flags then override)."""
+    return current_names(load_train_state(find_resume_checkpoint(path))["train_config"])
+
+
+def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`; `saved` is its train state."""
+    before = current_names(saved["train_config"])
+    for name in RESUME_FIXED:
+        if before.get(name) != getattr(cfg, name):
+            raise UserError(
+                f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
+                f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
+                "keeps its model and data, so drop the flag or start a new run")
+
+
+def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int) -> TrainState:
+    """Put the optimizer, loss scaler, sampler and random generators back where `checkpoint` was
+    taken (`saved` is its train state; the weights are loaded already); return the loop's counters.
+
+    Everything is checked before the random generators are set, last.
+    """
+    where = checkpoint / TRAIN_STATE_FILE
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{where}: its optimizer state does not fit the model in "
+                        f"{checkpoint / WEIGHTS_FILE} ({exc}); resume from another checkpoint") from None
+    for param in (p for group in optimizer.param_groups for p in group["params"]):
+        moment = optimizer.state.get(param, {}).get("exp_avg")
+        if moment is not None and moment.shape != param.shape:
+            raise UserError(f"{where}: its optimizer state has shape {tuple(moment.shape)} for a "
+                            f"parameter of shape {tuple(param.shape)} in {checkpoint / WEIGHTS_FILE}; "
+                            "resume from another checkpoint")
+    scaler.load_state_dict(saved["scaler"])
+    if saved["num_windows"] != num_windows:
+        raise UserError(f"the training data changed since {where} was written ({saved['num_windows']} "
+                        f"windows then, {num_windows} now); resume with the same data, or start a new run")
+    sampler.load_state_dict(saved["sampler"])
+    state = TrainState()
+    state.load_state_dict(saved["state"])
+    set_rng_state(saved["rng"])
+    return state

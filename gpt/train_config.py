@@ -1,0 +1,272 @@
+"""Training settings: `TrainConfig`, its command-line flags and TOML files of it.
+
+Every setting is a field of `TrainConfig` with a docstring under it; `build_parser` turns each field
+into a flag (`batch_size` -> `--batch-size`) whose `--help` is that docstring, so the settings, their
+documentation and their flags cannot drift apart. A TOML file (`--config`) uses the same names.
+`gpt.train_cli` puts the sources together (defaults < resumed run < TOML file < flags) and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import math
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, cast, get_args, get_type_hints
+
+from gpt.config import ConfigError, check_known_fields, preset_names
+from gpt.device import DTYPES
+from gpt.errors import UserError
+from gpt.token_cache import ERRORS_MODES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple")
+"""The settings that replace a field of the model's `GPTConfig` (its preset's, or its weights')."""
+RENAMED = {"errors": "decode_errors"}
+"""Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
+old flag stays an alias of the new one."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of setting `name`: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. `python train.py --help` shows these docstrings."""
+
+    # data
+    data: str = "default"
+    """Training text: a corpus name (default: Python's help topics, offline; the-verdict;
+    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT."""
+    val_data: str | None = None
+    """Validation text (same forms as --data); without it the last --val-fraction of --data is held out."""
+    val_fraction: float = 0.1
+    """Fraction of --data (its end) held out for validation when --val-data is not given."""
+    decode_errors: str = "strict"
+    """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or replace
+    (with U+FFFD)."""
+    data_dir: str = "data"
+    """Where downloaded corpora and token caches are kept."""
+
+    # model
+    preset: str = "mini"
+    """Model size for --init scratch: mini (4 layers, 256 wide, 4 heads, context 256), tiny,
+    gpt2-small/medium/large/xl (alias gpt2)."""
+    init: str = "scratch"
+    """scratch (random weights of --preset), or GPT-2 weights to start from: gpt2, gpt2-medium, ...,
+    a Hugging Face directory or file, or a checkpoint directory of an earlier run (runs/NAME/best)."""
+    n_layers: int | None = None
+    """Transformer blocks (overrides the preset)."""
+    emb_dim: int | None = None
+    """Embedding width (overrides the preset)."""
+    n_heads: int | None = None
+    """Attention heads; must divide --emb-dim (overrides the preset)."""
+    drop_rate: float | None = None
+    """Dropout probability (overrides the preset's: 0 for mini, 0.1 for the others)."""
+    vocab_pad_multiple: int | None = None
+    """Pad the embedding table and LM head to a multiple of this many rows (overrides the preset's:
+    64 for mini, 1 for the others); same results, faster matmuls (see BENCHMARKS.md)."""
+    context_length: int | None = None
+    """Tokens per training window; at most the model's context length, which is also the default
+    (256 for mini, 1024 for GPT-2)."""
+    stride: int | None = None
+    """Distance between the starts of consecutive training windows; default --context-length (no
+    overlap). A smaller stride gives more, overlapping windows per epoch."""
+
+    # optimisation
+    batch_size: int = 8
+    """Windows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients add up to one optimizer step (effective batch = batch_size x this)."""
+    epochs: int = 3
+    """Passes over the training windows."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps even if epochs remain (the LR schedule ends there too);
+    0 = no limit, train all --epochs."""
+    lr: float = 2e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay (the floor)."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up from ~0 to --lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices (embeddings included) but not to biases or LayerNorms."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+    # evaluation, early stopping, logging
+    eval_freq: int = 20
+    """Evaluate, log and save last/ every this many optimizer steps (and at the end)."""
+    eval_iters: int = 2
+    """Batches of training and of validation data the losses are averaged over at each evaluation
+    (spread evenly over each split; the same batches every time)."""
+    patience: int = 5
+    """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
+    min_delta: float = 0.0
+    """How much lower the validation loss must be than the best so far to count as an improvement."""
+    sample_prompt: str = "Every effort moves you"
+    """Start of the text sampled after each epoch and at the end."""
+    sample_tokens: int = 30
+    """Tokens to sample after each epoch and at the end (0 disables sampling)."""
+    log_scale: bool = False
+    """Draw loss.png with a logarithmic loss axis."""
+
+    # system
+    dtype: str = "auto"
+    """Autocast precision: auto (bfloat16 where the hardware has it, else float16 on CUDA, else
+    float32), float32, bfloat16 or float16 (CUDA only). Weights stay float32 either way."""
+    compile: bool = False
+    """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
+    BENCHMARKS.md)."""
+    loss_chunk: int = 0
+    """Run the LM head and the loss this many positions at a time, in training and evaluation, never
+    holding a whole batch of logits (less memory; 0 = the whole batch at once, measured faster on a
+    CPU: BENCHMARKS.md)."""
+    keep_freed_memory: bool = True
+    """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
+    after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
+    A setting of the whole process (glibc's mallopt), not undone when training ends."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    seed: int = 123
+    """Seed of every random number generator (init, dropout, data order)."""
+    out: str = "runs"
+    """Directory that holds the run directories."""
+    run_name: str | None = None
+    """Name of this run's directory under --out; default the start time, e.g. 20250101-120000."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+        def need(ok: bool, name: str, what: str, example: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
+                                  f"e.g. {flag(name)} {example}")
+
+        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters"):
+            need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
+        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
+        for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
+                     "sample_tokens", "loss_chunk"):
+            need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
+        need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
+        need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
+        need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",
+             "replace")
+        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"auto or one of {', '.join(DTYPES)}",
+             "float32")
+        need(self.init != "scratch" or self.preset in preset_names(), "preset",
+             f"one of {', '.join(preset_names())}", "mini")
+        need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
+             "some text (or use --sample-tokens 0)", '"Every effort moves you"')
+
+    def _check_types(self) -> None:
+        """Values from a TOML file or Python are not parsed by argparse: check each field's type."""
+        hints = get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), get_args(hints[f.name]) or (hints[f.name],)
+            ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            if float in allowed:  # an integer is a fine float (lr = 1 in TOML)
+                ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+                raise ConfigError(f"{flag(f.name)} must be {names}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (a TOML file, a saved run); unknown keys are an error, not ignored, and
+        old names (`RENAMED`) are read as the new ones."""
+        data = current_names(data)
+        check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "setting")
+        return cls(**data)
+
+
+def current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with every old name (`RENAMED`) replaced by the current one."""
+    renamed = {RENAMED.get(key, key): value for key, value in settings.items()}
+    if len(renamed) < len(settings):
+        both = next(old for old, new in RENAMED.items() if old in settings and new in settings)
+        raise ConfigError(f"{both} and {RENAMED[both]} are the same setting ({both} is its old name); "
+                          f"keep only {RENAMED[both]}")
+    return renamed
+
+
+# ---- flags and TOML files -----------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (Python keeps none at runtime: read the source)."""
+    body = cast(ast.ClassDef, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]).body
+    docs = {}
+    for node, doc in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see python train.py --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`train.py`'s flags: --config, --resume, and one per `TrainConfig` field, documented by it.
+
+    No flag has a default here (argparse.SUPPRESS), so the parsed namespace holds only the flags
+    actually given: they override a --config file, which overrides a resumed run's settings. An old
+    name of a setting (`RENAMED`) is a second spelling of its flag.
+    """
+    parser = _ArgumentParser(
+        prog="train.py", argument_default=argparse.SUPPRESS,
+        description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
+                    "on a laptop CPU; results in runs/<start time>/.")
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="read settings from a TOML file, keys named as the flags (batch_size = 8); "
+                             "flags given on the command line win")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (runs/NAME) exactly where its last/ checkpoint "
+                             "was taken (or give RUN_DIR/best); its settings are reused, and flags that "
+                             "do not change the model or data (--epochs, --lr, ...) override them")
+    hints, docs = get_type_hints(TrainConfig), field_docs(TrainConfig)
+    old_names = {new: old for old, new in RENAMED.items()}
+    for f in dataclasses.fields(TrainConfig):
+        kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        help_text = docs[f.name].replace("%", "%%") + ("" if f.default is None else f" [{f.default}]")
+        flags = [flag(f.name)] + ([flag(old_names[f.name])] if f.name in old_names else [])
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            metavar = {int: "N", float: "X", str: "TEXT"}[kind]
+            parser.add_argument(*flags, type=kind, metavar=metavar, help=help_text)
+    return parser
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file, keys as field names (`batch-size` is read as `batch_size`, an old
+    name as the current one)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {path} is not valid TOML: {exc}") from None
+    return current_names({key.replace("-", "_"): value for key, value in data.items()})

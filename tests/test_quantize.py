@@ -14,6 +14,7 @@ from gpt.atomic import atomic_directory
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import UserError
+from gpt.loss import lm_loss
 from gpt.model import GPT
 from gpt.quantize import (
     Int8Linear,
@@ -155,6 +156,16 @@ def test_a_quantized_state_dict_round_trips(trained: GPT, tmp_path: Path, includ
     text = prompts()
     with torch.inference_mode():
         assert torch.equal(fresh(text), model(text))
+
+
+def test_the_loss_of_a_model_made_for_decoding_is_the_loss_of_its_logits(trained: GPT) -> None:
+    """`GPT.loss` (what evaluation calls) cannot chunk a head with no plain weight: full logits then."""
+    text = generated_text(2 * (CONTEXT + 1), seed=3).view(2, CONTEXT + 1)
+    x, y = text[:, :-1], text[:, 1:]
+    models = [quantize_int8(copy_of(trained))] + ([prepack(copy_of(trained))] if can_prepack(trained) else [])
+    with torch.no_grad():
+        for model in models:
+            assert torch.equal(model.loss(x, y, chunk_size=16), lm_loss(model(x), y))
 
 
 def test_int8_refuses_what_its_kernel_cannot_run() -> None:

@@ -143,7 +143,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt.device import keep_freed_memory
-    from gpt.trainer import ADAM_BETAS, build_model, seed_everything
+    from gpt.optim import ADAM_BETAS
+    from gpt.trainer import build_model, seed_everything
     from gpt.weights import gpt_to_hf_state_dict, hf_config
 
     shape, defaults = SHAPES[args.shape], train_config(args, out)

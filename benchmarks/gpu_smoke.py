@@ -7,7 +7,10 @@ checks the invariants the CPU tests check:
 
     train      the losses are finite and fall
     resume     a run stopped by Ctrl-C halfway and resumed logs the same step losses as a straight run
-    evaluate   the loss of the saved weights on this device, in this dtype, is the CPU float32 loss
+    fp16 resume  (bfloat16 rows) a bf16 run stopped halfway resumes with --dtype float16, its loss
+               scaler starting afresh (a bf16 run saves none): finite losses for the remaining steps
+    evaluate   the loss of the saved weights on this device, in this dtype, with --loss-chunk, is the
+               CPU float32 loss
     chunked    the chunked LM head's gradient (--loss-chunk) under a float16-style loss scale of 2**16:
                no more all-zero head rows than unchunked, and as close to the float32 gradient
     generate   greedy decoding with the KV cache gives the tokens decoding without it gives
@@ -90,7 +93,7 @@ def saved_model(out: Path, name: str, device: torch.device) -> GPT:
 def eval_loss(model: GPT, ids: np.ndarray, args: argparse.Namespace, dtype: torch.dtype) -> float:
     loader = create_dataloader(ids, args.batch_size, args.context_length, args.context_length,
                                shuffle=False, drop_last=False)
-    return evaluate_loss(model, loader, max_batches=4, dtype=dtype)
+    return evaluate_loss(model, loader, max_batches=4, dtype=dtype, chunk_size=args.loss_chunk)
 
 
 def chunked_head_grad(model: GPT, x: torch.Tensor, y: torch.Tensor, chunk: int, dtype: torch.dtype,
@@ -170,6 +173,9 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
         report("resume", "PASS" if ok else "FAIL", f"max relative difference {worst:.2e} (tolerance "
                f"{'0: exact on the CPU' if exact_required else f'{tol:g}'})")
 
+    if dtype == torch.bfloat16:
+        check_float16_resume(device, args, out, tokens, report)
+
     model = saved_model(out, f"{name}-straight", device)
     here = eval_loss(model, tokens[1], args, dtype)
     reference = eval_loss(saved_model(out, f"{name}-straight", torch.device("cpu")), tokens[1], args,
@@ -225,6 +231,22 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
     worst = float((ours - theirs).abs().max())
     bound = 1e-4 * max(1.0, float(ours.abs().max()))
     report("export", "PASS" if worst <= bound else "FAIL", f"HF logits within {worst:.1e} of ours")
+
+
+def check_float16_resume(device: torch.device, args: argparse.Namespace, out: Path,
+                         tokens: tuple[np.ndarray, np.ndarray],
+                         report: Callable[[str, str, str], None]) -> None:
+    """A bf16 run stopped halfway, resumed with --dtype float16 (the scaler's state it saved is empty)."""
+    if device.type != "cuda":
+        report("fp16 resume", "SKIP", "float16 trains on CUDA only")
+        return
+    name, half = f"{device.type}-bfloat16-to-float16", args.steps // 2
+    train_run(out, name, str(device), "bfloat16", args, tokens, stop_after=half)
+    resumed = train_run(out, name, str(device), "float16", args, tokens, resume=True)
+    steps = list(range(half + 1, args.steps + 1))
+    ok = sorted(resumed) == steps and all(map(math.isfinite, resumed.values()))
+    report("fp16 resume", "PASS" if ok else "FAIL", f"steps {half + 1}-{args.steps} in float16: "
+           + ", ".join(f"{loss:.3f}" for loss in resumed.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

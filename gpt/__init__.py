@@ -6,6 +6,7 @@ from gpt.errors import UserError
 from gpt.loss import evaluate_loss, lm_loss, perplexity
 from gpt.model import GPT
 from gpt.quantize import prepack, quantize_int8
+from gpt.records import InstructionDataset, load_records, pad_collate
 from gpt.sampling import generate, stream
 from gpt.tokenizer import get_tokenizer
 from gpt.weights import load_pretrained, save_hf
@@ -13,6 +14,7 @@ from gpt.weights import load_pretrained, save_hf
 __all__ = [
     "GPT",
     "GPTConfig",
+    "InstructionDataset",
     "SlidingWindowDataset",
     "UserError",
     "create_dataloader",
@@ -21,6 +23,8 @@ __all__ = [
     "get_tokenizer",
     "lm_loss",
     "load_pretrained",
+    "load_records",
+    "pad_collate",
     "perplexity",
     "prepack",
     "quantize_int8",

@@ -5,8 +5,10 @@
     training_dtype / decoding_dtype   what `--dtype auto` means for each job (they differ: see each)
     autocast(device, dtype)           mixed precision, or nothing for float32
     load_scaler_state(scaler, state)  a saved float16 loss scale, or a fresh one where none was saved
+    skipped_step_note(scaler, step)   a float16 step the scaler skipped, as a line; a collapsed scale stops
     device_rng_state(device)          the random generator of the device in use, to save and restore
     user_error_for(exc, ...)          out of memory, a failed --compile: the one-line error and its fix
+    flag_fixable_errors(fix)          turn those into that error around a command's work
     keep_freed_memory()               stop glibc handing big freed blocks back to the kernel
 """
 
@@ -17,11 +19,12 @@ import ctypes
 import ctypes.util
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from gpt.errors import UserError, describe, first_line
+from gpt.errors import TrainingDiverged, UserError, describe, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,6 +144,20 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> No
         scaler.load_state_dict(state)
 
 
+def skipped_step_note(scaler: torch.amp.GradScaler, step: int) -> str:
+    """The line saying that float16 overflowed at `step` and the scaler skipped it (ask after
+    `scaler.update()`, which lowered the scale).
+
+    Raises `TrainingDiverged` once the scale is below 1: the gradients then overflow even unscaled,
+    and the run would go on skipping every step while its scale halves towards 0.
+    """
+    scale = scaler.get_scale()
+    if scale < 1.0:
+        raise TrainingDiverged(f"float16 overflowed at every step until the loss scale fell to {scale:g} "
+                               f"(step {step}); use --dtype bfloat16 or float32, or lower --lr")
+    return f"step {step} skipped (float16 overflow, loss scale now {scale:g})"
+
+
 def device_rng_state(device: torch.device) -> dict[str, Any] | None:
     """The state of `device`'s random generator (dropout's, on a GPU), for a checkpoint; None on the
     CPU, whose generator `torch.get_rng_state()` covers.
@@ -197,6 +214,18 @@ def user_error_for(exc: BaseException, out_of_memory_fix: str) -> UserError | No
         return UserError(f"--compile failed ({describe(cause)}); run without --compile (it needs a "
                          "working C++ compiler on a CPU, and Triton on a GPU)")
     return None
+
+
+@contextlib.contextmanager
+def flag_fixable_errors(out_of_memory_fix: str) -> Iterator[None]:
+    """Raise `user_error_for`'s one-line `UserError` for what the block raises, where it has one."""
+    try:
+        yield
+    except Exception as exc:
+        error = user_error_for(exc, out_of_memory_fix)
+        if error is None:
+            raise
+        raise error from None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)

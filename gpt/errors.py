@@ -7,12 +7,19 @@ catch it as one. Every command's `main` runs through `run_cli`, which prints the
 traceback.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(ValueError):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
+
+
+class TrainingDiverged(UserError):
+    """Training can no longer make progress: the loss or the gradient norm stopped being finite, or
+    float16's loss scale collapsed."""
 
 
 def first_line(problem: BaseException | str) -> str:
@@ -35,3 +42,11 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown flag, a value of the wrong type) are a `UserError` too:
+    one line through `run_cli`, not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see {self.prog} --help")

@@ -17,11 +17,18 @@ from typing import TextIO
 import tiktoken
 import torch
 
-from gpt.checkpoint import latest_checkpoint, load_model, require_model_checkpoint
-from gpt.device import DTYPES, decoding_dtype, pick_device
-from gpt.errors import UserError, describe, run_cli
+from gpt.checkpoint import (
+    TRAIN_STATE_FILE,
+    latest_checkpoint,
+    load_model,
+    load_train_state,
+    require_model_checkpoint,
+)
+from gpt.device import DTYPES, configure_device, decoding_dtype, flag_fixable_errors, pick_device
+from gpt.errors import UserError, run_cli
 from gpt.model import GPT
 from gpt.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
+from gpt.records import format_prompt
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.weights import load_pretrained
@@ -30,7 +37,13 @@ from gpt.weights import load_pretrained
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Sample text from a trained checkpoint or from GPT-2 weights, streamed to the terminal.")
-    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    parser.add_argument("--prompt", default="Every effort moves you",
+                        help="text to continue; for a fine-tuned run, the question (laid out with the "
+                             "run's prompt template; only the answer is printed)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="read one prompt per line from standard input and answer each (Ctrl-D ends)")
+    parser.add_argument("--raw", action="store_true",
+                        help="a fine-tuned run's prompt template off: continue the prompt as it is")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature; 0 = greedy (default 0.8)")
@@ -75,13 +88,19 @@ def cli() -> None:
 def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
                    init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
-                   quantize: str = "none", out: TextIO | None = None, err: TextIO | None = None) -> None:
+                   interactive: bool = False, raw: bool = False, quantize: str = "none",
+                   out: TextIO | None = None, err: TextIO | None = None, inp: TextIO | None = None) -> None:
     """Check every value first (a typo fails at once, not after loading), then sample.
 
-    `out`/`err` default to the current sys.stdout/sys.stderr, looked up at the call.
+    A checkpoint of a run fine-tuned on records (`gpt.records`) answers: each prompt is laid out
+    with the run's template (unless `raw`) and only the answer is written. `interactive` reads the
+    prompts from `inp`, one per line. `out`/`err`/`inp` default to the current
+    sys.stdout/stderr/stdin, looked up at the call. Out of memory and a failed `--compile` (at the
+    first token) end in a one-line `UserError` naming the fix.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    inp = sys.stdin if inp is None else inp
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
@@ -90,40 +109,48 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
     torch_dtype = decoding_dtype(dtype, torch_device)
     if quantize != "none":
         check_int8_supported(torch_device, torch_dtype)
-    model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
-    started = time.perf_counter()
-    # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
-    model = prepare_for_decoding(model, quantize, pack=not compile)
-    if quantize != "none":
-        print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
-    compile_failed: tuple[type[Exception], ...] = ()  # what the first call raises if compiling fails
-    if compile:
-        from torch._dynamo.exc import BackendCompilerFailed  # only here: a slow import
+    configure_device(torch_device)
+    with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
+                             "model, or --device cpu"):
+        model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
+        started = time.perf_counter()
+        # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
+        model = prepare_for_decoding(model, quantize, pack=not compile)
+        if quantize != "none":
+            print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
+        if compile:
+            model = compile_for_decoding(model)
+        template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
+        tokenizer = get_tokenizer()
+        eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
+        generator = torch.Generator(device=torch_device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        for text in (line.rstrip("\n") for line in inp) if interactive else [prompt]:
+            full = text if template is None else format_prompt(template, text)
+            idx = torch.tensor([encode_prompt(full, tokenizer, model, err)], device=torch_device)
+            for i in range(num_samples):
+                if num_samples > 1:
+                    out.write(f"--- sample {i + 1} of {num_samples} ---\n")
+                out.write(text if template is None else "")  # an answer is printed without its question
+                new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_id=eos_id, use_cache=not no_cache, generator=generator)
+                try:
+                    write_text(token_ids(new, eos_id), tokenizer, out)
+                finally:  # also before an error, which goes to `err`
+                    out.write("\n")
+                    out.flush()
 
-        model, compile_failed = compile_for_decoding(model), (BackendCompilerFailed,)
-    tokenizer = get_tokenizer()
-    idx = torch.tensor([encode_prompt(prompt, tokenizer, model, err)], device=torch_device)
-    eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
-    generator = torch.Generator(device=torch_device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    for i in range(num_samples):
-        if num_samples > 1:
-            out.write(f"--- sample {i + 1} of {num_samples} ---\n")
-        out.write(prompt)
-        new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     eos_id=eos_id, use_cache=not no_cache, generator=generator)
-        try:
-            write_text(token_ids(new, eos_id), tokenizer, out)
-        except compile_failed as exc:
-            out.write("\n")
-            cause = getattr(exc, "inner_exception", exc)  # what the compiler raised
-            raise UserError(f"--compile failed ({describe(cause)}); run without --compile (on a CPU it needs "
-                            "a working C++ compiler)") from None
-        out.write("\n")
-        out.flush()
+
+def run_template(checkpoint: Path) -> str | None:
+    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
+    with the run's settings), or None: a pretraining run's, or weights without a training state."""
+    if not (checkpoint / TRAIN_STATE_FILE).is_file():
+        return None
+    template: str | None = load_train_state(checkpoint)["train_config"].get("prompt_template")
+    return template
 
 
 def find_checkpoint(path: Path | None, runs_dir: Path = Path("runs")) -> Path:
@@ -143,8 +170,9 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
-        model, source = load_model(found, device), str(found)
-    model = model.to(device=device, dtype=dtype)
+        model, source = load_model(found, "cpu"), str(found)
+    # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
+    model = model.to(dtype=dtype).to(device)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
           f"{str(dtype).removeprefix('torch.')}", file=err)
     return model

@@ -1,4 +1,4 @@
-"""The training objective: next-token cross-entropy, its perplexity, and its average over a loader.
+"""The training objective: next-token cross-entropy, its variants, its perplexity, its loader average.
 
 A language model's loss is the cross-entropy between its predicted distribution at every position and
 the token that actually comes next, averaged over the positions:
@@ -7,12 +7,16 @@ the token that actually comes next, averaged over the positions:
 
 Perplexity, exp(loss), reads as "the model is as unsure as a uniform choice among this many tokens":
 ~50257 for an untrained GPT-2-sized vocabulary, ~20-30 for GPT-2 small on web text.
+
+The variants a run may train with instead (label smoothing, focal loss, distillation from a teacher)
+are at the end, gathered by `Objective`; the LM head can also be run in chunks (`head_loss`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,9 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.device import autocast
+from gpt.errors import UserError
 
 IGNORE_INDEX = -100
 """Target value whose position is left out of the loss (PyTorch's convention, e.g. for padding)."""
+
+
+def count_targets(batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    """The counted targets (not `IGNORE_INDEX`) of (inputs, targets) batches: the tokens a training
+    step's loss is the mean over (`gpt.trainer.train_step`). Call it before the batches go to the
+    device: it sums on the host."""
+    return sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
@@ -31,17 +43,18 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
 
     Averaged over the targets that are not `ignore_index` (NaN if there are none, as in PyTorch).
     `label_smoothing` mixes the one-hot target with the uniform distribution (0 = plain cross-entropy).
-    The loss is computed in float32 whatever the dtype of `logits`: a log-softmax over 50k classes in
+    The loss is computed in float32 (float64 if the logits are): a log-softmax over 50k classes in
     bf16 keeps only ~3 significant digits.
     """
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(_at_least_float32(logits.flatten(0, -2)), targets.flatten(),
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-# Left out of torch.compile (`train.py --compile` compiles `GPT.loss`): the compiler takes the model up
-# to its head, and the head's loss runs as written here, whose chunked path is laid out around the
-# buffers it fills in place. Compiling it too would be a new speed option, to measure first.
-@torch.compiler.disable
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """float16/bfloat16 logits as float32; float32 and float64 as they are (float64 for gradcheck)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0,
               vocab_size: int | None = None) -> Tensor:
     """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, optionally without materialising them.
@@ -182,3 +195,108 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
     if count == 0:
         raise ValueError("evaluate_loss: the loader gave no target tokens to average over")
     return total / count
+
+
+# ---- the variants: label smoothing, focal loss, distillation -----------------------------------
+
+
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean focal loss -(1 - p)^gamma * log p over the targets that are not `ignore_index`.
+
+    p is the probability the model gives the target token, softmax over the whole vocabulary (Lin et
+    al. 2017, there over object classes). The factor (1 - p)^gamma shrinks the loss of tokens the
+    model already predicts well, so their gradient goes to the hard ones; gamma 0 is plain
+    cross-entropy. Computed in float32 (float64 if the logits are), like `lm_loss`.
+    """
+    logp = F.log_softmax(_at_least_float32(logits.flatten(0, -2)), dim=-1)  # (N, V)
+    targets = targets.flatten()
+    counted = targets != ignore_index
+    logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read token 0
+    # 1 - p as -expm1(log p), which keeps the small difference where p rounds to 1.0. Where even log p
+    # is 0 (a near-certain token), 1 - p is 0, and the gradient of pow(gamma < 1) there infinite: the
+    # floor turns it into 0 (such a token's loss is 0 either way).
+    one_minus_p = (-torch.expm1(logp_target)).clamp(min=torch.finfo(logp.dtype).tiny)
+    modulation = one_minus_p.pow(gamma)
+    return -(modulation * logp_target)[counted].mean()  # no counted target: NaN, as in lm_loss
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+                    ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """KL(teacher_T || student_T), averaged over the positions whose target is not `ignore_index`.
+
+    teacher_T = softmax(teacher_logits / T) and student_T the same for the student, over the
+    vocabulary; per position KL = sum_k teacher_T[k] * (log teacher_T[k] - log student_T[k]), which is
+    0 exactly when the two distributions agree. A temperature above 1 flattens both, so the student
+    also learns how the teacher ranks the unlikely tokens ("dark knowledge", Hinton et al. 2015).
+    """
+    counted = targets.flatten() != ignore_index
+    student = F.log_softmax(_at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    teacher = F.log_softmax(_at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What training minimises: cross-entropy or one of its variants, set by `train.py`'s flags.
+
+        hard   = lm_loss(logits, targets, label_smoothing)   or   focal_loss(logits, targets, gamma)
+        loss   = hard                                                             without a teacher
+               = (1 - A) * hard + A * T^2 * distillation_kl(logits, teacher_logits, targets, T)   with
+
+    The T^2 keeps the distillation gradient on the scale of the hard loss's as T changes (the softened
+    softmax's gradient shrinks as 1/T^2). Validation losses stay plain cross-entropy (`lm_loss`), so
+    runs with different objectives remain comparable.
+    """
+
+    label_smoothing: float = 0.0
+    """Mix the one-hot target with the uniform distribution by this much (0 = plain cross-entropy)."""
+    focal_gamma: float = 0.0
+    """Focal loss: weight each token's loss by (1 - p)^gamma (0 = plain cross-entropy)."""
+    teacher: str | None = None
+    """The model distilled from (a name or path, for messages); None trains on the targets alone."""
+    distill_weight: float = 0.5
+    """A: the share of the distillation term in the loss, in [0, 1] (used with a teacher only)."""
+    distill_temperature: float = 2.0
+    """T: both models' logits are divided by this before their softmax (used with a teacher only)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
+            if not (ok and math.isfinite(value)):
+                raise UserError(f"--{flag} must be {what}, got {value!r}; e.g. --{flag} {example}")
+
+        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)", "0.1")
+        need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
+        need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]", "0.5")
+        need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
+        if self.label_smoothing > 0 and self.focal_gamma > 0:
+            raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
+                               "not combine here; give only one of them")
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        """Whether this is plain cross-entropy, the loss `head_loss` computes (also in chunks)."""
+        return self.label_smoothing == 0 and self.focal_gamma == 0 and self.teacher is None
+
+    def check_loss_chunk(self, loss_chunk: int) -> None:
+        """Refuse `--loss-chunk` with any other objective: the chunked head computes plain cross-entropy
+        only, while the variants need each position's whole distribution (and the teacher's)."""
+        if loss_chunk and not self.is_cross_entropy:
+            flag = ("--teacher" if self.teacher is not None else
+                    "--label-smoothing" if self.label_smoothing else "--focal-gamma")
+            raise UserError(f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
+                               f"train with {flag}")
+
+    def loss(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
+        """The objective of `logits` (..., V) against `targets` (...), -100 targets left out; with a
+        teacher, `teacher_logits` are its logits for the same inputs (computed without gradients)."""
+        if self.focal_gamma > 0:
+            hard = focal_loss(logits, targets, self.focal_gamma)
+        else:
+            hard = lm_loss(logits, targets, label_smoothing=self.label_smoothing)
+        if self.teacher is None:
+            return hard
+        if teacher_logits is None:
+            raise ValueError(f"Objective.loss: distilling from {self.teacher} needs its teacher_logits")
+        weight, temperature = self.distill_weight, self.distill_temperature
+        kl = distillation_kl(logits, teacher_logits, targets, temperature)
+        return (1 - weight) * hard + weight * temperature**2 * kl

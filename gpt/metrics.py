@@ -22,21 +22,24 @@ from gpt.plot import plot_losses
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_perplexity", "lr",
                    "grad_norm", "tokens_per_s")
+ANSWER_COLUMN = "val_exact_match"
+"""The extra column of a fine-tuning run: the share of validation answers that were exactly right."""
 _INT_COLUMNS = ("step", "tokens_seen")
 
 
 class MetricsLog:
     """`metrics.csv` at `path`: `append` a row, `rows()` to read them all, `truncate` on resume,
-    `plot` the losses."""
+    `plot` the losses. `columns`: `METRICS_COLUMNS`, and `ANSWER_COLUMN` for a fine-tuning run."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = METRICS_COLUMNS) -> None:
         self.path = Path(path)
+        self.columns = columns
 
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -67,7 +70,7 @@ class MetricsLog:
             return []
         kept = [row for row in self.rows() if row["step"] <= up_to_step]
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=self.columns)
         writer.writeheader()
         writer.writerows(kept)
         with atomic_file(self.path) as out:
@@ -92,4 +95,6 @@ def format_row(row: dict[str, float]) -> str:
     if not math.isnan(row["lr"]):  # the evaluation before the first step has no step to report on
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}",
                   f"{row['tokens_per_s']:,.0f} tok/s"]
+    if ANSWER_COLUMN in row:
+        parts.insert(5, f"exact {row[ANSWER_COLUMN]:.0%}")
     return " | ".join(parts)

@@ -196,9 +196,13 @@ class GPT(nn.Module):
         `gpt.loss.head_loss`: with `chunk_size` N the LM head and the loss run N positions at a time,
         so the (B, T, V) logits never exist whole. The head's padding rows get no logits.
         """
-        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.quantize): no
-            return lm_loss(self(idx), targets)  # plain weight to chunk, so the logits in full
-        hidden = self.hidden_states(idx)  # (B, T, C)
+        return self.head_loss(self.hidden_states(idx), targets, chunk_size=chunk_size)
+
+    def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
+        """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
+        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.quantize) has no
+            logits = self.lm_head(hidden)[..., :self.config.vocab_size]  # plain weight to chunk
+            return lm_loss(logits, targets)
         return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:

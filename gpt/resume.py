@@ -10,7 +10,8 @@ that, `train_state.pt` (written by `gpt.checkpoint.save_checkpoint`) holds `chec
     scaler         float16's loss scale
     sampler        the epoch and the position in it of the data order (`ResumableSampler`)
     num_windows    how many training windows there were (a changed corpus is refused)
-    rng            every global random generator (dropout draws from them)
+    rng            the CPU's global random generators and the one of the device in use (dropout
+                   draws from them)
 
 Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,35 +32,46 @@ import torch
 from gpt.atomic import resolve_directory
 from gpt.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
 from gpt.data import ResumableSampler
+from gpt.device import device_rng_state, load_scaler_state, set_device_rng_state
 from gpt.errors import UserError
+from gpt.record_data import BucketBatchSampler
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
-                "context_length", "stride", "batch_size", "grad_accum", "seed")
+                "context_length", "stride", "batch_size", "grad_accum", "seed",
+                "prompt_template", "mask_prompt")
 """What a resumed run must keep: these fix the model, the training windows and their order, so the
 checkpoint's weights, optimizer state and data-loader position still mean what they meant."""
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global generator's state, as tensors and plain values (safe to load weights-only)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators' states and `device`'s (`gpt.device.device_rng_state`), as tensors and
+    plain values (safe to load weights-only)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
-                       "has_gauss": has_gauss, "gauss": gauss}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "device": device_rng_state(device)}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` captured, the device's generator onto `device`.
+
+    A checkpoint taken on another kind of device (or one that saved every GPU's generator, under
+    "cuda", which is ignored) has none for `device`: a note says that dropout then draws other
+    numbers than an unbroken run would have.
+    """
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("device")
+    if not set_device_rng_state(device, saved) and (saved is not None or device.type != "cpu"):
+        taken = f"on {saved['type']}" if saved else "on a CPU, or by an older version"
+        print(f"note: the checkpoint holds no {device.type} random state (it was taken {taken}): dropout's "
+              "random stream starts afresh, so the losses will not repeat those of an unbroken run",
+              file=sys.stderr)
 
 
 @dataclass
@@ -87,8 +100,8 @@ class TrainState:
 
 
 def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int,
-                     ) -> dict[str, Any]:
+                     scaler: torch.amp.GradScaler, sampler: ResumableSampler | BucketBatchSampler,
+                     num_windows: int, device: torch.device) -> dict[str, Any]:
     """Everything besides the weights that a resumed run needs to continue exactly (see above)."""
     return {
         "train_config": cfg.to_dict(),
@@ -97,7 +110,7 @@ def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.op
         "scaler": scaler.state_dict(),
         "sampler": sampler.state_dict(),
         "num_windows": num_windows,
-        "rng": rng_state(),
+        "rng": rng_state(device),
     }
 
 
@@ -120,8 +133,8 @@ def resume_config(path: Path) -> dict[str, Any]:
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
     """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`; `saved` is its train state."""
     before = current_names(saved["train_config"])
-    for name in RESUME_FIXED:
-        if before.get(name) != getattr(cfg, name):
+    for name in RESUME_FIXED:  # a setting newer than the run has its default there
+        if before.get(name, getattr(TrainConfig, name)) != getattr(cfg, name):
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
@@ -129,11 +142,14 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
 
 
 def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, sampler: ResumableSampler, num_windows: int) -> TrainState:
+            scaler: torch.amp.GradScaler, sampler: ResumableSampler | BucketBatchSampler,
+            num_windows: int, device: torch.device) -> TrainState:
     """Put the optimizer, loss scaler, sampler and random generators back where `checkpoint` was
     taken (`saved` is its train state; the weights are loaded already); return the loop's counters.
 
-    Everything is checked before the random generators are set, last.
+    Everything is checked before the random generators are set, last (`device`'s: the one the run
+    continues on). A run resumed with `--dtype float16` from one in another dtype starts from the
+    initial loss scale (`load_scaler_state`).
     """
     where = checkpoint / TRAIN_STATE_FILE
     try:
@@ -147,12 +163,12 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
             raise UserError(f"{where}: its optimizer state has shape {tuple(moment.shape)} for a "
                             f"parameter of shape {tuple(param.shape)} in {checkpoint / WEIGHTS_FILE}; "
                             "resume from another checkpoint")
-    scaler.load_state_dict(saved["scaler"])
+    load_scaler_state(scaler, saved["scaler"])
     if saved["num_windows"] != num_windows:
         raise UserError(f"the training data changed since {where} was written ({saved['num_windows']} "
                         f"windows then, {num_windows} now); resume with the same data, or start a new run")
     sampler.load_state_dict(saved["sampler"])
     state = TrainState()
     state.load_state_dict(saved["state"])
-    set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"], device)
     return state

@@ -27,8 +27,10 @@ from typing import TypeVar, cast
 import torch
 from torch import Tensor
 
+from gpt.device import autocast
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
+from gpt.tokenizer import ENDOFTEXT, get_tokenizer
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None,
@@ -208,3 +210,20 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
     new = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  eos_id=eos_id, use_cache=use_cache, generator=generator)
     return torch.cat([idx, *(token[:, None] for token in new)], dim=1)
+
+
+def sample_text(model: GPT, prompt: str, max_new_tokens: int, *, seed: int, dtype: torch.dtype) -> str:
+    """`prompt` and `max_new_tokens` tokens after it, drawn from the top 40 at temperature 1: the
+    sample a training run prints after each epoch.
+
+    The draws come from a generator of their own, seeded with `seed`: sampling never touches the
+    global random stream that dropout uses, so a run trains the same with or without samples, and
+    each sample differs from the last only because the model did.
+    """
+    tokenizer = get_tokenizer()
+    device = model.tok_emb.weight.device
+    idx = torch.tensor([tokenizer.encode(prompt, allowed_special={ENDOFTEXT})], device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with autocast(device, dtype):
+        out = generate(model, idx, max_new_tokens, temperature=1.0, top_k=40, generator=generator)
+    return tokenizer.decode(out[0].tolist())

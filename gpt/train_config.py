@@ -23,6 +23,7 @@ from typing import Any, NoReturn, cast, get_args, get_type_hints
 from gpt.config import ConfigError, check_known_fields, preset_names
 from gpt.device import DTYPES
 from gpt.errors import UserError
+from gpt.records import is_record_file
 from gpt.token_cache import ERRORS_MODES
 
 if sys.version_info >= (3, 11):
@@ -49,16 +50,27 @@ class TrainConfig:
     # data
     data: str = "default"
     """Training text: a corpus name (default: Python's help topics, offline; the-verdict;
-    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT."""
+    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; or a
+    .jsonl/.json file of question/answer or instruction records, to fine-tune on (see the README)."""
     val_data: str | None = None
     """Validation text (same forms as --data); without it the last --val-fraction of --data is held out."""
     val_fraction: float = 0.1
-    """Fraction of --data (its end) held out for validation when --val-data is not given."""
+    """Fraction of --data (its end; of records, the last after a shuffle with --seed) held out for
+    validation when --val-data is not given."""
     decode_errors: str = "strict"
     """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or replace
     (with U+FFFD)."""
     data_dir: str = "data"
     """Where downloaded corpora and token caches are kept."""
+    prompt_template: str | None = None
+    """Records only (--data FILE.jsonl or .json): how a prompt is laid out before its response: alpaca
+    (instruction, input, response headings), plain (the prompt and a space), qa ("Question: ...\nAnswer:
+    "), or a string with a {prompt} field and an optional {input} one. Default: alpaca for
+    instruction/output records, plain for prompt/response and prompt/completion, qa for
+    question/answer records and pairs. Kept with the run, so generate.py applies it."""
+    mask_prompt: bool = True
+    """Records only: train on the response tokens alone (targets of prompt tokens are -100);
+    --no-mask-prompt trains on the prompt too."""
 
     # model
     preset: str = "mini"
@@ -122,11 +134,16 @@ class TrainConfig:
     """Tokens to sample after each epoch and at the end (0 disables sampling)."""
     log_scale: bool = False
     """Draw loss.png with a logarithmic loss axis."""
+    eval_answers: int = 32
+    """Records only: validation records answered greedily at each evaluation for the val_exact_match
+    column (0 disables it)."""
 
     # system
     dtype: str = "auto"
-    """Autocast precision: auto (bfloat16 where the hardware has it, else float16 on CUDA, else
-    float32), float32, bfloat16 or float16 (CUDA only). Weights stay float32 either way."""
+    """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+, or
+    a CPU with AVX512-BF16/AMX; float16 with a loss scaler on older CUDA GPUs; else float32),
+    float32, bfloat16 (Apple GPUs: macOS 14+) or float16 (CUDA only). Weights stay float32 either
+    way."""
     compile: bool = False
     """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
     BENCHMARKS.md)."""
@@ -139,7 +156,7 @@ class TrainConfig:
     after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
     A setting of the whole process (glibc's mallopt), not undone when training ends."""
     device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one of the visible GPUs) or mps."""
     seed: int = 123
     """Seed of every random number generator (init, dropout, data order)."""
     out: str = "runs"
@@ -162,7 +179,7 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
         need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
         for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
-                     "sample_tokens", "loss_chunk"):
+                     "sample_tokens", "loss_chunk", "eval_answers"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
@@ -172,6 +189,11 @@ class TrainConfig:
              "float32")
         need(self.init != "scratch" or self.preset in preset_names(), "preset",
              f"one of {', '.join(preset_names())}", "mini")
+        need(self.prompt_template is None or is_record_file(self.data),
+             "prompt_template", "left out for text data (it lays out records: --data FILE.jsonl or .json)",
+             "qa --data qa.jsonl")
+        need(self.val_data is None or is_record_file(self.val_data) == is_record_file(self.data), "val_data",
+             "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
         need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
              "some text (or use --sample-tokens 0)", '"Every effort moves you"')
 

@@ -33,31 +33,37 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gpt.answers import sample_answer, val_exact_match
 from gpt.atomic import write_json
 from gpt.checkpoint import load_model, load_train_state, save_checkpoint
 from gpt.config import GPTConfig
-from gpt.data import ResumableSampler, SlidingWindowDataset, build_loaders, micro_batch_groups, prepare_data
-from gpt.device import autocast, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import UserError
-from gpt.loss import evaluate_loss, perplexity
-from gpt.metrics import METRICS_FILE, MetricsLog, format_row
+from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
+from gpt.device import (
+    autocast,
+    configure_device,
+    flag_fixable_errors,
+    keep_freed_memory,
+    pick_device,
+    skipped_step_note,
+    training_dtype,
+)
+from gpt.errors import TrainingDiverged, UserError
+from gpt.loss import count_targets, evaluate_loss, perplexity
+from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, MetricsLog, format_row
 from gpt.model import GPT
+from gpt.optim import build_optimizer, lr_at
+from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
+from gpt.records import InstructionDataset
 from gpt.resume import TrainState, check_resume_settings, checkpoint_state, find_resume_checkpoint, restore
-from gpt.sampling import generate
-from gpt.tokenizer import ENDOFTEXT, get_tokenizer
+from gpt.sampling import sample_text
 from gpt.train_config import MODEL_OVERRIDES, TrainConfig
 from gpt.weights import load_pretrained
 
-# GPT-3's (and nanoGPT's) betas: a beta2 of 0.95 forgets old gradient scales faster than the default
-# 0.999, which keeps Adam's steps stable with the high learning rates small models train well at.
-ADAM_BETAS = (0.9, 0.95)
-
-
-# ---- the pieces: seeds, learning rate, optimizer, model ------------------------------------------
+# ---- the pieces: seeds, model ------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -65,35 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
-
-        step < warmup_steps:   lr * (step + 1) / warmup_steps
-        then, until total:     min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,
-                               p = (step - warmup_steps) / (total_steps - warmup_steps)
-        step >= total_steps:   min_lr
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on every matrix (>= 2-D), none on vectors.
-
-    Vectors are biases and LayerNorm gains/shifts: decaying them pulls shifts and scales towards 0,
-    which only hurts. The embedding tables are matrices and *do* decay, as in GPT-2 and nanoGPT: with
-    tied embeddings the token embedding is also the output layer's weight, the largest matrix of a
-    small model; the position embedding follows the same rule. A tied tensor is listed once.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields shared ones once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -115,8 +92,7 @@ class Run:
     run_dir: Path
     model: GPT
     loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss`, or with `--compile` its torch.compile wrapper (which
-    compiles the transformer; the head's loss runs uncompiled, see `gpt.loss.head_loss`)."""
+    """What the training steps call: `model.loss`, or with `--compile` `compiled_loss(model)`."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -130,16 +106,19 @@ class Run:
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
     state: TrainState = field(default_factory=TrainState)
+    records: RecordData | None = None
+    """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
 
     @property
-    def windows(self) -> SlidingWindowDataset:
-        """The training windows: the dataset `train_loader` draws from."""
-        return cast(SlidingWindowDataset, self.train_loader.dataset)
+    def windows(self) -> SlidingWindowDataset | InstructionDataset:
+        """The training windows (or records): the dataset `train_loader` draws from."""
+        return cast(SlidingWindowDataset | InstructionDataset, self.train_loader.dataset)
 
     @property
-    def sampler(self) -> ResumableSampler:
-        """`train_loader`'s sampler, whose position in the epoch a checkpoint saves."""
-        return cast(ResumableSampler, self.train_loader.sampler)
+    def sampler(self) -> ResumableSampler | BucketBatchSampler:
+        """`train_loader`'s sampler (of batches, for records), whose position a checkpoint saves."""
+        batches, windows = self.train_loader.batch_sampler, self.train_loader.sampler
+        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler, windows)
 
 
 def setup(cfg: TrainConfig, *, resume: Path | None = None,
@@ -162,6 +141,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         run_dir = choose_run_dir(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = pick_device(cfg.device)
+    configure_device(device)
     dtype = training_dtype(cfg.dtype, device)
     if cfg.keep_freed_memory:
         keep_freed_memory()
@@ -175,38 +155,41 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
 
-    train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
-        cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
-        data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
-    train_loader, eval_loaders = build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
-                                               context_length=context_length,
-                                               stride=cfg.stride or context_length,
-                                               eval_batches=cfg.eval_iters, seed=cfg.seed)
+    train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
+                                                      pin_memory=device.type == "cuda")
+    if records is not None:  # fine-tuning on records: the template is kept with the run
+        cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    # The fused kernel updates a tensor in one pass instead of ~10: much faster than the default
-    # loop on a CPU (see BENCHMARKS.md).
-    fused = True if device.type in ("cpu", "cuda") else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
-                                  fused=fused)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=torch.compile(model.loss) if cfg.compile else model.loss,
+        loss=compiled_loss(model) if cfg.compile else model.loss,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
-        tokens_per_epoch=batches_per_epoch * cfg.batch_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE),
+        tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
+        * context_length,
+        metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS + (
+            (ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())),
+        records=records,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
-                            num_windows=len(run.windows))
+                            num_windows=len(run.windows), device=device)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
         run.metrics.truncate(up_to_step=run.state.step)  # those steps are taken again, and log again
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
     return run
+
+
+def compiled_loss(model: GPT) -> Callable[..., Tensor]:
+    """`model.loss` with the transformer compiled and the head's loss run as written: the chunked
+    path fills its buffers in place, and compiling it too would be a new speed option to measure."""
+    body = torch.compile(model.hidden_states)
+    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)
 
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
@@ -245,10 +228,6 @@ class TrainResult:
     """Training loss of every step taken in this call, by step number (1 = the first step)."""
 
 
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm stopped being finite."""
-
-
 @dataclass
 class _Progress:
     """What `fit` keeps from step to step besides the run: the bar, the losses, the speed."""
@@ -263,8 +242,11 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`)."""
-    return fit(setup(cfg, resume=resume, token_ids=token_ids))
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
+    `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+                             "--loss-chunk, or use --dtype bfloat16"):
+        return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
 def fit(run: Run) -> TrainResult:
@@ -329,10 +311,11 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
     return None
 
 
-def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
+def train_step(run: Run, batches: list[tuple[Tensor, Tensor]], step_targets: int | None = None) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
-    before the weights change if the loss or the gradient norm is not finite."""
+    before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
+    the step's `step_targets` (default `count_targets(batches)`); a micro-batch with none is skipped."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                total_steps=run.total_steps)
@@ -341,20 +324,25 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     tokens = 0
+    step_targets = count_targets(batches) if step_targets is None else step_targets
     for x, y in batches:
+        tokens += x.numel()
+        counted = count_targets([(x, y)])
+        if counted == 0:  # nothing to learn from here (and its mean loss would be 0/0)
+            continue
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with autocast(run.device, run.dtype):
-            # Divided by the number of micro-batches, the summed gradients are those of their mean loss.
-            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / len(batches)
+            # Its mean loss times its share of the step's targets: the gradients add up to the step's
+            # mean. Divided, so that equal shares (pretraining) divide by exactly len(batches).
+            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / (step_targets / counted)
         run.scaler.scale(loss).backward()
         total_loss += loss.detach()
-        tokens += x.numel()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
-    loss_value, norm_value = total_loss.item(), grad_norm.item()
-    checks = [("loss", loss_value)]
-    if not run.scaler.is_enabled():  # with float16 an infinite gradient is routine: the scaler skips
-        checks.append(("gradient norm", norm_value))  # that step and lowers its scale
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
+    skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
     for what, value in checks:
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -365,6 +353,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.scaler.update()
     state.step += 1
     state.tokens_seen += tokens
+    if skipped:
+        tqdm.write(skipped_step_note(run.scaler, state.step))
     return StepStats(loss_value, norm_value, lr, tokens)
 
 
@@ -386,6 +376,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
            "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
+    if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
+        row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
+                                             limit=run.cfg.eval_answers, dtype=run.dtype)
     log_evaluation(run, row, improved)
     save_checkpoints(run, best=improved)
     return row
@@ -425,7 +418,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
     previous one whole.
     """
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
-                             sampler=run.sampler, num_windows=len(run.windows))
+                             sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     save_checkpoint(run.model, state, run.run_dir / "last")
     if best:
         save_checkpoint(run.model, state, run.run_dir / "best")
@@ -434,33 +427,23 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
 # ---- samples, the header line, Ctrl-C ---------------------------------------------------------
 
 
-def sample_text(run: Run) -> str:
-    """`sample_prompt` and `sample_tokens` tokens after it, drawn from the top 40 at temperature 1.
-
-    The draws come from a generator of their own, seeded with the run's seed: sampling never touches
-    the global random stream that dropout uses, so a run trains the same with or without samples, and
-    each sample differs from the last only because the model did.
-    """
-    tokenizer = get_tokenizer()
-    prompt = tokenizer.encode(run.cfg.sample_prompt, allowed_special={ENDOFTEXT})
-    idx = torch.tensor([prompt], device=run.device)
-    generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
-    with autocast(run.device, run.dtype):
-        out = generate(run.model, idx, run.cfg.sample_tokens, temperature=1.0, top_k=40, generator=generator)
-    return tokenizer.decode(out[0].tolist())
-
-
 def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0:
-        tqdm.write(f"sample {when}: " + sample_text(run).replace("\n", " "))
+    if run.cfg.sample_tokens > 0:  # for records: the answer to the first validation prompt
+        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
+            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
+                             dtype=run.dtype)
+        tqdm.write(f"sample {when}: " + text.replace("\n", " "))
 
 
 def _print_header(run: Run) -> None:
     cfg, windows = run.cfg, len(run.windows)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.windows.context_length
+    data = run.records.describe(windows, run.windows.context_length) if run.records else \
+        f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
-          f"({str(run.dtype).removeprefix('torch.')}); {windows} training windows, "
-          f"{run.total_steps} steps of {tokens_per_step} tokens, step {run.state.step} now; "
+          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
+          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
+          f"step {run.state.step} now; "
           f"run directory {run.run_dir}")
 
 

@@ -1,10 +1,13 @@
 """Shared test settings: deterministic, single-process CPU runs."""
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
+
+from gpt.errors import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +33,35 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class CommandResult(NamedTuple):
+    status: int
+    out: str
+    err: str
+
+    def one_line_error(self) -> str:
+        """The `error: ...` line of a refused command, after checking that the command printed nothing
+        else but progress, no traceback, and exited with status 2."""
+        assert self.status == 2 and self.out == "", self
+        assert "Traceback" not in self.err and self.err.count("error:") == 1, self.err
+        line = self.err.splitlines()[-1]
+        assert line.startswith("error: "), self.err
+        return line
+
+
+@pytest.fixture
+def run_command(capsys: pytest.CaptureFixture[str]) -> Callable[..., CommandResult]:
+    """`run_command(main, argv)` runs a command's `main` in this process the way its console script
+    does (through `run_cli`) and returns its exit status, stdout and stderr."""
+
+    def run(main: Callable[[list[str]], None], argv: list[str]) -> CommandResult:
+        try:
+            run_cli(lambda: main(argv))
+            status = 0
+        except SystemExit as exc:
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return CommandResult(status, out, err)
+
+    return run

@@ -246,5 +246,50 @@ def test_a_failed_compile_is_one_line_naming_the_fix(
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "error: --compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
-        "run without --compile (on a CPU it needs a working C++ compiler)")
+        "run without --compile (it needs a working C++ compiler on a CPU, and Triton on a GPU)")
 
+
+
+def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_move(
+        run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda:N becomes the current GPU (`configure_device`), and float32 weights never reach the device:
+    loaded on the CPU, cast there, then moved (the "meta" device stands in for a GPU)."""
+    configured, loaded_on, moved = [], [], []
+    monkeypatch.setattr("gpt.generate_cli.configure_device", configured.append)
+
+    def load(path, device):
+        loaded_on.append(torch.device(device))
+        return load_model(path, device)
+
+    monkeypatch.setattr("gpt.generate_cli.load_model", load)
+    original_to = GPT.to
+
+    def to(self, *args, **kwargs):
+        result = original_to(self, *args, **kwargs)
+        weight = next(result.parameters())
+        moved.append((weight.device.type, weight.dtype))
+        return result
+
+    monkeypatch.setattr(GPT, "to", to)
+    from gpt.generate_cli import load_for_generation
+
+    model = load_for_generation(run_dir / "best", None, torch.device("meta"), torch.bfloat16, io.StringIO())
+    assert loaded_on == [torch.device("cpu")]
+    assert moved[-1] == ("meta", torch.bfloat16) and ("meta", torch.float32) not in moved
+    assert next(model.parameters()).device.type == "meta"
+    assert cli(["--max-new-tokens", "2", "--device", "cpu"], capsys)[0] == 0
+    assert configured == [torch.device("cpu")]
+
+
+def test_out_of_memory_while_generating_is_one_line_naming_the_fix(
+        run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+                                     "capacity of 15.77 GiB of which 3.12 MiB is free.")
+
+    monkeypatch.setattr("gpt.generate_cli.stream", out_of_memory)
+    status, _, err = cli(["--max-new-tokens", "5"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: out of memory (CUDA out of memory. Tried to allocate 20.00 MiB); use --dtype auto, "
+        "bfloat16 or float16 (half float32's memory), a smaller model, or --device cpu")

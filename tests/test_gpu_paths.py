@@ -3,12 +3,16 @@ across dtypes, the device's random generator in a checkpoint, failures turned in
 GPU smoke script run on the CPU. The GPU functions are mocked where a GPU would answer."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TOKENS, assert_same_params, params, tiny
 from torch._dynamo.exc import BackendCompilerFailed
 
+from gpt import trainer
+from gpt.checkpoint import load_train_state
 from gpt.device import (
     device_rng_state,
     load_scaler_state,
@@ -16,7 +20,10 @@ from gpt.device import (
     set_device_rng_state,
     user_error_for,
 )
+from gpt.errors import TrainingDiverged, UserError
 from gpt.loss import head_loss
+from gpt.optim import build_optimizer
+from gpt.resume import restore, rng_state, set_rng_state
 
 LOSS_SCALE = 2.0**16  # torch.amp.GradScaler's initial scale
 OOM_FIX = "lower --batch-size"
@@ -206,6 +213,10 @@ def test_other_failures_keep_their_traceback(exc: Exception) -> None:
 # ---- fused AdamW -------------------------------------------------------------------------------
 
 
+def test_the_optimizer_is_fused_whatever_the_device() -> None:
+    assert build_optimizer(torch.nn.Linear(2, 2), lr=0.1, weight_decay=0.1).defaults["fused"] is True
+
+
 def test_torch_has_fused_adamw_on_every_device_pick_device_returns() -> None:
     """torch >= 2.6 (pyproject) fuses AdamW on cpu, cuda and mps, so the trainer asks for it on each."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -248,3 +259,137 @@ def test_gpu_smoke_script_passes_on_the_cpu_and_fails_a_broken_export(monkeypatc
                                                "chunked": "PASS", "generate": "PASS", "export": "FAIL"}
     assert status == 1
     assert rows[1][4] == "steps 3-4 exact"  # the CPU's float32 resume is required to be exact
+
+
+# ---- the trainer's wiring ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_setup_configures_the_device_and_never_pins_batches_for_the_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cpu on a GPU box: no pinned batches (they would initialise CUDA for nothing)."""
+    configured: list[torch.device] = []
+    monkeypatch.setattr(trainer, "configure_device", configured.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = trainer.setup(tiny(tmp_path, device="cpu"), token_ids=TOKENS)
+    assert configured == [torch.device("cpu")]
+    assert not run.train_loader.pin_memory
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_float32_checkpoint_resumes_into_an_enabled_float16_scaler_at_the_initial_scale(
+        tmp_path: Path) -> None:
+    trainer.train(tiny(tmp_path, max_steps=2, eval_freq=2), token_ids=TOKENS)
+    checkpoint = tmp_path / "run" / "last"
+    saved = load_train_state(checkpoint)
+    run = trainer.setup(tiny(tmp_path), resume=tmp_path / "run", token_ids=TOKENS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=LOSS_SCALE)  # what --dtype float16 builds
+    state = restore(saved, checkpoint, optimizer=run.optimizer, scaler=scaler, sampler=run.sampler,
+                    num_windows=len(run.windows), device=torch.device("cpu"))
+    assert state.step == 2 and scaler.is_enabled() and scaler.get_scale() == LOSS_SCALE
+
+
+def test_only_the_generator_of_the_device_in_use_is_saved_and_an_old_all_gpus_state_is_ignored(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    four = FakeGPUs(monkeypatch, 4)
+    saved = rng_state(pick_device("cuda:2"))
+    assert torch.equal(saved["device"]["state"], four.states[2])
+    old = {**rng_state(torch.device("cpu")), "cuda": torch.cuda.get_rng_state_all()}  # 4 states, by index
+    old.pop("device")
+
+    one = FakeGPUs(monkeypatch, 1)
+    before = one.states[0]
+    set_rng_state(old, torch.device("cuda"))  # raised IndexError when restored by index
+    assert one.states[0] is before
+    assert "dropout's random stream starts afresh" in capsys.readouterr().err
+    set_rng_state(saved, torch.device("cuda"))
+    assert torch.equal(one.states[0], four.states[2])
+    assert capsys.readouterr().err == ""
+
+
+def test_a_gpu_checkpoint_resumed_on_the_cpu_says_dropout_starts_afresh(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeGPUs(monkeypatch, 1)
+    set_rng_state(rng_state(torch.device("cuda")), torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it was taken on cuda" in err
+    set_rng_state(rng_state(torch.device("cpu")), torch.device("cpu"))  # the CPU's own: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of "
+                             "23.6 GiB of which 1.1 GiB is free.")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_out_of_memory_in_a_training_step_is_one_line_naming_the_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(run, batches):
+        raise OOM
+
+    monkeypatch.setattr(trainer, "train_step", out_of_memory)
+    with pytest.raises(UserError) as caught:
+        trainer.train(tiny(tmp_path), token_ids=TOKENS)
+    assert str(caught.value) == ("out of memory (CUDA out of memory. Tried to allocate 3.00 GiB); lower "
+                                 "--batch-size (raising --grad-accum keeps the step's tokens), or set "
+                                 "--loss-chunk, or use --dtype bfloat16")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failed_compile_in_training_is_one_line_and_a_bug_keeps_its_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_triton(*args, **kwargs):  # what the compiled loss raises at its first call without Triton
+        raise BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation."), None)
+
+    monkeypatch.setattr(torch, "compile", lambda fn: no_triton)
+    with pytest.raises(UserError, match=r"^--compile failed \(RuntimeError: Cannot find a working triton "
+                                        r"installation.\); run without --compile"):
+        trainer.train(tiny(tmp_path, compile=True), token_ids=TOKENS)
+
+    monkeypatch.setattr(trainer, "build_model", lambda cfg: {}["a bug in setup"])
+    with pytest.raises(KeyError):
+        trainer.train(tiny(tmp_path, run_name="other"), token_ids=TOKENS)
+
+
+def float16_run(tmp_path: Path, init_scale: float) -> trainer.Run:
+    """A tiny run under CPU float16 autocast with an enabled loss scaler (train.py allows float16 on
+    CUDA only; the CPU runs the same code)."""
+    run = trainer.setup(tiny(tmp_path), token_ids=TOKENS)
+    run.dtype, run.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return run
+
+
+def overflow_gradients(run: trainer.Run) -> None:
+    """Make the next backward pass's gradient infinite (a finite loss), as a float16 overflow does."""
+    def hook(module, inputs, hidden):
+        handle.remove()
+        hidden.register_hook(lambda grad: grad * math.inf)
+
+    handle = run.model.final_norm.register_forward_hook(hook)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_float16_overflow_skips_the_step_says_so_and_training_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = float16_run(tmp_path, init_scale=1024.0)
+    batches = iter(trainer.micro_batch_groups(run.train_loader, 1))
+    first = trainer.train_step(run, next(batches))
+    assert math.isfinite(first.grad_norm) and run.scaler.get_scale() == 1024.0
+    before = params(run.model)
+    overflow_gradients(run)
+    skipped = trainer.train_step(run, next(batches))
+    assert not math.isfinite(skipped.grad_norm) and math.isfinite(skipped.loss)
+    assert_same_params(params(run.model), before)  # the scaler skipped the update
+    assert run.state.step == 2 and run.scaler.get_scale() == 512.0
+    third = trainer.train_step(run, next(batches))
+    assert math.isfinite(third.grad_norm)
+    assert capsys.readouterr().out.splitlines() == ["step 2 skipped (float16 overflow, loss scale now 512)"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_collapsed_float16_loss_scale_stops_training_with_the_fix(tmp_path: Path) -> None:
+    run = float16_run(tmp_path, init_scale=1.0)
+    overflow_gradients(run)
+    with pytest.raises(TrainingDiverged, match=r"loss scale fell to 0.5 \(step 1\); use --dtype bfloat16 or "
+                                               r"float32, or lower --lr$"):
+        trainer.train_step(run, next(trainer.micro_batch_groups(run.train_loader, 1)))

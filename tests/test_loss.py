@@ -6,7 +6,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gpt.config import GPTConfig
-from gpt.loss import IGNORE_INDEX, evaluate_loss, head_loss, lm_loss, perplexity
+from gpt.errors import UserError, run_cli
+from gpt.loss import (
+    IGNORE_INDEX,
+    Objective,
+    distillation_kl,
+    evaluate_loss,
+    focal_loss,
+    head_loss,
+    lm_loss,
+    perplexity,
+)
 from gpt.model import GPT
 
 
@@ -144,3 +154,151 @@ def test_head_loss_ignores_the_padding_rows_of_the_head(chunk_size: int) -> None
     torch.testing.assert_close(h.grad, expected_dh)
     torch.testing.assert_close(padded.grad[:40], expected_dw)
     assert not padded.grad[40:].any()
+
+
+# ---- the variants: label smoothing, focal loss, distillation -----------------------------------
+
+
+def logits_and_targets(dtype: torch.dtype = torch.float32, n_ignored: int = 4):
+    logits = (torch.randn(3, 5, 11) * 3).to(dtype)
+    targets = torch.randint(0, 11, (3, 5))
+    targets.view(-1)[torch.randperm(15)[:n_ignored]] = IGNORE_INDEX
+    return logits, targets
+
+
+def hand_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
+    """-(1 - p)^gamma log p of the target, averaged over the counted targets, in float64."""
+    probs = torch.softmax(logits.double(), dim=-1).flatten(0, -2)
+    keep = targets.flatten() != IGNORE_INDEX
+    p = probs[keep].gather(1, targets.flatten()[keep][:, None]).squeeze(1)
+    return (-((1 - p) ** gamma) * p.log()).mean()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_label_smoothing_objective_is_torch_cross_entropy_with_label_smoothing(smoothing: float) -> None:
+    logits, targets = logits_and_targets()
+    loss = Objective(label_smoothing=smoothing).loss(logits, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 11), targets.view(-1),
+                                                     label_smoothing=smoothing))
+
+
+def test_focal_loss_with_gamma_0_is_cross_entropy() -> None:
+    logits, targets = logits_and_targets()
+    torch.testing.assert_close(focal_loss(logits, targets, 0.0),
+                               F.cross_entropy(logits.view(-1, 11), targets.view(-1)))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 5.0])
+def test_focal_loss_is_the_formula_and_below_cross_entropy(gamma: float) -> None:
+    logits, targets = logits_and_targets()
+    loss = Objective(focal_gamma=gamma).loss(logits, targets)
+    torch.testing.assert_close(loss.double(), hand_focal(logits, targets, gamma), rtol=1e-6, atol=1e-6)
+    assert loss < lm_loss(logits, targets)  # every token's loss shrinks by its factor (1 - p)^gamma
+
+
+def test_focal_loss_of_bf16_logits_is_float32() -> None:
+    logits, targets = logits_and_targets(torch.bfloat16)
+    loss = focal_loss(logits, targets, 2.0)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), hand_focal(logits.float(), targets, 2.0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weight", "temperature"), [(0.5, 2.0), (1.0, 1.0), (0.1, 4.0), (0.0, 3.0)])
+def test_distillation_is_cross_entropy_plus_t_squared_kl_div_of_the_softened_distributions(
+        weight: float, temperature: float) -> None:
+    logits, targets = logits_and_targets()
+    teacher = torch.randn(3, 5, 11) * 2
+    objective = Objective(teacher="t", distill_weight=weight, distill_temperature=temperature)
+    loss = objective.loss(logits, teacher_logits=teacher, targets=targets)
+    keep = targets.view(-1) != IGNORE_INDEX
+    student_t = F.log_softmax(logits.view(-1, 11)[keep] / temperature, dim=-1)
+    teacher_t = F.log_softmax(teacher.view(-1, 11)[keep] / temperature, dim=-1)
+    kl = F.kl_div(student_t, teacher_t, log_target=True, reduction="batchmean")  # mean over counted rows
+    ce = F.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    torch.testing.assert_close(loss, (1 - weight) * ce + weight * temperature**2 * kl)
+    torch.testing.assert_close(distillation_kl(logits, teacher, targets, temperature), kl)
+
+
+def test_a_student_that_is_its_own_teacher_has_zero_kl() -> None:
+    logits, targets = logits_and_targets()
+    assert distillation_kl(logits, logits.clone(), targets, 2.0) == 0
+    only_distillation = Objective(teacher="itself", distill_weight=1.0, distill_temperature=3.0)
+    assert only_distillation.loss(logits, targets, logits.clone()) == 0
+    assert distillation_kl(logits, logits + 0.5, targets, 2.0) == pytest.approx(0, abs=1e-6)  # a shift
+    assert distillation_kl(logits, 2 * logits, targets, 2.0) > 0.01  # a sharper teacher is another one
+
+
+def test_the_hard_part_of_distillation_is_the_smoothed_or_focal_loss() -> None:
+    logits, targets = logits_and_targets()
+    teacher = torch.randn(3, 5, 11)
+    kl = distillation_kl(logits, teacher, targets, 2.0)
+    for hard, settings in [(lm_loss(logits, targets, label_smoothing=0.2), {"label_smoothing": 0.2}),
+                           (focal_loss(logits, targets, 2.0), {"focal_gamma": 2.0})]:
+        objective = Objective(**settings, teacher="t", distill_weight=0.25, distill_temperature=2.0)
+        torch.testing.assert_close(objective.loss(logits, targets, teacher), 0.75 * hard + 0.25 * 4 * kl)
+
+
+@pytest.mark.parametrize("objective", [
+    Objective(label_smoothing=0.1), Objective(focal_gamma=0.5), Objective(focal_gamma=2.0),
+    Objective(teacher="t", distill_weight=0.3, distill_temperature=2.0),
+    Objective(focal_gamma=1.5, teacher="t", distill_weight=0.7, distill_temperature=0.5),
+], ids=["smoothing", "focal-0.5", "focal-2", "distillation", "focal-distillation"])
+def test_objective_gradients_match_finite_differences(objective: Objective) -> None:
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 3, 5, dtype=torch.float64)
+    targets = torch.tensor([[0, 4, IGNORE_INDEX], [2, 2, 1]])
+    assert torch.autograd.gradcheck(lambda z: objective.loss(z, targets, teacher), (logits,))
+
+
+def test_focal_loss_of_a_near_certain_token_has_a_finite_gradient() -> None:
+    logits = torch.tensor([[30.0, 0.0, 0.0]], requires_grad=True)  # p rounds to 1.0 in float32
+    focal_loss(logits, torch.tensor([0]), 0.5).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_default_objective_is_cross_entropy_and_allows_loss_chunk() -> None:
+    objective = Objective()
+    assert objective.is_cross_entropy
+    objective.check_loss_chunk(64)
+    logits, targets = logits_and_targets()
+    torch.testing.assert_close(objective.loss(logits, targets), lm_loss(logits, targets))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1), got 1.0; e.g. --label-smoothing 0.1"),
+    ({"label_smoothing": -0.1}, "--label-smoothing must be in [0, 1), got -0.1"),
+    ({"label_smoothing": math.nan}, "--label-smoothing must be in [0, 1), got nan"),
+    ({"focal_gamma": -1.0}, "--focal-gamma must be 0 or more, got -1.0; e.g. --focal-gamma 2"),
+    ({"focal_gamma": math.inf}, "--focal-gamma must be 0 or more, got inf"),
+    ({"distill_temperature": 0.0}, "--distill-temperature must be above 0, got 0.0"),
+    ({"distill_temperature": -2.0}, "--distill-temperature must be above 0, got -2.0"),
+    ({"distill_weight": 1.5}, "--distill-weight must be in [0, 1], got 1.5"),
+    ({"label_smoothing": 0.1, "focal_gamma": 2.0}, "--label-smoothing and --focal-gamma both reshape"),
+])
+def test_bad_objective_settings_are_one_line_naming_the_flag(settings: dict, message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: Objective(**settings))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    with pytest.raises(ValueError):  # plain Python callers can catch it as a ValueError
+        Objective(**settings)
+
+
+@pytest.mark.parametrize(("settings", "flag"), [({"label_smoothing": 0.1}, "--label-smoothing"),
+                                                ({"focal_gamma": 1.0}, "--focal-gamma"),
+                                                ({"teacher": "gpt2"}, "--teacher")])
+def test_loss_chunk_is_refused_with_another_objective(settings: dict, flag: str) -> None:
+    objective = Objective(**settings)
+    assert not objective.is_cross_entropy
+    objective.check_loss_chunk(0)
+    with pytest.raises(UserError, match=f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk "
+                                        f"to train with {flag}$"):
+        objective.check_loss_chunk(128)
+
+
+def test_distillation_without_teacher_logits_is_a_programming_error() -> None:
+    logits, targets = logits_and_targets()
+    with pytest.raises(ValueError, match="needs its teacher_logits"):
+        Objective(teacher="gpt2").loss(logits, targets)

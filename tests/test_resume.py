@@ -48,10 +48,10 @@ def draws() -> tuple:
 
 def test_rng_state_brings_every_generator_back(tmp_path) -> None:
     np.random.randn()  # numpy keeps a spare Gaussian: part of its state
-    torch.save(rng_state(), tmp_path / "rng.pt")
+    torch.save(rng_state(torch.device("cpu")), tmp_path / "rng.pt")
     expected = draws()
     draws()
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
     assert draws() == expected
 
 

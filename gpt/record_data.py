@@ -1,0 +1,175 @@
+"""A fine-tuning run's data: records split, encoded, and batched by length with a resumable order.
+
+`run_loaders` gives a training run its loaders, for records or for text (`gpt.data`).
+`record_loaders` is `gpt.data.build_loaders` for records: it reads --data (and --val-data, or holds
+out the last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.records`),
+and returns the shuffled training loader and the fixed evaluation loaders. Batches are padded to
+their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
+within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
+`gpt.data.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
+out, so a checkpoint resumes at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from gpt.data import build_loaders, prepare_data
+from gpt.errors import UserError
+from gpt.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
+from gpt.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from gpt.train_config import TrainConfig
+
+BUCKET_BATCHES = 16
+"""Batches' worth of shuffled records sorted by length together: more means less padding but batches
+of more alike lengths (a less random order)."""
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out
+        self.num_batches = math.ceil(len(self.lengths) / batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        chunk = self.batch_size * BUCKET_BATCHES
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches(self.epoch)
+        while self.position < self.num_batches:
+            self.position += 1
+            yield batches[self.position - 1]
+        self.epoch += 1
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.num_batches - self.position
+
+    def padded_tokens(self, epoch: int = 0) -> int:
+        """Input tokens of `epoch`'s batches, padding included (what the steps of an epoch read)."""
+        return sum(len(batch) * max(self.lengths[i] for i in batch) for batch in self.batches(epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+@dataclass
+class RecordData:
+    """What the trainer keeps of a fine-tuning run's data besides its loaders."""
+
+    template: str
+    """The prompt template, resolved (a record kind's default when --prompt-template is not given)."""
+    val_records: list[Record]
+    """The validation records that fit the context, for `gpt.answers.val_exact_match` and the samples."""
+    dropped: int
+    """Training records left out: too long for a single response token in the context."""
+    tokens_per_epoch: int
+    """Input tokens of the first epoch's batches, padding included (others differ a little): the
+    unit of the epoch column."""
+
+    def describe(self, kept: int, context_length: int) -> str:
+        """The training records in words, for the run's first line."""
+        return (f"{kept} training records ({self.dropped} dropped: no room for a response token in "
+                f"{context_length}), prompt template {self.template!r}")
+
+
+Batches = DataLoader[tuple[Tensor, Tensor]]
+
+
+def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
+                pin_memory: bool = False) -> tuple[Batches, dict[str, Batches], RecordData | None]:
+    """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
+    text (`gpt.data.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
+    which `pin_memory` is passed to: records are small, and their batches are padded as they come)."""
+    if is_record_file(cfg.data):
+        return record_loaders(cfg, context_length)
+    train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
+        cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
+        data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
+    return (*build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
+                           stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
+                           pin_memory=pin_memory),
+            None)
+
+
+def split_records(data: str, val_data: str | None, val_fraction: float, seed: int,
+                  ) -> tuple[list[Record], list[Record]]:
+    """(train, validation) records: `val_data`'s, or the last `val_fraction` of `data`'s after a shuffle."""
+    records = load_records(data)
+    if val_data is not None:
+        return records, load_records(val_data)
+    records = records[:]
+    random.Random(seed).shuffle(records)
+    n_val = round(len(records) * val_fraction)
+    if not 0 < n_val < len(records):
+        raise UserError(f"{data} has {len(records)} records: --val-fraction {val_fraction:g} leaves "
+                        f"{n_val} for validation and {len(records) - n_val} for training; each needs one, "
+                        "so use more records, another --val-fraction, or --val-data")
+    return records[:-n_val], records[-n_val:]
+
+
+def record_loaders(cfg: TrainConfig, context_length: int,
+                   ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]],
+                              RecordData]:
+    """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
+    --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
+
+    No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
+    a split keeps no record that fits `context_length`.
+    """
+    batch_size, seed = cfg.batch_size, cfg.seed
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed)
+    template = cfg.prompt_template or train[0].kind
+    tokenizer = get_tokenizer()
+    datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
+                                         max_length=context_length) for name, records in (("train", train),
+                                                                                         ("val", val))}
+    for name, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
+                            f"token in a context of {context_length} tokens (the response and its "
+                            "end-of-text are never cut); use a larger --context-length or shorter responses")
+    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size, seed)
+    train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=pad_collate)
+    train_loader.generator = torch.Generator()  # as in gpt.data.build_loaders: the global one untouched
+    eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters) for name, data in datasets.items()}
+    dropped, tokens = datasets["train"].dropped, sampler.padded_tokens()
+    records = RecordData(template, datasets["val"].records, dropped, tokens)
+    return train_loader, eval_loaders, records
+
+
+def _eval_loader(dataset: InstructionDataset, batch_size: int, batches: int,
+                 ) -> DataLoader[tuple[Tensor, Tensor]]:
+    """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time."""
+    count = min(len(dataset), batches * batch_size)
+    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+    return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=pad_collate,
+                      generator=torch.Generator())

@@ -21,23 +21,30 @@ from torch import Tensor, nn
 
 from gpt.config import GPTConfig
 from gpt.errors import UserError
-from gpt.loss import head_loss
+from gpt.loss import head_loss, lm_loss
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention written as the formula: softmax(QKᵀ/√D + M) V.
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention written as the formula: dropout(softmax(QKᵀ/√D + M)) V.
 
     M is 0 where query i may see key j and -inf where it may not (j in its future). With a KV cache
     the T queries are the *last* T of the S positions, so query i sits at absolute position S - T + i.
     The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
     kernels and without materialising the (T, S) score matrix; this function is its documentation,
     and the tests check that the two agree.
+
+    The model also trains through it when there is attention dropout and no GPU: SDPA has no fused
+    kernel with dropout on a CPU, and its fallback runs every (T, S) matrix in float32 even under
+    bf16 autocast, where written out they stay bf16 (the matmuls still accumulate in float32). Q and
+    K are each scaled by D^-1/4 and the weights go through `F.dropout`, as in that fallback, so in
+    float32 the two agree bit for bit, random mask included.
     """
     T, S = q.size(-2), k.size(-2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    scale = math.sqrt(1 / math.sqrt(q.size(-1)))
+    scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
+    return F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v  # (B, H, T, D)
 
 
 class KVCache:
@@ -97,10 +104,13 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, H, T, D)
+        if self.training and self.drop_rate > 0 and x.device.type != "cuda":
+            y = reference_attention(q, k, v, self.drop_rate)  # faster here: see its docstring
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
+                dropout_p=self.drop_rate if self.training else 0.0,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.proj(y)
 
@@ -195,6 +205,9 @@ class GPT(nn.Module):
 
     def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
         """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
+        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.quantize) has no
+            logits = self.lm_head(hidden)[..., :self.config.vocab_size]  # plain weight to chunk
+            return lm_loss(logits, targets)
         return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:

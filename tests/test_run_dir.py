@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_runs import TOKENS, assert_same_params, params, tiny
+from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
 import gpt.run_dir
 from gpt import trainer
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = " ".join(f"token{i % 37} and so on." for i in range(400))
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    """The one line `train.py argv` prints, having exited with status 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.fixture

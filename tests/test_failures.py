@@ -17,6 +17,7 @@ import pytest
 import torch
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 
+import gpt.record_data
 from gpt import trainer
 from gpt.checkpoint import load_model, load_train_state
 from gpt.errors import UserError, run_cli
@@ -132,7 +133,7 @@ def test_damaged_init_weights_are_one_line_in_train_and_generate(tmp_path, capsy
     def not_read(*args, **kwargs):
         raise AssertionError("the data was read before the model was built")
 
-    monkeypatch.setattr(trainer, "prepare_data", not_read)
+    monkeypatch.setattr(gpt.record_data, "prepare_data", not_read)
     err = one_error_line(lambda: main(["--init", str(path), "--out", str(tmp_path / "runs"), "--run-name",
                                        "x", "--device", "cpu"]), capsys)
     assert f"cannot read {path}" in err
@@ -163,13 +164,13 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
     cfg = small(tmp_path, max_steps=6, eval_freq=2)
     real_save = trainer.save_checkpoints
 
-    def save_under_a_limit(run, *, best):
+    def save_under_a_limit(run, *, last, best):
         if run.state.step < 4:
-            return real_save(run, best=best)
+            return real_save(run, last=last, best=best)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            return real_save(run, best=best)
+            return real_save(run, last=last, best=best)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 

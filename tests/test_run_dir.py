@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
+import gpt.record_data
 import gpt.run_dir
 from gpt import trainer
 from gpt.atomic import remove_stale_temporaries
@@ -34,7 +35,7 @@ def nothing_built(monkeypatch) -> None:
         raise AssertionError("built a model or read the data before the run directory was checked")
 
     monkeypatch.setattr(trainer, "build_model", built)
-    monkeypatch.setattr(trainer, "prepare_data", built)
+    monkeypatch.setattr(gpt.record_data, "prepare_data", built)
 
 
 @pytest.mark.parametrize("case", ["out under a file", "out is a file", "run name is a file", "unwritable"])

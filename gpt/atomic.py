@@ -87,8 +87,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     see a partial file, and an exception or interrupt leaves nothing behind."""
     path = Path(path)
     tmp = _temporary(path)
+    # Before write_errors: a file where a directory should be is not a full disk (the caller says what).
+    path.parent.mkdir(parents=True, exist_ok=True)
     with write_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any ordinary file.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:

@@ -4,12 +4,13 @@ Library code raises `UserError` for problems the user can fix (a missing file, a
 checkpoint, a bad argument). It is a `ValueError`, so a Python caller that passes a bad value can
 catch it as one. Every command's `main` runs through `run_cli`, which prints the message as
 `error: ...` and exits with status 2, with no traceback. Anything else is a bug and keeps its
-traceback.
+traceback. `command_name` gives those commands the name they were started by, for their usage line.
 """
 
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -50,3 +51,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message}; see {self.prog} --help")
+
+
+def command_name() -> str:
+    """The command as the user typed it, for a usage line: `python -m gpt.export` when run with -m,
+    else the name of the script or console command (`train.py`, `gpt-export`).
+
+    argparse's own default is the file name alone, which for `python -m gpt.export` is `export.py`,
+    a command that does not exist (Python 3.14's argparse does this itself).
+    """
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        return Path(sys.argv[0]).name
+    return f"python -m {spec.name.removesuffix('.__main__')}"  # `python -m pkg` runs pkg.__main__

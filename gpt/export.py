@@ -21,7 +21,6 @@ export, which is replaced whole.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -43,8 +42,9 @@ from gpt.config import GPTConfig
 from gpt.corpora import CORPORA, HF_PREFIX
 from gpt.errors import UserError, command_name, run_cli
 from gpt.loss import perplexity
+from gpt.metrics import METRICS_FILE, MetricsLog
 from gpt.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, bpe_files
-from gpt.trainer import METRICS_FILE, TrainConfig
+from gpt.train_config import TrainConfig, current_names, flag
 from gpt.weights import HUB_MODELS, HUB_ORG, save_hf
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -121,18 +121,15 @@ def read_training(checkpoint: Path) -> Training | None:
         return None
     saved = load_train_state(checkpoint)
     counters = saved["state"]
-    return Training(saved["train_config"], counters["step"], counters["tokens_seen"],
+    return Training(current_names(saved["train_config"]), counters["step"], counters["tokens_seen"],
                     counters["best_val_loss"], counters["best_step"],
                     read_evaluations(checkpoint.parent / METRICS_FILE))
 
 
 def read_evaluations(path: Path) -> list[dict[str, float]]:
-    """The rows of a run's metrics.csv as numbers; [] if there is none."""
-    if not path.is_file():
-        return []
+    """The columns of a run's metrics.csv that the card shows, as numbers; [] if there is none."""
     try:
-        with open(path, newline="") as f:
-            return [{key: float(row[key]) for key in EVALUATION_COLUMNS} for row in csv.DictReader(f)]
+        return [{key: row[key] for key in EVALUATION_COLUMNS} for row in MetricsLog(path).rows()]
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); restore it, or move it out of "
                         "the run directory to export without the evaluation table") from None
@@ -224,11 +221,10 @@ def train_command(settings: dict[str, Any]) -> str:
     for name, value in settings.items():
         if name in RUN_LOCATION or value is None or value == defaults.get(name):
             continue
-        flag = name.replace("_", "-")
         if isinstance(value, bool):
-            words.append(f"--{flag}" if value else f"--no-{flag}")
+            words.append(flag(name) if value else "--no-" + flag(name).removeprefix("--"))
         else:
-            words += [f"--{flag}", shlex.quote(str(value))]
+            words += [flag(name), shlex.quote(str(value))]
     return " ".join(words)
 
 

@@ -23,7 +23,9 @@ from gpt.config import GPTConfig
 from gpt.export import EXPORT_FILES, RUN_LOCATION, cli, export
 from gpt.model import GPT
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.trainer import TrainConfig, parse_args, train
+from gpt.train_cli import parse_args
+from gpt.train_config import TrainConfig
+from gpt.trainer import train
 
 if sys.version_info >= (3, 11):
     import tomllib

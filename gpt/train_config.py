@@ -287,7 +287,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; see {self.prog} --help")
+        raise UserError(f"{message}; see python train.py --help")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+CONSOLE_PREFIX = "gpt-"  # every console command of the package starts so ([project.scripts])
+
 
 class UserError(ValueError):
     """A problem with the user's input; the message names the problem and the fix, on one line."""
@@ -53,14 +55,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def command_name() -> str:
-    """The command as the user typed it, for a usage line: `python -m gpt.export` when run with -m,
-    else the name of the script or console command (`train.py`, `gpt-export`).
-
-    argparse's own default is the file name alone, which for `python -m gpt.export` is `export.py`,
-    a command that does not exist (Python 3.14's argparse does this itself).
-    """
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if spec is None:
-        return Path(sys.argv[0]).name
-    return f"python -m {spec.name.removesuffix('.__main__')}"  # `python -m pkg` runs pkg.__main__
+def command_name(default: str) -> str:
+    """The command's name for its usage line: the console command's (`gpt-export`, from sys.argv[0])
+    when it was started as one, else `default` (`python -m gpt.export`, `train.py`), which is also
+    what a `main` called from Python (a test, a notebook) shows."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith(CONSOLE_PREFIX) else default

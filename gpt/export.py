@@ -20,7 +20,6 @@ export, which is replaced whole.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -40,7 +39,7 @@ from gpt.checkpoint import (
 )
 from gpt.config import GPTConfig
 from gpt.corpora import CORPORA, HF_PREFIX
-from gpt.errors import UserError, command_name, run_cli
+from gpt.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.loss import perplexity
 from gpt.metrics import METRICS_FILE, MetricsLog
 from gpt.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, bpe_files
@@ -232,7 +231,7 @@ def train_command(settings: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=command_name("python -m gpt.export"), description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a run directory (its best/, else its last/, is exported) or a checkpoint")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",

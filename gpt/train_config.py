@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     name of a setting (`RENAMED`) is a second spelling of its flag.
     """
     parser = _ArgumentParser(
-        prog=command_name(), argument_default=argparse.SUPPRESS,
+        prog=command_name("train.py"), argument_default=argparse.SUPPRESS,
         description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
                     "on a laptop CPU; results in runs/<start time>/.")
     parser.add_argument("--config", type=Path, metavar="FILE.toml",

@@ -11,6 +11,7 @@ import pytest
 
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
+from gpt.errors import command_name
 from gpt.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,11 @@ def test_gpt_train_trains_as_train_py_does(tmp_path: Path) -> None:
 
     assert losses(a) == losses(b)
     assert len(losses(a)) == 3  # the header, step 0 and step 2
+
+
+def test_usage_names_the_console_command_only_if_started_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "gpt-export"), "--help"])
+    assert command_name("python -m gpt.export") == "gpt-export"
+    for started_as in ("train.py", "/usr/bin/pytest", "-c"):  # a script, or main called from Python
+        monkeypatch.setattr(sys, "argv", [started_as])
+        assert command_name("python -m gpt.export") == "python -m gpt.export"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import nbformat
@@ -47,12 +48,16 @@ def joined(separator: str, *parts: str | None) -> str:
     return separator.join(part for part in parts if part)
 
 
-def execute(notebook: Path, workdir: Path) -> nbformat.NotebookNode:
+def execute(notebook: Path, workdir: Path, then: Sequence[str] = ()) -> nbformat.NotebookNode:
     """`notebook` run top to bottom in `workdir`, with its new outputs (the file is not changed).
 
-    Raises `nbclient.exceptions.CellExecutionError` at the first cell that fails.
+    `then`: code run after the last cell in the same kernel, with the notebook's variables (a test's
+    assertions); left out of the result. Raises `nbclient.exceptions.CellExecutionError` at the first
+    cell that fails.
     """
     nb = nbformat.read(notebook, as_version=4)
+    cells = len(nb.cells)
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in then]
     with tempfile.TemporaryDirectory() as site:
         (Path(site) / "sitecustomize.py").write_text(NO_NETWORK)
         env = {
@@ -71,6 +76,7 @@ def execute(notebook: Path, workdir: Path) -> nbformat.NotebookNode:
         client = NotebookClient(nb, km=kernel, timeout=CELL_TIMEOUT_S, record_timing=False,
                                 resources={"metadata": {"path": str(workdir)}})
         client.execute(env=env)
+    del nb.cells[cells:]
     return nb
 
 

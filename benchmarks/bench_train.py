@@ -14,7 +14,14 @@ allocator, torch.compile's caches) do not leak between cases. MFU = model FLOPs 
 model FLOPs per token = 6 N + 12 L T C (N parameters without the position table, L layers, T
 context, C width; nanoGPT's estimate: forward + backward of every matmul, attention included).
 
+On a GPU, MFU is against the card's published dense bf16 peak (`GPU_PEAK_TFLOPS`, matched by
+name; `--gpu-peak-tflops` for another card), the usual reference for GPU training.
+`--grid` prints a second kind of table: the default settings only, for each model size and context
+(`GRID`) at the same tokens per step, to show how the cost grows with the work.
+
     python benchmarks/bench_train.py                              # the CPU bench config
+    python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 1 --cases "gpt default,HF float32"
+    python benchmarks/bench_train.py --grid                       # mini, gpt2-small, gpt2-medium x 256, 1024
     python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 16 --device cuda
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,8 +47,18 @@ from machine import cpu_name, peak_rss_bytes
 SHAPES = {
     # The CPU bench config: the `mini` preset's shape (4 layers, 256 wide, 4 heads, context 256).
     "mini": {"preset": "mini", "context_length": 256},
+    "gpt2-small-256": {"preset": "gpt2-small", "context_length": 256},
     "gpt2-small-1024": {"preset": "gpt2-small", "context_length": 1024},
+    "gpt2-medium-256": {"preset": "gpt2-medium", "context_length": 256},
+    "gpt2-medium-1024": {"preset": "gpt2-medium", "context_length": 1024},
 }
+# --grid: (model, context) -> the shape measured; mini's position table holds 256 positions only.
+GRID = {("mini", 256): "mini", ("gpt2-small", 256): "gpt2-small-256", ("gpt2-small", 1024): "gpt2-small-1024",
+        ("gpt2-medium", 256): "gpt2-medium-256", ("gpt2-medium", 1024): "gpt2-medium-1024"}
+# Published dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in this order against
+# torch.cuda.get_device_name(): the more specific names first.
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2)]
 # Each case: who runs it and the settings that differ from `python train.py`'s defaults (gpt rows are
 # named by that flag).
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -57,6 +75,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "HF bf16 autocast + keep freed memory": ("hf", {"dtype": "bfloat16", "keep_freed_memory": True}),
 }
 PEER = "HF float32"
+LLM_C_H100_TOKENS_PER_S = 450_000  # llm.c's figure for GPT-2 small training on one H100
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int) -> float:
@@ -124,7 +143,6 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt.device import keep_freed_memory
-    from gpt.optim import ADAM_BETAS
     from gpt.resume import seed_everything
     from gpt.trainer import build_model
     from gpt.weights import gpt_to_hf_state_dict, hf_config
@@ -139,7 +157,7 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     hf.load_state_dict(gpt_to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     hf.to(device).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=ADAM_BETAS,
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=defaults.lr, betas=defaults.betas,
                                   weight_decay=defaults.weight_decay)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings["dtype"]]
 
@@ -187,6 +205,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")
+    parser.add_argument("--grid", action="store_true",
+                        help="instead: `gpt default` for every model size and context in GRID")
+    parser.add_argument("--grid-tokens", type=int, default=2048,
+                        help="tokens per step in --grid (batch = this / context)")
+    parser.add_argument("--grid-models", default="mini,gpt2-small,gpt2-medium", help="comma-separated")
+    parser.add_argument("--gpu-peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak, for a card not in GPU_PEAK_TFLOPS")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -199,28 +224,67 @@ def main() -> None:
     n = 4096 if device.type == "cuda" else 2048
     ceiling = {name: matmul_gflops(dtype, device, n, repeats=50 if device.type == "cuda" else 10)
                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peak, peak_name = ceiling["bfloat16"], "bf16 ceiling"  # GFLOP/s that MFU is a fraction of
+    if device.type == "cuda":
+        peak = 1000 * (args.gpu_peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name()) or math.nan)
+        peak_name = "the GPU's bf16 peak"
+    print(f"# {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{datetime.date.today()}")
+    print(f"# matmul ceiling measured ({n}^3): float32 {ceiling['float32']:.0f} GFLOP/s, "
+          f"bfloat16 {ceiling['bfloat16']:.0f} GFLOP/s; MFU is of {peak_name}, {peak:.0f} GFLOP/s\n")
+    if args.grid:
+        print_grid(args, peak)
+        return
     shape = SHAPES[args.shape]
-    tokens = args.batch_size * shape["context_length"]
     results = {case: measure(case, args) for case in args.cases.split(",")}
-    from gpt.config import GPTConfig
-
-    cfg = GPTConfig.preset(shape["preset"])
     print(f"# bench_train: {args.shape}, batch {args.batch_size} x {shape['context_length']} tokens, "
-          f"{args.steps} timed steps after {args.warmup}; {datetime.date.today()}")
-    print(f"# {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# matmul ceiling ({n}^3): float32 {ceiling['float32']:.0f} GFLOP/s, "
-          f"bfloat16 {ceiling['bfloat16']:.0f} GFLOP/s\n")
-    print("| case | ms/step | tokens/s | vs HF float32 | model TFLOP/s | MFU (of bf16 ceiling) "
-          "| peak memory |")
+          f"{args.steps} timed steps after {args.warmup}\n")
+    print(f"| case | ms/step | tokens/s | vs {PEER} | model TFLOP/s | MFU | peak memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     peer = results.get(PEER)
     for case, r in results.items():
-        flops_per_token = 6 * r["params"] + 12 * cfg.n_layers * shape["context_length"] * cfg.emb_dim
-        tokens_per_s = tokens / r["seconds"]
-        achieved = flops_per_token * tokens_per_s / 1e9
+        tokens_per_s, achieved = throughput(r, args.shape, args.batch_size)
         ratio = f"{peer['seconds'] / r['seconds']:.2f}x" if peer else "-"
         print(f"| {case} | {r['seconds'] * 1000:.0f} | {tokens_per_s:,.0f} | {ratio} | "
-              f"{achieved / 1000:.3f} | {achieved / ceiling['bfloat16']:.1%} | {r['peak_mib']:,.0f} MiB |")
+              f"{achieved / 1000:.3f} | {achieved / peak:.1%} | {r['peak_mib']:,.0f} MiB |")
+    if device.type == "cuda" and "gpt default" in results:
+        tokens_per_s = throughput(results["gpt default"], args.shape, args.batch_size)[0]
+        print(f"\ngpt default: {tokens_per_s / LLM_C_H100_TOKENS_PER_S:.0%} of llm.c's "
+              f"{LLM_C_H100_TOKENS_PER_S:,} tokens/s on one H100 (gpt2-small, context 1024)")
+
+
+def throughput(result: dict[str, float], shape: str, batch_size: int) -> tuple[float, float]:
+    """(tokens/s, model GFLOP/s) of a measured case: 6 N + 12 L T C FLOPs per token."""
+    from gpt.config import GPTConfig
+
+    cfg, context = GPTConfig.preset(SHAPES[shape]["preset"]), SHAPES[shape]["context_length"]
+    tokens_per_s = batch_size * context / result["seconds"]
+    flops_per_token = 6 * result["params"] + 12 * cfg.n_layers * context * cfg.emb_dim
+    return tokens_per_s, flops_per_token * tokens_per_s / 1e9
+
+
+def print_grid(args: argparse.Namespace, peak: float) -> None:
+    """`gpt default` for each (model, context) of GRID, `--grid-tokens` tokens per step."""
+    print(f"# bench_train --grid: gpt default, {args.grid_tokens} tokens per step, "
+          f"{args.steps} timed steps after {args.warmup}\n")
+    print("| model | parameters | context | batch | ms/step | tokens/s | model TFLOP/s | MFU | peak memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    models = args.grid_models.split(",")
+    for (model, context), shape in GRID.items():
+        if model not in models:
+            continue
+        batch_size = max(1, args.grid_tokens // context)
+        setting = argparse.Namespace(**{**vars(args), "shape": shape, "batch_size": batch_size})
+        r = measure("gpt default", setting)
+        tokens_per_s, achieved = throughput(r, shape, batch_size)
+        print(f"| {model} | {r['params'] / 1e6:.0f}M | {context} | {batch_size} | "
+              f"{r['seconds'] * 1000:.0f} | {tokens_per_s:,.0f} | {achieved / 1000:.3f} | "
+              f"{achieved / peak:.1%} | {r['peak_mib']:,.0f} MiB |", flush=True)
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """The published dense bf16 peak of the GPU called `name`, or None if it is not in the table."""
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
 
 
 def machine(device: torch.device) -> str:

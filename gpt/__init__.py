@@ -5,6 +5,7 @@ from gpt.data import SlidingWindowDataset, create_dataloader
 from gpt.errors import UserError
 from gpt.loss import evaluate_loss, lm_loss, perplexity
 from gpt.model import GPT
+from gpt.quantize import prepack, quantize_int8
 from gpt.records import InstructionDataset, load_records, pad_collate
 from gpt.sampling import generate, stream
 from gpt.tokenizer import get_tokenizer
@@ -25,6 +26,8 @@ __all__ = [
     "load_records",
     "pad_collate",
     "perplexity",
+    "prepack",
+    "quantize_int8",
     "save_hf",
     "stream",
 ]

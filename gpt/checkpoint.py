@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gpt.atomic import atomic_directory, resolve_directory
 from gpt.config import GPTConfig
-from gpt.errors import UserError, first_line
+from gpt.errors import UserError, describe, first_line
 from gpt.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
@@ -117,7 +117,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:  # ValueError: a header that is not JSON, say
         raise UserError(f"cannot read {path} ({first_line(exc)}); the file is truncated or not "
                         "safetensors: replace it with a complete copy") from None
 
@@ -125,10 +125,13 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
 def save_model(model: GPT, directory: Path) -> None:
     """Write `model.safetensors` (`stored_state`) and `config.json` into `directory` (not atomic by
     itself)."""
-    directory = Path(directory)
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in stored_state(model).items()},
+    _write_model(stored_state(model), model.config, Path(directory))
+
+
+def _write_model(tensors: Mapping[str, Tensor], cfg: GPTConfig, directory: Path) -> None:
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
               directory / WEIGHTS_FILE)
-    model.config.save(directory / CONFIG_FILE)
+    cfg.save(directory / CONFIG_FILE)
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
@@ -152,9 +155,30 @@ def save_checkpoint(model: GPT, train_state: dict[str, Any], directory: Path) ->
     `train_state` must hold only tensors and plain Python values (dict, list, tuple, str, int, float,
     bool, None), so that `load_train_state` can read it with `weights_only=True`.
     """
+    write_checkpoint(stored_state(model), model.config, train_state, directory)
+
+
+def write_checkpoint(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state: dict[str, Any],
+                     directory: Path) -> None:
+    """`save_checkpoint` from the model's `stored_state` and config rather than the model: what
+    `gpt.saver` writes from a copy taken earlier."""
     with atomic_directory(directory) as tmp:
-        save_model(model, tmp)
+        _write_model(tensors, cfg, tmp)
         torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, tmp / TRAIN_STATE_FILE)
+
+
+def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:
+    """What `torch.load(path, weights_only=True)` reads, on the CPU: the file is data, never code, even
+    if someone hands us a malicious one. The one place a `.pt`/`.bin` file is read; when it cannot be,
+    a `UserError` names the file and `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **load_args)
+    except Exception as exc:  # a damaged file makes the unpickler raise almost anything (KeyError, ...)
+        # The unpickler's own message advises weights_only=False, which would run the file's code.
+        reason = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) else describe(exc)
+        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True) ({reason}): the file "
+                        "is truncated, not a PyTorch file, or holds objects other than tensors and plain "
+                        f"values (refused unread); {fix}") from None
 
 
 def load_train_state(directory: Path) -> dict[str, Any]:
@@ -168,15 +192,7 @@ def load_train_state(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} is missing, so {directory} cannot be resumed (a weights-only "
                         f"checkpoint); start a new run from its weights with --init {directory}")
-    try:
-        # weights_only: the file is data, never code, even if someone hands us a malicious one.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}): the file is truncated or not a "
-                        "PyTorch file; resume from another checkpoint (best/) or start a new run") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors and plain values, so it was not "
-                        "written by this trainer; it is refused unread") from None
+    state = read_torch_file(path, "resume from another checkpoint (best/) or start a new run")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path} is not a training state of format {TRAIN_STATE_FORMAT} (found "

@@ -16,6 +16,7 @@ from typing import Any
 from gpt.errors import UserError, describe
 
 GPT2_VOCAB_SIZE = 50257
+INIT_SCHEMES = ("gpt2", "torch")
 
 
 class ConfigError(UserError):
@@ -77,6 +78,11 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm (GPT-2 uses 1e-5)."""
 
+    init_scheme: str = "gpt2"
+    """How a new model's weights are drawn: gpt2 (N(0, 0.02), the residual projections scaled down by
+    depth) or torch (each PyTorch module's own default, as the book's code gets them: embeddings
+    N(0, 1), linear layers uniform). Only construction reads it: loaded weights replace either."""
+
     vocab_pad_multiple: int = 1
     """Round the token-embedding table and the LM head up to a multiple of this many rows (64:
     50257 -> 50304), for matmul shapes that run faster. The extra rows are never looked up and
@@ -94,6 +100,9 @@ class GPTConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ConfigError(f"GPTConfig.init_scheme must be one of {', '.join(INIT_SCHEMES)}, "
+                              f"got {self.init_scheme!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +27,7 @@ from gpt.checkpoint import (
 from gpt.device import DTYPES, configure_device, decoding_dtype, flag_fixable_errors, pick_device
 from gpt.errors import UserError, run_cli
 from gpt.model import GPT
+from gpt.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
 from gpt.records import format_prompt
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "trained weights")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole window for every token (slow; for checking)")
+    parser.add_argument("--quantize", default="none", metavar="SCHEME",
+                        help="weights for faster decoding: none (default), int8 (weight-only int8 in "
+                             "every linear layer, the LM head included) or int8-no-head (the head "
+                             "stays bfloat16); int8 needs bfloat16 on a CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model with frozen weights: a one-time compilation, then "
                              "more tokens/s on a CPU; pays for long or many samples (see BENCHMARKS.md)")
@@ -82,8 +88,8 @@ def cli() -> None:
 def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, num_samples: int, checkpoint: Path | None,
                    init: str | None, device: str, dtype: str, no_cache: bool, compile: bool = False,
-                   interactive: bool = False, raw: bool = False, out: TextIO | None = None,
-                   err: TextIO | None = None, inp: TextIO | None = None) -> None:
+                   interactive: bool = False, raw: bool = False, quantize: str = "none",
+                   out: TextIO | None = None, err: TextIO | None = None, inp: TextIO | None = None) -> None:
     """Check every value first (a typo fails at once, not after loading), then sample.
 
     A checkpoint of a run fine-tuned on records (`gpt.records`) answers: each prompt is laid out
@@ -98,11 +104,20 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
+    check_scheme(quantize)
     torch_device = pick_device(device)
+    torch_dtype = decoding_dtype(dtype, torch_device)
+    if quantize != "none":
+        check_int8_supported(torch_device, torch_dtype)
     configure_device(torch_device)
     with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
                              "model, or --device cpu"):
-        model = load_for_generation(checkpoint, init, torch_device, decoding_dtype(dtype, torch_device), err)
+        model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
+        started = time.perf_counter()
+        # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.
+        model = prepare_for_decoding(model, quantize, pack=not compile)
+        if quantize != "none":
+            print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
         if compile:
             model = compile_for_decoding(model)
         template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from gpt.atomic import atomic_file
+from gpt.atomic import atomic_file, write_errors
 from gpt.plot import plot_losses
 
 METRICS_FILE = "metrics.csv"
@@ -43,7 +43,7 @@ class MetricsLog:
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        with write_errors(self.path), open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             if new:
                 writer.writeheader()

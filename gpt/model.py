@@ -21,23 +21,30 @@ from torch import Tensor, nn
 
 from gpt.config import GPTConfig
 from gpt.errors import UserError
-from gpt.loss import head_loss
+from gpt.loss import head_loss, lm_loss
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention written as the formula: softmax(QKᵀ/√D + M) V.
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention written as the formula: dropout(softmax(QKᵀ/√D + M)) V.
 
     M is 0 where query i may see key j and -inf where it may not (j in its future). With a KV cache
     the T queries are the *last* T of the S positions, so query i sits at absolute position S - T + i.
     The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
     kernels and without materialising the (T, S) score matrix; this function is its documentation,
     and the tests check that the two agree.
+
+    The model also trains through it when there is attention dropout and no GPU: SDPA has no fused
+    kernel with dropout on a CPU, and its fallback runs every (T, S) matrix in float32 even under
+    bf16 autocast, where written out they stay bf16 (the matmuls still accumulate in float32). Q and
+    K are each scaled by D^-1/4 and the weights go through `F.dropout`, as in that fallback, so in
+    float32 the two agree bit for bit, random mask included.
     """
     T, S = q.size(-2), k.size(-2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    scale = math.sqrt(1 / math.sqrt(q.size(-1)))
+    scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
+    return F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v  # (B, H, T, D)
 
 
 class KVCache:
@@ -97,10 +104,13 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if T > 1 and S > T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, H, T, D)
+        if self.training and self.drop_rate > 0 and x.device.type != "cuda":
+            y = reference_attention(q, k, v, self.drop_rate)  # faster here: see its docstring
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
+                dropout_p=self.drop_rate if self.training else 0.0,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.proj(y)
 
@@ -151,22 +161,27 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             # One Parameter in two places: the same storage, so an update to one is an update to both.
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the init of the layers that write into the residual stream by 1/sqrt(2 * layers),
-        # so the stream's variance does not grow with depth (two such writes per block).
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.init_scheme == "gpt2":  # else "torch": every module keeps the init its constructor drew
+            self._init_gpt2()
         with torch.no_grad():  # padding rows (cfg.vocab_pad_multiple): never read, kept at zero
             self.tok_emb.weight[cfg.vocab_size:] = 0.0
             self.lm_head.weight[cfg.vocab_size:] = 0.0
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_gpt2(self) -> None:
+        """GPT-2's init: every matrix N(0, 0.02), biases zero (LayerNorms keep ones and zeros).
+
+        The layers that write into the residual stream are scaled down by 1/sqrt(2 * layers), so the
+        stream's variance does not grow with depth (two such writes per block). PyTorch's defaults
+        (`init_scheme="torch"`) instead draw embeddings from N(0, 1), a scale GPT-2 never trains at.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False) -> Tensor:
         """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache.
@@ -190,6 +205,9 @@ class GPT(nn.Module):
 
     def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
         """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
+        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.quantize) has no
+            logits = self.lm_head(hidden)[..., :self.config.vocab_size]  # plain weight to chunk
+            return lm_loss(logits, targets)
         return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
 
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:

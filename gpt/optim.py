@@ -8,10 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# GPT-3's (and nanoGPT's) betas: a beta2 of 0.95 forgets old gradient scales faster than the default
-# 0.999, which keeps Adam's steps stable with the high learning rates small models train well at.
-ADAM_BETAS = (0.9, 0.95)
-
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
@@ -42,11 +38,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, with the fused kernel.
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                    ) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with `betas` (`TrainConfig.adam_betas`), with the fused kernel.
 
     The fused kernel updates each tensor in one pass instead of one pass per arithmetic operation:
     much faster than the default loop on a CPU (see BENCHMARKS.md). torch (>= 2.6, pyproject.toml) has
     it on every device `gpt.device.pick_device` returns: cpu, cuda and mps.
     """
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, fused=True)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)

@@ -24,18 +24,21 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from gpt.atomic import resolve_directory
 from gpt.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
+from gpt.config import read_json_object
 from gpt.data import ResumableSampler
 from gpt.device import device_rng_state, load_scaler_state, set_device_rng_state
-from gpt.errors import UserError
-from gpt.record_data import BucketBatchSampler
-from gpt.train_config import MODEL_OVERRIDES, TrainConfig, current_names, flag
+from gpt.errors import UserError, describe
+from gpt.train_config import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig, current_names, flag
+
+if TYPE_CHECKING:  # gpt.record_data imports gpt.distributed, which imports this module
+    from gpt.record_data import BucketBatchSampler
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
@@ -126,29 +129,69 @@ def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.op
     }
 
 
-def find_resume_checkpoint(path: Path) -> Path:
-    """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last."""
+def find_resume_checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last; None
+    for a run directory with its settings but no checkpoint (stopped before its first save), which
+    then starts again from step 0."""
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such run directory; give one such as runs/NAME")
     checkpoint = path if (path / TRAIN_STATE_FILE).is_file() else resolve_directory(path / "last")
-    if not checkpoint.is_dir():
-        raise UserError(f"--resume {path}: there is no {path / 'last'} checkpoint in it (an empty run "
-                        "directory, or not one); start a new run instead")
-    return checkpoint
+    if checkpoint.is_dir():
+        return checkpoint
+    if (path / RUN_CONFIG_FILE).is_file():
+        return None
+    raise UserError(f"--resume {path}: there is no {path / 'last'} checkpoint in it (an empty run "
+                    "directory, or not one); start a new run instead")
 
 
 def resume_config(path: Path) -> dict[str, Any]:
-    """The settings of the run a `--resume path` continues (the base that flags then override)."""
-    return current_names(load_train_state(find_resume_checkpoint(path))["train_config"])
-
-
-def open_resume_checkpoint(path: Path, cfg: TrainConfig, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint directory, its train state) that `--resume path` continues, once `cfg` is checked
-    against the run's settings (`check_resume_settings`)."""
+    """The settings of the run a `--resume path` continues (the base that flags then override): its
+    checkpoint's, or its train_config.json's when it has no checkpoint yet."""
     checkpoint = find_resume_checkpoint(path)
+    if checkpoint is None:
+        return current_names(read_json_object(path / RUN_CONFIG_FILE, "the run's settings"))
+    return current_names(read_resume_state(checkpoint)["train_config"])
+
+
+def read_resume_state(checkpoint: Path) -> dict[str, Any]:
+    """`checkpoint`'s train state (`load_train_state`), checked to hold every entry that resuming
+    reads, each of the type it must have: a damaged or foreign file is refused here, before the run
+    directory is written to, not half-way through `restore` or the first step."""
     saved = load_train_state(checkpoint)
-    check_resume_settings(cfg, saved, checkpoint, world_size)
-    return checkpoint, saved
+    problem = _state_problem(saved)
+    if problem is not None:
+        raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "
+                        "resume from another checkpoint (best/) or start a new run")
+    return saved
+
+
+def _state_problem(saved: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a loaded train state (see the module docstring), or None."""
+    kind: type
+    for key, kind in (("train_config", dict), ("state", dict), ("optimizer", dict), ("scaler", dict),
+                      ("sampler", dict), ("num_windows", int), ("rng", dict)):
+        if not isinstance(saved.get(key), kind):
+            found = type(saved[key]).__name__ if key in saved else "missing"
+            return f"{key!r} is {found}, not a {kind.__name__}"
+    numbers = [(f"state {f.name!r}", saved["state"].get(f.name), float if f.name == "best_val_loss" else int)
+               for f in dataclasses.fields(TrainState)]
+    numbers += [(f"sampler {name!r}", saved["sampler"].get(name), int)
+                for name in ("epoch", "position", "seed")]
+    for what, value, kind in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            return f"{what} is {value!r}, not a number of type {kind.__name__}"
+    optimizer = saved["optimizer"]
+    if not (isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)):
+        return "the optimizer state lacks its 'state' or 'param_groups'"
+    rng, numpy = saved["rng"], saved["rng"].get("numpy")
+    try:  # on throwaway generators: the global ones are set last, by `restore`
+        random.Random().setstate(rng["python"])
+        torch.Generator().set_state(rng["torch"])
+        np.random.RandomState().set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32),
+                                           numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    except Exception as exc:  # whatever a malformed state makes them raise
+        return f"its random generator states cannot be set ({describe(exc)})"
+    return None
 
 
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path,
@@ -189,7 +232,7 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
     where = checkpoint / TRAIN_STATE_FILE
     try:
         optimizer.load_state_dict(saved["optimizer"])
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: its optimizer state does not fit the model in "
                         f"{checkpoint / WEIGHTS_FILE} ({exc}); resume from another checkpoint") from None
     for param in (p for group in optimizer.param_groups for p in group["params"]):

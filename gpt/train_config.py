@@ -33,13 +33,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple")
+MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple", "tie_embeddings",
+                   "qkv_bias", "init_scheme")
 """The settings that replace a field of the model's `GPTConfig` (its preset's, or its weights')."""
 PARALLEL_MODES = ("ddp", "fsdp")
 """The values of --parallel (see `gpt.distributed`)."""
 RENAMED = {"errors": "decode_errors"}
 """Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
 old flag stays an alias of the new one."""
+RUN_CONFIG_FILE = "train_config.json"
+"""A run directory's record of its settings (`TrainConfig.to_dict`), written when the run starts."""
 
 
 def flag(name: str) -> str:
@@ -94,6 +97,15 @@ class TrainConfig:
     vocab_pad_multiple: int | None = None
     """Pad the embedding table and LM head to a multiple of this many rows (overrides the preset's:
     64 for mini, 1 for the others); same results, faster matmuls (see BENCHMARKS.md)."""
+    tie_embeddings: bool | None = None
+    """Share one matrix between the token embedding and the output head, as GPT-2 does (overrides the
+    preset's: tied); the book's from-scratch model has its own head (--no-tie-embeddings)."""
+    qkv_bias: bool | None = None
+    """Give the query/key/value projection a bias, as GPT-2 does (overrides the preset's: none for
+    mini and tiny, a bias for GPT-2)."""
+    init_scheme: str | None = None
+    """Random init of a --init scratch model: gpt2 (N(0, 0.02), residual projections scaled by depth;
+    the default) or torch (PyTorch's module defaults, as in the book: embeddings N(0, 1))."""
     context_length: int | None = None
     """Tokens per training window; at most the model's context length, which is also the default
     (256 for mini, 1024 for GPT-2)."""
@@ -121,13 +133,25 @@ class TrainConfig:
     """AdamW weight decay, applied to matrices (embeddings included) but not to biases or LayerNorms."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    adam_betas: str = "0.9,0.95"
+    """AdamW's B1,B2: the default is GPT-3's and nanoGPT's, whose lower B2 forgets old gradient scales
+    faster and keeps steps stable at the high learning rates small models train well at; the book uses
+    PyTorch's 0.9,0.999."""
 
     # evaluation, early stopping, logging
     eval_freq: int = 20
-    """Evaluate, log and save last/ every this many optimizer steps (and at the end)."""
+    """Evaluate and log every this many optimizer steps (and at the end)."""
     eval_iters: int = 2
     """Batches of training and of validation data the losses are averaged over at each evaluation
     (spread evenly over each split; the same batches every time)."""
+    save_freq: int = 1
+    """Write last/ at every this many-th evaluation (1: at each one), and always at the end and on
+    Ctrl-C; best/ is written at every improvement. Fewer saves cost less time for a big model, but a
+    kill loses more steps."""
+    async_save: bool = False
+    """Write checkpoints in a background thread from a copy of the weights and optimizer state taken
+    at the step, so training goes on meanwhile (the same files, one save at a time, memory for the
+    copy). Off by default until measured to pay: see BENCHMARKS.md."""
     patience: int = 5
     """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
     min_delta: float = 0.0
@@ -201,7 +225,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
                                   f"e.g. {flag(name)} {example}")
 
-        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout"):
+        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout",
+                     "save_freq"):
             need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
         for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
@@ -211,6 +236,8 @@ class TrainConfig:
                      "sample_tokens", "loss_chunk", "eval_answers"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
+        need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
+             "0.9,0.999")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
         need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",
@@ -249,6 +276,11 @@ class TrainConfig:
                 names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
                 raise ConfigError(f"{flag(f.name)} must be {names}, got {value!r}")
 
+    @property
+    def betas(self) -> tuple[float, float]:
+        """`adam_betas` as the pair AdamW takes."""
+        return cast(tuple[float, float], _betas(self.adam_betas))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -259,6 +291,15 @@ class TrainConfig:
         data = current_names(data)
         check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "setting")
         return cls(**data)
+
+
+def _betas(text: str) -> tuple[float, float] | None:
+    """"B1,B2" as two floats in [0, 1), or None if it is not that."""
+    try:
+        b1, b2 = (float(part) for part in text.split(","))
+    except ValueError:  # not a number, or not two of them
+        return None
+    return (b1, b2) if 0 <= b1 < 1 and 0 <= b2 < 1 else None
 
 
 def current_names(settings: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +370,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8, comments included
+        raise UserError(f"--config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path} is not valid TOML: {exc}") from None
     return current_names({key.replace("-", "_"): value for key, value in data.items()})

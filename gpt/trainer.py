@@ -7,14 +7,15 @@
           train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
             evaluate(run)                 measure: train and validation loss
+            check_finite(run, ...)        stop if one is not finite: such weights are never saved
             keep_score(state, ...)        keep score for early stopping
             log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (TensorBoard)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
-and the checkpoints `last/` (every evaluation) and `best/` (lowest validation loss), each
-`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`). The settings are
-`gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
+and the checkpoints `last/` (every `save_freq`-th evaluation) and `best/` (lowest validation loss), each
+`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`); `gpt.run_dir` locks it. The
+settings are `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.answers import sample_answer, val_exact_match
+from gpt.answers import val_exact_match
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model, save_checkpoint
+from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
 from gpt.device import (
@@ -56,11 +57,13 @@ from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
 from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
-from gpt.resume import TrainState, checkpoint_state, open_resume_checkpoint, restore, seed_everything
-from gpt.sampling import sample_text
+from gpt.report import print_header, print_sample, print_summary
+from gpt.resume import TrainState, checkpoint_state, restore, seed_everything
+from gpt.run_dir import OpenedRun, RunLock, open_run_dir
+from gpt.saver import CheckpointSaver
 from gpt.tb import TensorBoardLog
 from gpt.teacher import load_teacher
-from gpt.train_config import MODEL_OVERRIDES, TrainConfig
+from gpt.train_config import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig
 from gpt.weights import load_pretrained
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -99,6 +102,9 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
+    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
+    lock: RunLock
+    """This process's lock on `run_dir`, released when `fit` ends."""
     state: TrainState = field(default_factory=TrainState)
     records: RecordData | None = None
     """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
@@ -107,6 +113,7 @@ class Run:
     """The frozen `--teacher` distilled from (`gpt.teacher`), or None."""
     tensorboard: TensorBoardLog | None = None
     """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
+    last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
     @property
     def windows(self) -> SlidingWindowDataset | InstructionDataset:
@@ -127,12 +134,22 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `resume` (a run directory, or a checkpoint directory in one) continues a run where that checkpoint
     was taken; `cfg` must then agree with the run's settings on `RESUME_FIXED` (see `gpt.resume`).
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
-    the run directory is written to.
+    the run directory is written to, and the run directory is locked (`gpt.run_dir`) until `fit` ends.
     """
     cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.distributed); one process without it
-    checkpoint, saved = (open_resume_checkpoint(Path(resume), cfg, dist.world_size) if resume is not None
-                         else (None, {}))  # the checkpoint resumed from, and its training state
-    run_dir = checkpoint.parent if checkpoint else choose_run_dir(cfg)
+    # Checked, locked (by rank 0), a resumed run's state read: nothing built yet.
+    opened = open_run_dir(cfg, resume, rank=dist.rank, world_size=dist.world_size)
+    try:
+        return _build(cfg, dist, opened, token_ids)
+    except BaseException:
+        opened.lock.release(failed=True)
+        raise
+
+
+def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
+           token_ids: tuple[np.ndarray, np.ndarray] | None) -> Run:
+    """The rest of `setup`, in the run directory `opened` (locked)."""
+    run_dir, checkpoint, saved = opened.path, opened.checkpoint, opened.saved
     cfg = dataclasses.replace(cfg, out=str(run_dir.parent), run_name=run_dir.name)
     device = dist.device
     configure_device(device)
@@ -157,7 +174,7 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
@@ -170,30 +187,22 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
         metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS
                            + ((ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())
                            + (() if cfg.objective.is_cross_entropy else (OBJECTIVE_COLUMN,))),
-        records=records, dist=dist,
+        records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
+        for group in optimizer.param_groups:  # and so do changed --adam-betas
+            group["betas"] = cfg.betas
     if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
-        if checkpoint is not None:  # those steps are taken again, and log again
-            run.metrics.truncate(up_to_step=run.state.step)
+        # Steps after the checkpoint (all, for a start at step 0) are taken again, and log again.
+        run.metrics.truncate(up_to_step=run.state.step if checkpoint is not None else -1)
         if cfg.tensorboard:  # on resume, its events after the checkpoint are dropped too
             run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint else None)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "train_config.json", cfg.to_dict())
+        write_json(run_dir / RUN_CONFIG_FILE, cfg.to_dict())
     return run
-
-
-def choose_run_dir(cfg: TrainConfig) -> Path:
-    """`out/run_name` (default name: the start time), which must not hold a run already; creates nothing."""
-    run_dir = Path(cfg.out) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
-                        "another --run-name")
-    return run_dir
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -247,28 +256,23 @@ def train(cfg: TrainConfig, *, resume: Path | None = None,
 def fit(run: Run) -> TrainResult:
     """Train until all steps are done, early stopping fires, or Ctrl-C; see the module docstring."""
     state = run.state
-    _print_header(run)
+    print_header(run)
     logged = run.metrics.rows()  # a resumed run's, up to its checkpoint
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=None if run.dist.is_main else True)  # None: shown on a terminal
-    with bar, ctrl_c_flag() as interrupted, run.tensorboard or contextlib.nullcontext():
+    # Left in reverse order: the saver's last write ends before the lock is released.
+    with run.lock, bar, ctrl_c_flag() as interrupted, run.saver, run.tensorboard or contextlib.nullcontext():
         progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
-        if state.step == 0:  # the untrained model's losses: where the curves start
+        if state.step == 0 and not logged:  # the untrained model's losses (a step-0 checkpoint has them)
             progress.val_loss = evaluate_and_save(run)["val_loss"]
         stop = None
         while stop is None:
             stop = _train_epoch(run, progress)
     if stop != "interrupted":
-        _print_sample(run, "at the end")
-    best = state.best_val_loss
-    print(f"best validation loss {best:.4f} (perplexity {perplexity(best):.1f}) at step {state.best_step}: "
-          f"weights in {run.run_dir / 'best'}")
-    if stop == "early_stop":
-        print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
-    if stop == "interrupted":
-        print(f"interrupted at step {state.step}; {run.run_dir / 'last'} is saved; continue with: "
-              f"python train.py --resume {run.run_dir}")
-    return TrainResult(run.run_dir, stop, state.step, state.best_step, best, progress.step_losses)
+        print_sample(run, "at the end")
+    print_summary(run, stop)
+    return TrainResult(run.run_dir, stop, state.step, state.best_step, state.best_val_loss,
+                       progress.step_losses)
 
 
 def _train_epoch(run: Run, progress: _Progress) -> str | None:
@@ -300,10 +304,10 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
         if state.step >= run.total_steps:
             return "done"
         if run.dist.any(progress.interrupted()):  # every rank stops at the same step
-            if not evaluated:  # last/ is older than this step
-                save_checkpoints(run, best=False)
+            if run.last_saved != state.step:  # last/ is older than this step
+                save_checkpoints(run, last=True, best=False)
             return "interrupted"
-    _print_sample(run, f"after epoch {epoch + 1}")
+    print_sample(run, f"after epoch {epoch + 1}")
     return None
 
 
@@ -341,12 +345,8 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
     skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
     checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
-    for what, value in checks:
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the {what} is {value} at step {state.step + 1}: training stopped before that step "
-                f"changed the weights, and {run.run_dir / 'last'} holds the last good checkpoint; "
-                "lower --lr, keep --grad-clip on, or use --dtype float32")
+    check_finite(run, checks, f"at step {state.step + 1}: training stopped before that step changed the "
+                 "weights")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     state.step += 1
@@ -369,6 +369,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     """
     state = run.state
     train_loss, val_loss = evaluate(run)
+    check_finite(run, [("training loss", train_loss), ("validation loss", val_loss)],
+                 f"at the evaluation of step {state.step}: these weights are not saved")
     improved = keep_score(state, val_loss, run.cfg.min_delta)
     row = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
            "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
@@ -382,8 +384,24 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
                                               loss=run.loss)
     if run.dist.is_main:  # rank 0 alone prints and writes
         log_evaluation(run, row, improved)
-    save_checkpoints(run, best=improved)
+    cfg = run.cfg
+    ends = state.step >= run.total_steps or 0 < cfg.patience <= state.evals_since_best
+    save_checkpoints(run, last=ends or (state.step // cfg.eval_freq) % cfg.save_freq == 0, best=improved)
     return row
+
+
+def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
+    """Raise `TrainingDiverged` if one of the named `values` is not finite, naming the checkpoints
+    that are good: last/ is only ever saved after an evaluation whose losses were finite."""
+    for what, value in values:
+        if not math.isfinite(value):
+            last, best, step = run.run_dir / "last", run.run_dir / "best", run.state.best_step
+            saved = (f"{last} holds the last checkpoint with finite losses and {best} the best (step "
+                     f"{step}): resume one (--resume {best}) with a lower --lr"
+                     if math.isfinite(run.state.best_val_loss) else
+                     "no checkpoint was saved: start again with a lower --lr")
+            raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, or use "
+                                   "--dtype float32")
 
 
 def evaluate(run: Run) -> tuple[float, float]:
@@ -416,38 +434,15 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     tqdm.write(format_row(row) + ("  (best)" if improved else ""))
 
 
-def save_checkpoints(run: Run, *, best: bool) -> None:
-    """Save last/, and best/ too when `best`, from one checkpoint state (`gpt.resume`).
+def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
+    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.resume`) through `run.saver`.
 
     Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
     previous one whole.
     """
+    directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
-        save_checkpoint(run.model, state, run.run_dir / "last")
-        if best:
-            save_checkpoint(run.model, state, run.run_dir / "best")
-
-
-# ---- samples, the header line -----------------------------------------------------------------
-
-
-def _print_sample(run: Run, when: str) -> None:
-    if run.cfg.sample_tokens > 0 and run.dist.is_main:  # records: the answer to the first validation prompt
-        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
-            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
-                             dtype=run.dtype)
-        tqdm.write(f"sample {when}: " + text.replace("\n", " "))
-
-
-def _print_header(run: Run) -> None:
-    cfg, windows = run.cfg, len(run.windows)
-    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
-    data = run.records.describe(windows, run.windows.context_length) if run.records else \
-        f"{windows} training windows"
-    print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
-          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
-          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
-          f"step {run.state.step} now; "
-          f"run directory {run.run_dir}")
+        run.saver.save(run.model, state, directories)
+    run.last_saved = run.state.step if last else run.last_saved

@@ -33,11 +33,7 @@ half precision.
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import re
-import socket
-import urllib.parse
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,10 +52,12 @@ from gpt.checkpoint import (
     load_model,
     model_from_state_dict,
     read_safetensors,
+    read_torch_file,
     stored_shapes,
 )
 from gpt.config import GPTConfig, read_json_object
-from gpt.errors import UserError, describe, first_line
+from gpt.corpora import hub_unreachable
+from gpt.errors import UserError, describe
 from gpt.model import GPT
 from gpt.tf_checkpoint import read_tf_checkpoint
 from gpt.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
@@ -307,15 +305,8 @@ def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
 
 def _read_bin(path: Path) -> dict[str, Tensor]:
     """A `pytorch_model.bin` state dict, unpickled only with `weights_only=True` (no code runs)."""
-    try:
-        # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
-        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True): it pickles objects "
-                        "other than tensors, which are not loaded; use a model.safetensors instead") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({first_line(exc)}); the "
-                        "file is truncated or not a PyTorch file: use a model.safetensors instead") from None
+    # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+    state = read_torch_file(path, "use a model.safetensors instead", mmap=zipfile.is_zipfile(path))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 checkpoint?")
     return state
@@ -363,32 +354,17 @@ def _download(name: str) -> Path:
     except ImportError:
         raise UserError(f"cannot download {repo}: huggingface_hub is not installed "
                         f"(pip install 'gpt[hf]'); or {fix}") from None
-    offline = hub_unreachable()
+    unreachable = hub_unreachable()
     try:  # offline, only huggingface_hub's local cache can answer
-        files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=offline))
+        files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=unreachable is not None))
                  for f in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as exc:  # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
-        if offline:
-            reason = ("the hub's host name does not resolve (offline?) and the files are not in the local "
-                      "cache")
+        if unreachable is not None:
+            reason = f"the hub cannot be reached ({unreachable}) and the files are not in the local cache"
         else:
             reason = describe(exc)
         raise UserError(f"cannot download {repo} ({reason}); {fix}") from None
     return files[0].parent
-
-
-def hub_unreachable() -> bool:
-    """Whether the hub's host name fails to resolve here: known at once, where a download attempt
-    offline goes through all of huggingface_hub's retries before it gives up. Behind a proxy the
-    proxy resolves names, so there is nothing to check."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return True
-    return False
 
 
 def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:

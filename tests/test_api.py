@@ -3,7 +3,7 @@
 import inspect
 
 import gpt
-from gpt import data, loss, model, records, sampling, weights
+from gpt import data, loss, model, quantize, records, sampling, weights
 
 
 def test_exports_are_the_package_objects() -> None:
@@ -13,6 +13,7 @@ def test_exports_are_the_package_objects() -> None:
     assert gpt.lm_loss is loss.lm_loss and gpt.perplexity is loss.perplexity
     assert gpt.generate is sampling.generate
     assert gpt.load_pretrained is weights.load_pretrained and gpt.save_hf is weights.save_hf
+    assert gpt.quantize_int8 is quantize.quantize_int8 and gpt.prepack is quantize.prepack
     assert gpt.InstructionDataset is records.InstructionDataset and gpt.pad_collate is records.pad_collate
     assert gpt.load_records is records.load_records
     assert all(hasattr(gpt, name) for name in gpt.__all__)
@@ -34,6 +35,7 @@ def test_signatures() -> None:
     assert keyword_only == ["temperature", "top_k", "top_p", "eos_id", "use_cache", "generator"]
     assert parameters(gpt.load_pretrained) == ["name_or_path", "overrides"]
     assert parameters(gpt.save_hf) == ["model", "out_dir"]
+    assert parameters(gpt.quantize_int8) == ["model", "include_head"]
     assert parameters(gpt.InstructionDataset) == ["records", "tokenizer", "template", "mask_prompt",
                                                   "max_length"]
     assert parameters(gpt.pad_collate) == ["batch", "pad_id", "ignore_index"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import TOKENS, assert_same_params, params, tiny
+from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
 from gpt import trainer
 from gpt.checkpoint import load_model
@@ -19,7 +19,6 @@ from gpt.generate_cli import main as generate_main
 from gpt.generate_cli import run_generation
 from gpt.loss import IGNORE_INDEX, count_targets
 from gpt.records import pad_collate
-from gpt.train_cli import main
 from gpt.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,15 +180,6 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------------
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize(("content", "flags", "message"), [

@@ -95,6 +95,26 @@ def test_attention_layer_equals_formula_on_its_own_projections() -> None:
     assert_close(attn(x), attn.proj(y), atol=1e-6, rtol=1e-5)
 
 
+def test_attention_dropout_written_out_is_sdpas_own_in_float32() -> None:
+    """Training with attention dropout runs `reference_attention` off CUDA: in float32 it must give
+    SDPA's result bit for bit, random mask included; under bf16 autocast, the same up to rounding."""
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+
+    def both(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        ours = reference_attention(q, k, v, dropout_p=0.1)
+        torch.manual_seed(seed)
+        return ours, F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+
+    ours, sdpa = both(seed=1)
+    assert torch.equal(ours, sdpa)
+    assert not torch.equal(both(seed=2)[0], ours)  # the mask is drawn, and it depends on the seed
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, sdpa = both(seed=1)
+    assert ours.dtype == torch.bfloat16
+    assert_close(ours.float(), sdpa.float(), atol=0.05, rtol=0.05)
+
+
 def test_causality_future_tokens_do_not_change_past_logits() -> None:
     model = GPT(TINY).eval()
     idx = torch.randint(0, TINY.vocab_size, (1, 20))

@@ -16,6 +16,7 @@ import gpt.checkpoint
 from gpt import trainer
 from gpt.checkpoint import load_model, load_train_state
 from gpt.config import GPTConfig
+from gpt.loss import Objective, training_loss
 from gpt.metrics import METRICS_COLUMNS
 from gpt.model import GPT
 from gpt.train_config import TrainConfig
@@ -174,7 +175,8 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoints(run, best=False)  # last/
+        trainer.save_checkpoints(run, last=True, best=False)
+        run.saver.wait()  # a background save's error is raised here
     monkeypatch.undo()
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
     assert_same_params(params(load_model(tmp_path / "run" / "last")), step4)
@@ -189,7 +191,8 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 
     monkeypatch.setattr(gpt.atomic.os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoints(run, best=False)  # last/
+        trainer.save_checkpoints(run, last=True, best=False)
+        run.saver.wait()
     monkeypatch.undo()
     assert not (tmp_path / "run" / "last").exists()
     resumed = setup(cfg, resume=tmp_path / "run", token_ids=TOKENS)  # reads .last.old
@@ -235,7 +238,7 @@ def test_run_directory_files(tmp_path) -> None:
     result = train(tiny(tmp_path, epochs=1, eval_freq=5, sample_tokens=3), token_ids=TOKENS)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best", "last", "loss.png", "metrics.csv", "train_config.json"]
+        ".lock", "best", "last", "loss.png", "metrics.csv", "train_config.json"]
     for checkpoint in ("best", "last"):
         assert sorted(p.name for p in (run_dir / checkpoint).iterdir()) == [
             "config.json", "model.safetensors", "train_state.pt"]
@@ -289,14 +292,14 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path) ->
     assert load_model(tmp_path / "run" / "last").config == run.model.config
 
 
-def test_compiled_loss_compiles_the_transformer_and_matches_the_eager_loss_and_gradients() -> None:
+def test_compiled_training_loss_compiles_the_transformer_and_matches_the_eager_loss_and_gradients() -> None:
     model = GPT(GPTConfig.preset("tiny", vocab_size=300, drop_rate=0.0))
     x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     y[0, :5] = -100
     for chunk in (0, 7):
         eager = model.loss(x, y, chunk_size=chunk)
         (eager_grad,) = torch.autograd.grad(eager, model.blocks[0].attn.qkv.weight)
-        compiled = trainer.compiled_loss(model)(x, y, chunk_size=chunk)
+        compiled = training_loss(Objective(), model, None, compile=True)(x, y, chunk_size=chunk)
         (compiled_grad,) = torch.autograd.grad(compiled, model.blocks[0].attn.qkv.weight)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)

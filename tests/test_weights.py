@@ -8,7 +8,6 @@ the hub is a fake module.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -238,7 +237,8 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, download: object, reachable: bool 
     module = types.ModuleType("huggingface_hub")
     module.hf_hub_download = download  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "huggingface_hub", module)
-    monkeypatch.setattr(weights, "hub_unreachable", lambda: not reachable)
+    reason = None if reachable else "huggingface.co:443: refused"
+    monkeypatch.setattr(weights, "hub_unreachable", lambda: reason)
 
 
 @pytest.mark.parametrize("reachable", [True, False])
@@ -286,30 +286,10 @@ def test_unresolvable_hub_fails_at_once_when_the_cache_misses(tmp_path: Path,
 
     fake_hub(monkeypatch, cache_miss, reachable=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub's host name does "
-                                        r"not resolve \(offline\?\) and the files are not in the local "
+    with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub cannot be reached "
+                                        r"\(huggingface.co:443: refused\) and the files are not in the local "
                                         r"cache\); download config.json and model.safetensors"):
         load_pretrained("gpt2")
-
-
-def test_hub_unreachable_is_a_name_lookup_skipped_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    looked_up = []
-
-    def fail(host: str, port: int) -> None:
-        looked_up.append(host)
-        raise socket.gaierror("Name or service not known")
-
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(socket, "getaddrinfo", fail)
-    assert weights.hub_unreachable() and looked_up == ["huggingface.co"]
-    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org")
-    assert weights.hub_unreachable() and looked_up[-1] == "hf-mirror.example.org"
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [])
-    assert not weights.hub_unreachable()
-    monkeypatch.setattr(socket, "getaddrinfo", fail)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
-    assert not weights.hub_unreachable()
 
 
 def test_missing_huggingface_hub_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,7 +310,10 @@ def test_unknown_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.M
 # ---- save_hf and the export command -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": False}, {"tie_embeddings": False}], ids=str)
+@pytest.mark.parametrize("overrides", [
+    {}, {"qkv_bias": False}, {"tie_embeddings": False},
+    {"tie_embeddings": False, "qkv_bias": False, "init_scheme": "torch"},  # recipes/book-ch5.toml's
+], ids=str)
 def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path, overrides: dict) -> None:
     ours = GPT(GPTConfig.preset("tiny", vocab_size=97, context_length=16, drop_rate=0.0, **overrides)).eval()
     with torch.no_grad():
@@ -342,6 +325,8 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path, over
     assert ("lm_head.weight" in stored) == (not ours.config.tie_embeddings)  # a tied head is stored once
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.model_type == "gpt2" and hf.config.activation_function == "gelu_new"
+    assert hf.config.tie_word_embeddings is ours.config.tie_embeddings
+    assert (hf.lm_head.weight is hf.transformer.wte.weight) is ours.config.tie_embeddings
     assert_same_logits(ours, hf)
     back = load_pretrained(tmp_path / "hf", **overrides)
     for name, tensor in ours.state_dict().items():

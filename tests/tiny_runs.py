@@ -3,9 +3,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from gpt.errors import run_cli
 from gpt.model import GPT
+from gpt.train_cli import main
 from gpt.train_config import TrainConfig
 
 
@@ -37,3 +40,13 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one line `train.py argv` prints, having exited with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err

@@ -1,0 +1,145 @@
+"""Where a training step's time goes: the real step under torch.profiler, its ops summed by kind.
+
+Runs `gpt.trainer.setup` + `train_step` (forward, loss, backward, clip, fused AdamW) in the defaults
+of `python train.py` for each shape, a few untimed steps first, then profiles `--steps` steps and
+prints the share of each kind of work: matmul, attention, the LM head's softmax/cross-entropy,
+casts, LayerNorm/GELU, dropout, optimizer (with the gradient-norm clip), embedding, the rest.
+
+    python benchmarks/profile_train.py                  # mini (8 x 256) and gpt2-small (1 x 1024)
+    python benchmarks/profile_train.py --shapes gpt2-small --steps 2 --top 30
+    python benchmarks/profile_train.py --drop-rate 0    # the same shapes without dropout
+
+How an op is counted: each profiled op's own time (its children's excluded) goes to the first kind
+in `KINDS` that matches its name or the name of any op or autograd node it runs inside. So a cast
+inside a matmul is a cast, and everything inside SDPA (its matmuls and, in its math kernel, its
+dropout) is attention. Attention written out (`reference_attention`, which the model trains through
+with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls,
+softmax and the causal mask's fill are attention (nothing else in the model uses them), and its
+dropout is dropout. Dropout's backward is a `MulBackward0` (the model multiplies nothing else in
+backward, bar the scaling of q and k in attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+import torch
+from bench_train import batches, machine
+from torch.autograd.profiler_util import FunctionEvent
+
+# (kind, name fragments): the first kind with a fragment in the op's or an enclosing op's name wins
+# (so LogSoftmaxBackward is the LM head's before SoftmaxBackward can make it attention).
+KINDS: list[tuple[str, tuple[str, ...]]] = [
+    ("optimizer", ("Optimizer.", "_fused_adam", "_foreach_norm", "_foreach_mul", "clip_grad")),
+    ("LM-head softmax/CE", ("cross_entropy", "log_softmax", "nll_loss", "LogSoftmaxBackward",
+                            "NllLossBackward", "logsumexp")),
+    ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "aten::bmm",
+                   "BmmBackward", "aten::_softmax", "SoftmaxBackward", "masked_fill",
+                   "MaskedFillBackward")),
+    ("dropout", ("dropout", "bernoulli", "MulBackward0")),
+    ("LayerNorm/GELU", ("layer_norm", "LayerNormBackward", "gelu", "GeluBackward")),
+    ("casts", ("aten::to", "aten::_to_copy", "ToCopyBackward")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "MmBackward",
+                "AddmmBackward", "mkldnn")),
+    ("embedding", ("embedding", "EmbeddingBackward")),
+]
+OTHER = "other"
+SHAPES = {
+    # python train.py's default: mini, batch 8 x 256, no dropout.
+    "mini": {"preset": "mini", "context_length": 256, "batch_size": 8},
+    # The real GPT-2 shape as the issue measures it: gpt2-small, batch 1 x 1024, the preset's dropout 0.1.
+    "gpt2-small": {"preset": "gpt2-small", "context_length": 1024, "batch_size": 1},
+}
+
+
+def kind_of(event: FunctionEvent) -> str:
+    """The kind of work an op is, from its own name and those of the ops it runs inside."""
+    names = []
+    node: FunctionEvent | None = event
+    while node is not None:
+        names.append(node.name)
+        node = node.cpu_parent
+    for kind, fragments in KINDS:
+        if any(fragment in name for name in names for fragment in fragments):
+            return kind
+    return OTHER
+
+
+def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: float | None,
+                  ) -> tuple[dict[str, float], dict[str, float], float]:
+    """(microseconds by kind, microseconds by op name, wall seconds per step) for `steps` steps."""
+    from gpt.train_config import TrainConfig
+    from gpt.trainer import setup, train_step
+
+    settings = SHAPES[shape]
+    extra = {} if drop_rate is None else {"drop_rate": drop_rate}
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(preset=settings["preset"], context_length=settings["context_length"],
+                          batch_size=settings["batch_size"], device=device, seed=0, out=out,
+                          run_name="profile", sample_tokens=0, **extra)
+        filler = np.zeros(2 * (settings["context_length"] + 1) * settings["batch_size"], dtype=np.uint16)
+        run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
+        data = batches(run.model.config.vocab_size, settings["batch_size"], settings["context_length"],
+                       warmup + steps)
+        for x, y in data[:warmup]:
+            train_step(run, [(x, y)])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if run.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for x, y in data[warmup:]:
+                train_step(run, [(x, y)])
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
+    on_gpu = run.device.type == "cuda"
+    for event in prof.events():
+        own = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        by_kind[kind_of(event)] += own
+        by_op[event.name] += own
+    wall = (max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events()))
+    return by_kind, by_op, wall / 1e6 / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated, of: " + ", ".join(SHAPES))
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per shape")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--drop-rate", type=float, default=None,
+                        help="override the presets' dropout (mini 0, gpt2-small 0.1)")
+    parser.add_argument("--top", type=int, default=15, help="also list the ops with the most own time")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
+    print(f"# profile_train: {datetime.date.today()}; {machine(torch.device(args.device))}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} profiled steps "
+          f"after {args.warmup}" + ("" if args.drop_rate is None else f"; --drop-rate {args.drop_rate}"))
+    for shape in args.shapes.split(","):
+        by_kind, by_op, wall = profile_steps(shape, args.steps, args.warmup, args.device, args.drop_rate)
+        total = sum(by_kind.values())
+        settings = SHAPES[shape]
+        print(f"\n## {shape}: batch {settings['batch_size']} x {settings['context_length']}, "
+              f"{wall * 1000:.0f} ms/step under the profiler\n")
+        print("| kind | ms/step | share |")
+        print("|---|---:|---:|")
+        for kind in [k for k, _ in KINDS] + [OTHER]:
+            print(f"| {kind} | {by_kind[kind] / 1000 / args.steps:.1f} | {by_kind[kind] / total:.1%} |")
+        print(f"\nops with the most own time ({shape}):\n")
+        print("| op | ms/step | share |")
+        print("|---|---:|---:|")
+        for name, micros in sorted(by_op.items(), key=lambda item: -item[1])[:args.top]:
+            print(f"| {name} | {micros / 1000 / args.steps:.1f} | {micros / total:.1%} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

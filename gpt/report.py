@@ -1,0 +1,49 @@
+"""What a training run prints: its first line, the samples, and the closing summary (rank 0 alone)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from gpt.answers import sample_answer
+from gpt.loss import perplexity
+from gpt.sampling import sample_text
+
+if TYPE_CHECKING:  # gpt.trainer imports this module
+    from gpt.trainer import Run
+
+
+def print_sample(run: Run, when: str) -> None:
+    """The sample after an epoch and at the end (rank 0): for records, the answer to the first
+    validation prompt; for text, `--sample-tokens` tokens after `--sample-prompt`."""
+    if run.cfg.sample_tokens > 0 and run.dist.is_main:
+        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
+            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
+                             dtype=run.dtype)
+        tqdm.write(f"sample {when}: " + text.replace("\n", " "))
+
+
+def print_header(run: Run) -> None:
+    """The first line: the model, the device and precision, the data, the steps, the run directory."""
+    cfg, windows = run.cfg, len(run.windows)
+    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
+    data = run.records.describe(windows, run.windows.context_length) if run.records else \
+        f"{windows} training windows"
+    print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
+          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
+          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
+          f"step {run.state.step} now; "
+          f"run directory {run.run_dir}")
+
+
+def print_summary(run: Run, stop: str) -> None:
+    """Where the best weights are, and why training stopped if it did not run to the end."""
+    state, best = run.state, run.state.best_val_loss
+    print(f"best validation loss {best:.4f} (perplexity {perplexity(best):.1f}) at step {state.best_step}: "
+          f"weights in {run.run_dir / 'best'}")
+    if stop == "early_stop":
+        print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
+    if stop == "interrupted":
+        print(f"interrupted at step {state.step}; {run.run_dir / 'last'} is saved; continue with: "
+              f"python train.py --resume {run.run_dir}")

@@ -1,0 +1,216 @@
+"""Decoding weights: int8 against bf16 on a trained model and a dequantized reference; prepacked bf16
+against plain bf16; the state dict; `generate.py --quantize`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt.atomic import atomic_directory
+from gpt.checkpoint import save_model
+from gpt.config import GPTConfig
+from gpt.errors import UserError
+from gpt.loss import lm_loss
+from gpt.model import GPT
+from gpt.quantize import (
+    Int8Linear,
+    PackedLinear,
+    can_prepack,
+    prepack,
+    prepare_for_decoding,
+    quantize_int8,
+    quantize_rows,
+)
+from gpt.sampling import generate
+
+SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
+VOCAB, CONTEXT = 256, 64
+# The tiny preset with a small vocabulary, so that a few hundred steps train it well.
+CFG = GPTConfig.preset("tiny", vocab_size=VOCAB, context_length=CONTEXT, drop_rate=0.0)
+
+
+def generated_text(n_tokens: int, seed: int = 0) -> Tensor:
+    """A token stream with structure to learn: 32 fixed random 8-token phrases, each phrase usually
+    (4 times in 5) followed by the one a fixed random map assigns it, otherwise by a random one."""
+    g = torch.Generator().manual_seed(seed)
+    phrases = torch.randint(0, VOCAB, (32, 8), generator=g)
+    successor = torch.randperm(32, generator=g)
+    order, phrase = [], 0
+    while len(order) * 8 < n_tokens:
+        order.append(phrase)
+        follows = torch.rand((), generator=g) < 0.8
+        phrase = int(successor[phrase]) if follows else int(torch.randint(0, 32, (), generator=g))
+    return phrases[torch.tensor(order)].flatten()[:n_tokens]
+
+
+@pytest.fixture(scope="module")
+def trained() -> GPT:
+    """The tiny model after 300 AdamW steps on `generated_text`, in bf16 for decoding."""
+    torch.manual_seed(0)
+    text = generated_text(40_000)
+    model = GPT(CFG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        starts = torch.randint(0, len(text) - CONTEXT - 1, (16,))
+        window = torch.stack([text[s:s + CONTEXT + 1] for s in starts.tolist()])
+        loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.5  # it learned the phrases (uniform guessing: ln 256 = 5.5)
+    return model.eval().to(torch.bfloat16)
+
+
+def copy_of(model: GPT) -> GPT:
+    clone = GPT(model.config).to(model.tok_emb.weight.dtype)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def prompts() -> Tensor:
+    return generated_text(4 * 16, seed=1).view(4, 16)
+
+
+@pytest.mark.parametrize("include_head", [True, False])
+def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT, include_head: bool) -> None:
+    text = generated_text(2 * CONTEXT, seed=2).view(2, CONTEXT)
+    int8 = quantize_int8(copy_of(trained), include_head=include_head)
+    with torch.inference_mode():
+        reference, quantized = trained(text).float(), int8(text).float()
+    cosine = F.cosine_similarity(quantized, reference, dim=-1)  # (2, CONTEXT): one per position
+    assert cosine.min() >= 0.999
+    assert not torch.equal(quantized, reference)  # the weights really changed
+
+
+@pytest.mark.parametrize("include_head", [True, False])
+def test_int8_greedy_decoding_matches_bf16_on_a_trained_model(trained: GPT, include_head: bool) -> None:
+    int8 = quantize_int8(copy_of(trained), include_head=include_head)
+    expected = generate(trained, prompts(), 40)
+    assert torch.equal(generate(int8, prompts(), 40), expected)
+
+
+def test_int8_cached_decoding_equals_uncached(trained: GPT) -> None:
+    int8 = quantize_int8(copy_of(trained))
+    idx = prompts()
+    cached = generate(int8, idx, 30, use_cache=True)
+    assert torch.equal(cached, generate(int8, idx, 30, use_cache=False))
+    with torch.inference_mode():  # each cached step's logits are those of a full forward
+        cache = int8.new_kv_cache(idx.size(0))
+        int8(cached[:, :16], cache)
+        for n in range(16, 40):
+            step = int8(cached[:, n:n + 1], cache)[:, -1].float()
+            full = int8(cached[:, :n + 1])[:, -1].float()
+            assert (step - full).abs().max() <= 0.02 * full.abs().max()
+
+
+def test_an_int8_layer_computes_with_its_dequantized_weight() -> None:
+    """Against the formula y = x @ (q * scale).T + b in float64, for the awkward inputs too: a
+    strided view, and rows that start off the kernel's 32-byte alignment (it would crash on them)."""
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(linear)
+    dequantized = layer.weight.double() * layer.scales.double()[:, None]
+    x = torch.randn(5, 3, 64).to(torch.bfloat16)
+    strided = torch.randn(5, 3, 128).to(torch.bfloat16)[..., ::2]
+    offset = torch.randn(5 * 3 * 64 + 1).to(torch.bfloat16)[1:].view(5, 3, 64)
+    for inputs in (x, strided, offset):
+        expected = inputs.double() @ dequantized.T + linear.bias.double()
+        got = layer(inputs)
+        assert got.shape == (5, 3, 48) and got.dtype == torch.bfloat16
+        assert (got.double() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantized_rows_are_within_half_a_step_of_the_weights() -> None:
+    weight = torch.randn(32, 64) * torch.logspace(-3, 1, 32)[:, None]  # rows of very different scales
+    weight[5] = 0.0  # an all-zero row (vocabulary padding) must not divide by zero
+    q, scales = quantize_rows(weight.to(torch.bfloat16))
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and q.abs().max() <= 127
+    assert q.abs().amax(dim=1)[torch.arange(32) != 5].min() >= 126  # each row uses the full range
+    error = (q.float() * scales.float()[:, None] - weight.to(torch.bfloat16).float()).abs()
+    assert (error <= scales.float()[:, None] * 0.5 * 1.01).all()
+    assert torch.equal(q[5], torch.zeros(64, dtype=torch.int8))
+
+
+def test_quantizing_the_tied_head_leaves_the_embedding_alone(trained: GPT) -> None:
+    model = copy_of(trained)
+    assert model.lm_head.weight is model.tok_emb.weight
+    embedding = model.tok_emb.weight.detach().clone()
+    quantize_int8(model, include_head=True)
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.dtype == torch.int8
+    assert isinstance(model.tok_emb.weight, torch.nn.Parameter)
+    assert torch.equal(model.tok_emb.weight, embedding)
+    kept = quantize_int8(copy_of(trained), include_head=False)
+    assert kept.lm_head.weight is kept.tok_emb.weight
+    assert isinstance(kept.blocks[0].mlp.fc, Int8Linear)
+
+
+@pytest.mark.parametrize("include_head", [True, False])
+def test_a_quantized_state_dict_round_trips(trained: GPT, tmp_path: Path, include_head: bool) -> None:
+    model = quantize_int8(copy_of(trained), include_head=include_head)
+    torch.save(model.state_dict(), tmp_path / "int8.pt")
+    fresh = quantize_int8(GPT(CFG).to(torch.bfloat16), include_head=include_head).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "int8.pt", weights_only=True))
+    text = prompts()
+    with torch.inference_mode():
+        assert torch.equal(fresh(text), model(text))
+
+
+def test_the_loss_of_a_model_made_for_decoding_is_the_loss_of_its_logits(trained: GPT) -> None:
+    """`GPT.loss` (what evaluation calls) cannot chunk a head with no plain weight: full logits then."""
+    text = generated_text(2 * (CONTEXT + 1), seed=3).view(2, CONTEXT + 1)
+    x, y = text[:, :-1], text[:, 1:]
+    models = [quantize_int8(copy_of(trained))] + ([prepack(copy_of(trained))] if can_prepack(trained) else [])
+    with torch.no_grad():
+        for model in models:
+            assert torch.equal(model.loss(x, y, chunk_size=16), lm_loss(model(x), y))
+
+
+def test_int8_refuses_what_its_kernel_cannot_run() -> None:
+    with pytest.raises(UserError, match="bfloat16"):
+        quantize_int8(GPT(CFG))  # float32 on a CPU
+    with pytest.raises(UserError, match="multiple of 16"):
+        quantize_int8(GPT(CFG.replace(emb_dim=72, n_heads=2)).to(torch.bfloat16))
+    with pytest.raises(UserError, match="unknown --quantize 'int4'"):
+        prepare_for_decoding(GPT(CFG).to(torch.bfloat16), "int4")
+
+
+@pytest.mark.skipif(not can_prepack(GPT(CFG).to(torch.bfloat16)), reason="needs a CPU with native bf16")
+def test_prepacked_bf16_decodes_exactly_like_plain_bf16(trained: GPT) -> None:
+    packed = prepack(copy_of(trained))
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.blocks[1].attn.qkv, PackedLinear)
+    assert torch.equal(packed.tok_emb.weight, trained.tok_emb.weight)  # the tied table stays as it was
+    idx = prompts()
+    assert torch.equal(generate(packed, idx, 40), generate(trained, idx, 40))
+    with torch.inference_mode():  # one position at a time (a decoding step): the same bits
+        cache, packed_cache = trained.new_kv_cache(4), packed.new_kv_cache(4)
+        for n in range(16):
+            token = idx[:, n:n + 1]
+            assert torch.equal(packed(token, packed_cache), trained(token, cache))
+    state = packed.state_dict()  # unpacked again, under the nn.Linear names
+    assert all(torch.equal(state[name], value) for name, value in trained.state_dict().items())
+
+
+def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_quantize_flag_end_to_end(tmp_path: Path) -> None:
+    """`generate.py --quantize`: it samples, and says the weights are int8; bad values are one line."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0))
+    with atomic_directory(tmp_path / "runs" / "x" / "best") as tmp:
+        save_model(model, tmp)
+    greedy = ("--temperature", "0", "--max-new-tokens", "6")
+    int8 = script(*greedy, "--quantize", "int8", cwd=tmp_path)
+    assert int8.returncode == 0, int8.stderr
+    assert int8.stdout.startswith("Every effort moves you") and "int8" in int8.stderr
+    bad_flags = [(["--quantize", "int4"], "int4"), (["--quantize", "int8", "--dtype", "float32"], "bfloat16")]
+    for bad, named in bad_flags:
+        result = script(*bad, cwd=tmp_path)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert named in result.stderr

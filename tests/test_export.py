@@ -230,6 +230,6 @@ def test_a_failure_while_writing_leaves_no_output(run: Path, tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gpt.export.shutil, "copyfile", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(gpt.UserError, match="No space left on device"):  # one line (gpt.atomic)
         export(run, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -4,13 +4,16 @@ Library code raises `UserError` for problems the user can fix (a missing file, a
 checkpoint, a bad argument). It is a `ValueError`, so a Python caller that passes a bad value can
 catch it as one. Every command's `main` runs through `run_cli`, which prints the message as
 `error: ...` and exits with status 2, with no traceback. Anything else is a bug and keeps its
-traceback.
+traceback. `command_name` gives those commands the name they were started by, for their usage line.
 """
 
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
+
+CONSOLE_PREFIX = "gpt-"  # every console command of the package starts so ([project.scripts])
 
 
 class UserError(ValueError):
@@ -50,3 +53,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message}; see {self.prog} --help")
+
+
+def command_name(default: str) -> str:
+    """The command's name for its usage line: the console command's (`gpt-export`, from sys.argv[0])
+    when it was started as one, else `default` (`python -m gpt.export`, `train.py`), which is also
+    what a `main` called from Python (a test, a notebook) shows."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith(CONSOLE_PREFIX) else default

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gpt.device import DTYPES, keep_freed_memory, pick_device, training_dtype
-from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.generate_cli import load_for_generation
 from gpt.loss import IGNORE_INDEX, LanguageModel, evaluate_loss, perplexity
 from gpt.model import GPT
@@ -190,7 +190,7 @@ def add_model_flags(parser: ArgumentParser) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m gpt.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=command_name("python -m gpt.evaluate"), description=__doc__.splitlines()[0])
     add_model_flags(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="the text to score, in any form train.py --data takes: a corpus name (default, "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt.device import pick_device
-from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.evaluate import add_model_flags, require_two_tokens
 from gpt.generate_cli import load_for_generation
 from gpt.loss import lm_loss, perplexity
@@ -126,7 +126,7 @@ def token_text(tokenizer: tiktoken.Encoding, token: int) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m gpt.explain", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=command_name("python -m gpt.explain"), description=__doc__.splitlines()[0])
     add_model_flags(parser)
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to explain")

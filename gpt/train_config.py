@@ -22,7 +22,7 @@ from typing import Any, NoReturn, cast, get_args, get_type_hints
 
 from gpt.config import ConfigError, check_known_fields, preset_names
 from gpt.device import DTYPES
-from gpt.errors import UserError
+from gpt.errors import UserError, command_name
 from gpt.loss import Objective
 from gpt.records import is_record_file
 from gpt.tb import require_tensorboard
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     name of a setting (`RENAMED`) is a second spelling of its flag.
     """
     parser = _ArgumentParser(
-        prog="train.py", argument_default=argparse.SUPPRESS,
+        prog=command_name("train.py"), argument_default=argparse.SUPPRESS,
         description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
                     "on a laptop CPU; results in runs/<start time>/.")
     parser.add_argument("--config", type=Path, metavar="FILE.toml",

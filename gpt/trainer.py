@@ -324,10 +324,10 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     tokens, world = 0, run.dist.world_size
-    targets = run.dist.sum(count_targets(batches))  # the step's, over all ranks (gpt.distributed)
-    for i, (x, y) in enumerate(batches):
+    counts = [count_targets([batch]) for batch in batches]  # on the host, before the device copies
+    targets = run.dist.sum(sum(counts))  # the step's, over all ranks (gpt.distributed)
+    for i, ((x, y), counted) in enumerate(zip(batches, counts, strict=True)):
         tokens += x.numel() * world
-        counted = count_targets([(x, y)])
         if counted == 0:  # nothing to learn from here (its mean loss would be 0/0); records: one rank
             continue
         share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average

@@ -151,16 +151,23 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys) -> None:
 # ---- a full disk ------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, one_thread) -> tuple[Path, trainer.TrainResult]:
+    """A 6-step run that nothing interrupts (made once, read only), to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("six")
+    return out / "run", train(small(out, max_steps=6, eval_freq=2), token_ids=TOKENS)
+
+
 @pytest.mark.parametrize(("limit", "reason"), [
     (1_000_000, r"Error while serializing: I/O error: File too large \(os error 27\)"),  # model.safetensors
     (5_000_000, r"\[enforce fail at inline_container.cc:\d+\]"),  # torch.save of train_state.pt
 ])
-def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, limit,
-                                                                      reason) -> None:
+def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, six_steps,
+                                                                      limit, reason) -> None:
     """RLIMIT_FSIZE (what `ulimit -f` sets; a full disk fails the same writes with ENOSPC) during the
     save at step 4: one line, last/ still the whole step-2 checkpoint, no temporary, and a resume
     finishes the run as if nothing had happened."""
-    straight = train(small(tmp_path, run_name="straight", max_steps=6, eval_freq=2), token_ids=TOKENS)
+    straight_dir, straight = six_steps
     cfg = small(tmp_path, max_steps=6, eval_freq=2)
     real_save = trainer.save_checkpoints
 
@@ -188,8 +195,7 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.undo()
     resumed = train(cfg, resume=run_dir, token_ids=TOKENS)
     assert resumed.step == 6
-    straight_weights = params(load_model(tmp_path / "straight" / "last"))
-    assert_same_params(params(load_model(run_dir / "last")), straight_weights)
+    assert_same_params(params(load_model(run_dir / "last")), params(load_model(straight_dir / "last")))
     assert resumed.step_losses == {s: straight.step_losses[s] for s in (3, 4, 5, 6)}
 
 

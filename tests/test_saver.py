@@ -55,7 +55,7 @@ def stop_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def save_freq_run(tmp_path, **overrides) -> TrainConfig:
     # Evaluations every 2 steps, last/ at every 3rd (steps 0, 6, 12, ...) and at the end (22).
-    return tiny(tmp_path, epochs=2, eval_freq=2, save_freq=3, **overrides)
+    return tiny(tmp_path, **{"epochs": 2, "eval_freq": 2, "save_freq": 3, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,6 @@ KILLED_MID_WRITE = textwrap.dedent("""
     from gpt.config import GPTConfig
     from gpt.model import GPT
     from gpt.saver import CheckpointSaver
-from gpt.train_config import TrainConfig
 
     target = Path(sys.argv[1])
     model = GPT(GPTConfig.preset("tiny", tie_embeddings=False))

@@ -1,4 +1,4 @@
-"""Data-parallel training on 2 CPU ranks (gloo) against one process with twice the batch.
+"""Data-parallel training on 2 CPU ranks (gloo), DDP and FSDP, against one process with twice the batch.
 
 The 2-rank runs are started with `torch.multiprocessing` from this file (`_rank_main`), each rank
 with torchrun's environment variables on a free port; rank r writes what its runs returned as JSON,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -22,14 +23,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from tiny_runs import TOKENS, assert_same_params, params, tiny
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from gpt import trainer
-from gpt.checkpoint import load_model
-from gpt.data import ResumableSampler, build_loaders
+from gpt.checkpoint import WEIGHTS_FILE, load_model
+from gpt.data import ResumableSampler, build_loaders, eval_picks
 from gpt.distributed import init_distributed
-from gpt.errors import UserError
+from gpt.errors import UserError, run_cli
+from gpt.generate_cli import main as generate_main
 from gpt.loss import count_targets
+from gpt.record_data import BucketBatchSampler
 from gpt.resume import check_resume_settings
+from gpt.sampling import generate
+from gpt.sharded_checkpoint import SHARDED_DIR, SafeReader
+from gpt.tokenizer import get_tokenizer
 from gpt.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,6 +59,22 @@ def _torchrun_env(rank: int, port: int) -> dict[str, str]:
 def cfg_for(out: Path, name: str, **overrides) -> TrainConfig:
     """The 2-rank runs' settings: batch 2 per rank (a one-process reference takes batch 4)."""
     return tiny(out, **{"drop_rate": 0.0, "max_steps": STEPS, "eval_freq": 3, "run_name": name, **overrides})
+
+
+def records_file(out: Path) -> Path:
+    """22 training and 2 validation records (the default --val-fraction) of unequal lengths: answers
+    of 1 to 4 words, prompts masked, so every batch has its own count of targets."""
+    path = out / "records.jsonl"
+    if not path.exists():
+        words = ["Kalo", "Mizu", "Rate", "Voni", "Sape", "Dogu"]
+        rows = [{"question": f"What is the capital of {words[i % 6]}{words[i // 6 % 6]}?",
+                 "answer": " ".join([words[(i * 5) % 6]] * (1 + i % 4))} for i in range(24)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def records_cfg(out: Path, name: str, **overrides) -> TrainConfig:
+    return cfg_for(out, name, data=str(records_file(out)), context_length=None, **overrides)
 
 
 def interrupted_train(cfg: TrainConfig, *, step: int, on_rank: int = 0) -> trainer.TrainResult:
@@ -81,6 +104,10 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
     os.environ.update(_torchrun_env(rank, port))
     torch.set_num_threads(1)
     runs = {
+        "fsdp": (cfg_for(out, "fsdp", parallel="fsdp"), None),
+        "fsdp_accum": (cfg_for(out, "fsdp_accum", parallel="fsdp", grad_accum=2), None),
+        "records": (records_cfg(out, "records"), None),
+        "smoothed": (cfg_for(out, "smoothed", label_smoothing=0.1), None),
         "ddp": (cfg_for(out, "ddp"), None),
         "ddp_accum": (cfg_for(out, "ddp_accum", grad_accum=2), None),
         "ddp_resumes_one": (cfg_for(out, "one_half", batch_size=2), out / "one_half"),
@@ -90,9 +117,15 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
     for name, (cfg, resume) in runs.items():
         _record(out, name, rank, trainer.train(cfg, resume=resume, token_ids=TOKENS))
     for name, cfg in (("ddp_half", cfg_for(out, "ddp_half")),
+                      ("fsdp_half", cfg_for(out, "fsdp_half", parallel="fsdp")),
                       ("dropout_stopped", cfg_for(out, "dropout_stopped", drop_rate=0.1))):
         # Ctrl-C reaches rank 1 alone: both ranks must stop at step 3.
         _record(out, name, rank, interrupted_train(cfg, step=3, on_rank=1))
+        if name == "fsdp_half":  # resumed on 2 ranks here, and in one process by a test
+            torch.distributed.barrier()
+            if rank == 0:
+                shutil.copytree(out / name, out / "fsdp_half_copy")
+            _record(out, "fsdp_resumed", rank, trainer.train(cfg, resume=out / name, token_ids=TOKENS))
     resumed = trainer.train(cfg, resume=out / "dropout_stopped", token_ids=TOKENS)
     _record(out, "dropout_resumed", rank, resumed)
     diverging = trainer.setup(cfg_for(out, "nan"), token_ids=TOKENS)
@@ -141,9 +174,11 @@ def runs(tmp_path_factory) -> Path:
     """Every 2-rank run of `_rank_main`, and the one-process runs they are compared with."""
     out = tmp_path_factory.mktemp("dist")
     with torch.random.fork_rng():
-        for name, accum in (("one", 1), ("one_accum", 2)):
-            result = trainer.train(cfg_for(out, name, batch_size=4, grad_accum=accum), token_ids=TOKENS)
-            _record(out, name, 0, result)
+        for name, cfg in (("one", cfg_for(out, "one", batch_size=4)),
+                          ("one_accum", cfg_for(out, "one_accum", batch_size=4, grad_accum=2)),
+                          ("one_records", records_cfg(out, "one_records", batch_size=4)),
+                          ("one_smoothed", cfg_for(out, "one_smoothed", batch_size=4, label_smoothing=0.1))):
+            _record(out, name, 0, trainer.train(cfg, token_ids=TOKENS))
         interrupted_train(cfg_for(out, "one_half", batch_size=4), step=3)
     mp.start_processes(_rank_main, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     # Resumed in one process by a test, while the 2-rank run resumed the original.
@@ -151,7 +186,10 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("ddp, one", [("ddp", "one"), ("ddp_accum", "one_accum")])  # --grad-accum 1, 2
+@pytest.mark.parametrize("ddp, one", [("ddp", "one"), ("ddp_accum", "one_accum"),  # --grad-accum 1, 2
+                                     ("fsdp", "one"), ("fsdp_accum", "one_accum"),  # sharded
+                                     ("records", "one_records"),  # masked records of unequal lengths
+                                     ("smoothed", "one_smoothed")])  # an objective other than cross-entropy
 def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> None:
     rank0, rank1 = results(runs, ddp)
     reference = losses(json.loads((runs / f"{one}.0.json").read_text()))
@@ -163,7 +201,10 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> Non
     ddp_csv = np.genfromtxt(runs / ddp / "metrics.csv", delimiter=",", names=True)
     one_csv = np.genfromtxt(runs / one / "metrics.csv", delimiter=",", names=True)
     np.testing.assert_allclose(ddp_csv["val_loss"], one_csv["val_loss"], rtol=1e-5)
-    np.testing.assert_array_equal(ddp_csv["tokens_seen"], one_csv["tokens_seen"])
+    if ddp != "records":  # a record batch is padded to its longest record: per rank, or all at once
+        np.testing.assert_array_equal(ddp_csv["tokens_seen"], one_csv["tokens_seen"])
+    if ddp == "smoothed":  # the objective's own column, averaged over both ranks' batches too
+        np.testing.assert_allclose(ddp_csv["train_objective"], one_csv["train_objective"], rtol=1e-5)
 
 
 def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(runs) -> None:
@@ -194,6 +235,64 @@ def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs) -> None:
     assert set(losses(resumed)) == {4, 5, 6}
     assert_same_params(params(load_model(runs / "dropout_stopped" / "last")),
                        params(load_model(runs / "dropout_straight" / "last")))
+
+
+def test_an_fsdp_run_stopped_and_resumed_equals_a_straight_one(runs) -> None:
+    """Its weights and AdamW's moments come back from every rank's shards (sharded/)."""
+    assert [(r["stop"], r["step"]) for r in results(runs, "fsdp_half")] == [("interrupted", 3)] * 2
+    straight = losses(results(runs, "fsdp")[0])
+    stopped, resumed = results(runs, "fsdp_half")[0], results(runs, "fsdp_resumed")[0]
+    assert {**losses(stopped), **losses(resumed)} == straight
+    assert set(losses(resumed)) == {4, 5, 6}
+    assert_same_params(params(load_model(runs / "fsdp_half" / "last")),
+                       params(load_model(runs / "fsdp" / "last")))
+
+
+def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end(runs) -> None:
+    # last/ saved at step 3, mid-run: the shards of both ranks, the whole model not gathered.
+    mid_run = runs / "fsdp_half_copy" / "last"
+    assert sorted(p.name for p in (mid_run / SHARDED_DIR).iterdir()) == [".metadata", "__0_0.distcp",
+                                                                          "__1_0.distcp"]
+    assert not (mid_run / WEIGHTS_FILE).exists() and (mid_run / "train_state.pt").is_file()
+    for name in ("best", "last"):  # best/ always, last/ at the end: the weights of one process's run
+        assert (runs / "fsdp" / name / SHARDED_DIR / ".metadata").is_file()
+        assert_close_params(params(load_model(runs / "fsdp" / name)), params(load_model(runs / "one" / name)))
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(runs) -> None:
+    """Another world size: the shards are read whole (the global batch stays 4)."""
+    resumed = trainer.train(cfg_for(runs, "fsdp_half_copy", batch_size=4), resume=runs / "fsdp_half_copy",
+                            token_ids=TOKENS)
+    straight = losses(results(runs, "fsdp")[0])
+    assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
+    assert_close_params(params(load_model(runs / "fsdp_half_copy" / "last")),
+                        params(load_model(runs / "one" / "last")))
+
+
+def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:
+    capsys.readouterr()
+    run_cli(lambda: generate_main(["--checkpoint", str(runs / "fsdp"), "--prompt", "Hello", "--temperature",
+                                   "0", "--max-new-tokens", "5", "--dtype", "float32", "--device", "cpu"]))
+    tokenizer = get_tokenizer()
+    prompt = torch.tensor([tokenizer.encode("Hello")])
+    expected = generate(load_model(runs / "fsdp" / "best"), prompt, 5, eos_id=50256)[0, 1:].tolist()
+    assert capsys.readouterr().out == "Hello" + tokenizer.decode(expected) + "\n"
+
+
+def test_a_sharded_checkpoint_index_that_would_run_code_is_refused_unread(tmp_path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match=r"names posix\.system, which an index never holds"):
+        SafeReader(tmp_path).read_metadata()
+    assert not (tmp_path / "ran").exists()
+    # DCP's own classes, but an entry DCP would read with torch.load(weights_only=False).
+    index = Metadata(state_dict_metadata={"x": BytesStorageMetadata()})
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(index))
+    with pytest.raises(UserError, match="'x' is a BytesStorageMetadata"):
+        SafeReader(tmp_path).read_metadata()
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both_at_that_step(runs) -> None:
@@ -229,6 +328,21 @@ def test_the_ranks_batches_together_are_one_process_batches_of_twice_the_size() 
     assert list(again) == ranks[1][4:]
 
 
+def test_the_ranks_record_batches_together_are_one_process_batches() -> None:
+    lengths = [(7 * i) % 13 + 1 for i in range(21)]  # 21 records: 5 global batches of 4, and 1 record
+    one = list(BucketBatchSampler(lengths, 4, seed=3))
+    ranks = [list(BucketBatchSampler(lengths, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(one) == 6 and len(ranks[0]) == len(ranks[1]) == 5  # the 1 record cannot go to 2 ranks
+    assert [a + b for a, b in zip(*ranks, strict=True)] == [batch for batch in one if len(batch) == 4]
+    # 22 records: the short global batch of 2 is shared, one record each.
+    share = BucketBatchSampler([*lengths, 4], 4, seed=3, rank=1, world_size=2)
+    assert sorted(len(batch) for batch in share) == [1, 2, 2, 2, 2, 2]
+    # Evaluation: every rank as many batches, none empty; a lone last index left out.
+    assert eval_picks(7, 2, 2, rank=0, world_size=2) == [0, 1, 4]
+    assert eval_picks(7, 2, 2, rank=1, world_size=2) == [2, 3, 5, 6]
+    assert eval_picks(5, 2, 2, rank=1, world_size=2) == [3, 4]  # 5 = 4 + 1: the 1 is left out
+
+
 def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -> None:
     with pytest.raises(UserError, match=r"--parallel fsdp .* launch with torchrun"):
         init_distributed(tiny(tmp_path, parallel="fsdp"))
@@ -240,9 +354,17 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
     saved = {"train_config": tiny(tmp_path, batch_size=3).to_dict()}
     with pytest.raises(UserError, match="use a number of processes that divides 3"):
         check_resume_settings(tiny(tmp_path, batch_size=1), saved, tmp_path, world_size=2)
+    # A one-process (or DDP) checkpoint cannot resume under FSDP: its optimizer state is not sharded.
+    saved = {"train_config": tiny(tmp_path, batch_size=4).to_dict()}
+    with pytest.raises(UserError, match="resume it with --parallel ddp, or start an FSDP run from its"):
+        check_resume_settings(tiny(tmp_path, parallel="fsdp"), saved, tmp_path, world_size=2)
+    with pytest.raises(UserError, match="fewer than the 2 processes; use more validation data"):
+        eval_picks(1, 2, 2, rank=0, world_size=2)
+    for name, value in _torchrun_env(0, 1).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="drop --async-save"):  # refused before any process group is made
+        init_distributed(tiny(tmp_path, parallel="fsdp", async_save=True))
     if not torch.cuda.is_available():  # NCCL needs CUDA: refused before any process group is made
-        for name, value in _torchrun_env(0, 1).items():
-            monkeypatch.setenv(name, value)
         with pytest.raises(UserError, match="--device cuda is not available"):
             init_distributed(tiny(tmp_path, device="cuda"))
 

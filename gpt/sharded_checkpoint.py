@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 
 from gpt.atomic import atomic_directory
 from gpt.checkpoint import WEIGHTS_FILE, load_model, write_checkpoint_files
@@ -74,7 +75,11 @@ def save_sharded(model: GPT, optimizer: torch.optim.Optimizer, train_state: dict
     """Write an FSDP checkpoint (see the module docstring) into each of `directories`: every rank
     must call this (it is a collective). `train_state` is `gpt.resume.checkpoint_state`'s; `final`
     (the run ends) puts the whole model in last/ too, as it always is in best/."""
+    if not directories:  # (the same on every rank)
+        return
     dist.add_rank_state(train_state)
+    if isinstance(model, FSDPModule):  # the root keeps its gathered parameters after a forward: back
+        model.reshard()  # to the shards, which the optimizer's state is keyed by
     train_state = {**{k: v for k, v in train_state.items() if k != "optimizer"}, "sharded": True}
     shards: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer.state:  # else asking for it would make AdamW's state by taking a step (of lr 0)
@@ -125,8 +130,10 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
     shards: dict[str, Any] = {"model": get_model_state_dict(model),
               **({"optimizer": get_optimizer_state_dict(model, optimizer)["state"]} if groups else {})}
     where = checkpoint / SHARDED_DIR
+    reader = SafeReader(where)
+    reader.read_metadata()  # refused here, in one line: inside dcp.load a refusal is logged at length
     try:
-        dcp.load(shards, storage_reader=SafeReader(where))
+        dcp.load(shards, storage_reader=reader, no_dist=not torch_dist.is_initialized())
         set_model_state_dict(model, shards["model"])
         if groups:
             set_optimizer_state_dict(model, optimizer, {"state": shards["optimizer"], "param_groups": groups})

@@ -227,25 +227,16 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(runs) -> None:
                         params(load_model(runs / "one" / "last")))
 
 
-def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs) -> None:
-    """With dropout: each rank's own random stream is saved and put back."""
-    straight = losses(results(runs, "dropout_straight")[0])
-    stopped, resumed = results(runs, "dropout_stopped")[0], results(runs, "dropout_resumed")[0]
-    assert {**losses(stopped), **losses(resumed)} == straight
-    assert set(losses(resumed)) == {4, 5, 6}
-    assert_same_params(params(load_model(runs / "dropout_stopped" / "last")),
-                       params(load_model(runs / "dropout_straight" / "last")))
-
-
-def test_an_fsdp_run_stopped_and_resumed_equals_a_straight_one(runs) -> None:
-    """Its weights and AdamW's moments come back from every rank's shards (sharded/)."""
-    assert [(r["stop"], r["step"]) for r in results(runs, "fsdp_half")] == [("interrupted", 3)] * 2
-    straight = losses(results(runs, "fsdp")[0])
-    stopped, resumed = results(runs, "fsdp_half")[0], results(runs, "fsdp_resumed")[0]
-    assert {**losses(stopped), **losses(resumed)} == straight
-    assert set(losses(resumed)) == {4, 5, 6}
-    assert_same_params(params(load_model(runs / "fsdp_half" / "last")),
-                       params(load_model(runs / "fsdp" / "last")))
+@pytest.mark.parametrize("straight, stopped, resumed", [
+    ("dropout_straight", "dropout_stopped", "dropout_resumed"),  # DDP with dropout: every rank's generators
+    ("fsdp", "fsdp_half", "fsdp_resumed")])  # FSDP: the weights and AdamW's moments, from every rank's shards
+def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, stopped, resumed) -> None:
+    assert [(r["stop"], r["step"]) for r in results(runs, stopped)] == [("interrupted", 3)] * 2
+    straight_losses = losses(results(runs, straight)[0])
+    assert {**losses(results(runs, stopped)[0]), **losses(results(runs, resumed)[0])} == straight_losses
+    assert set(losses(results(runs, resumed)[0])) == {4, 5, 6}
+    assert_same_params(params(load_model(runs / stopped / "last")),
+                       params(load_model(runs / straight / "last")))
 
 
 def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end(runs) -> None:
@@ -275,8 +266,8 @@ def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:
                                    "0", "--max-new-tokens", "5", "--dtype", "float32", "--device", "cpu"]))
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("Hello")])
-    expected = generate(load_model(runs / "fsdp" / "best"), prompt, 5, eos_id=50256)[0, 1:].tolist()
-    assert capsys.readouterr().out == "Hello" + tokenizer.decode(expected) + "\n"
+    expected = generate(load_model(runs / "fsdp" / "best"), prompt, 5, eos_id=50256)[0, prompt.size(1):]
+    assert capsys.readouterr().out == "Hello" + tokenizer.decode(expected.tolist()) + "\n"
 
 
 def test_a_sharded_checkpoint_index_that_would_run_code_is_refused_unread(tmp_path) -> None:

@@ -183,6 +183,7 @@ def runs(tmp_path_factory) -> Path:
     mp.start_processes(_rank_main, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     # Resumed in one process by a test, while the 2-rank run resumed the original.
     shutil.copytree(out / "ddp_half", out / "ddp_half_copy")
+    shutil.copytree(out / "fsdp_half_copy", out / "fsdp_mid_run")  # its last/ as the 2 ranks left it
     return out
 
 
@@ -207,16 +208,16 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> Non
         np.testing.assert_allclose(ddp_csv["train_objective"], one_csv["train_objective"], rtol=1e-5)
 
 
-def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(runs) -> None:
-    assert [(r["stop"], r["step"]) for r in results(runs, "ddp_half")] == [("interrupted", 3)] * 2
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # FSDP's shards are read whole, into one model
+def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(runs, parallel) -> None:
+    assert [(r["stop"], r["step"]) for r in results(runs, f"{parallel}_half")] == [("interrupted", 3)] * 2
+    copy = runs / f"{parallel}_half_copy"  # resumed on 2 ranks too, from the original
     with pytest.raises(UserError, match="use --batch-size 4"):  # the global batch must stay 4
-        trainer.setup(cfg_for(runs, "ddp_half_copy"), resume=runs / "ddp_half_copy", token_ids=TOKENS)
-    resumed = trainer.train(cfg_for(runs, "ddp_half_copy", batch_size=4), resume=runs / "ddp_half_copy",
-                            token_ids=TOKENS)
-    straight = losses(results(runs, "ddp")[0])
+        trainer.setup(cfg_for(runs, copy.name), resume=copy, token_ids=TOKENS)
+    resumed = trainer.train(cfg_for(runs, copy.name, batch_size=4), resume=copy, token_ids=TOKENS)
+    straight = losses(results(runs, parallel)[0])
     assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
-    assert_close_params(params(load_model(runs / "ddp_half_copy" / "last")),
-                        params(load_model(runs / "one" / "last")))
+    assert_close_params(params(load_model(copy / "last")), params(load_model(runs / "one" / "last")))
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(runs) -> None:
@@ -241,23 +242,13 @@ def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, 
 
 def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end(runs) -> None:
     # last/ saved at step 3, mid-run: the shards of both ranks, the whole model not gathered.
-    mid_run = runs / "fsdp_half_copy" / "last"
+    mid_run = runs / "fsdp_mid_run" / "last"
     assert sorted(p.name for p in (mid_run / SHARDED_DIR).iterdir()) == [".metadata", "__0_0.distcp",
                                                                           "__1_0.distcp"]
     assert not (mid_run / WEIGHTS_FILE).exists() and (mid_run / "train_state.pt").is_file()
     for name in ("best", "last"):  # best/ always, last/ at the end: the weights of one process's run
         assert (runs / "fsdp" / name / SHARDED_DIR / ".metadata").is_file()
         assert_close_params(params(load_model(runs / "fsdp" / name)), params(load_model(runs / "one" / name)))
-
-
-def test_an_fsdp_checkpoint_resumes_in_one_process(runs) -> None:
-    """Another world size: the shards are read whole (the global batch stays 4)."""
-    resumed = trainer.train(cfg_for(runs, "fsdp_half_copy", batch_size=4), resume=runs / "fsdp_half_copy",
-                            token_ids=TOKENS)
-    straight = losses(results(runs, "fsdp")[0])
-    assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
-    assert_close_params(params(load_model(runs / "fsdp_half_copy" / "last")),
-                        params(load_model(runs / "one" / "last")))
 
 
 def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:

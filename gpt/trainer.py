@@ -90,7 +90,7 @@ class Run:
     model: GPT
     loss: Callable[..., Tensor]
     """What the training steps call: `model.loss` (or another objective's `gpt.loss.objective_loss`),
-    compiled with `--compile` (`gpt.loss.training_loss`), under torchrun wrapped by DDP (`Dist.wrap`)."""
+    compiled with `--compile`; under torchrun through DDP, or with the model sharded (`Dist.wrap`)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -331,7 +331,7 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     # The step's targets and input tokens, over all ranks (gpt.distributed).
     targets, tokens = run.dist.sum([sum(counts), sum(x.numel() for x, _ in batches)])
     for i, ((x, y), counted) in enumerate(zip(batches, counts, strict=True)):
-        if counted == 0:  # nothing to learn from here (its mean loss would be 0/0); records: one rank
+        if counted == 0:  # nothing to learn (a 0/0 mean loss); never under torchrun: a record has targets
             continue
         share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -389,8 +389,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
         log_evaluation(run, row, improved)
     cfg = run.cfg
     ends = state.step >= run.total_steps or 0 < cfg.patience <= state.evals_since_best
-    save_checkpoints(run, last=ends or (state.step // cfg.eval_freq) % cfg.save_freq == 0, best=improved,
-                     final=ends)
+    every = (state.step // cfg.eval_freq) % cfg.save_freq == 0
+    save_checkpoints(run, last=ends or every, best=improved, final=ends)
     return row
 
 

@@ -52,6 +52,7 @@ from gpt.config import GPTConfig
 from gpt.distributed import Dist
 from gpt.errors import UserError, first_line
 from gpt.model import GPT
+from gpt.resume import is_sharded
 
 SHARDED_DIR = "sharded"
 _INDEX_CLASSES = {
@@ -124,7 +125,10 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
                  saved: dict[str, Any]) -> None:
     """Put the weights and AdamW's state of an FSDP `checkpoint` (`saved` is its train state) into
     `model` and `optimizer`, whatever their layout: sharded over any number of ranks (every rank calls
-    this), under DDP or in one process. A damaged or foreign sharded/ is a `UserError`."""
+    this), under DDP or in one process; nothing for another checkpoint (`gpt.resume.restore` reads
+    it). A damaged or foreign sharded/ is a `UserError`."""
+    if not is_sharded(saved):
+        return
     groups = saved.get("optimizer_groups")  # None: saved at step 0, AdamW has no state yet
     # AdamW's state made (zero moments, by a step of lr 0) for the shards to be read into.
     shards: dict[str, Any] = {"model": get_model_state_dict(model),

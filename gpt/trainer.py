@@ -58,7 +58,7 @@ from gpt.optim import build_optimizer, lr_at
 from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
 from gpt.report import print_header, print_sample, print_summary
-from gpt.resume import TrainState, checkpoint_state, is_sharded, restore, seed_everything
+from gpt.resume import TrainState, checkpoint_state, restore, seed_everything
 from gpt.run_dir import OpenedRun, RunLock, open_run_dir
 from gpt.saver import CheckpointSaver
 from gpt.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
@@ -191,8 +191,7 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
-        if is_sharded(saved):  # the weights and AdamW's state, from every rank's shards
-            load_sharded(checkpoint, model, optimizer, saved)
+        load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)

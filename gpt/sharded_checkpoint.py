@@ -130,9 +130,9 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
     if not is_sharded(saved):
         return
     groups = saved.get("optimizer_groups")  # None: saved at step 0, AdamW has no state yet
-    # AdamW's state made (zero moments, by a step of lr 0) for the shards to be read into.
-    shards: dict[str, Any] = {"model": get_model_state_dict(model),
-              **({"optimizer": get_optimizer_state_dict(model, optimizer)["state"]} if groups else {})}
+    shards: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if groups:  # AdamW's state made (zero moments, by a step of lr 0) for the shards to be read into
+        shards["optimizer"] = get_optimizer_state_dict(model, optimizer)["state"]
     where = checkpoint / SHARDED_DIR
     reader = SafeReader(where)
     reader.read_metadata()  # refused here, in one line: inside dcp.load a refusal is logged at length
@@ -156,7 +156,7 @@ class SafeReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as file:
                 metadata = _IndexUnpickler(file).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a damaged file makes the unpickler raise almost anything
             raise UserError(f"cannot read {path} safely ({first_line(exc)}): it is missing, damaged or not "
                             "a checkpoint index; resume from another checkpoint (best/)") from None
         problem = _index_problem(metadata)
@@ -182,10 +182,13 @@ def _index_problem(metadata: object) -> str | None:
     """What makes `metadata` other than an index of tensors stored in files of its own directory."""
     if not isinstance(metadata, Metadata):
         return f"a {type(metadata).__name__}"
-    for name, entry in metadata.state_dict_metadata.items():
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not (isinstance(entries, dict) and isinstance(storage, dict)):
+        return "its entries or their files are not listed"
+    for name, entry in entries.items():
         if not isinstance(entry, TensorStorageMetadata):  # DCP would unpickle it with weights_only=False
             return f"{name!r} is a {type(entry).__name__}"
-    for info in (metadata.storage_data or {}).values():
+    for info in storage.values():
         relative = Path(getattr(info, "relative_path", "/"))
         if relative.is_absolute() or len(relative.parts) != 1 or relative.name in ("..", "."):
             return f"a shard file {str(relative)!r} outside its directory"

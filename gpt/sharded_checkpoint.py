@@ -183,11 +183,13 @@ def _index_problem(metadata: object) -> str | None:
     if not isinstance(metadata, Metadata):
         return f"a {type(metadata).__name__}"
     entries, storage = metadata.state_dict_metadata, metadata.storage_data
-    if not (isinstance(entries, dict) and isinstance(storage, dict)):
-        return "its entries or their files are not listed"
+    if not isinstance(entries, dict):
+        return "its entries are not listed"
     for name, entry in entries.items():
         if not isinstance(entry, TensorStorageMetadata):  # DCP would unpickle it with weights_only=False
             return f"{name!r} is a {type(entry).__name__}"
+    if not isinstance(storage, dict):
+        return "its files are not listed"
     for info in storage.values():
         relative = Path(getattr(info, "relative_path", "/"))
         if relative.is_absolute() or len(relative.parts) != 1 or relative.name in ("..", "."):

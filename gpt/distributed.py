@@ -49,7 +49,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.device import pick_device
+from gpt.device import pick_device, training_dtype
 from gpt.errors import UserError
 from gpt.loss import training_loss
 from gpt.model import GPT
@@ -219,6 +219,9 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
                             "visible; use --nproc_per_node at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if cfg.parallel == "fsdp" and training_dtype(cfg.dtype, device) == torch.float16:
+        raise UserError("--parallel fsdp does not train in float16: its loss scaler would see one rank's "
+                        "shard of the gradients only; use --dtype bfloat16 (or float32)")
     if not torch_dist.is_initialized():  # a second run in the same process (tests) reuses the group
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                                       world_size=world_size,

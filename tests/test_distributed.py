@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from gpt import trainer
+from gpt import distributed, trainer
 from gpt.checkpoint import WEIGHTS_FILE, load_model
 from gpt.data import ResumableSampler, build_loaders, eval_picks
 from gpt.distributed import init_distributed
@@ -346,6 +346,10 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match="drop --async-save"):  # refused before any process group is made
         init_distributed(tiny(tmp_path, parallel="fsdp", async_save=True))
+    with monkeypatch.context() as gpu:  # what --dtype auto gives on a GPU without bfloat16
+        gpu.setattr(distributed, "training_dtype", lambda name, device: torch.float16)
+        with pytest.raises(UserError, match="fsdp does not train in float16: .* use --dtype bfloat16"):
+            init_distributed(tiny(tmp_path, parallel="fsdp"))
     if not torch.cuda.is_available():  # NCCL needs CUDA: refused before any process group is made
         with pytest.raises(UserError, match="--device cuda is not available"):
             init_distributed(tiny(tmp_path, device="cuda"))

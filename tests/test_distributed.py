@@ -348,7 +348,7 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
         init_distributed(tiny(tmp_path, parallel="fsdp", async_save=True))
     with monkeypatch.context() as gpu:  # what --dtype auto gives on a GPU without bfloat16
         gpu.setattr(distributed, "training_dtype", lambda name, device: torch.float16)
-        with pytest.raises(UserError, match="fsdp does not train in float16: .* use --dtype bfloat16"):
+        with pytest.raises(UserError, match=r"fsdp does not train in float16: .* use --dtype bfloat16"):
             init_distributed(tiny(tmp_path, parallel="fsdp"))
     if not torch.cuda.is_available():  # NCCL needs CUDA: refused before any process group is made
         with pytest.raises(UserError, match="--device cuda is not available"):

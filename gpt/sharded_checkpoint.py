@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -137,7 +138,9 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
     reader = SafeReader(where)
     reader.read_metadata()  # refused here, in one line: inside dcp.load a refusal is logged at length
     try:
-        dcp.load(shards, storage_reader=reader, no_dist=not torch_dist.is_initialized())
+        with warnings.catch_warnings():  # in one process DCP warns that it reads as one process: so it does
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(shards, storage_reader=reader, no_dist=not torch_dist.is_initialized())
         set_model_state_dict(model, shards["model"])
         if groups:
             set_optimizer_state_dict(model, optimizer, {"state": shards["optimizer"], "param_groups": groups})

@@ -271,10 +271,14 @@ def test_a_sharded_checkpoint_index_that_would_run_code_is_refused_unread(tmp_pa
     with pytest.raises(UserError, match=r"names posix\.system, which an index never holds"):
         SafeReader(tmp_path).read_metadata()
     assert not (tmp_path / "ran").exists()
-    # DCP's own classes, but an entry DCP would read with torch.load(weights_only=False).
+    # An entry DCP would read with torch.load(weights_only=False): its class is not even built.
     index = Metadata(state_dict_metadata={"x": BytesStorageMetadata()})
     (tmp_path / ".metadata").write_bytes(pickle.dumps(index))
-    with pytest.raises(UserError, match="'x' is a BytesStorageMetadata"):
+    with pytest.raises(UserError, match=r"names torch\.distributed\.checkpoint\.metadata\.BytesStorage"):
+        SafeReader(tmp_path).read_metadata()
+    # Classes an index may hold, but an entry that is not a tensor's.
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"x": torch.Size([2])})))
+    with pytest.raises(UserError, match=r"is not an index of tensors \('x' is a Size\)"):
         SafeReader(tmp_path).read_metadata()
 
 

@@ -206,9 +206,6 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     if missing:
         raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
                         "--nproc_per_node=N train.py ..., or unset WORLD_SIZE for one process")
-    if cfg.parallel == "fsdp" and cfg.async_save:  # every rank writes its shards, in the training thread
-        raise UserError("--async-save copies one whole model to write in the background; --parallel fsdp "
-                        "saves its shards from every rank at the step: drop --async-save")
     rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device)  # --device cuda (NCCL) on a machine without CUDA: an error here
     if device.type == "mps":

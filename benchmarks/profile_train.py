@@ -15,8 +15,10 @@ inside a matmul is a cast, and everything inside SDPA (its matmuls and, in its m
 dropout) is attention. Attention written out (`reference_attention`, which the model trains through
 with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls,
 softmax and the causal mask's fill are attention (nothing else in the model uses them), and its
-dropout is dropout. Dropout's backward is a `MulBackward0` (the model multiplies nothing else in
-backward, bar the scaling of q and k in attention).
+dropout is dropout: the mask's draw and comparison (`dropout_keep_mask`: random_, lt) and the
+`where` that applies it, forward and backward. The other dropouts (`nn.Dropout`, on the embeddings
+and the residual stream) are `dropout` ops whose backward is a `MulBackward0` (the model multiplies
+nothing else in backward, bar the scaling of q and k in attention).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "aten::bmm",
                    "BmmBackward", "aten::_softmax", "SoftmaxBackward", "masked_fill",
                    "MaskedFillBackward")),
-    ("dropout", ("dropout", "bernoulli", "MulBackward0")),
+    ("dropout", ("dropout", "bernoulli", "MulBackward0", "aten::random_", "aten::lt", "aten::where",
+                 "WhereBackward")),
     ("LayerNorm/GELU", ("layer_norm", "LayerNormBackward", "gelu", "GeluBackward")),
     ("casts", ("aten::to", "aten::_to_copy", "ToCopyBackward")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "MmBackward",

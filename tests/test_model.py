@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.loss import IGNORE_INDEX
-from gpt.model import GPT, dropout_keep_mask, reference_attention
+from gpt.model import GPT, Dropout, dropout_keep_mask, reference_attention
 
 TINY = GPTConfig.preset("tiny", drop_rate=0.0)
 
@@ -183,6 +183,21 @@ def test_attention_dropout_equals_the_formula_with_the_same_mask(T: int, S: int)
         y_bf16 = reference_attention(q, k, v, dropout_p=p)
     assert y_bf16.dtype == torch.bfloat16
     assert_close(y_bf16.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_dropout_module_zeroes_with_the_mask_and_scales_the_rest_in_training_only() -> None:
+    """The embeddings' and residual stream's dropout: x * keep / (1 - p) with the mask it drew, the
+    same as the gradient; in eval mode (and with p = 0) the identity."""
+    p, x = 0.2, torch.randn(3, 10, 24, requires_grad=True)
+    torch.manual_seed(4)
+    y = Dropout(p)(x)
+    torch.manual_seed(4)
+    keep = dropout_keep_mask(x.shape, p, x.device)
+    assert_close(y, x * keep / (1 - p), rtol=0, atol=1e-6)
+    assert 0.1 < (y == 0).float().mean() < 0.3  # about p dropped
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert_close(grad, keep / (1 - p), rtol=0, atol=1e-6)
+    assert torch.equal(Dropout(p).eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
 
 
 def test_causality_future_tokens_do_not_change_past_logits() -> None:

@@ -55,8 +55,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """A random boolean mask of `shape`, each element True (kept) with probability 1 - p.
 
-    `torch.bernoulli` draws one random number per element, and on a CPU drawing them is the slow part
-    (for GPT-2's 1024 x 1024 attention weights, slower than the attention's matmuls). A 64-bit draw
+    The model's every dropout draws its mask here off CUDA. `torch.bernoulli` (`F.dropout`) draws one
+    random number per element, and on a CPU drawing them is the slow part (for GPT-2's 1024 x 1024
+    attention weights, slower than the attention's matmuls). A 64-bit draw
     holds four independent uniform 16-bit integers, and an element is kept when its integer is below
     round((1 - p) * 65536): a quarter of the draws. The keep probability is 1 - p rounded to a
     multiple of 1/65536, off by at most 1/131072 (dropout 0.1 keeps 58982/65536 = 0.899994...).

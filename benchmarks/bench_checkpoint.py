@@ -5,12 +5,15 @@
 For each preset: a model (the book's untied head for gpt2-small, as recipes/book-ch5.toml trains it)
 and AdamW state after one real step, so the checkpoint holds what a training run's last/ holds
 (weights and both moments). Then `--saves` saves of last/ through `gpt.saver.CheckpointSaver`, each
-followed by as much training as fits before the next (the book's run evaluates every 5 steps), timed
-as the loop sees them:
+followed by the same fixed number of real training steps of that model (batch 2, context 256, as the
+book's run; as many as take `--work` seconds alone). What a save costs is the loop's extra time:
 
-    blocking     seconds the save call takes (the whole write: files, fsync, renames)
-    background   seconds the save call takes (the CPU copy), plus any wait for the previous save
-                 at the next one, i.e. the time training stands still
+    cost per save = (time of saves + steps) - (time of the same steps without saves), / saves
+
+so a background write that slows the steps beside it (both want the same cores and memory
+bandwidth) is charged for it, not only for the time the save call blocks. Also printed: the stall,
+the seconds the save call itself takes (blocking: the whole write; background: the CPU copy, plus
+any wait for the previous save).
 
 Prints a Markdown table per preset, with the checkpoint's size and the background mode's saving.
 `--dir` puts the checkpoints on another disk (default: a temporary directory).
@@ -23,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,33 +37,40 @@ from gpt.optim import build_optimizer
 from gpt.saver import CheckpointSaver
 
 
-def trained(preset: str) -> tuple[GPT, torch.optim.Optimizer]:
-    """A model of `preset`'s shape and its optimizer after one step on random tokens."""
+def trained(preset: str) -> tuple[GPT, torch.optim.Optimizer, Callable[[], None]]:
+    """A model of `preset`'s shape, its optimizer after one step on random tokens, and that step."""
     torch.manual_seed(0)
     untied = {"tie_embeddings": False} if preset.startswith("gpt2") else {}
-    model = GPT(GPTConfig.preset(preset, context_length=64, **untied))
+    model = GPT(GPTConfig.preset(preset, context_length=256, **untied))
     optimizer = build_optimizer(model, lr=4e-4, weight_decay=0.1, betas=(0.9, 0.999))
-    x = torch.randint(0, model.config.vocab_size, (2, 64))
-    model.loss(x, x).backward()
-    optimizer.step()
-    return model, optimizer
+    x = torch.randint(0, model.config.vocab_size, (2, 256))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(x, x).backward()
+        optimizer.step()
+
+    step()
+    return model, optimizer, step
 
 
-def time_saves(model: GPT, optimizer: torch.optim.Optimizer, directory: Path, *, background: bool,
-               saves: int, work_s: float) -> list[float]:
-    """Seconds the loop stands still for each of `saves` saves, with `work_s` of compute between."""
+def time_saves(model: GPT, optimizer: torch.optim.Optimizer, step: Callable[[], None], directory: Path, *,
+               background: bool | None, saves: int, steps: int) -> tuple[float, list[float]]:
+    """(total seconds, seconds each save call stood still) of `saves` rounds of a save followed by
+    `steps` training steps; `background=None` runs the rounds without saving."""
     stalls = []
-    with CheckpointSaver(background=background) as saver:
+    begin = time.perf_counter()
+    with CheckpointSaver(background=bool(background)) as saver:
         for i in range(saves):
             start = time.perf_counter()
-            saver.save(model, {"optimizer": optimizer.state_dict(), "step": i}, [directory / "last"])
+            if background is not None:
+                saver.save(model, {"optimizer": optimizer.state_dict(), "step": i}, [directory / "last"])
             stalls.append(time.perf_counter() - start)
-            deadline = time.perf_counter() + work_s  # stands for the training steps between saves
-            while time.perf_counter() < deadline:
-                torch.mm(torch.ones(256, 256), torch.ones(256, 256))
+            for _ in range(steps):
+                step()
         start = time.perf_counter()
     stalls[-1] += time.perf_counter() - start  # the last save's wait at the end of training
-    return stalls
+    return time.perf_counter() - begin, stalls
 
 
 def main() -> None:
@@ -67,31 +78,36 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["mini", "gpt2-small"])
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--work", type=float, default=10.0,
-                        help="seconds of training between saves (book run, quiet CPU: ~5 steps)")
+                        help="about how many seconds of training steps between saves (the book's run "
+                             "evaluates, and saves, every 5 steps)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
     print(f"# bench_checkpoint: {args.saves} saves, {args.work:g} s of work between; "
           f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for preset in args.presets:
-        model, optimizer = trained(preset)
+        model, optimizer, step = trained(preset)
+        start = time.perf_counter()
+        step()
+        steps = max(1, round(args.work / (time.perf_counter() - start)))
         root = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir))
         try:
             rows = {}
-            for mode in ("blocking", "background"):
-                rows[mode] = time_saves(model, optimizer, root / mode, background=mode == "background",
-                                        saves=args.saves, work_s=args.work)
+            for mode, background in (("no save", None), ("blocking", False), ("background", True)):
+                rows[mode] = time_saves(model, optimizer, step, root / mode, background=background,
+                                        saves=args.saves, steps=steps)
             size = sum(f.stat().st_size for f in (root / "blocking" / "last").iterdir()) / 2**20
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        print(f"\n{preset}: checkpoint {size:,.0f} MiB\n")
-        print("| mode | stall per save, s (each) | mean | vs blocking |")
-        print("|---|---|---:|---:|")
-        base = sum(rows["blocking"]) / len(rows["blocking"])
-        for mode, stalls in rows.items():
-            mean = sum(stalls) / len(stalls)
-            print(f"| {mode} | {', '.join(f'{s:.2f}' for s in stalls)} | {mean:.2f} | {mean / base:.2f}x |")
-
+        print(f"\n{preset}: checkpoint {size:,.0f} MiB; {steps} training steps between saves "
+              f"({rows['no save'][0] / args.saves:.1f} s without saving)\n")
+        print("| mode | cost per save, s | stall per save, s (each) | cost vs blocking |")
+        print("|---|---:|---|---:|")
+        base = (rows["blocking"][0] - rows["no save"][0]) / args.saves
+        for mode in ("blocking", "background"):
+            total, stalls = rows[mode]
+            cost = (total - rows["no save"][0]) / args.saves
+            print(f"| {mode} | {cost:.2f} | {', '.join(f'{s:.2f}' for s in stalls)} | {cost / base:.2f}x |")
 
 if __name__ == "__main__":
     main()

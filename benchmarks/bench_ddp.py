@@ -1,4 +1,4 @@
-"""Data-parallel training speed and memory: N ranks under torchrun against one process.
+"""Data-parallel training speed and memory: N ranks under torchrun (DDP, FSDP) against one process.
 
 Each case is a fresh `torchrun --standalone` launch of this script in `--worker` mode, which runs the
 project's own `setup` + `train_step` (as `bench_train.py` does for one process) on synthetic batches of
@@ -8,11 +8,16 @@ peak memory (CUDA: the allocator's peak; CPU: the process's peak resident memory
     1 process x T threads        the baseline one rank is compared with
     1 process x N*T threads      (CPU only) the same cores given to one process instead of N ranks
     ddp N ranks x T threads      --parallel ddp; scaling efficiency = its tokens/s / (N x the baseline's)
+    fsdp N ranks x T threads     --parallel fsdp: the same global batch, parameters, gradients and AdamW's
+                                 moments sharded (less memory per rank, more communication)
 
-`--parallel fsdp` has no row yet: it is not implemented.
+Peak memory on a CPU is the whole process's (the Python interpreter, torch's libraries and the
+batches too), so the difference between the rows is what sharding saves; on CUDA it is what torch
+allocated on the rank's GPU.
 
     python benchmarks/bench_ddp.py --nproc 2 --threads 1                      # 2 CPU ranks x 1 thread
     python benchmarks/bench_ddp.py --nproc 2 --shape gpt2-medium-1024 --batch-size 4 --device cuda
+    python benchmarks/bench_ddp.py --nproc 2 --shape gpt2-medium-256 --batch-size 2 --steps 3   # CPU, 2 ranks
     python benchmarks/bench_ddp.py --nproc 2 --shape tiny --steps 2 --warmup 1   # a quick check it runs
 """
 
@@ -49,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     world = int(os.environ["WORLD_SIZE"])
     cfg = TrainConfig(preset=shape["preset"], context_length=shape["context_length"], dtype=args.dtype,
                       batch_size=args.batch_size, device=args.device, seed=0, sample_tokens=0,
-                      out=args.out, run_name="bench")
+                      out=args.out, run_name="bench", parallel=args.parallel)
     filler = np.zeros(2 * (shape["context_length"] + 1) * args.batch_size * world, dtype=np.uint16)
     run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
     data = batches(run.model.config.vocab_size, args.batch_size, shape["context_length"],
@@ -66,10 +71,11 @@ def worker(args: argparse.Namespace) -> None:
         print(RESULT + json.dumps({"tokens_per_s": tokens / seconds, "peak_bytes": peaks}), flush=True)
 
 
-def launch(args: argparse.Namespace, nproc: int, threads: int, out: str) -> dict:
-    """One case: `nproc` ranks of `threads` threads each; the worker's result."""
+def launch(args: argparse.Namespace, nproc: int, threads: int, parallel: str, out: str) -> dict:
+    """One case: `nproc` ranks of `threads` threads each, with `--parallel parallel`; the worker's result."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, "--worker", "--shape", args.shape, "--batch-size", str(args.batch_size),
+               __file__, "--worker", "--parallel", parallel, "--shape", args.shape,
+               "--batch-size", str(args.batch_size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                "--dtype", args.dtype, "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -90,6 +96,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (rank r on cuda:r)")
     parser.add_argument("--dtype", default="float32", help="as train.py's --dtype")
+    parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)  # the worker's
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,15 +105,17 @@ def main() -> None:
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     print(f"{args.shape}, {args.batch_size} windows per rank, {args.dtype}, {args.steps} steps on {device}")
-    cases = [(f"1 process x {args.threads} threads", 1, args.threads)]
+    cases = [(f"1 process x {args.threads} threads", 1, args.threads, "ddp")]
     if args.device == "cpu":
-        cases.append((f"1 process x {args.nproc * args.threads} threads", 1, args.nproc * args.threads))
-    cases.append((f"ddp {args.nproc} ranks x {args.threads} threads", args.nproc, args.threads))
+        threads = args.nproc * args.threads
+        cases.append((f"1 process x {threads} threads", 1, threads, "ddp"))
+    cases += [(f"{parallel} {args.nproc} ranks x {args.threads} threads", args.nproc, args.threads, parallel)
+              for parallel in ("ddp", "fsdp")]
     print(f"{'case':<32} {'tokens/s':>10} {'efficiency':>10}  peak memory per rank (MiB)")
     baseline = None
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, nproc, threads) in enumerate(cases):
-            result = launch(args, nproc, threads, str(Path(tmp) / str(i)))
+        for i, (name, nproc, threads, parallel) in enumerate(cases):
+            result = launch(args, nproc, threads, parallel, str(Path(tmp) / str(i)))
             baseline = baseline or result["tokens_per_s"]
             efficiency = result["tokens_per_s"] / (nproc * baseline)
             peaks = ", ".join(f"{peak / 2**20:.0f}" for peak in result["peak_bytes"])

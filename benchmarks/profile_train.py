@@ -13,10 +13,13 @@ How an op is counted: each profiled op's own time (its children's excluded) goes
 in `KINDS` that matches its name or the name of any op or autograd node it runs inside. So a cast
 inside a matmul is a cast, and everything inside SDPA (its matmuls and, in its math kernel, its
 dropout) is attention. Attention written out (`reference_attention`, which the model trains through
-with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls,
-softmax and the causal mask's fill are attention (nothing else in the model uses them), and its
-dropout is dropout. Dropout's backward is a `MulBackward0` (the model multiplies nothing else in
-backward, bar the scaling of q and k in attention).
+with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls
+and softmax are attention (nothing else in the model uses them), the causal mask's in-place add is
+other (`aten::add_`, also the gradients' accumulation), and dropout is dropout: off CUDA every
+dropout (attention's, and `gpt.model.Dropout` on the embeddings and the residual stream) draws its
+mask with `dropout_keep_mask` (random_, lt), applies it with `where` and scales by 1/(1-p) with a
+`div` (also the division of the loss by the micro-batch count, a scalar), forward and backward; on
+CUDA, `F.dropout`'s `native_dropout` and its backward.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("LM-head softmax/CE", ("cross_entropy", "log_softmax", "nll_loss", "LogSoftmaxBackward",
                             "NllLossBackward", "logsumexp")),
     ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "aten::bmm",
-                   "BmmBackward", "aten::_softmax", "SoftmaxBackward", "masked_fill",
-                   "MaskedFillBackward")),
-    ("dropout", ("dropout", "bernoulli", "MulBackward0")),
+                   "BmmBackward", "aten::_softmax", "SoftmaxBackward")),
+    ("dropout", ("dropout", "aten::random_", "aten::lt", "aten::where", "WhereBackward", "aten::div",
+                 "DivBackward")),
     ("LayerNorm/GELU", ("layer_norm", "LayerNormBackward", "gelu", "GeluBackward")),
     ("casts", ("aten::to", "aten::_to_copy", "ToCopyBackward")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "MmBackward",

@@ -39,6 +39,12 @@ from typing import Any, BinaryIO
 
 from gpt.errors import UserError, first_line
 
+# The permissions an ordinary new file gets (0o666 less the umask), read once at import because
+# os.umask can only be read by setting it, which would race with threads creating files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 # .<name>.tmp.<pid>.<hex>; older versions wrote .<name>.tmp and .<name>.<12 hex>.tmp, without a pid.
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.[0-9a-f]{12}\.tmp|\.tmp(?:\.(?P<pid>\d+)\.[0-9a-f]{8})?)")
 
@@ -121,6 +127,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             yield tmp
             for file in tmp.rglob("*"):
                 if file.is_file():
+                    # safetensors writes its files 0600; a checkpoint is shared like any other file.
+                    os.chmod(file, FILE_MODE)
                     _fsync(file)
             _fsync(tmp)
         except BaseException:

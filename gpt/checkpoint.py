@@ -163,8 +163,19 @@ def write_checkpoint(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state:
     """`save_checkpoint` from the model's `stored_state` and config rather than the model: what
     `gpt.saver` writes from a copy taken earlier."""
     with atomic_directory(directory) as tmp:
-        _write_model(tensors, cfg, tmp)
-        torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, tmp / TRAIN_STATE_FILE)
+        write_checkpoint_files(tensors, cfg, train_state, tmp)
+
+
+def write_checkpoint_files(tensors: Mapping[str, Tensor] | None, cfg: GPTConfig, train_state: dict[str, Any],
+                           directory: Path) -> None:
+    """The files of `write_checkpoint`, into `directory` as it is (not atomic by itself); without
+    `tensors`, no `model.safetensors` (an FSDP checkpoint's shards hold the weights instead:
+    `gpt.sharded_checkpoint`)."""
+    if tensors is None:
+        cfg.save(directory / CONFIG_FILE)
+    else:
+        _write_model(tensors, cfg, directory)
+    torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, directory / TRAIN_STATE_FILE)
 
 
 def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:

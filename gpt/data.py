@@ -14,9 +14,9 @@ batches and the fixed evaluation batches), and `micro_batch_groups` groups batch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from gpt.corpora import DataError
 from gpt.token_cache import load_tokens
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Splits.
@@ -238,12 +240,33 @@ def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, ba
     if len(dataset) == 0:
         raise DataError(f"{len(token_ids)} tokens make no window of {context_length} + 1 tokens to "
                         "evaluate on; use more text or a smaller --context-length")
-    count = min(len(dataset), batches * batch_size * world_size)
-    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()  # distinct: step >= 1
-    # This rank's slice of each global batch; a rank may get none of a short last one (or any).
-    mine = [pick for i, pick in enumerate(picks) if i // batch_size % world_size == rank]
     # Its own generator, as for the training loader.
-    return DataLoader(Subset(dataset, mine), batch_size=batch_size, generator=torch.Generator())
+    return DataLoader(Subset(dataset, eval_picks(len(dataset), batch_size, batches, rank, world_size)),
+                      batch_size=batch_size, generator=torch.Generator())
+
+
+def eval_picks(count: int, batch_size: int, batches: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The indices out of `count` (windows or records) that rank `rank` evaluates on, in batches of
+    `batch_size`: `batches` global batches of `batch_size x world_size` spread evenly over all `count`
+    (or every index, if fewer), each cut into the ranks' shares (`rank_share`). Every rank gets the
+    same number of batches, none empty (under FSDP every forward is a collective that all ranks must
+    join): a last global batch with fewer indices than ranks is left out."""
+    size = batch_size * world_size
+    total = min(count, batches * size)
+    if 0 < total % size < world_size:
+        total -= total % size
+    if total == 0:
+        raise DataError(f"{count} evaluation windows (or records) are fewer than the {world_size} processes; "
+                        "use more validation data or fewer processes")
+    picks = np.linspace(0, count - 1, total).round().astype(int).tolist()  # distinct: step >= 1
+    return [pick for start in range(0, total, size) for pick in rank_share(picks[start:start + size], rank,
+                                                                           world_size)]
+
+
+def rank_share(batch: Sequence[T], rank: int, world_size: int) -> Sequence[T]:
+    """Rank `rank`'s part of a global `batch`: the ranks' parts in rank order make the batch, and their
+    sizes differ by one at most (equal for a whole batch of `batch_size x world_size`)."""
+    return batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
 
 
 def micro_batch_groups(loader: Iterable[tuple[Tensor, Tensor]], size: int,

@@ -1,8 +1,9 @@
 """Data-parallel training over the processes `torchrun` starts: every multi-process concern in one place.
 
     init_distributed(cfg)        the process group from torchrun's environment, or none (one process)
-    Dist.wrap(model, cfg, loss)  what the training steps call: `loss`, or `model.loss` under DDP with ranks
-    Dist.grad_sync(last)         gradients all-reduced on a step's last micro-batch only
+    Dist.wrap(model, cfg, ...)   the loss the training steps call: under DDP, or with the model sharded
+    Dist.grad_sync(last)         gradients reduced on a step's last micro-batch only
+    Dist.clip_grad_norm(...)     the global gradient norm, clipped (over every rank's shards under FSDP)
     Dist.sum / mean / any / ...  the all-reduces of the numbers every rank must agree on
     Dist.add_rank_state(state)   every rank's random generators and the world size, in a checkpoint
     Dist.restore_rngs(saved)     ... and back
@@ -11,13 +12,21 @@
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; a plain `python train.py` sets none of them, and then
 nothing here does anything (`Dist()` with one rank: every all-reduce returns its input). Each rank
 trains on a disjoint slice of every global batch of `batch_size x world_size` windows, cut from the one
-seeded order all ranks share (`gpt.data.ResumableSampler`), so the global batches are those a single
-process with `--batch-size batch_size x world_size` trains on. The loss of a step is normalised by the
-step's global count of target tokens (`gpt.loss.count_targets`, summed over ranks), and DDP averages
-the gradients over ranks; `train_step` multiplies by the world size, so the gradient is that of the
-global batch's mean loss, as in one process. The numbers that decide what happens next (the loss,
-the validation losses, Ctrl-C) are all-reduced, so every rank decides the same and none is left
-waiting in a collective. Rank 0 alone prints and writes files; the other ranks' stdout goes nowhere.
+seeded order all ranks share (`gpt.data.ResumableSampler`, or `gpt.record_data.BucketBatchSampler`
+for records), so the global batches are those a single process with `--batch-size batch_size x
+world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
+(`gpt.loss.count_targets`, summed over ranks), and DDP (or FSDP) averages the gradients over ranks;
+`train_step` multiplies by the world size, so the gradient is that of the global batch's mean loss, as
+in one process. The numbers that decide what happens next (the loss, the validation losses, Ctrl-C)
+are all-reduced, so every rank decides the same and none is left waiting in a collective. Rank 0
+alone prints and writes files; the other ranks' stdout goes nowhere.
+
+`--parallel ddp` keeps a whole model on every rank (`DistributedDataParallel`). `--parallel fsdp`
+shards it (`torch.distributed.fsdp.fully_shard`, FSDP2): each block, then the rest at the root, so a
+rank holds 1/N of the parameters, gradients and AdamW moments and gathers one block's parameters at a
+time for its forward and backward. Every forward is then a collective: all ranks run the same ones,
+evaluation and samples included (`gpt.report`), and checkpoints are written by all ranks together
+(`gpt.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.device import pick_device
+from gpt.device import pick_device, training_dtype
 from gpt.errors import UserError
+from gpt.loss import training_loss
 from gpt.model import GPT
 from gpt.resume import rng_state, set_rng_state
 from gpt.train_config import TrainConfig
@@ -54,47 +67,73 @@ class Dist:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """This rank's device: `cuda:LOCAL_RANK` on GPUs (one GPU per rank), else the one `--device` names."""
+    parallel: str = "ddp"
+    """--parallel: ddp, or fsdp (the model sharded over the ranks); only read with more than one rank."""
     ddp: DistributedDataParallel | None = None
-    """The wrapped model once `wrap` made it (None in one process)."""
+    """The wrapped model once `wrap` made it (None in one process and under FSDP)."""
+    fsdp: FSDPModule | None = None
+    """The sharded model once `wrap` sharded it (None unless --parallel fsdp on several ranks)."""
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the one that prints and writes files."""
         return self.rank == 0
 
-    def wrap(self, model: GPT, cfg: TrainConfig, loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """`loss` (`model.loss`, or its compiled form) as the training steps call it: under DDP across
-        ranks (then compiled whole with --compile), as it is in one process."""
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the ranks (FSDP): then every forward is a collective."""
+        return self.parallel == "fsdp" and self.world_size > 1
+
+    def wrap(self, model: GPT, cfg: TrainConfig, teacher: GPT | None) -> Callable[..., Tensor]:
+        """The training objective's loss of `model` (`gpt.loss.training_loss`, with its `teacher`) as
+        the training steps call it: in one process as it is; under DDP across ranks (compiled whole
+        with --compile); under FSDP with `model` sharded in place (its blocks compiled with --compile).
+        Build the optimizer after this: FSDP replaces the parameters with their shards."""
         if self.world_size == 1:
-            return loss
-        if not cfg.objective.is_cross_entropy:
-            raise UserError("--label-smoothing, --focal-gamma and --teacher train in one process for now "
-                            "(DDP wraps the plain cross-entropy); run without torchrun")
+            return training_loss(cfg.objective, model, teacher, compile=cfg.compile)
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from
         # here each rank draws its own dropout masks, as the different rows of one batch would.
         torch.manual_seed(cfg.seed + self.rank)
+        if self.sharded:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            for block in model.blocks:  # one block's parameters gathered at a time
+                if cfg.compile:
+                    block.compile()
+                fully_shard(block, mesh=mesh)
+            self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
+            register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
+            return training_loss(cfg.objective, model, teacher)  # model.loss, or via model.forward
         self.ddp = DistributedDataParallel(
-            _Loss(model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            _Loss(model, training_loss(cfg.objective, model, teacher)),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False)  # the buffers (the causal mask) never change: none to send
         return torch.compile(self.ddp) if cfg.compile else self.ddp
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Around a micro-batch's backward: DDP all-reduces gradients only on the step's `last` one
-        (the others' gradients add up locally, and one all-reduce then carries them all)."""
+        """Around a micro-batch's backward: DDP all-reduces (FSDP reduce-scatters) gradients only on
+        the step's `last` one (the others' gradients add up locally, and one reduction carries them all)."""
+        if self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(last)
         if self.ddp is None or last:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """Clip the gradients of `model` to `max_norm` in total; return their norm before clipping.
+        Under FSDP each rank holds a shard of every gradient: the norm is over all of them."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _all_reduce(self, values: Tensor, op: torch_dist.ReduceOp.RedOpType) -> Tensor:
         values = values.to(self.device)  # NCCL reduces GPU tensors only
         torch_dist.all_reduce(values, op=op)
         return values
 
-    def sum(self, count: int) -> int:
-        """`count` summed over ranks (a token count)."""
+    def sum(self, counts: list[int]) -> list[int]:
+        """Each of `counts` summed over ranks (a step's token counts)."""
         if self.world_size == 1:
-            return count
-        return int(self._all_reduce(torch.tensor(count, dtype=torch.int64), torch_dist.ReduceOp.SUM))
+            return counts
+        return self._all_reduce(torch.tensor(counts, dtype=torch.int64), torch_dist.ReduceOp.SUM).tolist()
 
     def sum_values(self, values: list[float]) -> list[float]:
         """Each of `values` summed over ranks, in float64 (an evaluation's loss total and token count)."""
@@ -139,14 +178,16 @@ class Dist:
 
 
 class _Loss(nn.Module):
-    """`model.loss` as a module's forward: what DDP wraps (DDP syncs gradients of what its forward ran)."""
+    """The training loss (`model.loss`, or another objective's) as a module's forward: what DDP wraps
+    (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward used)."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, loss: Callable[..., Tensor]) -> None:
         super().__init__()
         self.model = model
+        self.loss = loss  # bound to `model` (and a frozen teacher, whose parameters DDP never sees)
 
     def forward(self, x: Tensor, y: Tensor, chunk_size: int = 0) -> Tensor:
-        return self.model.loss(x, y, chunk_size=chunk_size)
+        return self.loss(x, y, chunk_size=chunk_size)
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
@@ -165,8 +206,6 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     if missing:
         raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
                         "--nproc_per_node=N train.py ..., or unset WORLD_SIZE for one process")
-    if cfg.parallel == "fsdp":  # sharded parameters and DCP checkpoints: not built yet
-        raise UserError("--parallel fsdp is not implemented yet; use --parallel ddp (the default)")
     rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device)  # --device cuda (NCCL) on a machine without CUDA: an error here
     if device.type == "mps":
@@ -177,6 +216,9 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
                             "visible; use --nproc_per_node at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if cfg.parallel == "fsdp" and training_dtype(cfg.dtype, device) == torch.float16:
+        raise UserError("--parallel fsdp does not train in float16: its loss scaler would see one rank's "
+                        "shard of the gradients only; use --dtype bfloat16 (or float32)")
     if not torch_dist.is_initialized():  # a second run in the same process (tests) reuses the group
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                                       world_size=world_size,
@@ -188,5 +230,5 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
         names = [time.strftime("%Y%m%d-%H%M%S")]
         torch_dist.broadcast_object_list(names, src=0)
         cfg = replace(cfg, run_name=names[0])
-    return cfg, Dist(rank, world_size, device)
+    return cfg, Dist(rank, world_size, device, cfg.parallel)
 

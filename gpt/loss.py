@@ -64,10 +64,12 @@ def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: 
     """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, optionally without materialising them.
 
     hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count (the
-    rest belong to padding rows of the head; default: all V). With `chunk_size` 0 this is exactly
+    rest belong to padding rows of the head; default: all V). With `chunk_size` 0 this is
     `lm_loss(F.linear(hidden, head_weight)[..., :vocab_size], targets)`: the (..., V) logits exist in
     full, in float32 too (inside `lm_loss`) and again as their gradient, ~3 x 411 MB for a batch of
-    8 x 256 tokens.
+    8 x 256 tokens. The padding rows are left out of the matmul rather than their logits sliced off
+    its result: the logits' gradient then need not be padded back out in backward (a zero-filled
+    copy as large as the logits).
     With `chunk_size` N the head and the loss run N positions at a time (`ChunkedHeadLoss`): at most
     N x V float32 values live at once, and the gradient kept for backward is (positions, V) in the
     compute dtype (bf16 under autocast); without gradients (under `torch.no_grad()`) only the
@@ -75,7 +77,7 @@ def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: 
     """
     vocab_size = head_weight.size(0) if vocab_size is None else vocab_size
     if chunk_size == 0:
-        return lm_loss(F.linear(hidden, head_weight)[..., :vocab_size], targets)
+        return lm_loss(F.linear(hidden, head_weight[:vocab_size]), targets)  # rows: a contiguous view
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # autocast would run the head in this dtype
         dtype = torch.get_autocast_dtype(device_type)

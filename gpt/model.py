@@ -31,20 +31,52 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
     the T queries are the *last* T of the S positions, so query i sits at absolute position S - T + i.
     The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
     kernels and without materialising the (T, S) score matrix; this function is its documentation,
-    and the tests check that the two agree.
+    and the tests check that the two agree (bit for bit in float32 without dropout: Q and K are each
+    scaled by D^-1/4, as in SDPA's own fallback).
 
     The model also trains through it when there is attention dropout and no GPU: SDPA has no fused
     kernel with dropout on a CPU, and its fallback runs every (T, S) matrix in float32 even under
-    bf16 autocast, where written out they stay bf16 (the matmuls still accumulate in float32). Q and
-    K are each scaled by D^-1/4 and the weights go through `F.dropout`, as in that fallback, so in
-    float32 the two agree bit for bit, random mask included.
+    bf16 autocast, where written out they stay bf16 (the matmuls still accumulate in float32), and
+    draws its mask with `F.dropout`, slower than `dropout_keep_mask`.
     """
     T, S = q.size(-2), k.size(-2)
     scale = math.sqrt(1 / math.sqrt(q.size(-1)))
     scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
-    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v  # (B, H, T, D)
+    M = torch.full((T, S), float("-inf"), dtype=scores.dtype, device=q.device).triu(diagonal=S - T + 1)
+    scores += M  # in place, as in SDPA's fallback: no copy of the scores, and no pass over them in backward
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:  # inverted dropout: zero each weight with probability p, scale the rest by 1/(1-p)
+        keep = dropout_keep_mask(weights.shape, dropout_p, weights.device)
+        # The 1/(1-p) goes on V, (S, D) per head: fewer numbers to scale than the (T, S) weights.
+        weights, v = torch.where(keep, weights, 0.0), v / (1 - dropout_p)
+    return weights @ v  # (B, H, T, D)
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """A random boolean mask of `shape`, each element True (kept) with probability 1 - p.
+
+    The model's every dropout draws its mask here off CUDA. `torch.bernoulli` (`F.dropout`) draws one
+    random number per element, and on a CPU drawing them is the slow part (for GPT-2's 1024 x 1024
+    attention weights, slower than the attention's matmuls). A 64-bit draw
+    holds four independent uniform 16-bit integers, and an element is kept when its integer is below
+    round((1 - p) * 65536): a quarter of the draws. The keep probability is 1 - p rounded to a
+    multiple of 1/65536, off by at most 1/131072 (dropout 0.1 keeps 58982/65536 = 0.899994...).
+    """
+    if device.type != "cpu":  # the trick is for the CPU's generator; elsewhere, a plain uniform draw
+        return torch.rand(shape, device=device) >= p
+    *batch, n = shape
+    draws = torch.empty(*batch, (n + 3) // 4, dtype=torch.int64, device=device)
+    uniform16 = draws.random_(-2**63, None).view(torch.int16)[..., :n]  # the full range: every bit random
+    return uniform16 < round((1 - p) * 65536) - 2**15  # int16 counts from -2^15
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` with the mask of `dropout_keep_mask` off CUDA (on CUDA, F.dropout's fused kernel)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type == "cuda":
+            return super().forward(x)
+        return torch.where(dropout_keep_mask(x.shape, self.p, x.device), x / (1 - self.p), 0.0)
 
 
 class KVCache:
@@ -137,7 +169,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
-        self.drop_resid = nn.Dropout(cfg.drop_rate)
+        self.drop_resid = Dropout(cfg.drop_rate)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         x = x + self.drop_resid(self.attn(self.norm1(x), cache))
@@ -154,7 +186,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.drop_emb = Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)

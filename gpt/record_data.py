@@ -7,7 +7,9 @@ and returns the shuffled training loader and the fixed evaluation loaders. Batch
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
 within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
 `gpt.data.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
-out, so a checkpoint resumes at exactly the next batch.
+out, so a checkpoint resumes at exactly the next batch. Under torchrun its batches are global ones of
+`batch_size x world_size` records, of which each rank takes its share (`gpt.data.rank_share`), so the
+ranks together train on the batches of one process with `--batch-size batch_size x world_size`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from gpt.data import build_loaders, prepare_data
+from gpt.data import build_loaders, eval_picks, prepare_data, rank_share
 from gpt.distributed import Dist
 from gpt.errors import UserError
 from gpt.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
@@ -39,18 +41,26 @@ of more alike lengths (a less random order)."""
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable."""
+    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable.
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+    `batch_size` is the global batch's: with `world_size` ranks, rank `rank` hands out its share of
+    each; the one short batch (the records left over), if it has fewer records than there are ranks
+    (one would get none), is left out."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.position = 0  # batches of this epoch already handed out
+        self.position = 0  # global batches of this epoch already handed out
         self.num_batches = math.ceil(len(self.lengths) / batch_size)
+        if 0 < len(self.lengths) % batch_size < world_size:
+            self.num_batches -= 1
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of `epoch`, in order."""
+        """Every global batch of `epoch`, in order."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         chunk = self.batch_size * BUCKET_BATCHES
@@ -58,13 +68,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         for start in range(0, len(order), chunk):
             part = sorted(order[start:start + chunk], key=self.lengths.__getitem__)
             batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return [batch for batch in batches if len(batch) >= self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches(self.epoch)
         while self.position < self.num_batches:
             self.position += 1
-            yield batches[self.position - 1]
+            yield list(rank_share(batches[self.position - 1], self.rank, self.world_size))
         self.epoch += 1
         self.position = 0
 
@@ -111,14 +122,10 @@ def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarr
     """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
     text (`gpt.data.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
     which `pin_memory` is passed to: records are small, and their batches are padded as they come).
-    Under torchrun (`dist`), text batches are this rank's slices of the global batch."""
+    Under torchrun (`dist`), the batches are this rank's slices of the global batch."""
     dist = dist or Dist()
     if is_record_file(cfg.data):
-        if dist.world_size > 1:
-            raise UserError(f"{cfg.data}: fine-tuning on records runs in one process for now (its "
-                            "length-bucketed batches are not sliced across ranks); run it with python "
-                            "train.py, without torchrun")
-        return record_loaders(cfg, context_length)
+        return record_loaders(cfg, context_length, dist)
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
@@ -144,16 +151,16 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
     return records[:-n_val], records[-n_val:]
 
 
-def record_loaders(cfg: TrainConfig, context_length: int,
+def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
                    ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]],
                               RecordData]:
     """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
     --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
 
     No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
-    a split keeps no record that fits `context_length`.
+    a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
     """
-    batch_size, seed = cfg.batch_size, cfg.seed
+    batch_size, seed, dist = cfg.batch_size, cfg.seed, dist or Dist()
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed)
     template = cfg.prompt_template or train[0].kind
     tokenizer = get_tokenizer()
@@ -165,19 +172,21 @@ def record_loaders(cfg: TrainConfig, context_length: int,
             raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
                             f"token in a context of {context_length} tokens (the response and its "
                             "end-of-text are never cut); use a larger --context-length or shorter responses")
-    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size, seed)
+    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
+                                 rank=dist.rank, world_size=dist.world_size)
     train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=pad_collate)
     train_loader.generator = torch.Generator()  # as in gpt.data.build_loaders: the global one untouched
-    eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters) for name, data in datasets.items()}
+    eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters, dist)
+                    for name, data in datasets.items()}
     dropped, tokens = datasets["train"].dropped, sampler.padded_tokens()
     records = RecordData(template, datasets["val"].records, dropped, tokens)
     return train_loader, eval_loaders, records
 
 
-def _eval_loader(dataset: InstructionDataset, batch_size: int, batches: int,
+def _eval_loader(dataset: InstructionDataset, batch_size: int, batches: int, dist: Dist,
                  ) -> DataLoader[tuple[Tensor, Tensor]]:
-    """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time."""
-    count = min(len(dataset), batches * batch_size)
-    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+    """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time
+    (this rank's shares of them: `gpt.data.eval_picks`)."""
+    picks = eval_picks(len(dataset), batch_size, batches, dist.rank, dist.world_size)
     return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=pad_collate,
                       generator=torch.Generator())

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # gpt.trainer imports this module
 
 def print_sample(run: Run, when: str) -> None:
     """The sample after an epoch and at the end (rank 0): for records, the answer to the first
-    validation prompt; for text, `--sample-tokens` tokens after `--sample-prompt`."""
-    if run.cfg.sample_tokens > 0 and run.dist.is_main:
+    validation prompt; for text, `--sample-tokens` tokens after `--sample-prompt`. Under FSDP every
+    rank generates it (each forward gathers the shards), the same on each; rank 0 alone prints."""
+    if run.cfg.sample_tokens > 0 and (run.dist.is_main or run.dist.sharded):
         text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
             else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
                              dtype=run.dtype)

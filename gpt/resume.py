@@ -13,6 +13,9 @@ that, `train_state.pt` (written by `gpt.checkpoint.save_checkpoint`) holds `chec
     rng            the CPU's global random generators and the one of the device in use (dropout
                    draws from them)
 
+An FSDP checkpoint (`gpt.sharded_checkpoint`) has "sharded": True, and AdamW's tensors in its
+sharded/ directory instead of "optimizer" (its param groups are "optimizer_groups").
+
 Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`.
 """
 
@@ -114,6 +117,11 @@ class TrainState:
             setattr(self, f.name, state[f.name])
 
 
+def is_sharded(saved: dict[str, Any]) -> bool:
+    """Whether the train state `saved` is an FSDP checkpoint's (its weights and moments in sharded/)."""
+    return saved.get("sharded") is True
+
+
 def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, sampler: ResumableSampler | BucketBatchSampler,
                      num_windows: int, device: torch.device) -> dict[str, Any]:
@@ -168,7 +176,8 @@ def read_resume_state(checkpoint: Path) -> dict[str, Any]:
 def _state_problem(saved: dict[str, Any]) -> str | None:
     """What is missing or of the wrong type in a loaded train state (see the module docstring), or None."""
     kind: type
-    for key, kind in (("train_config", dict), ("state", dict), ("optimizer", dict), ("scaler", dict),
+    optimizer = () if is_sharded(saved) else (("optimizer", dict),)
+    for key, kind in (("train_config", dict), ("state", dict), *optimizer, ("scaler", dict),
                       ("sampler", dict), ("num_windows", int), ("rng", dict)):
         if not isinstance(saved.get(key), kind):
             found = type(saved[key]).__name__ if key in saved else "missing"
@@ -180,8 +189,11 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
     for what, value, kind in numbers:
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             return f"{what} is {value!r}, not a number of type {kind.__name__}"
-    optimizer = saved["optimizer"]
-    if not (isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)):
+    if is_sharded(saved):
+        if not isinstance(saved.get("optimizer_groups", []), list):
+            return "its 'optimizer_groups' is not a list"
+    elif not (isinstance(saved["optimizer"].get("state"), dict)
+              and isinstance(saved["optimizer"].get("param_groups"), list)):
         return "the optimizer state lacks its 'state' or 'param_groups'"
     rng, numpy = saved["rng"], saved["rng"].get("numpy")
     try:  # on throwaway generators: the global ones are set last, by `restore`
@@ -208,6 +220,10 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
         raise UserError(f"--resume: the global batch --batch-size {cfg.batch_size} x {world_size} "
                         f"process(es) differs from the run's {then} windows (in "
                         f"{checkpoint / TRAIN_STATE_FILE}); {fix}, so that the data order carries on")
+    if cfg.parallel == "fsdp" and world_size > 1 and not is_sharded(saved):
+        raise UserError(f"--resume: {checkpoint} was written by one process or DDP, whose optimizer state "
+                        "--parallel fsdp does not read; resume it with --parallel ddp, or start an FSDP run "
+                        f"from its weights with --init {checkpoint}")
     if (before["teacher"] is None) != (cfg.teacher is None):
         raise UserError(f"--resume: the run was trained {'with' if cfg.teacher is None else 'without'} "
                         "--teacher and a resumed run keeps its objective; start a new run to change it")
@@ -231,7 +247,8 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
     """
     where = checkpoint / TRAIN_STATE_FILE
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        if not is_sharded(saved):  # an FSDP checkpoint's was read with its weights (gpt.sharded_checkpoint)
+            optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: its optimizer state does not fit the model in "
                         f"{checkpoint / WEIGHTS_FILE} ({exc}); resume from another checkpoint") from None

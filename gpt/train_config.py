@@ -148,10 +148,11 @@ class TrainConfig:
     """Write last/ at every this many-th evaluation (1: at each one), and always at the end and on
     Ctrl-C; best/ is written at every improvement. Fewer saves cost less time for a big model, but a
     kill loses more steps."""
-    async_save: bool = False
+    async_save: bool = True
     """Write checkpoints in a background thread from a copy of the weights and optimizer state taken
-    at the step, so training goes on meanwhile (the same files, one save at a time, memory for the
-    copy). Off by default until measured to pay: see BENCHMARKS.md."""
+    at the step, so training goes on meanwhile (the same files, one save at a time; the price is
+    memory for the copy: --no-async-save writes while training waits). See BENCHMARKS.md. Under
+    --parallel fsdp every rank writes its own shards at the step, whatever this says."""
     patience: int = 5
     """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
     min_delta: float = 0.0

@@ -14,8 +14,9 @@
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
 and the checkpoints `last/` (every `save_freq`-th evaluation) and `best/` (lowest validation loss), each
-`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`); `gpt.run_dir` locks it. The
-settings are `gpt.train_config.TrainConfig`; the learning rate is a pure function of the step (`lr_at`).
+`model.safetensors` + `config.json` + `train_state.pt` (`gpt.resume`; FSDP: `gpt.sharded_checkpoint`);
+`gpt.run_dir` locks it. The settings are `gpt.train_config.TrainConfig`; the learning rate is a pure
+function of the step (`lr_at`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from tqdm import tqdm
 
 from gpt.answers import val_exact_match
 from gpt.atomic import write_json
-from gpt.checkpoint import load_model
 from gpt.config import GPTConfig
 from gpt.data import ResumableSampler, SlidingWindowDataset, micro_batch_groups
 from gpt.device import (
@@ -51,7 +51,7 @@ from gpt.device import (
 from gpt.distributed import Dist, init_distributed
 from gpt.errors import TrainingDiverged, UserError
 from gpt.interrupt import ctrl_c_flag
-from gpt.loss import count_targets, evaluate_loss, perplexity, training_loss
+from gpt.loss import count_targets, evaluate_loss, perplexity
 from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, format_row
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
@@ -61,6 +61,7 @@ from gpt.report import print_header, print_sample, print_summary
 from gpt.resume import TrainState, checkpoint_state, restore, seed_everything
 from gpt.run_dir import OpenedRun, RunLock, open_run_dir
 from gpt.saver import CheckpointSaver
+from gpt.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
 from gpt.tb import TensorBoardLog
 from gpt.teacher import load_teacher
 from gpt.train_config import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig
@@ -89,7 +90,7 @@ class Run:
     model: GPT
     loss: Callable[..., Tensor]
     """What the training steps call: `model.loss` (or another objective's `gpt.loss.objective_loss`),
-    compiled with `--compile` (`gpt.loss.training_loss`), and under torchrun wrapped by DDP."""
+    compiled with `--compile`; under torchrun through DDP, or with the model sharded (`Dist.wrap`)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -158,7 +159,7 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         keep_freed_memory()
 
     seed_everything(cfg.seed)
-    model = load_model(checkpoint, device) if checkpoint else build_model(cfg).to(device)
+    model = checkpoint_model(checkpoint, device) if checkpoint else build_model(cfg).to(device)
     model.train()
     model_context = model.config.context_length
     context_length = cfg.context_length or model_context
@@ -166,7 +167,6 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
     teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
-    loss = training_loss(cfg.objective, model, teacher, compile=cfg.compile)
 
     train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
                                                       pin_memory=device.type == "cuda", dist=dist)
@@ -174,11 +174,12 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
+    loss = dist.wrap(model, cfg, teacher)  # before the optimizer: FSDP replaces the parameters
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model,
-        loss=dist.wrap(model, cfg, loss), teacher=teacher,
+        loss=loss, teacher=teacher,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
@@ -190,6 +191,7 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
+        load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
@@ -305,7 +307,7 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
             return "done"
         if run.dist.any(progress.interrupted()):  # every rank stops at the same step
             if run.last_saved != state.step:  # last/ is older than this step
-                save_checkpoints(run, last=True, best=False)
+                save_checkpoints(run, last=True, best=False, final=True)
             return "interrupted"
     print_sample(run, f"after epoch {epoch + 1}")
     return None
@@ -323,12 +325,12 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
-    tokens, world = 0, run.dist.world_size
+    world = run.dist.world_size
     counts = [count_targets([batch]) for batch in batches]  # on the host, before the device copies
-    targets = run.dist.sum(sum(counts))  # the step's, over all ranks (gpt.distributed)
+    # The step's targets and input tokens, over all ranks (gpt.distributed).
+    targets, tokens = run.dist.sum([sum(counts), sum(x.numel() for x, _ in batches)])
     for i, ((x, y), counted) in enumerate(zip(batches, counts, strict=True)):
-        tokens += x.numel() * world
-        if counted == 0:  # nothing to learn from here (its mean loss would be 0/0); records: one rank
+        if counted == 0:  # nothing to learn (a 0/0 mean loss); never under torchrun: a record has targets
             continue
         share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -339,7 +341,7 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = run.dist.clip_grad_norm(run.model, cfg.grad_clip or math.inf)
     total_loss = run.dist.mean(total_loss)  # over all ranks' batches
     loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
     # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
@@ -381,12 +383,13 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
                                              limit=run.cfg.eval_answers, dtype=run.dtype)
     if OBJECTIVE_COLUMN in run.metrics.columns:  # the losses above stay cross-entropy: runs compare
         row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
-                                              loss=run.loss)
+                                              loss=run.loss, all_reduce=run.dist.sum_values)
     if run.dist.is_main:  # rank 0 alone prints and writes
         log_evaluation(run, row, improved)
     cfg = run.cfg
     ends = state.step >= run.total_steps or 0 < cfg.patience <= state.evals_since_best
-    save_checkpoints(run, last=ends or (state.step // cfg.eval_freq) % cfg.save_freq == 0, best=improved)
+    every = (state.step // cfg.eval_freq) % cfg.save_freq == 0
+    save_checkpoints(run, last=ends or every, best=improved, final=ends)
     return row
 
 
@@ -434,15 +437,15 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     tqdm.write(format_row(row) + ("  (best)" if improved else ""))
 
 
-def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:
-    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.resume`) through `run.saver`.
-
-    Each directory is written atomically (see gpt/checkpoint.py), so a kill at any moment leaves the
-    previous one whole.
-    """
+def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -> None:
+    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.resume`) through `run.saver`,
+    or under FSDP by every rank (`gpt.sharded_checkpoint`; `final`: the run ends). Each directory is
+    written atomically (gpt/checkpoint.py): a kill at any moment leaves the previous one whole."""
     directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
-    if run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
+    if run.dist.sharded:  # every rank writes its shards
+        save_sharded(run.model, run.optimizer, state, directories, run.dist, final=final)
+    elif run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
         run.saver.save(run.model, state, directories)
     run.last_saved = run.state.step if last else run.last_saved

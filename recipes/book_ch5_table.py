@@ -2,8 +2,9 @@
 
     python recipes/book_ch5_table.py runs/<run-name>/metrics.csv
 
-The book's numbers are its printed training log (train_model_simple, eval_freq=5, eval_iter=5): its
-step k is logged after k + 1 updates, ours after k.
+The book's numbers are its printed training log (train_model_simple, eval_freq=5, eval_iter=5), every
+one of the 18 lines, checked against published transcripts of that log; its step k is logged after
+k + 1 updates, ours after k.
 """
 
 import csv

@@ -1,6 +1,8 @@
 """Checkpoint directories: the round trip, the one loader's checks, run-directory lookup, train state."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,14 @@ def test_bad_training_states_are_reported_naming_the_file(tmp_path) -> None:
     torch.save({"format": 99}, path)
     with pytest.raises(UserError, match="not a training state of format 1"):
         load_train_state(tmp_path)
+
+
+def test_checkpoint_files_get_the_permissions_of_ordinary_files(tmp_path: Path) -> None:
+    """safetensors creates its file readable by its owner only; a checkpoint is shared like any file
+    the user writes: 0o666 less the umask, as `open` gives (the umask read here independently)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    save_checkpoint(GPT(GPTConfig.preset("tiny")), {"step": 1}, tmp_path / "ckpt")
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in modes and TRAIN_STATE_FILE in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

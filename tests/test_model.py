@@ -1,12 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
 from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.loss import IGNORE_INDEX
-from gpt.model import GPT, reference_attention
+from gpt.model import GPT, Dropout, dropout_keep_mask, reference_attention
 
 TINY = GPTConfig.preset("tiny", drop_rate=0.0)
 
@@ -95,24 +96,108 @@ def test_attention_layer_equals_formula_on_its_own_projections() -> None:
     assert_close(attn(x), attn.proj(y), atol=1e-6, rtol=1e-5)
 
 
-def test_attention_dropout_written_out_is_sdpas_own_in_float32() -> None:
-    """Training with attention dropout runs `reference_attention` off CUDA: in float32 it must give
-    SDPA's result bit for bit, random mask included; under bf16 autocast, the same up to rounding."""
-    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+def test_attention_without_dropout_is_sdpas_math_kernel_bit_for_bit_in_float32() -> None:
+    """Written out the same way as SDPA's own fallback (its math kernel), the formula gives its
+    result exactly, with a square causal mask and with one shifted for a KV cache."""
+    k, v = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    with sdpa_kernel(SDPBackend.MATH):
+        for T in (16, 5):
+            q = torch.randn(2, 3, T, 8)
+            mask = torch.ones(T, 16, dtype=torch.bool).tril(diagonal=16 - T)
+            assert torch.equal(reference_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
-    def both(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(seed)
-        ours = reference_attention(q, k, v, dropout_p=0.1)
-        torch.manual_seed(seed)
-        return ours, F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
 
-    ours, sdpa = both(seed=1)
-    assert torch.equal(ours, sdpa)
-    assert not torch.equal(both(seed=2)[0], ours)  # the mask is drawn, and it depends on the seed
+def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√D) over the visible keys, written independently of `reference_attention`."""
+    T, S = q.size(-2), k.size(-2)
+    future = torch.arange(S)[None, :] > torch.arange(S - T, S)[:, None]  # key j after query i
+    scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
+def test_dropout_keep_mask_keeps_each_element_with_probability_one_minus_p(p: float) -> None:
+    torch.manual_seed(0)
+    n = 1_000_000
+    keep = dropout_keep_mask(torch.Size([10, n // 10]), p, torch.device("cpu")).flatten()
+    assert keep.shape == (n,) and keep.dtype == torch.bool
+    sigma = ((1 - p) * p / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma + 1 / 131072  # + the quantisation
+    # Independent elements, the four 16-bit lanes of each 64-bit draw included: as many neighbours
+    # are both kept as the product of the probabilities says (shared bits would make it more).
+    both = (keep[:-1] & keep[1:]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * sigma + 1 / 65536
+
+
+def test_dropout_keep_mask_takes_any_last_size_and_follows_the_seed() -> None:
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return dropout_keep_mask(torch.Size([3, 7, 13]), 0.5, torch.device("cpu"))  # 13: not 4k
+
+    assert draw(1).shape == (3, 7, 13)
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_attention_dropout_zeroes_weights_and_scales_the_kept_ones_by_one_over_keep() -> None:
+    """With V the identity, attention returns its (dropped-out) weights: each visible one is exactly
+    0 where the mask dropped it and softmax / (1 - p) where it kept it."""
+    T, p = 64, 0.25
+    q, k = torch.randn(1, 2, T, T), torch.randn(1, 2, T, T)
+    torch.manual_seed(3)
+    weights = reference_attention(q, k, torch.eye(T).expand(1, 2, T, T), dropout_p=p)
+    torch.manual_seed(3)
+    keep = dropout_keep_mask(torch.Size([1, 2, T, T]), p, torch.device("cpu"))
+    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(1, 2, T, T)
+    expected = causal_softmax(q, k) / (1 - p)
+    assert torch.all(weights[~keep | ~visible] == 0)
+    assert_close(weights[keep & visible], expected[keep & visible], atol=1e-6, rtol=1e-5)
+    dropped = (~keep & visible).sum() / visible.sum()
+    assert 0.2 < dropped < 0.3  # about p of the visible weights (2080 of them) are dropped
+
+
+@pytest.mark.parametrize(("T", "S"), [(16, 16), (5, 16)])
+def test_attention_dropout_equals_the_formula_with_the_same_mask(T: int, S: int) -> None:
+    """Output and gradients against dropout written as a formula, with the mask the call drew:
+    softmax(QKᵀ/√D + M) * keep / (1 - p) @ V. The same seed gives the same result, another not."""
+    p = 0.1
+    q, k, v = torch.randn(2, 3, T, 8), torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.manual_seed(5)
+    y = reference_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(torch.Size([2, 3, T, S]), p, torch.device("cpu"))
+    expected = (causal_softmax(q, k) * keep / (1 - p)) @ v
+    assert_close(y, expected, atol=1e-6, rtol=1e-5)
+    grad_y = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (q, k, v), grad_y),
+                         torch.autograd.grad(expected, (q, k, v), grad_y), strict=True):
+        assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.manual_seed(5)
+    assert torch.equal(reference_attention(q, k, v, dropout_p=p), y)
+    assert not torch.equal(reference_attention(q, k, v, dropout_p=p), y)  # the next draw differs
+    torch.manual_seed(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, sdpa = both(seed=1)
-    assert ours.dtype == torch.bfloat16
-    assert_close(ours.float(), sdpa.float(), atol=0.05, rtol=0.05)
+        y_bf16 = reference_attention(q, k, v, dropout_p=p)
+    assert y_bf16.dtype == torch.bfloat16
+    assert_close(y_bf16.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_dropout_module_zeroes_with_the_mask_and_scales_the_rest_in_training_only() -> None:
+    """The embeddings' and residual stream's dropout: x * keep / (1 - p) with the mask it drew, the
+    same as the gradient; in eval mode (and with p = 0) the identity."""
+    p, x = 0.2, torch.randn(3, 10, 24, requires_grad=True)
+    torch.manual_seed(4)
+    y = Dropout(p)(x)
+    torch.manual_seed(4)
+    keep = dropout_keep_mask(x.shape, p, x.device)
+    assert_close(y, x * keep / (1 - p), rtol=0, atol=1e-6)
+    assert 0.1 < (y == 0).float().mean() < 0.3  # about p dropped
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert_close(grad, keep / (1 - p), rtol=0, atol=1e-6)
+    assert torch.equal(Dropout(p).eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
 
 
 def test_causality_future_tokens_do_not_change_past_logits() -> None:

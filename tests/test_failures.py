@@ -174,13 +174,13 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
     cfg = small(tmp_path, max_steps=6, eval_freq=2, async_save=async_save)
     real_save = trainer.save_checkpoints
 
-    def save_under_a_limit(run, *, last, best):
+    def save_under_a_limit(run, *, last, best, final=False):
         if run.state.step < 4:
-            return real_save(run, last=last, best=best)
+            return real_save(run, last=last, best=best, final=final)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            real_save(run, last=last, best=best)
+            real_save(run, last=last, best=best, final=final)
             run.saver.wait()  # the background write, under the limit too
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -3,8 +3,6 @@
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +25,8 @@ from gpt.checkpoint import (
 from gpt.config import ConfigError, GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
+from gpt.train_cli import main as train_main
 from gpt.weights import load_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -77,7 +74,8 @@ def mismatched_checkpoint(run: Path) -> Path:
     return run / "best"
 
 
-def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_path: Path) -> None:
+def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_path: Path,
+                                                                           run_command) -> None:
     """`--resume` loads with `load_model`, `--init` (and `load_pretrained`) go through it: one check,
     one message, naming the file and what does not match."""
     best = mismatched_checkpoint(tmp_path / "run")
@@ -90,12 +88,10 @@ def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_
         with pytest.raises(UserError) as loaded:
             load_pretrained(path)
         assert str(loaded.value) == message
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    init = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(tmp_path / "run"),
-                           "--out", str(tmp_path / "runs"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert init.returncode == 2 and "Traceback" not in init.stderr
-    assert init.stderr.strip().splitlines()[-1] == f"error: {message}"
+    # train.py --init, its `main` (test_train_cli.py runs the script itself as a process).
+    init = run_command(train_main, ["--init", str(tmp_path / "run"), "--out", str(tmp_path / "runs"),
+                                    "--device", "cpu"])
+    assert init.one_line_error() == f"error: {message}"
 
 
 def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:

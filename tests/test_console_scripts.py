@@ -1,27 +1,41 @@
 """The console commands that `pip install` puts next to Python do what the root scripts and
-`python -m` modules do: the same help, the same files, the same text."""
+`python -m` modules do: the same help, the same files, the same text.
+
+Each console command runs as a real process (its exit status and output are what is tested); what it is
+compared with, the `main` that the root script or module only calls (test_train_cli.py and
+test_generate_cli.py check that of the scripts), runs in this process, started as the script or module
+would be (its `sys.argv[0]`, which names it in its usage line): one start of Python and torch fewer per
+comparison.
+"""
 
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import gpt.evaluate
+import gpt.explain
+import gpt.export
+import gpt.generate_cli
+import gpt.train_cli
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import command_name
 from gpt.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
-# Each command, and what it stands for: a root script, or a module run with `python -m`.
+# Each command, what it stands for (a root script, or a module run with `python -m`, whose argv[0] is
+# the module's file), and the `main` that runs in its place.
 COMMANDS = {
-    "gpt-train": [str(ROOT / "train.py")],
-    "gpt-generate": [str(ROOT / "generate.py")],
-    "gpt-evaluate": ["-m", "gpt.evaluate"],
-    "gpt-explain": ["-m", "gpt.explain"],
-    "gpt-export": ["-m", "gpt.export"],
+    "gpt-train": (ROOT / "train.py", gpt.train_cli.main),
+    "gpt-generate": (ROOT / "generate.py", gpt.generate_cli.main),
+    "gpt-evaluate": (ROOT / "gpt" / "evaluate.py", gpt.evaluate.main),
+    "gpt-explain": (ROOT / "gpt" / "explain.py", gpt.explain.main),
+    "gpt-export": (ROOT / "gpt" / "export.py", gpt.export.main),
 }
 
 
@@ -32,31 +46,41 @@ def installed(name: str) -> str:
     return path
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a command with this checkout's `gpt` first on the path, as the tests import it."""
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600,
+def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run console command `name` with this checkout's `gpt` first on the path, as the tests import it."""
+    done = subprocess.run([installed(name), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     return done
 
 
-def command(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([installed(name), *args], cwd)
+@pytest.fixture
+def reference(monkeypatch: pytest.MonkeyPatch, run_command) -> Callable[..., str]:
+    """`reference(name, *args, cwd=...)`: what the script or module that console command `name` stands
+    for prints to stdout, its `main` run here in `cwd` (the same width of help text as in `command`)."""
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps help to the terminal's width; the child's too
 
+    def run(name: str, *args: str, cwd: Path) -> str:
+        started_as, main = COMMANDS[name]
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [str(started_as), *args])
+        status, out, err = run_command(main, list(args))
+        assert status == 0, err
+        return out
 
-def reference(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, *COMMANDS[name], *args], cwd)
+    return run
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_each_command_has_the_help_of_what_it_stands_for_under_its_name(name: str, tmp_path: Path) -> None:
-    ours, theirs = command(name, "--help", cwd=tmp_path), reference(name, "--help", cwd=tmp_path)
-    assert ours.stdout.startswith(f"usage: {name} ")
-    how = COMMANDS[name]  # the usage line names it as typed: `python -m gpt.export`, `train.py`
-    typed = f"python -m {how[1]}" if how[0] == "-m" else Path(how[0]).name
-    assert theirs.stdout.startswith(f"usage: {typed} ")
+def test_each_command_has_the_help_of_what_it_stands_for_under_its_name(name: str, tmp_path: Path,
+                                                                        reference) -> None:
+    ours, theirs = command(name, "--help", cwd=tmp_path).stdout, reference(name, "--help", cwd=tmp_path)
+    assert ours.startswith(f"usage: {name} ")
+    started_as = COMMANDS[name][0]  # the usage line names it as typed: `python -m gpt.export`, `train.py`
+    typed = f"python -m gpt.{started_as.stem}" if started_as.parent.name == "gpt" else started_as.name
+    assert theirs.startswith(f"usage: {typed} ")
     # After the usage block (whose line breaks depend on the name's length), the help is the same.
-    assert ours.stdout.split("\n\n", 1)[1] == theirs.stdout.split("\n\n", 1)[1]
+    assert ours.split("\n\n", 1)[1] == theirs.split("\n\n", 1)[1]
 
 
 @pytest.fixture
@@ -67,10 +91,11 @@ def checkpoint(tmp_path: Path) -> Path:
     return directory
 
 
-def test_gpt_export_writes_what_python_m_gpt_export_writes(checkpoint: Path, tmp_path: Path) -> None:
+def test_gpt_export_writes_what_python_m_gpt_export_writes(checkpoint: Path, tmp_path: Path,
+                                                           reference) -> None:
     ours = command("gpt-export", str(checkpoint), "by-command", cwd=tmp_path)
     theirs = reference("gpt-export", str(checkpoint), "by-module", cwd=tmp_path)
-    assert ours.stdout.replace("by-command", "by-module") == theirs.stdout
+    assert ours.stdout.replace("by-command", "by-module") == theirs
     a, b = tmp_path / "by-command", tmp_path / "by-module"
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir()) and "README.md" in files
@@ -78,15 +103,15 @@ def test_gpt_export_writes_what_python_m_gpt_export_writes(checkpoint: Path, tmp
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_gpt_generate_prints_what_generate_py_prints(checkpoint: Path, tmp_path: Path) -> None:
+def test_gpt_generate_prints_what_generate_py_prints(checkpoint: Path, tmp_path: Path, reference) -> None:
     flags = ["--checkpoint", str(checkpoint), "--temperature", "0", "--max-new-tokens", "8",
              "--dtype", "float32", "--device", "cpu"]
     ours = command("gpt-generate", *flags, cwd=tmp_path)
-    assert ours.stdout == reference("gpt-generate", *flags, cwd=tmp_path).stdout
+    assert ours.stdout == reference("gpt-generate", *flags, cwd=tmp_path)
     assert ours.stdout.startswith("Every effort moves you")
 
 
-def test_gpt_train_trains_as_train_py_does(tmp_path: Path) -> None:
+def test_gpt_train_trains_as_train_py_does(tmp_path: Path, reference) -> None:
     (tmp_path / "corpus.txt").write_text("Every effort moves you a step closer to the sea. " * 60)
     flags = ["--data", "corpus.txt", "--preset", "tiny", "--context-length", "32", "--batch-size", "2",
              "--max-steps", "2", "--eval-freq", "2", "--sample-tokens", "0", "--dtype", "float32",

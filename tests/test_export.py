@@ -21,6 +21,7 @@ import gpt.export
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.export import EXPORT_FILES, RUN_LOCATION, cli, export
+from gpt.generate_cli import main as generate_main
 from gpt.model import GPT
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.train_cli import parse_args
@@ -74,17 +75,18 @@ def test_export_writes_the_files_a_hub_model_repository_has(exported: Path) -> N
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_pipeline_continues_greedily_exactly_as_generate_py(run: Path, exported: Path, offline: None) -> None:
+def test_pipeline_continues_greedily_exactly_as_generate_py(run: Path, exported: Path, offline: None,
+                                                            run_command) -> None:
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=str(exported), device="cpu")
     hf_text = generator(PROMPT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
-    ours = subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(run), "--prompt", PROMPT,
-         "--temperature", "0", "--max-new-tokens", "20", "--dtype", "float32", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert ours.returncode == 0, ours.stderr
-    assert ours.stdout == hf_text + "\n"
+    # generate.py's `main` (test_generate_cli.py runs the script itself as a process).
+    status, out, err = run_command(generate_main, [
+        "--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20",
+        "--dtype", "float32", "--device", "cpu"])
+    assert status == 0, err
+    assert out == hf_text + "\n"
     assert len(hf_text) > len(PROMPT)
 
 

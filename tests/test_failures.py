@@ -151,29 +151,36 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys) -> None:
 # ---- a full disk ------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, one_thread) -> tuple[Path, trainer.TrainResult]:
+    """A 6-step run that nothing interrupts (made once, read only), to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("six")
+    return out / "run", train(small(out, max_steps=6, eval_freq=2), token_ids=TOKENS)
+
+
 @pytest.mark.parametrize(("limit", "reason", "async_save"), [
     # model.safetensors, then torch.save of train_state.pt, then that in the background thread
     (1_000_000, r"Error while serializing: I/O error: File too large \(os error 27\)", False),
     (5_000_000, r"\[enforce fail at inline_container.cc:\d+\]", False),
     (5_000_000, r"\[enforce fail at inline_container.cc:\d+\]", True),
 ])
-def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, limit,
-                                                                      reason, async_save) -> None:
+def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, six_steps,
+                                                                      limit, reason, async_save) -> None:
     """RLIMIT_FSIZE (what `ulimit -f` sets; a full disk fails the same writes with ENOSPC) during the
     save at step 4: one line, last/ still the whole step-2 checkpoint, no temporary, and a resume
     finishes the run as if nothing had happened. With the background save, the limit lasts until
     the thread has written (the limit is the process's), and its error reaches the loop."""
-    straight = train(small(tmp_path, run_name="straight", max_steps=6, eval_freq=2), token_ids=TOKENS)
+    straight_dir, straight = six_steps
     cfg = small(tmp_path, max_steps=6, eval_freq=2, async_save=async_save)
     real_save = trainer.save_checkpoints
 
-    def save_under_a_limit(run, *, last, best):
+    def save_under_a_limit(run, *, last, best, final=False):
         if run.state.step < 4:
-            return real_save(run, last=last, best=best)
+            return real_save(run, last=last, best=best, final=final)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            real_save(run, last=last, best=best)
+            real_save(run, last=last, best=best, final=final)
             run.saver.wait()  # the background write, under the limit too
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -192,8 +199,7 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.undo()
     resumed = train(cfg, resume=run_dir, token_ids=TOKENS)
     assert resumed.step == 6
-    straight_weights = params(load_model(tmp_path / "straight" / "last"))
-    assert_same_params(params(load_model(run_dir / "last")), straight_weights)
+    assert_same_params(params(load_model(run_dir / "last")), params(load_model(straight_dir / "last")))
     assert resumed.step_losses == {s: straight.step_losses[s] for s in (3, 4, 5, 6)}
 
 

@@ -121,19 +121,26 @@ def run_probe(tmp_path: Path, *sources: str) -> list[nbformat.NotebookNode]:
     return code_cells(notebook_runner.execute(path, tmp_path))
 
 
-def test_kernel_is_this_python_importing_this_checkout(tmp_path: Path) -> None:
-    (cell,) = run_probe(tmp_path, "import sys, gpt\nprint(sys.executable)\nprint(gpt.__file__)")
-    executable, gpt_file = stdout_text(cell).splitlines()
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> list[nbformat.NotebookNode]:
+    """One kernel's run of what the two tests below look at (a kernel start each would add nothing):
+    the Python and `gpt` it imports, then a connection attempt from it and from a Python it starts."""
+    return run_probe(
+        tmp_path_factory.mktemp("probe"), "import sys, gpt\nprint(sys.executable)\nprint(gpt.__file__)",
+        CONNECT, f"import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', {CONNECT!r}], "
+        "capture_output=True, text=True).stdout)")
+
+
+def test_kernel_is_this_python_importing_this_checkout(probe: list[nbformat.NotebookNode]) -> None:
+    executable, gpt_file = stdout_text(probe[0]).splitlines()
     assert Path(executable) == Path(sys.executable)
     assert Path(gpt_file).parent == ROOT / "gpt"
 
 
-def test_kernel_and_the_pythons_it_starts_cannot_open_a_connection(tmp_path: Path) -> None:
+def test_kernel_and_the_pythons_it_starts_cannot_open_a_connection(
+        probe: list[nbformat.NotebookNode]) -> None:
     # Port 9 of this machine: with the network open the attempt is refused, a different message.
-    kernel, child = run_probe(
-        tmp_path, CONNECT,
-        f"import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', {CONNECT!r}], "
-        "capture_output=True, text=True).stdout)")
+    _, kernel, child = probe
     assert "network disabled" in stdout_text(kernel)
     assert "network disabled" in stdout_text(child)
 

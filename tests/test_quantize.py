@@ -1,8 +1,6 @@
 """Decoding weights: int8 against bf16 on a trained model and a dequantized reference; prepacked bf16
 against plain bf16; the state dict; `generate.py --quantize`."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from gpt.atomic import atomic_directory
 from gpt.checkpoint import save_model
 from gpt.config import GPTConfig
 from gpt.errors import UserError
+from gpt.generate_cli import main as generate_main
 from gpt.loss import lm_loss
 from gpt.model import GPT
 from gpt.quantize import (
@@ -27,7 +26,6 @@ from gpt.quantize import (
 )
 from gpt.sampling import generate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
 VOCAB, CONTEXT = 256, 64
 # The tiny preset with a small vocabulary, so that a few hundred steps train it well.
 CFG = GPTConfig.preset("tiny", vocab_size=VOCAB, context_length=CONTEXT, drop_rate=0.0)
@@ -193,24 +191,22 @@ def test_prepacked_bf16_decodes_exactly_like_plain_bf16(trained: GPT) -> None:
     assert all(torch.equal(state[name], value) for name, value in trained.state_dict().items())
 
 
-def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_generate_quantize_flag_end_to_end(tmp_path: Path) -> None:
-    """`generate.py --quantize`: it samples, and says the weights are int8; bad values are one line."""
+def test_generate_quantize_flag_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           run_command) -> None:
+    """`generate.py --quantize` (its `main`; test_generate_cli.py runs the script as a process): it
+    samples, and says the weights are int8; bad values are one line."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0))
     with atomic_directory(tmp_path / "runs" / "x" / "best") as tmp:
         save_model(model, tmp)
-    greedy = ("--temperature", "0", "--max-new-tokens", "6")
-    int8 = script(*greedy, "--quantize", "int8", cwd=tmp_path)
-    assert int8.returncode == 0, int8.stderr
-    assert int8.stdout.startswith("Every effort moves you") and "int8" in int8.stderr
+    monkeypatch.chdir(tmp_path)  # the default checkpoint: the latest run under runs/
+    greedy = ["--temperature", "0", "--max-new-tokens", "6"]
+    status, out, err = run_command(generate_main, [*greedy, "--quantize", "int8"])
+    assert status == 0, err
+    assert out.startswith("Every effort moves you") and "int8" in err
     bad_flags = [(["--quantize", "int4"], "int4"), (["--quantize", "int8", "--dtype", "float32"], "bfloat16")]
     for bad, named in bad_flags:
-        result = script(*bad, cwd=tmp_path)
-        assert result.returncode == 2 and result.stdout == ""
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-        assert named in result.stderr
+        status, out, err = run_command(generate_main, bad)
+        assert status == 2 and out == ""
+        assert err.startswith("error: ") and err.count("\n") == 1
+        assert named in err

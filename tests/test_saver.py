@@ -1,10 +1,10 @@
 """Checkpoints written in the background (`gpt.saver`) and less often (`save_freq`): the same files,
 an exact resume, and the previous checkpoint whole after a failed or killed write."""
 
-import dataclasses
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from gpt.config import GPTConfig
 from gpt.errors import UserError
 from gpt.model import GPT
 from gpt.saver import CheckpointSaver
+from gpt.train_config import TrainConfig
 from gpt.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,13 +53,26 @@ def stop_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer, "train_step", step_then_crash)
 
 
-@pytest.mark.parametrize("async_save", [True, False])
-def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monkeypatch,
-                                                                 async_save: bool) -> None:
+def save_freq_run(tmp_path, **overrides) -> TrainConfig:
     # Evaluations every 2 steps, last/ at every 3rd (steps 0, 6, 12, ...) and at the end (22).
-    cfg = tiny(tmp_path, epochs=2, eval_freq=2, save_freq=3, async_save=async_save, run_name="run")
-    straight = train(dataclasses.replace(cfg, async_save=False, save_freq=1, run_name="straight"),
-                     token_ids=TOKENS)
+    return tiny(tmp_path, **{"epochs": 2, "eval_freq": 2, "save_freq": 3, **overrides})
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, one_thread) -> tuple[Path, trainer.TrainResult]:
+    """The run saved at every evaluation, in the foreground, that never stops (made once, read only)."""
+    out = tmp_path_factory.mktemp("straight")
+    with torch.random.fork_rng():
+        result = train(save_freq_run(out, async_save=False, save_freq=1, run_name="straight"),
+                       token_ids=TOKENS)
+    return out / "straight", result
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monkeypatch, straight_run,
+                                                                 async_save: bool) -> None:
+    cfg = save_freq_run(tmp_path, async_save=async_save, run_name="run")
+    straight_dir, straight = straight_run
     stop_after(10, monkeypatch)
     with pytest.raises(RuntimeError, match="crash"):
         train(cfg, token_ids=TOKENS)
@@ -70,9 +84,9 @@ def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monke
     assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > 6}
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == straight.step
     assert_same_params(params(load_model(tmp_path / "run" / "last")),
-                       params(load_model(tmp_path / "straight" / "last")))
-    resumed_csv, straight_csv = ([line.split(",")[:6] for line in (tmp_path / name / "metrics.csv")
-                                  .read_text().splitlines()] for name in ("run", "straight"))
+                       params(load_model(straight_dir / "last")))
+    resumed_csv, straight_csv = ([line.split(",")[:6] for line in (run_dir / "metrics.csv")
+                                  .read_text().splitlines()] for run_dir in (tmp_path / "run", straight_dir))
     assert resumed_csv == straight_csv  # each evaluation once, as the straight run logged it
 
 

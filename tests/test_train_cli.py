@@ -1,5 +1,6 @@
-"""train.py end to end: real subprocesses for the smoke run, Ctrl-C and divergence; the bad-input
-cases in-process through the same `run_cli(main)` the script runs (fast, and the same code path)."""
+"""train.py end to end: real subprocesses for Ctrl-C and the exit status of bad input; the smoke run,
+divergence and the bad-input cases in-process through the same `run_cli(main)` the script runs (fast,
+and the same code path)."""
 
 import importlib.util
 import os
@@ -33,10 +34,10 @@ def run_script(*args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
-def test_smoke_run_writes_metrics_plot_and_both_checkpoints(tmp_path, corpus) -> None:
-    proc = run_script(*tiny_flags(tmp_path, corpus, "--max-steps", "6", "--eval-freq", "3"))
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+@pytest.mark.usefixtures("one_thread")
+def test_smoke_run_writes_metrics_plot_and_both_checkpoints(tmp_path, corpus, run_command) -> None:
+    status, out, err = run_command(main, tiny_flags(tmp_path, corpus, "--max-steps", "6", "--eval-freq", "3"))
+    assert status == 0, err
     run = tmp_path / "runs" / "cli"
     lines = (run / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["step", "0", "3", "6"]

@@ -8,7 +8,6 @@ the hub is a fake module.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,6 +23,8 @@ from gpt import weights
 from gpt.checkpoint import model_from_state_dict, save_model
 from gpt.config import ConfigError, GPTConfig
 from gpt.errors import UserError
+from gpt.export import main as export_main
+from gpt.generate_cli import main as generate_main
 from gpt.model import GPT
 from gpt.tf_checkpoint import read_tf_checkpoint
 from gpt.tokenizer import get_tokenizer
@@ -36,7 +37,6 @@ from gpt.weights import (
     to_gpt_state_dict,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"
 
 TINY_CONFIGS = [
@@ -73,10 +73,6 @@ def assert_same_logits(ours: GPT, hf: GPT2LMHeadModel) -> None:
     idx = torch.randint(0, hf.config.vocab_size, (2, hf.config.n_positions))
     with torch.no_grad():
         assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
-
-
-def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 # ---- the mapping ------------------------------------------------------------------------------
@@ -341,13 +337,14 @@ def test_save_hf_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["best", "last"])
-def test_export_command_writes_a_transformers_directory(tmp_path: Path, which: str) -> None:
-    """A run's best/ is exported, or its last/ when it stopped before its first evaluation."""
+def test_export_command_writes_a_transformers_directory(tmp_path: Path, run_command, which: str) -> None:
+    """A run's best/ is exported, or its last/ when it stopped before its first evaluation. (The
+    command's `main`, in this process; test_export.py and test_console_scripts.py start it as a process.)"""
     ours = GPT(GPTConfig.preset("tiny", drop_rate=0.0)).eval()
     (tmp_path / "run" / which).mkdir(parents=True)
     save_model(ours, tmp_path / "run" / which)
-    result = run_module("-m", "gpt.export", str(tmp_path / "run"), str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
+    status, _, err = run_command(export_main, [str(tmp_path / "run"), str(tmp_path / "out")])
+    assert status == 0, err
     assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
 
 
@@ -361,30 +358,30 @@ def test_a_padded_vocabulary_loads_and_exports_the_same_logits(tmp_path: Path) -
     assert_same_logits(ours, GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval())
 
 
-def test_export_command_error_is_one_line(tmp_path: Path) -> None:
-    result = run_module("-m", "gpt.export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+def test_export_command_error_is_one_line(tmp_path: Path, run_command) -> None:
+    line = run_command(export_main, [str(tmp_path / "nowhere"), str(tmp_path / "out")]).one_line_error()
+    assert line == (
         f"error: {tmp_path / 'nowhere'} is neither a checkpoint directory (with model.safetensors) nor a "
         "run directory (with best/ or last/); pass e.g. runs/<run-name>")
-    assert "Traceback" not in result.stderr
 
 
-def test_generate_front_continues_like_transformers(tmp_path: Path) -> None:
-    """`generate.py --init DIR`, greedy, prints what HF's greedy `generate` makes of the same weights.
+def test_generate_front_continues_like_transformers(tmp_path: Path, run_command) -> None:
+    """`generate.py --init DIR` (its `main`), greedy, prints what HF's greedy `generate` makes of the
+    same weights.
 
     float32 on both sides: the script's default (bf16) rounds the weights, and greedy decoding of a
     random model flips at near-ties.
     """
     hf = random_hf_gpt2(dict(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50257))
     hf.save_pretrained(tmp_path / "hf")
-    result = run_module("generate.py", "--init", str(tmp_path / "hf"), "--max-new-tokens", "5",
-                        "--prompt", "hi", "--temperature", "0", "--dtype", "float32")
-    assert result.returncode == 0, result.stderr
+    status, out, err = run_command(generate_main, ["--init", str(tmp_path / "hf"), "--max-new-tokens", "5",
+                                                   "--prompt", "hi", "--temperature", "0", "--dtype",
+                                                   "float32", "--device", "cpu"])
+    assert status == 0, err
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("hi")])
     expected = hf.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[0].tolist()
-    assert result.stdout.strip() == tokenizer.decode(expected).strip()
+    assert out.strip() == tokenizer.decode(expected).strip()
 
 
 # ---- bad input: one-line errors naming the problem --------------------------------------------

@@ -67,7 +67,7 @@ class Dist:
         ranks (then compiled whole with --compile), as it is in one process."""
         if self.world_size == 1:
             return loss
-        if not cfg.objective.is_cross_entropy:
+        if not cfg.training_objective.is_cross_entropy:
             raise UserError("--label-smoothing, --focal-gamma and --teacher train in one process for now "
                             "(DDP wraps the plain cross-entropy); run without torchrun")
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from

@@ -43,8 +43,8 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
 def print_header(run: Run) -> None:
     """The first line: the model, the device and precision, the data, the steps, the run directory."""
     cfg, windows = run.cfg, len(run.windows)
-    rows = 2 if run.records and run.records.pairs else 1  # a preference pair is two responses
-    tokens_per_step = rows * cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
+    rows = cfg.batch_size * (2 if run.records and run.records.pairs else 1)  # a pair is two responses
+    tokens_per_step = rows * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "

@@ -185,7 +185,7 @@ def preference_loaders(cfg: TrainConfig, context_length: int) -> tuple[Any, dict
     train_loader, eval_loaders, tokens = _loaders(datasets, cfg.batch_size, cfg.seed, cfg.eval_iters,
                                                   pair_collate)
     chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
-    records = RecordData(template, chosen, datasets["train"].dropped, tokens,
+    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair is two rows
                          pairs=(datasets["train"], datasets["val"]))
     return train_loader, eval_loaders, records
 

@@ -1,8 +1,7 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model, data, loaders (teacher, reference), optimizer; resume
-                                        restores
+      setup(cfg)                        seed, model, data, loaders, teacher/reference, optimizer, resume
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
           train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
@@ -174,8 +173,8 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
                                                       pin_memory=device.type == "cuda", dist=dist)
     teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
     pairs = records.pairs if records else None  # DPO's: its reference is run over them first
-    loss = prepare_dpo(cfg, model, pairs, dtype) if pairs else training_loss(cfg.training_objective, model,
-                                                                              teacher, compile=cfg.compile)
+    loss = prepare_dpo(cfg, model, pairs, dtype) if pairs else \
+        training_loss(cfg.training_objective, model, teacher, compile=cfg.compile)
     if records is not None:  # fine-tuning on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_resume import interrupt_after
 from tiny_runs import assert_same_params, cli_error, params, tiny
 
 from gpt import trainer
@@ -249,18 +250,10 @@ def test_a_bfloat16_step_is_close_to_the_float32_step(tmp_path, pairs_file, init
 def test_resume_continues_a_dpo_run_exactly(tmp_path, pairs_file, init_dir, monkeypatch) -> None:
     cfg = dpo_run(tmp_path, pairs_file, init_dir, drop_rate=0.1, epochs=2, eval_freq=4)
     straight = train(dataclasses.replace(cfg, run_name="straight"))
-    original = trainer.train_step
-
-    def stop_after_five(run, batches):
-        stats = original(run, batches)
-        if run.state.step == 5:  # mid-epoch (the 22 training pairs make 6 batches an epoch)
-            raise KeyboardInterrupt
-        return stats
-
-    monkeypatch.setattr(trainer, "train_step", stop_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)  # the last checkpoint is step 4's
+    interrupt_after(5, monkeypatch)  # mid-epoch (the 22 training pairs make 6 batches an epoch)
+    assert train(cfg).stop_reason == "interrupted"
     monkeypatch.undo()
+    torch.manual_seed(999)  # the resumed run restores its own random state
     resumed = train(dataclasses.replace(cfg, prompt_template="plain"), resume=tmp_path / "run")
     assert min(resumed.step_losses) == 5 and resumed.step == straight.step == 12
     assert resumed.step_losses == {s: straight.step_losses[s] for s in resumed.step_losses}

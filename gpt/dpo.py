@@ -73,8 +73,6 @@ def pair_loss(beta: float, model: Callable[[Tensor], Tensor], inputs: Tensor, ta
     return losses.mean()
 
 
-
-
 def count_pairs(batches: Iterable[Sequence[Tensor]]) -> int:
     """The pairs of `pair_collate` batches: what a DPO step's loss is the mean over."""
     return sum(len(batch[0]) // 2 for batch in batches)
@@ -116,7 +114,8 @@ def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch
     each pair, `batch_size` pairs at a time in the pairs' order (fixed batches, so a resumed run
     computes the same numbers again, bit for bit)."""
     for dataset in datasets:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate,
+                            generator=torch.Generator())  # iterating draws no number from the global one
         rows = [batch_logps(reference, inputs, targets, dtype).view(2, -1).t()
                 for inputs, targets, _ in loader]
         dataset.reference = torch.cat(rows).float().cpu()  # (pairs, 2): chosen, rejected

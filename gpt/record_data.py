@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from gpt.data import build_loaders, prepare_data
 from gpt.distributed import Dist
@@ -190,7 +190,7 @@ def preference_loaders(cfg: TrainConfig, context_length: int) -> tuple[Any, dict
     return train_loader, eval_loaders, records
 
 
-def _loaders(datasets: dict[str, InstructionDataset] | dict[str, PreferenceDataset], batch_size: int,
+def _loaders(datasets: Mapping[str, InstructionDataset | PreferenceDataset], batch_size: int,
              seed: int, eval_iters: int, collate: Callable[..., Any]) -> tuple[Any, dict[str, Any], int]:
     """(training loader, {"train", "val"} evaluation loaders, padded tokens of the first epoch) of
     the encoded `datasets`; `UserError` if one of them kept nothing."""
@@ -208,10 +208,10 @@ def _loaders(datasets: dict[str, InstructionDataset] | dict[str, PreferenceDatas
     return train_loader, eval_loaders, sampler.padded_tokens()
 
 
-def _eval_loader(dataset: Dataset[Any], batch_size: int, batches: int, collate: Callable[..., Any],
-                 ) -> DataLoader[Any]:
+def _eval_loader(dataset: InstructionDataset | PreferenceDataset, batch_size: int, batches: int,
+                 collate: Callable[..., Any]) -> DataLoader[Any]:
     """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time."""
-    count = min(len(dataset), batches * batch_size)  # type: ignore[arg-type]
-    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()  # type: ignore[arg-type]
+    count = min(len(dataset), batches * batch_size)
+    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
     return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=collate,
                       generator=torch.Generator())

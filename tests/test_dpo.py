@@ -24,12 +24,13 @@ from gpt.distributed import Dist
 from gpt.dpo import cache_reference, dpo_losses, evaluate_pairs, load_reference, pair_loss, sequence_logps
 from gpt.errors import UserError
 from gpt.generate_cli import run_generation
-from gpt.metrics import DPO_COLUMNS, METRICS_COLUMNS
+from gpt.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
 from gpt.model import GPT
 from gpt.preference import PreferenceDataset, PreferencePair, pair_collate
 from gpt.record_data import run_loaders
 from gpt.records import format_prompt
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.train_config import TrainConfig
 from gpt.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,6 +214,19 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
                         run_name="again"))
     assert trainer.evaluate(run)["val_loss"] == pytest.approx(min(val_losses), rel=1e-5)
     assert json.loads((result.run_dir / "train_config.json").read_text())["prompt_template"] == "plain"
+
+
+def test_loss_png_draws_the_reward_accuracy_against_a_second_axis(tmp_path) -> None:
+    log = MetricsLog(tmp_path / "metrics.csv", run_columns(TrainConfig(objective="dpo", data="p.jsonl",
+                                                                       init="gpt2"), records=True))
+    for step, accuracy in ((0, 0.0), (5, 0.5), (10, 0.95)):
+        log.append({name: 0.5 for name in log.columns} | {"step": step, "epoch": step / 10,
+                                                          "val_reward_accuracy": accuracy})
+    fig = log.plot(tmp_path / "loss.png", tokens_per_epoch=100, best_step=10)
+    axes = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert axes["DPO loss"].get_lines()[0].get_ydata().tolist() == [0.5, 0.5, 0.5]
+    assert axes["reward accuracy"].get_lines()[0].get_ydata().tolist() == [0.0, 0.5, 0.95]
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 def test_early_stopping_watches_the_validation_dpo_loss(tmp_path, pairs_file, init_dir) -> None:

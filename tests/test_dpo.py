@@ -50,8 +50,7 @@ def words(n: int, seed: int) -> list[str]:
 
 def style_pairs(names: list[str]) -> list[dict[str, str]]:
     """Pairs whose chosen answer is a full sentence and the rejected one a bare "Yes."."""
-    return [{"prompt": f"Is {w} a word?", "chosen": f"Yes, {w} is a word.", "rejected": "Yes."}
-            for w in names]
+    return [{"prompt": f"Is {w} a word?", "chosen": "It is a word.", "rejected": "Yes."} for w in names]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -74,11 +73,16 @@ def tiny_model(seed: int, **overrides) -> GPT:
     return GPT(GPTConfig.preset("tiny", drop_rate=0.0, **overrides)).eval()
 
 
+def saved(model: GPT, directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    save_model(model, directory)
+    return directory
+
+
 @pytest.fixture
 def init_dir(tmp_path: Path) -> Path:
     """A saved tiny model to start DPO runs from (--init)."""
-    save_model(tiny_model(7), tmp_path / "init")
-    return tmp_path / "init"
+    return saved(tiny_model(7), tmp_path / "init")
 
 
 @pytest.fixture
@@ -220,8 +224,8 @@ def test_loss_png_draws_the_reward_accuracy_against_a_second_axis(tmp_path) -> N
     log = MetricsLog(tmp_path / "metrics.csv", run_columns(TrainConfig(objective="dpo", data="p.jsonl",
                                                                        init="gpt2"), records=True))
     for step, accuracy in ((0, 0.0), (5, 0.5), (10, 0.95)):
-        log.append({name: 0.5 for name in log.columns} | {"step": step, "epoch": step / 10,
-                                                          "val_reward_accuracy": accuracy})
+        log.append({name: 0.5 for name in log.columns}
+                   | {"step": step, "epoch": step / 10, "tokens_seen": step, "val_reward_accuracy": accuracy})
     fig = log.plot(tmp_path / "loss.png", tokens_per_epoch=100, best_step=10)
     axes = {ax.get_ylabel(): ax for ax in fig.axes}
     assert axes["DPO loss"].get_lines()[0].get_ydata().tolist() == [0.5, 0.5, 0.5]
@@ -292,25 +296,24 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
     sft_rows = [{"prompt": row["prompt"], "response": row["chosen"] if i % 4 == 0 else row["rejected"]}
                 for i, row in enumerate(style_pairs(sft_names))]
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    common = dict(preset="tiny", context_length=None, drop_rate=0.0, emb_dim=96, n_heads=4,
-                  eval_answers=0, warmup_steps=5)
-    sft = train(tiny(tmp_path, data=str(sft_data), val_data=str(sft_data), batch_size=10, epochs=12,
-                     lr=3e-3, min_lr=3e-4, eval_freq=1000, run_name="sft", **common))
+    common = dict(preset="tiny", context_length=None, drop_rate=0.0, eval_answers=0, warmup_steps=5)
+    sft = train(tiny(tmp_path, data=str(sft_data), val_data=str(sft_data), batch_size=10, epochs=20,
+                     lr=1e-2, min_lr=1e-3, eval_freq=1000, run_name="sft", **common))
     sft_model = load_model(sft.run_dir / "best")
     before = [answer(sft_model, f"Is {w} a word? ", 8) for w in held_out]
-    assert not any(given.startswith("Yes,") for given in before), before
+    assert not any(given.startswith("It") for given in before), before
 
     train_data = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(dpo_names))
     val_data = write_jsonl(tmp_path / "held_out.jsonl", style_pairs(held_out))
     result = train(tiny(tmp_path, data=str(train_data), val_data=str(val_data),
                         init=str(sft.run_dir / "best"), objective="dpo", dpo_beta=0.1, batch_size=6,
-                        epochs=8, lr=2e-3, min_lr=2e-4, eval_freq=1000, eval_iters=4, run_name="dpo",
+                        epochs=4, lr=1e-3, min_lr=1e-4, eval_freq=1000, eval_iters=4, run_name="dpo",
                         **common))
     last = rows(result.run_dir)[-1]
     assert float(last["val_reward_accuracy"]) >= 0.9, last
     dpo_model = load_model(result.run_dir / "last")
     after = [answer(dpo_model, f"Is {w} a word? ", 8) for w in held_out]
-    assert all(given.startswith("Yes,") for given in after), after
+    assert all(given.startswith("It is") for given in after), after
     # generate.py answers like any fine-tuned run: the template applied, stopped at end-of-text.
     capsys.readouterr()
     out = io.StringIO()
@@ -342,8 +345,8 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
 def test_bad_dpo_input_is_one_line_and_writes_nothing(tmp_path, init_dir, capsys, rows_, flags,
                                                       message) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", rows_ or style_pairs(words(10, seed=1)))
-    save_model(tiny_model(1, vocab_size=1000), tmp_path / "VOCAB")
-    save_model(tiny_model(1, n_layers=1), tmp_path / "SHAPE")
+    saved(tiny_model(1, vocab_size=1000), tmp_path / "VOCAB")
+    saved(tiny_model(1, n_layers=1), tmp_path / "SHAPE")
     flags = [str(tmp_path / flag) if flag in ("VOCAB", "SHAPE") else flag for flag in flags]
     out = tmp_path / "runs"
     err = cli_error(["--objective", "dpo", "--data", str(data), "--init", str(init_dir), "--device", "cpu",

@@ -169,9 +169,9 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
     if context_length > model_context:
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
+    teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
     train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
                                                       pin_memory=device.type == "cuda", dist=dist)
-    teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
     pairs = records.pairs if records else None  # DPO's: its reference is run over them first
     loss = prepare_dpo(cfg, model, pairs, dtype) if pairs else \
         training_loss(cfg.training_objective, model, teacher, compile=cfg.compile)

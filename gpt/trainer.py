@@ -6,7 +6,7 @@
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
           train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
-            evaluate(run)                 measure: train and validation loss (DPO's: and its metrics)
+            evaluate(run)                 measure: train and validation loss (DPO: `gpt.dpo.evaluate_dpo`)
             check_finite(run, ...)        stop if one is not finite: such weights are never saved
             state.keep_score(...)         keep score for early stopping (`gpt.resume.TrainState`)
             log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (`gpt.report`)
@@ -373,7 +373,11 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     the resumed run drops and logs again, never a checkpoint without its row.
     """
     state = run.state
-    losses = evaluate(run)
+    if run.cfg.objective == "dpo":  # DPO losses, and the other metrics of the validation pairs
+        losses = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype)
+    else:
+        train_loss, val_loss = evaluate(run)
+        losses = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
     check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
     improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)
@@ -408,16 +412,13 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
                                    "--dtype float32")
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """The train and validation loss ("train_loss", "val_loss"), each averaged over its `eval_iters`
-    evaluation batches, and the validation perplexity; for DPO, the DPO losses and the other metrics
-    of the validation pairs in its place (`gpt.dpo.evaluate_dpo`)."""
-    if run.cfg.objective == "dpo":
-        return evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype)
+def evaluate(run: Run) -> tuple[float, float]:
+    """(train, validation) loss, each averaged over its `eval_iters` evaluation batches (DPO's are
+    `gpt.dpo.evaluate_dpo`'s)."""
     train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
                                           chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
                             for name in ("train", "val"))
-    return {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+    return train_loss, val_loss
 
 
 def save_checkpoints(run: Run, *, last: bool, best: bool) -> None:

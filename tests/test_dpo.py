@@ -21,7 +21,15 @@ from gpt.answers import answer
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
 from gpt.distributed import Dist
-from gpt.dpo import cache_reference, dpo_losses, evaluate_pairs, load_reference, pair_loss, sequence_logps
+from gpt.dpo import (
+    cache_reference,
+    dpo_losses,
+    evaluate_dpo,
+    evaluate_pairs,
+    load_reference,
+    pair_loss,
+    sequence_logps,
+)
 from gpt.errors import UserError
 from gpt.generate_cli import run_generation
 from gpt.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
@@ -216,7 +224,8 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
     # validation DPO loss.
     run = setup(dpo_run(tmp_path, pairs_file, result.run_dir / "best", reference=str(init_dir),
                         run_name="again"))
-    assert trainer.evaluate(run)["val_loss"] == pytest.approx(min(val_losses), rel=1e-5)
+    measured = evaluate_dpo(run.model, run.eval_loaders, BETA, torch.float32)
+    assert measured["val_loss"] == pytest.approx(min(val_losses), rel=1e-5)
     assert json.loads((result.run_dir / "train_config.json").read_text())["prompt_template"] == "plain"
 
 

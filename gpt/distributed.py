@@ -90,7 +90,7 @@ class Dist:
         with --compile); under FSDP with `model` sharded in place (its blocks compiled with --compile).
         Build the optimizer after this: FSDP replaces the parameters with their shards."""
         if self.world_size == 1:
-            return training_loss(cfg.objective, model, teacher, compile=cfg.compile)
+            return training_loss(cfg.training_objective, model, teacher, compile=cfg.compile)
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from
         # here each rank draws its own dropout masks, as the different rows of one batch would.
         torch.manual_seed(cfg.seed + self.rank)
@@ -102,9 +102,9 @@ class Dist:
                 fully_shard(block, mesh=mesh)
             self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
             register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
-            return training_loss(cfg.objective, model, teacher)  # model.loss, or via model.forward
+            return training_loss(cfg.training_objective, model, teacher)  # model.loss, or via model.forward
         self.ddp = DistributedDataParallel(
-            _Loss(model, training_loss(cfg.objective, model, teacher)),
+            _Loss(model, training_loss(cfg.training_objective, model, teacher)),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False)  # the buffers (the causal mask) never change: none to send
         return torch.compile(self.ddp) if cfg.compile else self.ddp

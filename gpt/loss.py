@@ -9,13 +9,14 @@ Perplexity, exp(loss), reads as "the model is as unsure as a uniform choice amon
 ~50257 for an untrained GPT-2-sized vocabulary, ~20-30 for GPT-2 small on web text.
 
 The variants a run may train with instead (label smoothing, focal loss, distillation from a teacher)
-are at the end, gathered by `Objective`; the LM head can also be run in chunks (`head_loss`).
+are at the end, gathered by `Objective`, which also selects preference tuning (DPO, `gpt.dpo`); the
+LM head can also be run in chunks (`head_loss`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,15 +31,17 @@ from gpt.errors import UserError
 if TYPE_CHECKING:  # gpt.model imports this module
     from gpt.model import GPT
 
+OBJECTIVES = ("lm", "dpo")
+"""The values of --objective (`Objective.name`)."""
 IGNORE_INDEX = -100
 """Target value whose position is left out of the loss (PyTorch's convention, e.g. for padding)."""
 
 
-def count_targets(batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+def count_targets(batches: Iterable[Sequence[Tensor]]) -> int:
     """The counted targets (not `IGNORE_INDEX`) of (inputs, targets) batches: the tokens a training
     step's loss is the mean over (`gpt.trainer.train_step`). Call it before the batches go to the
     device: it sums on the host."""
-    return sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    return sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
@@ -50,11 +53,11 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
     The loss is computed in float32 (float64 if the logits are): a log-softmax over 50k classes in
     bf16 keeps only ~3 significant digits.
     """
-    return F.cross_entropy(_at_least_float32(logits.flatten(0, -2)), targets.flatten(),
+    return F.cross_entropy(at_least_float32(logits.flatten(0, -2)), targets.flatten(),
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-def _at_least_float32(logits: Tensor) -> Tensor:
+def at_least_float32(logits: Tensor) -> Tensor:
     """float16/bfloat16 logits as float32; float32 and float64 as they are (float64 for gradcheck)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
@@ -221,7 +224,7 @@ def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int 
     model already predicts well, so their gradient goes to the hard ones; gamma 0 is plain
     cross-entropy. Computed in float32 (float64 if the logits are), like `lm_loss`.
     """
-    logp = F.log_softmax(_at_least_float32(logits.flatten(0, -2)), dim=-1)  # (N, V)
+    logp = F.log_softmax(at_least_float32(logits.flatten(0, -2)), dim=-1)  # (N, V)
     targets = targets.flatten()
     counted = targets != ignore_index
     logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read token 0
@@ -243,8 +246,8 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Ten
     also learns how the teacher ranks the unlikely tokens ("dark knowledge", Hinton et al. 2015).
     """
     counted = targets.flatten() != ignore_index
-    student = F.log_softmax(_at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
-    teacher = F.log_softmax(_at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    student = F.log_softmax(at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    teacher = F.log_softmax(at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
     return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
 
 
@@ -271,6 +274,11 @@ class Objective:
     """A: the share of the distillation term in the loss, in [0, 1] (used with a teacher only)."""
     distill_temperature: float = 2.0
     """T: both models' logits are divided by this before their softmax (used with a teacher only)."""
+    name: str = "lm"
+    """lm: next-token cross-entropy (or one of the variants above); dpo: Direct Preference Optimization
+    on pairs of responses, whose loss is `gpt.dpo`'s, not `loss` below."""
+    dpo_beta: float = 0.1
+    """DPO's beta: the scale of the implicit reward beta * (log pi - log pi_ref) (used with dpo only)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
@@ -281,21 +289,35 @@ class Objective:
         need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
         need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]", "0.5")
         need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
+        need(self.dpo_beta > 0, "dpo-beta", self.dpo_beta, "above 0", "0.1")
+        if self.name not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.name!r}; "
+                            "e.g. --objective dpo")
+        variant = self.variant_flag
+        if self.name == "dpo" and variant is not None:
+            raise UserError(f"--objective dpo has a loss of its own and does not combine with {variant}; "
+                            f"drop {variant}")
         if self.label_smoothing > 0 and self.focal_gamma > 0:
             raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
                                "not combine here; give only one of them")
 
     @property
+    def variant_flag(self) -> str | None:
+        """The flag that makes this a variant of cross-entropy (--teacher, ...), or None."""
+        return ("--teacher" if self.teacher is not None else "--label-smoothing" if self.label_smoothing
+                else "--focal-gamma" if self.focal_gamma else None)
+
+    @property
     def is_cross_entropy(self) -> bool:
         """Whether this is plain cross-entropy, the loss `head_loss` computes (also in chunks)."""
-        return self.label_smoothing == 0 and self.focal_gamma == 0 and self.teacher is None
+        return self.name == "lm" and self.variant_flag is None
 
     def check_loss_chunk(self, loss_chunk: int) -> None:
         """Refuse `--loss-chunk` with any other objective: the chunked head computes plain cross-entropy
-        only, while the variants need each position's whole distribution (and the teacher's)."""
+        only, while the variants need each position's whole distribution (and the teacher's), and DPO
+        each response token's log-probability."""
         if loss_chunk and not self.is_cross_entropy:
-            flag = ("--teacher" if self.teacher is not None else
-                    "--label-smoothing" if self.label_smoothing else "--focal-gamma")
+            flag = self.variant_flag or f"--objective {self.name}"
             raise UserError(f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
                                f"train with {flag}")
 

@@ -3,7 +3,8 @@
     step,epoch,tokens_seen,train_loss,val_loss,val_perplexity,lr,grad_norm,tokens_per_s
 
 The losses are plain cross-entropy whatever the run trains with, so runs stay comparable; a run with
-another objective (`gpt.loss.Objective`) has one more column, `train_objective`, at the end.
+another objective (`gpt.loss.Objective`) has one more column, `train_objective`, at the end. A DPO
+run (`gpt.dpo`) is the exception: its losses are DPO losses, and `DPO_COLUMNS` replace val_perplexity.
 `MetricsLog` appends rows, reads them back, draws loss.png from them, and, when a run resumes, drops
 the rows logged after its checkpoint: those steps are taken again and log again.
 `format_row` is the same row as the line printed at each evaluation.
@@ -15,11 +16,15 @@ import csv
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
 from gpt.atomic import atomic_file, write_errors
 from gpt.plot import plot_losses
+
+if TYPE_CHECKING:
+    from gpt.train_config import TrainConfig
 
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_perplexity", "lr",
@@ -29,7 +34,22 @@ ANSWER_COLUMN = "val_exact_match"
 OBJECTIVE_COLUMN = "train_objective"
 """The training objective on the same batches as train_loss; only in runs whose objective is not plain
 cross-entropy (a pretraining run's metrics.csv keeps the columns above)."""
+DPO_COLUMNS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_logp", "val_rejected_logp")
+"""A DPO run's columns in place of val_perplexity, all of the validation pairs: the share whose chosen
+response has the higher implicit reward, the mean reward margin (chosen minus rejected), and the
+mean log-probabilities of the chosen and of the rejected responses."""
 _INT_COLUMNS = ("step", "tokens_seen")
+
+
+def run_columns(cfg: TrainConfig, records: bool) -> tuple[str, ...]:
+    """The columns of a run's metrics.csv: `METRICS_COLUMNS`, with `ANSWER_COLUMN` for a run on
+    `records` that answers, `OBJECTIVE_COLUMN` for a variant of cross-entropy, or `DPO_COLUMNS` in
+    place of val_perplexity for DPO."""
+    objective = cfg.training_objective
+    if objective.name == "dpo":
+        return METRICS_COLUMNS[:5] + DPO_COLUMNS + METRICS_COLUMNS[6:]
+    return (METRICS_COLUMNS + ((ANSWER_COLUMN,) if records and cfg.eval_answers else ())
+            + (() if objective.is_cross_entropy else (OBJECTIVE_COLUMN,)))
 
 
 class MetricsLog:
@@ -85,20 +105,27 @@ class MetricsLog:
     def plot(self, path: Path, *, tokens_per_epoch: int, best_step: int, log_scale: bool = False,
              title: str | None = None) -> Figure:
         """Draw the train and validation losses of every row to `path` (`gpt.plot.plot_losses`),
-        marking the row of `best_step`; return the figure."""
+        marking the row of `best_step`, and a DPO run's reward accuracy on a second axis; return the
+        figure."""
         rows = self.rows()
         best_index = max((i for i, row in enumerate(rows) if row["step"] == best_step), default=None)
+        dpo = DPO_COLUMNS[0] in self.columns
         return plot_losses([row["epoch"] for row in rows], [row["train_loss"] for row in rows],
                            [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
-                           best_index=best_index, log_scale=log_scale, title=title)
+                           best_index=best_index, log_scale=log_scale, title=title,
+                           loss_name="DPO loss" if dpo else "cross-entropy loss",
+                           accuracy=[row[DPO_COLUMNS[0]] for row in rows] if dpo else None)
 
 
 def format_row(row: dict[str, float]) -> str:
     """One evaluation's row as the line printed during training."""
     objective = f" (objective {row[OBJECTIVE_COLUMN]:.3f})" if OBJECTIVE_COLUMN in row else ""
+    accuracy, margin, chosen, rejected = DPO_COLUMNS
+    about_val = (f"reward accuracy {row[accuracy]:.0%}, margin {row[margin]:.3f}, log p chosen "
+                 f"{row[chosen]:.2f}, rejected {row[rejected]:.2f}" if accuracy in row else
+                 f"ppl {row['val_perplexity']:.1f}")
     parts = [f"step {row['step']:>5}", f"epoch {row['epoch']:.2f}", f"tokens {row['tokens_seen']:,}",
-             f"train {row['train_loss']:.3f}{objective}",
-             f"val {row['val_loss']:.3f} (ppl {row['val_perplexity']:.1f})"]
+             f"train {row['train_loss']:.3f}{objective}", f"val {row['val_loss']:.3f} ({about_val})"]
     if not math.isnan(row["lr"]):  # the evaluation before the first step has no step to report on
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}",
                   f"{row['tokens_per_s']:,.0f} tok/s"]

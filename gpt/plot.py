@@ -25,18 +25,21 @@ from gpt.atomic import atomic_file
 
 def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
                 path: Path, *, tokens_per_epoch: int, best_index: int | None = None,
-                log_scale: bool = False, title: str | None = None) -> Figure:
+                log_scale: bool = False, title: str | None = None, loss_name: str = "cross-entropy loss",
+                accuracy: Sequence[float] | None = None) -> Figure:
     """Write the loss curves to `path` (PNG), replacing it atomically; return the figure (to show it
     in a notebook, or inspect it).
 
     `epochs[i]` is how far training was (in epochs, fractional) when `train_losses[i]` and
     `val_losses[i]` were measured; the top axis shows the same positions in tokens seen, which grow
     by `tokens_per_epoch` per epoch. `best_index` marks the point with the best validation loss.
+    `loss_name` labels the loss axis; `accuracy` (a DPO run's reward accuracy, in [0, 1]) is drawn
+    against a second axis on the right.
     """
     fig = Figure(figsize=(8, 4.8))
     # Fixed margins that fit the labels of both x axes and a title: half the time of an automatic
     # ("constrained") layout, which matters when the plot is redrawn at every evaluation.
-    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.11, top=0.82)
+    fig.subplots_adjust(left=0.08, right=0.97 if accuracy is None else 0.91, bottom=0.11, top=0.82)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(epochs, train_losses, marker=".", label="train loss")
@@ -45,13 +48,20 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
         ax.plot(epochs[best_index], val_losses[best_index], marker="*", markersize=16, color="tab:red",
                 linestyle="none", label=f"best validation loss {val_losses[best_index]:.3f}")
     ax.set_xlabel("epochs")
-    ax.set_ylabel("cross-entropy loss (log scale)" if log_scale else "cross-entropy loss")
+    ax.set_ylabel(f"{loss_name} (log scale)" if log_scale else loss_name)
     if log_scale:
         ax.set_yscale("log")
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(FormatStrFormatter("%g"))  # 4, 5, 6 ... rather than 4×10⁰
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
+    handles = ax.get_legend_handles_labels()[0]
+    if accuracy is not None:
+        right = ax.twinx()
+        handles += right.plot(epochs, accuracy, marker=".", linestyle=":", color="tab:green",
+                              label="validation reward accuracy")
+        right.set_ylim(-0.03, 1.03)
+        right.set_ylabel("reward accuracy")
+    ax.legend(handles=handles, loc="upper right")
     def to_tokens(epochs: ArrayLike) -> np.ndarray:
         return np.asarray(epochs) * tokens_per_epoch
 

@@ -1,9 +1,10 @@
 """A fine-tuning run's data: records split, encoded, and batched by length with a resumable order.
 
-`run_loaders` gives a training run its loaders, for records or for text (`gpt.data`).
+`run_loaders` gives a training run its loaders, for records, preference pairs or text (`gpt.data`).
 `record_loaders` is `gpt.data.build_loaders` for records: it reads --data (and --val-data, or holds
 out the last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.records`),
-and returns the shuffled training loader and the fixed evaluation loaders. Batches are padded to
+and returns the shuffled training loader and the fixed evaluation loaders; `preference_loaders`
+does the same for the pairs of `--objective dpo` (`gpt.preference`). Batches are padded to
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
 within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
 `gpt.data.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from gpt.data import build_loaders, eval_picks, prepare_data, rank_share
 from gpt.distributed import Dist
 from gpt.errors import UserError
+from gpt.preference import PreferenceDataset, load_pairs, pair_collate
 from gpt.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
 from gpt.tokenizer import get_tokenizer
 
@@ -106,14 +108,19 @@ class RecordData:
     tokens_per_epoch: int
     """Input tokens of the first epoch's batches, padding included (others differ a little): the
     unit of the epoch column."""
+    pairs: tuple[PreferenceDataset, PreferenceDataset] | None = None
+    """A preference run's (training, validation) pairs, whose reference log-probabilities `gpt.dpo`
+    fills in; None for records."""
 
     def describe(self, kept: int, context_length: int) -> str:
         """The training records in words, for the run's first line."""
-        return (f"{kept} training records ({self.dropped} dropped: no room for a response token in "
+        what = "preference pairs" if self.pairs else "records"
+        return (f"{kept} training {what} ({self.dropped} dropped: no room for a response token in "
                 f"{context_length}), prompt template {self.template!r}")
 
 
 Batches = DataLoader[tuple[Tensor, Tensor]]
+T = TypeVar("T")
 
 
 def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
@@ -125,7 +132,12 @@ def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarr
     Under torchrun (`dist`), the batches are this rank's slices of the global batch."""
     dist = dist or Dist()
     if is_record_file(cfg.data):
-        return record_loaders(cfg, context_length, dist)
+        if cfg.objective != "dpo":
+            return record_loaders(cfg, context_length, dist)
+        if dist.world_size > 1:
+            raise UserError(f"{cfg.data}: --objective dpo runs in one process for now (its pairs are not "
+                            "sliced across ranks yet); run it with python train.py, without torchrun")
+        return preference_loaders(cfg, context_length)
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
@@ -136,11 +148,12 @@ def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarr
 
 
 def split_records(data: str, val_data: str | None, val_fraction: float, seed: int,
-                  ) -> tuple[list[Record], list[Record]]:
-    """(train, validation) records: `val_data`'s, or the last `val_fraction` of `data`'s after a shuffle."""
-    records = load_records(data)
+                  load: Callable[[str], list[T]]) -> tuple[list[T], list[T]]:
+    """(train, validation) records read by `load` (`load_records`, `load_pairs`): `val_data`'s, or the
+    last `val_fraction` of `data`'s after a shuffle."""
+    records = load(data)
     if val_data is not None:
-        return records, load_records(val_data)
+        return records, load(val_data)
     records = records[:]
     random.Random(seed).shuffle(records)
     n_val = round(len(records) * val_fraction)
@@ -160,33 +173,59 @@ def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = No
     No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
     a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
     """
-    batch_size, seed, dist = cfg.batch_size, cfg.seed, dist or Dist()
-    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed)
+    batch_size, seed = cfg.batch_size, cfg.seed
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed, load_records)
     template = cfg.prompt_template or train[0].kind
     tokenizer = get_tokenizer()
     datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
                                          max_length=context_length) for name, records in (("train", train),
                                                                                          ("val", val))}
-    for name, dataset in datasets.items():
-        if len(dataset) == 0:
-            raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
-                            f"token in a context of {context_length} tokens (the response and its "
-                            "end-of-text are never cut); use a larger --context-length or shorter responses")
-    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
-                                 rank=dist.rank, world_size=dist.world_size)
-    train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=pad_collate)
-    train_loader.generator = torch.Generator()  # as in gpt.data.build_loaders: the global one untouched
-    eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters, dist)
-                    for name, data in datasets.items()}
-    dropped, tokens = datasets["train"].dropped, sampler.padded_tokens()
-    records = RecordData(template, datasets["val"].records, dropped, tokens)
+    train_loader, eval_loaders, tokens = _loaders(datasets, batch_size, seed, cfg.eval_iters, pad_collate,
+                                                  dist or Dist())
+    records = RecordData(template, datasets["val"].records, datasets["train"].dropped, tokens)
     return train_loader, eval_loaders, records
 
 
-def _eval_loader(dataset: InstructionDataset, batch_size: int, batches: int, dist: Dist,
-                 ) -> DataLoader[tuple[Tensor, Tensor]]:
+def preference_loaders(cfg: TrainConfig, context_length: int) -> tuple[Any, dict[str, Any], RecordData]:
+    """`record_loaders` for the preference pairs of --objective dpo (`gpt.preference`): each batch is
+    `pair_collate`'s (inputs, targets, reference) of --batch-size pairs, 2 x --batch-size rows."""
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
+    template = cfg.prompt_template or train[0].kind
+    tokenizer = get_tokenizer()
+    datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
+                for name, pairs in (("train", train), ("val", val))}
+    train_loader, eval_loaders, tokens = _loaders(datasets, cfg.batch_size, cfg.seed, cfg.eval_iters,
+                                                  pair_collate, Dist())
+    chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
+    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair is two rows
+                         pairs=(datasets["train"], datasets["val"]))
+    return train_loader, eval_loaders, records
+
+
+def _loaders(datasets: Mapping[str, InstructionDataset | PreferenceDataset], batch_size: int, seed: int,
+             eval_iters: int, collate: Callable[..., Any], dist: Dist) -> tuple[Any, dict[str, Any], int]:
+    """(training loader, {"train", "val"} evaluation loaders, padded tokens of the first epoch) of
+    the encoded `datasets`, this rank's shares under torchrun (`dist`); `UserError` if one of them
+    kept nothing."""
+    for name, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
+                            f"token in a context of {dataset.context_length} tokens (the response and "
+                            "its end-of-text are never cut); use a larger --context-length or shorter "
+                            "responses")
+    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
+                                 rank=dist.rank, world_size=dist.world_size)
+    train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=collate)
+    train_loader.generator = torch.Generator()  # as in gpt.data.build_loaders: the global one untouched
+    eval_loaders = {name: _eval_loader(data, batch_size, eval_iters, collate, dist)
+                    for name, data in datasets.items()}
+    return train_loader, eval_loaders, sampler.padded_tokens()
+
+
+def _eval_loader(dataset: InstructionDataset | PreferenceDataset, batch_size: int, batches: int,
+                 collate: Callable[..., Any], dist: Dist) -> DataLoader[Any]:
     """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time
     (this rank's shares of them: `gpt.data.eval_picks`)."""
     picks = eval_picks(len(dataset), batch_size, batches, dist.rank, dist.world_size)
-    return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=pad_collate,
+    return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=collate,
                       generator=torch.Generator())

@@ -64,6 +64,14 @@ def is_record_file(data: str | None) -> bool:
 
 def load_records(path: str | Path) -> list[Record]:
     """The records of a `.jsonl` or `.json` file; `UserError` naming the file and line of a bad one."""
+    example = '{"question": "What is the capital of France?", "answer": "Paris"}'
+    return [_record(item, where) for where, item in read_items(path, example)]
+
+
+def read_items(path: str | Path, example: str) -> list[tuple[str, object]]:
+    """(where, JSON value) of each record of a `.jsonl` or `.json` file, `where` naming its file and
+    line (or place in the list); `UserError` for an unreadable file, bad JSON, or no records (the
+    message shows `example`, one record)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -79,9 +87,8 @@ def load_records(path: str | Path) -> list[Record]:
                             f"{type(data).__name__}; wrap the records in [ ... ] or use .jsonl")
         items = [(f"{path}: record {n}", item) for n, item in enumerate(data, 1)]
     if not items:
-        raise UserError(f"{path} holds no records; add one per line, e.g. "
-                        '{"question": "What is the capital of France?", "answer": "Paris"}')
-    return [_record(item, where) for where, item in items]
+        raise UserError(f"{path} holds no records; add one per line, e.g. {example}")
+    return items
 
 
 def _parse(text: str, path: Path, line: int) -> object:

@@ -1,4 +1,8 @@
-"""What a training run prints: its first line, the samples, and the closing summary (rank 0 alone)."""
+"""What a training run reports: its first line, each evaluation's row, the samples, the summary (rank 0).
+
+Each evaluation's row goes to metrics.csv, TensorBoard (with --tensorboard), loss.png and the
+printed line (`log_evaluation`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from tqdm import tqdm
 
 from gpt.answers import sample_answer
 from gpt.loss import perplexity
+from gpt.metrics import format_row
 from gpt.sampling import sample_text
 
 if TYPE_CHECKING:  # gpt.trainer imports this module
@@ -25,10 +30,22 @@ def print_sample(run: Run, when: str) -> None:
         tqdm.write(f"sample {when}: " + text.replace("\n", " "))
 
 
+def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
+    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a line."""
+    run.metrics.append(row)
+    if run.tensorboard:
+        run.tensorboard.log(int(row["step"]), row)
+    run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
+                     best_step=run.state.best_step, log_scale=run.cfg.log_scale,
+                     title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")
+    tqdm.write(format_row(row) + ("  (best)" if improved else ""))
+
+
 def print_header(run: Run) -> None:
     """The first line: the model, the device and precision, the data, the steps, the run directory."""
     cfg, windows = run.cfg, len(run.windows)
-    tokens_per_step = cfg.batch_size * run.dist.world_size * cfg.grad_accum * run.windows.context_length
+    rows = cfg.batch_size * (2 if run.records and run.records.pairs else 1)  # a pair is two responses
+    tokens_per_step = rows * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
@@ -41,8 +58,9 @@ def print_header(run: Run) -> None:
 def print_summary(run: Run, stop: str) -> None:
     """Where the best weights are, and why training stopped if it did not run to the end."""
     state, best = run.state, run.state.best_val_loss
-    print(f"best validation loss {best:.4f} (perplexity {perplexity(best):.1f}) at step {state.best_step}: "
-          f"weights in {run.run_dir / 'best'}")
+    loss = f"DPO loss {best:.4f}" if run.cfg.objective == "dpo" else \
+        f"loss {best:.4f} (perplexity {perplexity(best):.1f})"
+    print(f"best validation {loss} at step {state.best_step}: weights in {run.run_dir / 'best'}")
     if stop == "early_stop":
         print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
     if stop == "interrupted":

@@ -45,13 +45,16 @@ if TYPE_CHECKING:  # gpt.record_data imports gpt.distributed, which imports this
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
-                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature")
+                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature", "objective",
+                "dpo_beta", "reference")
 """What a resumed run must keep: these fix the model, the training windows and their order, and the
 objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
-meant, and metrics.csv keeps its columns. So does the global batch, `batch_size` x the number of
-processes (`check_resume_settings`). `--teacher` may name another path (the teacher's directory
-moved, or the run continues on another machine: the teacher is read-only and in no checkpoint, and
-`load_teacher` checks it again), but a run with a teacher keeps one and a run without stays without."""
+meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or
+--init, and its log-probabilities computed again: the same numbers). So does the global batch,
+`batch_size` x the number of processes (`check_resume_settings`). `--teacher` may name another path
+(the teacher's directory moved, or the run continues on another machine: the teacher is read-only and
+in no checkpoint, and `load_teacher` checks it again), but a run with a teacher keeps one and a run
+without stays without."""
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +109,16 @@ class TrainState:
     """The step at which `best_val_loss` was measured (the weights in best/)."""
     evals_since_best: int = 0
     """Evaluations in a row without an improvement: the early-stopping counter."""
+
+    def keep_score(self, val_loss: float, min_delta: float) -> bool:
+        """Count an evaluation for early stopping; True if `val_loss` is a new best (by more than
+        `min_delta`), which resets the count of evaluations without one."""
+        improved = val_loss < self.best_val_loss - min_delta
+        if improved:
+            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
+        else:
+            self.evals_since_best += 1
+        return improved
 
     def state_dict(self) -> dict[str, Any]:
         """The counters as a plain dict (what `load_state_dict` takes back)."""

@@ -1,12 +1,15 @@
-"""The teacher of knowledge distillation: any GPT with the student's vocabulary, loaded frozen.
+"""Frozen second models: the teacher of knowledge distillation, loaded from a name or a path.
 
 Distillation (`gpt.loss.Objective` with a teacher) compares the teacher's and the student's
 distributions over the next token, token id by token id, so both must share one vocabulary (the same
 tokenizer); their sizes may differ. The teacher only ever runs forward: eval mode (no dropout), no
-gradients, so it costs one forward pass per step and no optimizer state.
+gradients, so it costs one forward pass per step and no optimizer state. `load_frozen` loads any
+such model (DPO's reference, `gpt.dpo`, is another).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -16,21 +19,28 @@ from gpt.model import GPT
 from gpt.weights import load_pretrained
 
 
+def load_frozen(name_or_path: str, flag: str, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
+    """`name_or_path` (anything `load_pretrained` reads: gpt2, a Hugging Face directory, a run or
+    checkpoint directory) on `device`, in eval mode and without gradients; a `UserError` names the
+    `flag` that gave it. `overrides` replace fields of its config, as for `load_pretrained`."""
+    try:
+        # Building a model draws its random init from torch's generator: forked, so the trained model's
+        # run (its dropout) draws the same numbers with a frozen model as without.
+        with torch.random.fork_rng(devices=[]):
+            model = load_pretrained(name_or_path, **overrides)
+    except UserError as exc:
+        raise UserError(f"{flag} {name_or_path}: {exc}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_teacher(name_or_path: str, student: GPTConfig, context_length: int,
                  device: str | torch.device = "cpu") -> GPT:
     """The `--teacher` model on `device`, frozen, after checking that it can teach `student`.
 
-    `name_or_path` is anything `load_pretrained` reads (gpt2, a Hugging Face directory, a run or
-    checkpoint directory). It must have the student's `vocab_size` and read windows of
-    `context_length` tokens (the training windows' length).
+    `name_or_path` is anything `load_pretrained` reads. It must have the student's `vocab_size` and
+    read windows of `context_length` tokens (the training windows' length).
     """
-    try:
-        # Building a model draws its random init from torch's generator: forked, so the student's run
-        # (its dropout) draws the same numbers with a teacher as without.
-        with torch.random.fork_rng(devices=[]):
-            teacher = load_pretrained(name_or_path)
-    except UserError as exc:
-        raise UserError(f"--teacher {name_or_path}: {exc}") from None
+    teacher = load_frozen(name_or_path, "--teacher", device)
     if teacher.config.vocab_size != student.vocab_size:
         raise UserError(f"--teacher {name_or_path} predicts {teacher.config.vocab_size} token ids and the "
                         f"student {student.vocab_size}; distillation compares them id by id, so choose a "
@@ -39,4 +49,4 @@ def load_teacher(name_or_path: str, student: GPTConfig, context_length: int,
         raise UserError(f"--teacher {name_or_path} reads at most {teacher.config.context_length} tokens, "
                         f"the training windows are {context_length}; use --context-length "
                         f"{teacher.config.context_length}")
-    return teacher.to(device).eval().requires_grad_(False)
+    return teacher

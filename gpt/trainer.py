@@ -1,15 +1,15 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model (teacher), data, loaders, optimizer; resume restores
+      setup(cfg)                        seed, model, data, loaders, teacher/reference, optimizer, resume
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
           train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
-            evaluate(run)                 measure: train and validation loss
+            evaluate(run)                 measure: train and validation loss (DPO: `gpt.dpo.evaluate_dpo`)
             check_finite(run, ...)        stop if one is not finite: such weights are never saved
-            keep_score(state, ...)        keep score for early stopping
-            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (TensorBoard)
+            state.keep_score(...)         keep score for early stopping (`gpt.resume.TrainState`)
+            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (`gpt.report`)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.metrics`), `loss.png`,
@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -49,22 +49,24 @@ from gpt.device import (
     training_dtype,
 )
 from gpt.distributed import Dist, init_distributed
+from gpt.dpo import count_pairs, evaluate_dpo, prepare_dpo
 from gpt.errors import TrainingDiverged, UserError
 from gpt.interrupt import ctrl_c_flag
 from gpt.loss import count_targets, evaluate_loss, perplexity
-from gpt.metrics import ANSWER_COLUMN, METRICS_COLUMNS, METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, format_row
+from gpt.metrics import ANSWER_COLUMN, METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, run_columns
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
+from gpt.preference import PreferenceDataset
 from gpt.record_data import BucketBatchSampler, RecordData, run_loaders
 from gpt.records import InstructionDataset
-from gpt.report import print_header, print_sample, print_summary
+from gpt.report import log_evaluation, print_header, print_sample, print_summary
 from gpt.resume import TrainState, checkpoint_state, restore, seed_everything
 from gpt.run_dir import OpenedRun, RunLock, open_run_dir
 from gpt.saver import CheckpointSaver
 from gpt.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
 from gpt.tb import TensorBoardLog
 from gpt.teacher import load_teacher
-from gpt.train_config import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig
+from gpt.train_config import RUN_CONFIG_FILE, TrainConfig
 from gpt.weights import load_pretrained
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -72,10 +74,9 @@ from gpt.weights import load_pretrained
 
 def build_model(cfg: TrainConfig) -> GPT:
     """A fresh model: the preset's random init, or published/earlier weights for `--init`."""
-    overrides = {name: getattr(cfg, name) for name in MODEL_OVERRIDES if getattr(cfg, name) is not None}
     if cfg.init == "scratch":
-        return GPT(GPTConfig.preset(cfg.preset, **overrides))
-    return load_pretrained(cfg.init, **overrides)
+        return GPT(GPTConfig.preset(cfg.preset, **cfg.model_overrides))
+    return load_pretrained(cfg.init, **cfg.model_overrides)
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -89,8 +90,9 @@ class Run:
     run_dir: Path
     model: GPT
     loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss` (or another objective's `gpt.loss.objective_loss`),
-    compiled with `--compile`; under torchrun through DDP, or with the model sharded (`Dist.wrap`)."""
+    """What the training steps call: `model.loss` (or another objective's `gpt.loss.objective_loss`,
+    or DPO's `gpt.dpo.pair_loss` of a batch's tensors), compiled with `--compile`; under torchrun
+    through DDP, or with the model sharded (`Dist.wrap`)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
@@ -107,6 +109,8 @@ class Run:
     lock: RunLock
     """This process's lock on `run_dir`, released when `fit` ends."""
     state: TrainState = field(default_factory=TrainState)
+    count: Callable[[Iterable[Sequence[Tensor]]], int] = count_targets
+    """What a step's loss is the mean over, in batches: their target tokens, or DPO's pairs."""
     records: RecordData | None = None
     """A fine-tuning run's template and validation records (`gpt.record_data`); None for text."""
     dist: Dist = field(default_factory=Dist)  # this process's rank among torchrun's (`gpt.distributed`)
@@ -117,9 +121,9 @@ class Run:
     last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
     @property
-    def windows(self) -> SlidingWindowDataset | InstructionDataset:
-        """The training windows (or records): the dataset `train_loader` draws from."""
-        return cast(SlidingWindowDataset | InstructionDataset, self.train_loader.dataset)
+    def windows(self) -> SlidingWindowDataset | InstructionDataset | PreferenceDataset:
+        """The training windows (or records, or pairs): the dataset `train_loader` draws from."""
+        return cast(SlidingWindowDataset | InstructionDataset | PreferenceDataset, self.train_loader.dataset)
 
     @property
     def sampler(self) -> ResumableSampler | BucketBatchSampler:
@@ -167,14 +171,15 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
     teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
-
     train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
                                                       pin_memory=device.type == "cuda", dist=dist)
+    pairs = records.pairs if records else None  # DPO's: its reference is run over them first
     if records is not None:  # fine-tuning on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    loss = dist.wrap(model, cfg, teacher)  # before the optimizer: FSDP replaces the parameters
+    # Before the optimizer: FSDP replaces the parameters. (DPO runs in one process: gpt.record_data.)
+    loss = prepare_dpo(cfg, model, pairs, dtype) if pairs else dist.wrap(model, cfg, teacher)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
@@ -185,10 +190,9 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE, METRICS_COLUMNS
-                           + ((ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ())
-                           + (() if cfg.objective.is_cross_entropy else (OBJECTIVE_COLUMN,))),
+        metrics=MetricsLog(run_dir / METRICS_FILE, run_columns(cfg, records=records is not None)),
         records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
+        count=count_pairs if pairs else count_targets,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
@@ -313,11 +317,12 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
     return None
 
 
-def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
+def train_step(run: Run, batches: Sequence[Sequence[Tensor]]) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
     before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
-    the step's target tokens (`count_targets`, over all ranks); a micro-batch with none is skipped."""
+    the step's target tokens (`run.count`, over all ranks; DPO's: its pairs); a micro-batch with none
+    is skipped. A batch is (inputs, targets) or, for DPO, (inputs, targets, reference log-probs)."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                total_steps=run.total_steps)
@@ -326,18 +331,18 @@ def train_step(run: Run, batches: list[tuple[Tensor, Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     world = run.dist.world_size
-    counts = [count_targets([batch]) for batch in batches]  # on the host, before the device copies
-    # The step's targets and input tokens, over all ranks (gpt.distributed).
-    targets, tokens = run.dist.sum([sum(counts), sum(x.numel() for x, _ in batches)])
-    for i, ((x, y), counted) in enumerate(zip(batches, counts, strict=True)):
+    counts = [run.count([batch]) for batch in batches]  # on the host, before the device copies
+    # The step's targets (DPO: pairs) and input tokens, over all ranks (gpt.distributed).
+    targets, tokens = run.dist.sum([sum(counts), sum(batch[0].numel() for batch in batches)])
+    for i, (batch, counted) in enumerate(zip(batches, counts, strict=True)):
         if counted == 0:  # nothing to learn (a 0/0 mean loss); never under torchrun: a record has targets
             continue
         share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        tensors = [t.to(run.device, non_blocking=True) for t in batch]
         with autocast(run.device, run.dtype), run.dist.grad_sync(last=i == len(batches) - 1):
             # Its mean loss divided by its share: the gradients add up to those of the step's mean.
             # Divided, so that equal shares (pretraining, one process) divide by exactly len(batches).
-            loss = run.loss(x, y, chunk_size=cfg.loss_chunk) / share
+            loss = run.loss(*tensors, chunk_size=cfg.loss_chunk) / share
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
@@ -370,13 +375,16 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     the resumed run drops and logs again, never a checkpoint without its row.
     """
     state = run.state
-    train_loss, val_loss = evaluate(run)
-    check_finite(run, [("training loss", train_loss), ("validation loss", val_loss)],
+    if run.cfg.objective == "dpo":  # DPO losses, and the other metrics of the validation pairs
+        losses = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype)
+    else:
+        train_loss, val_loss = evaluate(run)
+        losses = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+    check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
-    improved = keep_score(state, val_loss, run.cfg.min_delta)
+    improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)
     row = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
-           "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
-           "val_perplexity": perplexity(val_loss), "lr": stats.lr if stats else math.nan,
+           "tokens_seen": state.tokens_seen, **losses, "lr": stats.lr if stats else math.nan,
            "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
     if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
         row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
@@ -408,33 +416,12 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
 
 
 def evaluate(run: Run) -> tuple[float, float]:
-    """(train, validation) loss, each averaged over its `eval_iters` evaluation batches."""
+    """(train, validation) loss, each averaged over its `eval_iters` evaluation batches (DPO's are
+    `gpt.dpo.evaluate_dpo`'s)."""
     train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
                                           chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
                             for name in ("train", "val"))
     return train_loss, val_loss
-
-
-def keep_score(state: TrainState, val_loss: float, min_delta: float) -> bool:
-    """Count an evaluation for early stopping; True if `val_loss` is a new best (by more than
-    `min_delta`), which resets the count of evaluations without one."""
-    improved = val_loss < state.best_val_loss - min_delta
-    if improved:
-        state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
-    else:
-        state.evals_since_best += 1
-    return improved
-
-
-def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a line."""
-    run.metrics.append(row)
-    if run.tensorboard:
-        run.tensorboard.log(int(row["step"]), row)
-    run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
-                     best_step=run.state.best_step, log_scale=run.cfg.log_scale,
-                     title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")
-    tqdm.write(format_row(row) + ("  (best)" if improved else ""))
 
 
 def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -> None:

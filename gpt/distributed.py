@@ -15,9 +15,9 @@ trains on a disjoint slice of every global batch of `batch_size x world_size` wi
 seeded order all ranks share (`gpt.data.ResumableSampler`, or `gpt.record_data.BucketBatchSampler`
 for records), so the global batches are those a single process with `--batch-size batch_size x
 world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
-(`gpt.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients over ranks;
-`train_step` multiplies by the world size, so the gradient is that of the global batch's mean loss, as
-in one process. The numbers that decide what happens next (the loss, the validation losses, Ctrl-C)
+(`gpt.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients
+over ranks; `train_step` multiplies by the world size, so the gradient is that of the global batch's
+mean loss, as in one process. The numbers that decide what happens next (the loss, the validation losses, Ctrl-C)
 are all-reduced, so every rank decides the same and none is left waiting in a collective. Rank 0
 alone prints and writes files; the other ranks' stdout goes nowhere.
 

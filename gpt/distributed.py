@@ -17,9 +17,9 @@ for records), so the global batches are those a single process with `--batch-siz
 world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
 (`gpt.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients
 over ranks; `train_step` multiplies by the world size, so the gradient is that of the global batch's
-mean loss, as in one process. The numbers that decide what happens next (the loss, the validation losses, Ctrl-C)
-are all-reduced, so every rank decides the same and none is left waiting in a collective. Rank 0
-alone prints and writes files; the other ranks' stdout goes nowhere.
+mean loss, as in one process. The numbers that decide what happens next (the loss, the validation
+losses, Ctrl-C) are all-reduced, so every rank decides the same and none is left waiting in a
+collective. Rank 0 alone prints and writes files; the other ranks' stdout goes nowhere.
 
 `--parallel ddp` keeps a whole model on every rank (`DistributedDataParallel`). `--parallel fsdp`
 shards it (`torch.distributed.fsdp.fully_shard`, FSDP2): each block, then the rest at the root, so a

@@ -131,6 +131,12 @@ class Dist:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def barrier(self) -> None:
+        """Return once every rank is here: at the end of training, so that no rank goes on (to read
+        the checkpoints, in a resumed run) before rank 0 has finished writing them."""
+        if self.world_size > 1:
+            torch_dist.barrier()
+
     def _all_reduce(self, values: Tensor, op: torch_dist.ReduceOp.RedOpType) -> Tensor:
         values = values.to(self.device)  # NCCL reduces GPU tensors only
         torch_dist.all_reduce(values, op=op)

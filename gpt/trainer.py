@@ -274,6 +274,7 @@ def fit(run: Run) -> TrainResult:
         stop = None
         while stop is None:
             stop = _train_epoch(run, progress)
+    run.dist.barrier()  # rank 0's last save (in the background) is on disk before any rank returns
     if stop != "interrupted":
         print_sample(run, "at the end")
     print_summary(run, stop)

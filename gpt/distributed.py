@@ -15,11 +15,11 @@ trains on a disjoint slice of every global batch of `batch_size x world_size` wi
 seeded order all ranks share (`gpt.data.ResumableSampler`, or `gpt.record_data.BucketBatchSampler`
 for records), so the global batches are those a single process with `--batch-size batch_size x
 world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
-(`gpt.loss.count_targets`, summed over ranks), and DDP (or FSDP) averages the gradients over ranks;
-`train_step` multiplies by the world size, so the gradient is that of the global batch's mean loss, as
-in one process. The numbers that decide what happens next (the loss, the validation losses, Ctrl-C)
-are all-reduced, so every rank decides the same and none is left waiting in a collective. Rank 0
-alone prints and writes files; the other ranks' stdout goes nowhere.
+(`gpt.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients
+over ranks; `train_step` multiplies by the world size, so the gradient is that of the global batch's
+mean loss, as in one process. The numbers that decide what happens next (the loss, the validation
+losses, Ctrl-C) are all-reduced, so every rank decides the same and none is left waiting in a
+collective. Rank 0 alone prints and writes files; the other ranks' stdout goes nowhere.
 
 `--parallel ddp` keeps a whole model on every rank (`DistributedDataParallel`). `--parallel fsdp`
 shards it (`torch.distributed.fsdp.fully_shard`, FSDP2): each block, then the rest at the root, so a
@@ -84,13 +84,20 @@ class Dist:
         """Whether the model is sharded over the ranks (FSDP): then every forward is a collective."""
         return self.parallel == "fsdp" and self.world_size > 1
 
-    def wrap(self, model: GPT, cfg: TrainConfig, teacher: GPT | None) -> Callable[..., Tensor]:
-        """The training objective's loss of `model` (`gpt.loss.training_loss`, with its `teacher`) as
-        the training steps call it: in one process as it is; under DDP across ranks (compiled whole
-        with --compile); under FSDP with `model` sharded in place (its blocks compiled with --compile).
-        Build the optimizer after this: FSDP replaces the parameters with their shards."""
+    def wrap(self, model: GPT, cfg: TrainConfig, teacher: GPT | None = None,
+             loss: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
+        """The training loss of `model` as the training steps call it: `loss` (a function of `model`'s
+        forward, not compiled: DPO's `gpt.dpo.pair_loss`), or else the objective's
+        (`gpt.loss.training_loss`, with its `teacher`). In one process as it is; under DDP across ranks
+        (compiled whole with --compile); under FSDP with `model` sharded in place (its blocks compiled
+        with --compile). Build the optimizer after this: FSDP replaces the parameters with their shards."""
+        def unwrapped(compile: bool) -> Callable[..., Tensor]:
+            if loss is None:
+                return training_loss(cfg.training_objective, model, teacher, compile=compile)
+            return torch.compile(loss) if compile else loss
+
         if self.world_size == 1:
-            return training_loss(cfg.training_objective, model, teacher, compile=cfg.compile)
+            return unwrapped(cfg.compile)
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from
         # here each rank draws its own dropout masks, as the different rows of one batch would.
         torch.manual_seed(cfg.seed + self.rank)
@@ -102,9 +109,9 @@ class Dist:
                 fully_shard(block, mesh=mesh)
             self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
             register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
-            return training_loss(cfg.training_objective, model, teacher)  # model.loss, or via model.forward
+            return unwrapped(False)  # model.loss, or via model.forward
         self.ddp = DistributedDataParallel(
-            _Loss(model, training_loss(cfg.training_objective, model, teacher)),
+            _Loss(model, unwrapped(False)),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False)  # the buffers (the causal mask) never change: none to send
         return torch.compile(self.ddp) if cfg.compile else self.ddp
@@ -184,16 +191,16 @@ class Dist:
 
 
 class _Loss(nn.Module):
-    """The training loss (`model.loss`, or another objective's) as a module's forward: what DDP wraps
-    (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward used)."""
+    """The training loss (`model.loss`, another objective's, or DPO's) as a module's forward: what DDP
+    wraps (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward used)."""
 
     def __init__(self, model: GPT, loss: Callable[..., Tensor]) -> None:
         super().__init__()
         self.model = model
         self.loss = loss  # bound to `model` (and a frozen teacher, whose parameters DDP never sees)
 
-    def forward(self, x: Tensor, y: Tensor, chunk_size: int = 0) -> Tensor:
-        return self.loss(x, y, chunk_size=chunk_size)
+    def forward(self, *batch: Tensor, chunk_size: int = 0) -> Tensor:
+        return self.loss(*batch, chunk_size=chunk_size)  # (inputs, targets), or DPO's (..., reference)
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:

@@ -123,24 +123,28 @@ def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch
 
 def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset],
                 dtype: torch.dtype) -> Callable[..., Tensor]:
-    """What a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)` (`pair_loss`,
-    through torch.compile with --compile), once the reference (`load_reference`) has been run over
-    every pair (`cache_reference`) and let go: from here on a step runs `model` alone."""
+    """The loss a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)` (`pair_loss`
+    bound to `model`; `gpt.distributed.Dist.wrap` compiles it, or puts it under DDP), once the
+    reference (`load_reference`) has been run over every pair (`cache_reference`) and let go: from
+    here on a step runs `model` alone. Under torchrun every rank caches every pair's numbers: the same
+    on all ranks, whichever pairs each one's batches hold."""
     reference = load_reference(cfg, model.config, next(model.parameters()).device)
     cache_reference(reference, pairs, cfg.batch_size, dtype)
-    loss = partial(pair_loss, cfg.dpo_beta, model)
-    return torch.compile(loss) if cfg.compile else loss
+    return partial(pair_loss, cfg.dpo_beta, model)
 
 
 # ---- the metrics --------------------------------------------------------------------------------
 
 
 def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
-                   dtype: torch.dtype = torch.float32) -> dict[str, float]:
+                   dtype: torch.dtype = torch.float32,
+                   all_reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
     """The DPO metrics of the pairs `loader` gives (`pair_collate` batches), in eval mode (put back
     after): "loss" (the mean DPO loss), "accuracy" (the share of pairs whose chosen response has the
     higher reward; a tie is not), "margin" (the mean chosen-minus-rejected reward), "chosen_logp" and
-    "rejected_logp" (the responses' mean log-probabilities under `model`)."""
+    "rejected_logp" (the responses' mean log-probabilities under `model`). `all_reduce` sums the
+    totals and the pair count over the ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`),
+    each of which read its own pairs: the means are then over all of them, the same on every rank."""
     was_training = model.training
     model.train(False)
     try:
@@ -152,16 +156,20 @@ def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
     policy, reference = torch.cat(logps, dim=1).cpu(), torch.cat(references, dim=1)  # (2, pairs) each
     losses, rewards = dpo_losses(policy.flatten(), reference.flatten(), beta)
     chosen, rejected = rewards.chunk(2)
-    return {"loss": losses.mean().item(), "accuracy": (chosen > rejected).float().mean().item(),
-            "margin": (chosen - rejected).mean().item(), "chosen_logp": policy[0].mean().item(),
-            "rejected_logp": policy[1].mean().item()}
+    totals = [losses.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), *policy.sum(dim=1)]
+    sums = [float(total) for total in totals] + [float(losses.numel())]
+    *sums, pairs = all_reduce(sums) if all_reduce else sums
+    names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
+    return {name: total / pairs for name, total in zip(names, sums, strict=True)}
 
 
 def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], beta: float,
-                 dtype: torch.dtype) -> dict[str, float]:
+                 dtype: torch.dtype, all_reduce: Callable[[list[float]], list[float]] | None = None,
+                 ) -> dict[str, float]:
     """A DPO run's evaluation: the DPO loss of the "train" and "val" evaluation batches, and the other
-    metrics of the validation pairs, under their metrics.csv names (`gpt.metrics.DPO_COLUMNS`)."""
-    train, val = (evaluate_pairs(model, loaders[name], beta, dtype) for name in ("train", "val"))
+    metrics of the validation pairs, under their metrics.csv names (`gpt.metrics.DPO_COLUMNS`); over
+    all ranks' batches with `all_reduce` (as in `evaluate_pairs`)."""
+    train, val = (evaluate_pairs(model, loaders[name], beta, dtype, all_reduce) for name in ("train", "val"))
     names = ("accuracy", "margin", "chosen_logp", "rejected_logp")
     return {"train_loss": train["loss"], "val_loss": val["loss"],
             **{column: val[name] for column, name in zip(DPO_COLUMNS, names, strict=True)}}

@@ -134,10 +134,7 @@ def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarr
     if is_record_file(cfg.data):
         if cfg.objective != "dpo":
             return record_loaders(cfg, context_length, dist)
-        if dist.world_size > 1:
-            raise UserError(f"{cfg.data}: --objective dpo runs in one process for now (its pairs are not "
-                            "sliced across ranks yet); run it with python train.py, without torchrun")
-        return preference_loaders(cfg, context_length)
+        return preference_loaders(cfg, context_length, dist)
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
@@ -186,16 +183,18 @@ def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = No
     return train_loader, eval_loaders, records
 
 
-def preference_loaders(cfg: TrainConfig, context_length: int) -> tuple[Any, dict[str, Any], RecordData]:
+def preference_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
+                       ) -> tuple[Any, dict[str, Any], RecordData]:
     """`record_loaders` for the preference pairs of --objective dpo (`gpt.preference`): each batch is
-    `pair_collate`'s (inputs, targets, reference) of --batch-size pairs, 2 x --batch-size rows."""
+    `pair_collate`'s (inputs, targets, reference) of --batch-size pairs, 2 x --batch-size rows; under
+    torchrun (`dist`), this rank's shares of the global batches of pairs."""
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
     template = cfg.prompt_template or train[0].kind
     tokenizer = get_tokenizer()
     datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
                 for name, pairs in (("train", train), ("val", val))}
     train_loader, eval_loaders, tokens = _loaders(datasets, cfg.batch_size, cfg.seed, cfg.eval_iters,
-                                                  pair_collate, Dist())
+                                                  pair_collate, dist or Dist())
     chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
     records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair is two rows
                          pairs=(datasets["train"], datasets["val"]))

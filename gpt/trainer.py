@@ -178,8 +178,8 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    # Before the optimizer: FSDP replaces the parameters. (DPO runs in one process: gpt.record_data.)
-    loss = prepare_dpo(cfg, model, pairs, dtype) if pairs else dist.wrap(model, cfg, teacher)
+    # Before the optimizer: FSDP replaces the parameters. DPO's loss runs its reference over the pairs first.
+    loss = dist.wrap(model, cfg, teacher, loss=prepare_dpo(cfg, model, pairs, dtype) if pairs else None)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
@@ -377,7 +377,7 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     """
     state = run.state
     if run.cfg.objective == "dpo":  # DPO losses, and the other metrics of the validation pairs
-        losses = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype)
+        losses = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype, run.dist.sum_values)
     else:
         train_loss, val_loss = evaluate(run)
         losses = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}

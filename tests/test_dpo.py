@@ -7,12 +7,15 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_distributed import _free_port, _torchrun_env
 from test_resume import interrupt_after
 from tiny_runs import assert_same_params, cli_error, params, tiny
 
@@ -20,7 +23,6 @@ from gpt import trainer
 from gpt.answers import answer
 from gpt.checkpoint import load_model, save_model
 from gpt.config import GPTConfig
-from gpt.distributed import Dist
 from gpt.dpo import (
     cache_reference,
     dpo_losses,
@@ -30,12 +32,10 @@ from gpt.dpo import (
     pair_loss,
     sequence_logps,
 )
-from gpt.errors import UserError
 from gpt.generate_cli import run_generation
 from gpt.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
 from gpt.model import GPT
 from gpt.preference import PreferenceDataset, PreferencePair, pair_collate
-from gpt.record_data import run_loaders
 from gpt.records import format_prompt
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.train_config import TrainConfig
@@ -369,7 +369,39 @@ def test_a_reference_without_dpo_is_refused(tmp_path, capsys) -> None:
     assert "--reference is the reference model of --objective dpo" in err
 
 
-def test_dpo_under_torchrun_is_refused_in_one_line(tmp_path, pairs_file, init_dir) -> None:
-    cfg = dpo_run(tmp_path, pairs_file, init_dir)
-    with pytest.raises(UserError, match=r"--objective dpo runs in one process for now .* without torchrun"):
-        run_loaders(cfg, 128, None, dist=Dist(rank=0, world_size=2))
+# ---- under torchrun -------------------------------------------------------------------------------
+
+
+def _dpo_rank(rank: int, port: int, runs: dict[str, TrainConfig]) -> None:
+    """One rank of the 2-rank DPO runs (gloo, batch 2 per rank), one after the other."""
+    os.environ.update(_torchrun_env(rank, port))
+    torch.set_num_threads(1)
+    for name, cfg in runs.items():
+        result = train(cfg)
+        (Path(cfg.out) / f"{name}.{rank}.json").write_text(json.dumps(result.step_losses))
+
+
+def test_two_ranks_of_dpo_equal_one_process_with_twice_the_batch(tmp_path, pairs_file, init_dir) -> None:
+    # 18 training pairs: 4 global batches of 4 and one of 2 (a pair on each rank); 6 validation
+    # pairs: batches of 4 and 2 in one process, so each rank's mean differs from the global one.
+    # A learning rate that keeps the losses well above 0, where float32 rounding is relatively small.
+    common = dict(max_steps=6, val_fraction=0.25, eval_iters=4, lr=1e-3)
+    one = train(dpo_run(tmp_path, pairs_file, init_dir, run_name="one", **common))
+    runs = {parallel: dpo_run(tmp_path, pairs_file, init_dir, batch_size=2, parallel=parallel,
+                              run_name=parallel, **common) for parallel in ("ddp", "fsdp")}
+    mp.start_processes(_dpo_rank, args=(_free_port(), runs), nprocs=2, start_method="spawn")
+    assert len(set(one.step_losses.values())) == 6  # the weights moved: not log 2 at every step
+    reference = rows(one.run_dir)
+    for name in runs:
+        ranks = [{int(step): loss for step, loss in json.loads((tmp_path / f"{name}.{r}.json").read_text())
+                  .items()} for r in range(2)]
+        assert ranks[0] == ranks[1] and len(ranks[0]) == 6, name  # one loss, all-reduced
+        assert ranks[0] == pytest.approx(one.step_losses, rel=1e-5), name
+        logged = rows(tmp_path / name)
+        assert [row["step"] for row in logged] == [row["step"] for row in reference] == ["0", "3", "6"]
+        for column in ("train_loss", "val_loss", *DPO_COLUMNS):
+            assert [float(row[column]) for row in logged] == pytest.approx(
+                [float(row[column]) for row in reference], rel=1e-5, abs=1e-5), (name, column)
+        two_params = params(load_model(tmp_path / name / "last"))
+        for key, value in params(load_model(one.run_dir / "last")).items():
+            torch.testing.assert_close(two_params[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")

@@ -4,6 +4,7 @@
     configure_device(device)          make a GPU current, let float32 matmuls use TF32 on it
     training_dtype / decoding_dtype   what `--dtype auto` means for each job (they differ: see each)
     autocast(device, dtype)           mixed precision, or nothing for float32
+    eval_mode(model)                  a block run in eval mode (no dropout), the model's mode restored after
     load_scaler_state(scaler, state)  a saved float16 loss scale, or a fresh one where none was saved
     skipped_step_note(scaler, step)   a float16 step the scaler skipped, as a line; a collapsed scale stops
     device_rng_state(device)          the random generator of the device in use, to save and restore
@@ -20,7 +21,7 @@ import ctypes.util
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -131,6 +132,26 @@ def decoding_dtype(name: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
     """Mixed precision for `dtype` on `device`; float32 means no autocast (full precision)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class Switchable(Protocol):
+    """A model with a training mode (`torch.nn.Module` and `gpt.loss.LanguageModel` are)."""
+
+    training: bool
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+@contextlib.contextmanager
+def eval_mode(model: Switchable) -> Iterator[None]:
+    """Run the block with `model` in eval mode (no dropout), then put it back in the mode it was in,
+    even on an error: evaluation, decoding and analysis may be called in the middle of training."""
+    was_training = model.training
+    model.train(False)
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from gpt.config import GPTConfig
-from gpt.device import autocast
+from gpt.device import autocast, eval_mode
 from gpt.errors import UserError
 from gpt.loss import IGNORE_INDEX, at_least_float32
 from gpt.metrics import DPO_COLUMNS
@@ -145,14 +145,10 @@ def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
     "rejected_logp" (the responses' mean log-probabilities under `model`). `all_reduce` sums the
     totals and the pair count over the ranks of a data-parallel run (`gpt.distributed.Dist.sum_values`),
     each of which read its own pairs: the means are then over all of them, the same on every rank."""
-    was_training = model.training
-    model.train(False)
-    try:
+    with eval_mode(model):
         logps, references = zip(*((batch_logps(model, inputs, targets, dtype).view(2, -1),
                                    reference.view(2, -1)) for inputs, targets, reference in loader),
                                 strict=True)
-    finally:
-        model.train(was_training)
     policy, reference = torch.cat(logps, dim=1).cpu(), torch.cat(references, dim=1)  # (2, pairs) each
     losses, rewards = dpo_losses(policy.flatten(), reference.flatten(), beta)
     chosen, rejected = rewards.chunk(2)

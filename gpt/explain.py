@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt.device import pick_device
+from gpt.device import eval_mode, pick_device
 from gpt.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.evaluate import add_model_flags, require_two_tokens
 from gpt.generate_cli import load_for_generation
@@ -74,13 +74,8 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
     if top < 0:
         raise UserError(f"--top must be 0 or more, got {top}")
     inputs, targets = ids[:-1], ids[1:].cpu()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(inputs[None])[0].float().cpu()  # (T, V)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        logits = model(inputs[None])[0].float().cpu()  # (T, V)
     logp = F.log_softmax(logits, dim=-1)
     logp_target = logp.gather(1, targets[:, None])  # (T, 1)
     ranks = (logp > logp_target).sum(dim=-1) + 1

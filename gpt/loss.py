@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt.device import autocast
+from gpt.device import autocast, eval_mode
 from gpt.errors import UserError
 
 if TYPE_CHECKING:  # gpt.model imports this module
@@ -191,22 +191,17 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
     evaluated its own batches: the mean is then over all of them.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.train(False)
     total, count = 0.0, 0
-    try:
-        with torch.no_grad(), autocast(device, dtype):
-            for i, (x, y) in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, y = x.to(device), y.to(device)
-                n = int((y != IGNORE_INDEX).sum())
-                if n == 0:  # a batch of nothing but ignored targets has no loss (lm_loss: NaN)
-                    continue
-                total += (loss or model.loss)(x, y, chunk_size=chunk_size).item() * n
-                count += n
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), autocast(device, dtype):
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            n = int((y != IGNORE_INDEX).sum())
+            if n == 0:  # a batch of nothing but ignored targets has no loss (lm_loss: NaN)
+                continue
+            total += (loss or model.loss)(x, y, chunk_size=chunk_size).item() * n
+            count += n
     total, tokens = all_reduce([total, count]) if all_reduce else (total, count)
     if tokens == 0:
         raise ValueError("evaluate_loss: the loader gave no target tokens to average over")

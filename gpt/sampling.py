@@ -27,7 +27,7 @@ from typing import TypeVar, cast
 import torch
 from torch import Tensor
 
-from gpt.device import autocast
+from gpt.device import autocast, eval_mode
 from gpt.errors import UserError
 from gpt.model import GPT, KVCache
 from gpt.tokenizer import ENDOFTEXT, get_tokenizer
@@ -180,9 +180,7 @@ def _stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, to
             generator: torch.Generator | None) -> Iterator[Tensor]:
     if max_new_tokens == 0:
         return
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         session = DecodeSession(model, use_cache)
         logits = session.start(idx)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -195,8 +193,6 @@ def _stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, to
             if i + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 return
             logits = session.step(token)
-    finally:
-        model.train(was_training)
 
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 0.0,

@@ -10,7 +10,7 @@ Perplexity, exp(loss), reads as "the model is as unsure as a uniform choice amon
 
 The variants a run may train with instead (label smoothing, focal loss, distillation from a teacher)
 are at the end, gathered by `Objective`, which also selects preference tuning (DPO, `gpt.dpo`); the
-LM head can also be run in chunks (`head_loss`).
+LM head and the loss run fused, optionally in chunks (`head_loss`).
 """
 
 from __future__ import annotations
@@ -64,94 +64,111 @@ def at_least_float32(logits: Tensor) -> Tensor:
 
 def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0,
               vocab_size: int | None = None) -> Tensor:
-    """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, optionally without materialising them.
+    """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, without ever holding them in float32.
 
     hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count (the
-    rest belong to padding rows of the head; default: all V). With `chunk_size` 0 this is
-    `lm_loss(F.linear(hidden, head_weight)[..., :vocab_size], targets)`: the (..., V) logits exist in
-    full, in float32 too (inside `lm_loss`) and again as their gradient, ~3 x 411 MB for a batch of
-    8 x 256 tokens. The padding rows are left out of the matmul rather than their logits sliced off
-    its result: the logits' gradient then need not be padded back out in backward (a zero-filled
-    copy as large as the logits).
-    With `chunk_size` N the head and the loss run N positions at a time (`ChunkedHeadLoss`): at most
-    N x V float32 values live at once, and the gradient kept for backward is (positions, V) in the
-    compute dtype (bf16 under autocast); without gradients (under `torch.no_grad()`) only the
-    loss is computed. Same loss and gradients up to float rounding.
+    rest belong to padding rows of the head; default: all V): the padding rows are left out of the
+    matmul, so they get neither logits nor gradient. The same loss and gradients as `lm_loss(
+    F.linear(hidden, head_weight)[..., :vocab_size], targets)` up to float rounding, faster and in less
+    memory (`HeadLoss`): that one holds the (..., V) logits in the compute dtype, again in float32 and
+    again as each of their gradients, ~4 x 411 MB for a batch of 8 x 256 tokens, and runs a pass over
+    all of them for each step of the softmax.
+    With `chunk_size` 0 the head is one matmul over all positions; with N, it runs N positions at a
+    time and its logits never exist whole (only their gradient does, in the compute dtype); without
+    gradients (under `torch.no_grad()`), only the loss is computed.
     """
     vocab_size = head_weight.size(0) if vocab_size is None else vocab_size
-    if chunk_size == 0:
-        return lm_loss(F.linear(hidden, head_weight[:vocab_size]), targets)  # rows: a contiguous view
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # autocast would run the head in this dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, head_weight = hidden.to(dtype), head_weight.to(dtype)
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))  # and `HeadLoss` casts the weight
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
-    return ChunkedHeadLoss.apply(hidden.flatten(0, -2), head_weight, targets.flatten(), chunk_size,
-                                 vocab_size, with_grad)
+    return HeadLoss.apply(hidden.flatten(0, -2), head_weight, targets.flatten(), chunk_size,
+                          vocab_size, with_grad)
 
 
-class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, `chunk` rows at a time.
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, its gradient made in forward.
 
     The gradient of the mean cross-entropy with respect to row i's logits is
     (softmax(logits_i) - onehot(target_i)) / n for the n counted rows, and 0 for ignored ones. The
-    forward pass computes g = softmax - onehot chunk by chunk while the chunk's logits are at hand, in
-    place of them, and turns it into g @ weight (for `hidden`'s gradient) straight away; `weight`'s
-    gradient (g.T @ hidden) is one matmul over all rows in backward. Nothing of size (rows, V) is kept
-    but g, in the compute dtype.
+    forward pass writes the logits into a buffer and turns them into g = softmax - onehot there,
+    `SOFTMAX_ROWS` rows at a time; then g @ weight (`hidden`'s gradient but for the row factors) is
+    one matmul, and `weight`'s gradient g.T @ hidden one more in backward. Nothing of size (rows, V)
+    is kept but g, in the compute dtype. With a `chunk` of rows, the head's matmuls run that many rows
+    at a time (0: all at once). 1/n, the incoming gradient (which carries a loss scale) and the 0 of
+    ignored rows are applied in backward, in float32, to the (rows, C) operands: no pass over g.
 
-    g is kept times `GRAD_HEADROOM`, not divided by n: in float16 a probability divided by the row
-    count (1/50257/16384 for GPT-2 at 16 x 1024 tokens) is below float16's smallest number and would
-    be stored as 0 before the loss scaler could act, zeroing whole rows of the head's gradient. 1/n
-    and the incoming gradient (which carries the loss scale) are applied in backward, in float32, to
-    the (rows, C) operands rather than to g, so backward adds no pass over (rows, V).
+    In float16, g is kept times `GRAD_HEADROOM`: a probability as small as 1/V of GPT-2's vocabulary
+    would otherwise be a subnormal float16 number, with fewer bits, or 0 (with the 1/n applied, whole
+    rows of the head's gradient would be zero before the loss scaler could act).
     """
 
     GRAD_HEADROOM = 2.0**8
-    """A power of two, so exact in any float format. Times it, a probability as small as 1/V of GPT-2's
-    vocabulary is a normal float16 number (unscaled it would be subnormal, with fewer bits), while
-    g @ weight, at most 2 x 256 x max|weight|, stays far below float16's largest number (65504). It
-    changes nothing in bf16 or float32, whose range is float32's."""
+    """A power of two, so exact in any float format. Times it, 1/50257 is a normal float16 number,
+    while g @ weight, at most 2 x 256 x max|weight|, stays far below float16's largest (65504)."""
+
+    SOFTMAX_ROWS = 8
+    """Rows whose softmax is taken at a time. 8 rows of GPT-2's 50257 logits in float32 are 1.6 MB,
+    which stay in a core's cache through the cast, log-softmax, exp and one-hot: the logits then
+    cross main memory about twice (written by the matmul, read back and overwritten by g) instead of
+    once per step of the softmax, its backward and the casts around them."""
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor,
                 targets: Tensor, chunk: int, vocab_size: int, with_grad: bool) -> Tensor:
+        rows = hidden.size(0)
+        chunk = chunk or max(rows, 1)
+        head = weight[:vocab_size].to(hidden.dtype)  # (V, C), contiguous rows, in the compute dtype
         counted = targets != IGNORE_INDEX  # (N,)
-        count = counted.sum()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        if with_grad:  # without (evaluation), nothing of size (N, V) is made at all
-            row_factor = counted[:, None] * ChunkedHeadLoss.GRAD_HEADROOM  # (N, 1): 0 for ignored rows
-            grad_logits = hidden.new_empty(hidden.size(0), weight.size(0))
-            grad_logits[:, vocab_size:] = 0  # padding rows of the head: no logits, no gradient
+        target = targets.clamp(min=0)[:, None]  # (N, 1): ignored rows point at token 0, weight 0
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # float64 for gradcheck
+        target_logp = torch.empty(rows, 1, dtype=accumulate, device=hidden.device)  # (N, 1)
+        headroom = HeadLoss.GRAD_HEADROOM if hidden.dtype == torch.float16 else 1.0
+        minus_one = torch.full((HeadLoss.SOFTMAX_ROWS, 1), -headroom, dtype=accumulate, device=hidden.device)
+        if with_grad:  # without (evaluation), nothing of size (N, V) is kept
+            grad_logits = hidden.new_empty(rows, vocab_size)
             grad_hidden = torch.empty_like(hidden)
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes were chosen by the caller
-            for start in range(0, hidden.size(0), chunk):
-                rows = slice(start, start + chunk)
-                logits = (hidden[rows] @ weight.t())[:, :vocab_size].float()  # (n, V)
-                target = targets[rows].clamp(min=0)[:, None]  # ignored rows point at token 0, weight 0
-                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-                loss_sum += ((log_norm - logits.gather(1, target)) * counted[rows, None]).sum()
+            for first in range(0, rows, chunk):
+                part = slice(first, first + chunk)
                 if with_grad:
-                    # In place, the logits become g: softmax, minus the one-hot, times the row's factor.
-                    grad = logits.sub_(log_norm).exp_().scatter_add_(1, target, -torch.ones_like(log_norm))
-                    grad_logits[rows, :vocab_size] = grad.mul_(row_factor[rows])
-                    torch.mm(grad_logits[rows], weight, out=grad_hidden[rows])
+                    logits = torch.mm(hidden[part], head.t(), out=grad_logits[part])  # (n, V)
+                else:
+                    logits = hidden[part] @ head.t()
+                with torch.profiler.record_function("cross_entropy_blocks"):  # named for profile_train
+                    for top in range(0, logits.size(0), HeadLoss.SOFTMAX_ROWS):
+                        end = min(top + HeadLoss.SOFTMAX_ROWS, logits.size(0))
+                        block, at = slice(top, end), slice(first + top, first + end)  # in the chunk, in all
+                        logp = torch.log_softmax(logits[block].to(accumulate), dim=-1)
+                        torch.gather(logp, 1, target[at], out=target_logp[at])
+                        if with_grad:  # the block's logits become g: softmax minus the one-hot
+                            grad = logp.exp_().mul_(headroom) if headroom != 1 else logp.exp_()
+                            logits[block] = grad.scatter_add_(1, target[at], minus_one[:end - top])
+                if with_grad:
+                    torch.mm(grad_logits[part], head, out=grad_hidden[part])
+        count = counted.sum()
         if with_grad:
-            ctx.save_for_backward(grad_logits, grad_hidden, hidden, count)
-        return loss_sum / count
+            ctx.save_for_backward(grad_logits, grad_hidden, hidden, counted, count)
+            ctx.padding, ctx.headroom, ctx.weight_dtype = weight.size(0) - vocab_size, headroom, weight.dtype
+        return -(target_logp * counted[:, None]).sum() / count
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor,
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
-        grad_logits, grad_hidden, hidden, count = ctx.saved_tensors
-        # All-ignored targets give a NaN loss but zero gradients (g is 0 on every row).
-        scale = grad_loss.float() / (count.clamp(min=1) * ChunkedHeadLoss.GRAD_HEADROOM)
+        grad_logits, grad_hidden, hidden, counted, count = ctx.saved_tensors
+        # All-ignored targets give a NaN loss but zero gradients (every row's factor is 0).
+        row_scale = counted[:, None] * (grad_loss.float() / (count.clamp(min=1) * ctx.headroom))  # (N, 1)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # (C, N) @ (N, V), then transposed: faster on a CPU than (V, N) @ (N, C), whose left
-            # operand would be a transposed view.
-            grad_weight = ((hidden.float() * scale).to(hidden.dtype).t() @ grad_logits).t()  # (V, C)
-        return (grad_hidden.float() * scale).to(hidden.dtype), grad_weight, None, None, None, None
+            # (V, N) @ (N, C): the result is laid out as the weight is, so it is cast to the weight's
+            # dtype in one contiguous pass, and becomes its .grad without a copy. (C, N) @ (N, V),
+            # transposed, takes as long but leaves a transposed gradient, which the cast and the
+            # gradient's accumulation then read across rows: 2.5x the time for GPT-2's 50257 x 768.
+            scaled = (hidden.float() * row_scale).to(hidden.dtype)  # (N, C)
+            grad_weight = (grad_logits.t() @ scaled).to(ctx.weight_dtype)  # (V, C)
+            if ctx.padding:  # the padding rows of the head get a zero gradient
+                grad_weight = F.pad(grad_weight, (0, 0, 0, ctx.padding))
+        return (grad_hidden.float() * row_scale).to(hidden.dtype), grad_weight, None, None, None, None
 
 
 def perplexity(loss: float) -> float:

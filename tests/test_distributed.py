@@ -166,9 +166,14 @@ def losses(result: dict) -> dict[int, float]:
 
 
 def assert_close_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Weights after AdamW steps, equal up to float32 rounding. AdamW divides a gradient by its own
+    size plus eps (1e-8), so an element whose gradient sums to about eps from cancelling terms (the
+    head's row of a token that never appears in the records) moves by up to lr x its rounding / eps:
+    7.5e-6 was seen with one summation order of the head's gradient, 1.6e-5 with another. A real
+    error in a gradient or its normalisation moves the weights by about lr (2e-3) per step."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 @pytest.fixture(scope="module")

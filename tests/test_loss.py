@@ -118,15 +118,17 @@ def test_head_loss_equals_cross_entropy_of_the_full_logits(chunk_size: int) -> N
     torch.testing.assert_close(w.grad, 2.5 * expected_dw)
 
 
-def test_chunked_head_loss_under_bf16_autocast_is_close_to_float32() -> None:
+@pytest.mark.parametrize("chunk_size", [0, 50])
+def test_head_loss_under_bf16_autocast_is_close_to_float32(chunk_size: int) -> None:
     hidden, weight = torch.randn(4, 64, 32), 0.3 * torch.randn(500, 32)
     targets = torch.randint(0, 500, (4, 64))
     expected_loss, expected_dh, expected_dw = reference_head_loss(hidden, weight, targets)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = head_loss(h, w, targets, chunk_size=50)
+        loss = head_loss(h, w, targets, chunk_size=chunk_size)
     loss.backward()
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32  # fp32 master weights' grads
+    assert w.grad.is_contiguous()  # laid out as the weight: no transposed copy on its way to .grad
     torch.testing.assert_close(loss, expected_loss, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(h.grad, expected_dh, rtol=5e-2, atol=2e-4)
     torch.testing.assert_close(w.grad, expected_dw, rtol=5e-2, atol=2e-4)

@@ -68,7 +68,7 @@ def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: 
 
     hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count (the
     rest belong to padding rows of the head; default: all V): the padding rows are left out of the
-    matmul, so they get neither logits nor gradient. The same loss and gradients as `lm_loss(
+    matmul: they get no logits, and a zero gradient. The same loss and gradients as `lm_loss(
     F.linear(hidden, head_weight)[..., :vocab_size], targets)` up to float rounding, faster and in less
     memory (`HeadLoss`): that one holds the (..., V) logits in the compute dtype, again in float32 and
     again as each of their gradients, ~4 x 411 MB for a batch of 8 x 256 tokens, and runs a pass over

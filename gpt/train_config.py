@@ -205,9 +205,10 @@ class TrainConfig:
     """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
     BENCHMARKS.md)."""
     loss_chunk: int = 0
-    """Run the LM head and the loss this many positions at a time, in training and evaluation, never
-    holding a whole batch of logits (less memory; 0 = the whole batch at once, measured faster on a
-    CPU: BENCHMARKS.md)."""
+    """Run the LM head's matmuls and loss this many positions at a time (0 = the whole batch at once).
+    In evaluation only this many positions' logits exist at once; in training the logits' gradient
+    (positions x vocabulary, in the compute dtype) exists whole either way (see `gpt.loss.head_loss`;
+    speed in BENCHMARKS.md)."""
     keep_freed_memory: bool = True
     """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
     after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).

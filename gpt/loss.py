@@ -163,7 +163,7 @@ class HeadLoss(torch.autograd.Function):
             # (V, N) @ (N, C): the result is laid out as the weight is, so it is cast to the weight's
             # dtype in one contiguous pass, and becomes its .grad without a copy. (C, N) @ (N, V),
             # transposed, takes as long but leaves a transposed gradient, which the cast and the
-            # gradient's accumulation then read across rows: 2.5x the time for GPT-2's 50257 x 768.
+            # gradient's accumulation then each copy across rows (BENCHMARKS.md: the profile).
             scaled = (hidden.float() * row_scale).to(hidden.dtype)  # (N, C)
             grad_weight = (grad_logits.t() @ scaled).to(ctx.weight_dtype)  # (V, C)
             if ctx.padding:  # the padding rows of the head get a zero gradient

@@ -83,8 +83,8 @@ def as_factor(keep: Tensor) -> Tensor:
     """A boolean mask as 1s and 0s to multiply by, the same bytes seen as uint8.
 
     x * mask is `torch.where(mask, x, 0)` for finite x, but on a CPU a product with a uint8 tensor runs
-    vectorised, 4-6x faster than `where` or a product with the bool tensor itself (the largest cost
-    of GPT-2's attention dropout, forward and backward, before this).
+    vectorised, several times faster than `where` or a product with the bool tensor itself, which
+    were the largest cost of GPT-2's attention dropout, forward and backward (BENCHMARKS.md).
     """
     return keep.view(torch.uint8)
 

@@ -200,6 +200,19 @@ def test_dropout_module_zeroes_with_the_mask_and_scales_the_rest_in_training_onl
     assert torch.equal(Dropout(p).eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_keeps_the_dtype_and_equals_where_with_its_mask(dtype: torch.dtype) -> None:
+    """The mask is applied as a product with its bytes as uint8 (`as_factor`): the same numbers as
+    `torch.where(keep, x, 0)`, in x's dtype, also for attention's weights."""
+    x = torch.randn(2, 3, 16, 16).to(dtype)
+    torch.manual_seed(1)
+    y = Dropout(0.3)(x)
+    torch.manual_seed(1)
+    keep = dropout_keep_mask(x.shape, 0.3, x.device)
+    assert y.dtype == dtype
+    assert torch.equal(y, torch.where(keep, x / (1 - 0.3), 0.0).to(dtype))
+
+
 def test_causality_future_tokens_do_not_change_past_logits() -> None:
     model = GPT(TINY).eval()
     idx = torch.randint(0, TINY.vocab_size, (1, 20))

@@ -92,7 +92,7 @@ class HeadLoss(torch.autograd.Function):
     The gradient of the mean cross-entropy with respect to row i's logits is
     (softmax(logits_i) - onehot(target_i)) / n for the n counted rows, and 0 for ignored ones. The
     forward pass writes the logits into a buffer and turns them into g = softmax - onehot there,
-    `SOFTMAX_ROWS` rows at a time; then g @ weight (`hidden`'s gradient but for the row factors) is
+    `block_rows` rows at a time; then g @ weight (`hidden`'s gradient but for the row factors) is
     one matmul, and `weight`'s gradient g.T @ hidden one more in backward. Nothing of size (rows, V)
     is kept but g, in the compute dtype. With a `chunk` of rows, the head's matmuls run that many rows
     at a time (0: all at once). 1/n, the incoming gradient (which carries a loss scale) and the 0 of
@@ -107,11 +107,20 @@ class HeadLoss(torch.autograd.Function):
     """A power of two, so exact in any float format. Times it, 1/50257 is a normal float16 number,
     while g @ weight, at most 2 x 256 x max|weight|, stays far below float16's largest (65504)."""
 
-    SOFTMAX_ROWS = 8
-    """Rows whose softmax is taken at a time. 8 rows of GPT-2's 50257 logits in float32 are 1.6 MB,
-    which stay in a core's cache through the cast, log-softmax, exp and one-hot: the logits then
-    cross main memory about twice (written by the matmul, read back and overwritten by g) instead of
-    once per step of the softmax, its backward and the casts around them."""
+    CPU_BLOCK_ROWS = 8
+    """Rows whose softmax is taken at a time on a CPU. 8 rows of GPT-2's 50257 logits in float32 are
+    1.6 MB, which stay in a core's cache through the cast, log-softmax, exp and one-hot: the logits
+    then cross main memory about twice (written by the matmul, read back and overwritten by g)
+    instead of once per step of the softmax, its backward and the casts around them."""
+
+    GPU_BLOCK_ROWS = 1024
+    """The same on a GPU, where each block's half-dozen kernel launches, not the cache, set the size:
+    16 x 1024 positions take 16 blocks of launches instead of 2048, and a block's float32 copy (1024 x
+    50257, 206 MB) stays small next to the bf16 logits. Not measured (no GPU was at hand)."""
+
+    @staticmethod
+    def block_rows(device: torch.device) -> int:
+        return HeadLoss.CPU_BLOCK_ROWS if device.type == "cpu" else HeadLoss.GPU_BLOCK_ROWS
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor,
@@ -124,7 +133,8 @@ class HeadLoss(torch.autograd.Function):
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # float64 for gradcheck
         target_logp = torch.empty(rows, 1, dtype=accumulate, device=hidden.device)  # (N, 1)
         headroom = HeadLoss.GRAD_HEADROOM if hidden.dtype == torch.float16 else 1.0
-        minus_one = torch.full((HeadLoss.SOFTMAX_ROWS, 1), -headroom, dtype=accumulate, device=hidden.device)
+        block_rows = HeadLoss.block_rows(hidden.device)
+        minus_one = torch.full((block_rows, 1), -headroom, dtype=accumulate, device=hidden.device)
         if with_grad:  # without (evaluation), nothing of size (N, V) is kept
             grad_logits = hidden.new_empty(rows, vocab_size)
             grad_hidden = torch.empty_like(hidden)
@@ -136,8 +146,8 @@ class HeadLoss(torch.autograd.Function):
                 else:
                     logits = hidden[part] @ head.t()
                 with torch.profiler.record_function("cross_entropy_blocks"):  # named for profile_train
-                    for top in range(0, logits.size(0), HeadLoss.SOFTMAX_ROWS):
-                        end = min(top + HeadLoss.SOFTMAX_ROWS, logits.size(0))
+                    for top in range(0, logits.size(0), block_rows):
+                        end = min(top + block_rows, logits.size(0))
                         block, at = slice(top, end), slice(first + top, first + end)  # in the chunk, in all
                         logp = torch.log_softmax(logits[block].to(accumulate), dim=-1)
                         torch.gather(logp, 1, target[at], out=target_logp[at])

@@ -9,6 +9,7 @@ from gpt.config import GPTConfig
 from gpt.errors import UserError, run_cli
 from gpt.loss import (
     IGNORE_INDEX,
+    HeadLoss,
     Objective,
     distillation_kl,
     evaluate_loss,
@@ -116,6 +117,22 @@ def test_head_loss_equals_cross_entropy_of_the_full_logits(chunk_size: int) -> N
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(h.grad, 2.5 * expected_dh)
     torch.testing.assert_close(w.grad, 2.5 * expected_dw)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, HeadLoss.GPU_BLOCK_ROWS])
+def test_head_loss_is_the_same_for_any_block_of_softmax_rows(monkeypatch, block_rows: int) -> None:
+    """The softmax runs `block_rows` rows at a time (8 on a CPU, 1024 on a GPU: run here on a CPU)."""
+    monkeypatch.setattr(HeadLoss, "CPU_BLOCK_ROWS", block_rows)
+    hidden, weight = torch.randn(3, 37, 16), torch.randn(101, 16)
+    targets = torch.randint(0, 101, (3, 37))
+    targets[1, 3:9] = IGNORE_INDEX
+    expected_loss, expected_dh, expected_dw = reference_head_loss(hidden, weight, targets)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = head_loss(h, w, targets, chunk_size=10)
+    loss.backward()
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(h.grad, expected_dh)
+    torch.testing.assert_close(w.grad, expected_dw)
 
 
 @pytest.mark.parametrize("chunk_size", [0, 50])

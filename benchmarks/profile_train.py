@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_train import batches, machine, matmul_gflops
+from bench_train import batches, machine, matmul_gflops, synchronize
 from torch.autograd.profiler_util import FunctionEvent
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -103,7 +103,7 @@ class RecordMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def product_flops(func: Any, specs: list[Any]) -> int:
+def product_flops(specs: list[Any]) -> int:
     """2 m k n (times the batch for bmm) of one recorded product; addmm's first operand is the bias."""
     left, right = specs[-2][0], specs[-1][0]
     return 2 * left.numel() * right[-1]
@@ -120,14 +120,13 @@ def replay_seconds(calls: list[tuple[Any, list[Any]]], device: torch.device, rep
         start = time.perf_counter()
         for (func, _), args in zip(calls, operands, strict=True):
             func(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def build(shape: str, device: str, drop_rate: float | None, out: str) -> tuple[Any, list[Any]]:
-    """`setup` in `python train.py`'s defaults for `shape`, and random batches for it."""
+def build(shape: str, device: str, drop_rate: float | None, out: str, count: int) -> tuple[Any, list[Any]]:
+    """`setup` in `python train.py`'s defaults for `shape`, and `count` random batches for it."""
     from gpt.train_config import TrainConfig
     from gpt.trainer import setup
 
@@ -138,7 +137,8 @@ def build(shape: str, device: str, drop_rate: float | None, out: str) -> tuple[A
                       run_name="profile", sample_tokens=0, **extra)
     filler = np.zeros(2 * (settings["context_length"] + 1) * settings["batch_size"], dtype=np.uint16)
     run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
-    return run, batches(run.model.config.vocab_size, settings["batch_size"], settings["context_length"], 8)
+    data = batches(run.model.config.vocab_size, settings["batch_size"], settings["context_length"], count)
+    return run, data
 
 
 def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int) -> dict[str, float]:
@@ -146,7 +146,7 @@ def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int)
     from gpt.trainer import train_step
 
     with tempfile.TemporaryDirectory() as out:
-        run, data = build(shape, device, drop_rate, out)
+        run, data = build(shape, device, drop_rate, out, count=8)
         train_step(run, [data[0]])  # the first step may differ (optimizer state, caches)
         recorder = RecordMatmuls()
         with recorder:
@@ -156,13 +156,12 @@ def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int)
         for x, y in data[2:]:  # the real step, unprofiled, best of six
             start = time.perf_counter()
             train_step(run, [(x, y)])
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(run.device)
             step = min(step, time.perf_counter() - start)
         cfg, tokens = run.model.config, data[1][0].numel()
         params = run.model.num_parameters() - run.model.pos_emb.weight.numel()
     return {"seconds": seconds, "step": step, "products": len(recorder.calls),
-            "flops": sum(product_flops(*call) for call in recorder.calls),
+            "flops": sum(product_flops(specs) for _, specs in recorder.calls),
             "model_flops": (6 * params + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim) * tokens}
 
 
@@ -172,8 +171,7 @@ def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: f
     from gpt.trainer import train_step
 
     with tempfile.TemporaryDirectory() as out:
-        run, data = build(shape, device, drop_rate, out)
-        data = [data[i % len(data)] for i in range(warmup + steps)]
+        run, data = build(shape, device, drop_rate, out, count=warmup + steps)
         for x, y in data[:warmup]:
             train_step(run, [(x, y)])
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -182,8 +180,7 @@ def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: f
         with torch.profiler.profile(activities=activities) as prof:
             for x, y in data[warmup:]:
                 train_step(run, [(x, y)])
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(run.device)
     by_kind: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
     on_gpu = run.device.type == "cuda"

@@ -5,8 +5,8 @@
     python generate.py --init gpt2 --top-p 0.9 --num-samples 3 --seed 1
 """
 
-from gpt.errors import run_cli
-from gpt.generate_cli import main
+from gpt.base.errors import run_cli
+from gpt.cli.generate import main
 
 if __name__ == "__main__":
     run_cli(main)

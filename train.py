@@ -4,8 +4,8 @@ With no flags it trains the `mini` preset on the built-in corpus (offline, a few
 writes runs/<start time>/ with metrics.csv, loss.png and the checkpoints best/ and last/.
 """
 
-from gpt.errors import run_cli
-from gpt.train_cli import main
+from gpt.base.errors import run_cli
+from gpt.cli.train import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -4,7 +4,7 @@
 
 For each preset: a model (the book's untied head for gpt2-small, as recipes/book-ch5.toml trains it)
 and AdamW state after one real step, so the checkpoint holds what a training run's last/ holds
-(weights and both moments). Then `--saves` saves of last/ through `gpt.saver.CheckpointSaver`, each
+(weights and both moments). Then `--saves` saves of last/ through `gpt.checkpoints.saver.CheckpointSaver`, each
 followed by the same fixed number of real training steps of that model (batch 2, context 256, as the
 book's run; as many as take `--work` seconds alone). What a save costs is the loop's extra time:
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from gpt.optim import build_optimizer
-from gpt.saver import CheckpointSaver
+from gpt.checkpoints.saver import CheckpointSaver
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.training.optim import build_optimizer
 
 
 def trained(preset: str) -> tuple[GPT, torch.optim.Optimizer, Callable[[], None]]:

@@ -40,8 +40,8 @@ def rss_mb() -> dict[str, float]:
 
 
 def child_tokenize(path: Path, data_dir: Path) -> dict[str, Any]:
-    from gpt.token_cache import load_tokens
-    from gpt.tokenizer import get_tokenizer
+    from gpt.data.token_cache import load_tokens
+    from gpt.model.tokenizer import get_tokenizer
 
     get_tokenizer()  # built before the clock starts: a one-off cost, not per-megabyte
     baseline = peak_rss_bytes() / MB
@@ -56,7 +56,7 @@ def child_tokenize(path: Path, data_dir: Path) -> dict[str, Any]:
 def child_dataset(path: Path, tokens: int, context: int, stride: int, batches: int) -> dict[str, Any]:
     import numpy as np
 
-    from gpt.data import create_dataloader
+    from gpt.data.windows import create_dataloader
 
     ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(tokens,))
     before = rss_mb()

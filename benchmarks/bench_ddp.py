@@ -47,8 +47,8 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of a case (under torchrun): time the steps, then rank 0 prints every rank's numbers."""
     import torch.distributed as dist
 
-    from gpt.train_config import TrainConfig
-    from gpt.trainer import setup, train_step
+    from gpt.training.settings import TrainConfig
+    from gpt.training.trainer import setup, train_step
 
     shape = SHAPES[args.shape]
     world = int(os.environ["WORLD_SIZE"])

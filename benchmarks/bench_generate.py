@@ -1,15 +1,15 @@
-"""Decoding speed: new tokens/s of `gpt.sampling.generate` next to Hugging Face `generate`, same weights.
+"""Decoding speed: new tokens/s of `gpt.model.sampling.generate` next to Hugging Face `generate`, same weights.
 
 GPT-2 small shapes (or another `--preset`) with random weights (no download), a 32-token prompt,
 top-k 50 sampling, batch 1, with and without the KV cache, and with the cache with both compiled
 the same way (`compile_for_decoding`: inductor with frozen weights; for HF, its `forward`), compile
 times shown, in each dtype and thread count. Both
-implementations get the same weights (converted with `gpt.weights.gpt_to_hf_state_dict`), dtype and
+implementations get the same weights (converted with `gpt.checkpoints.weights.gpt_to_hf_state_dict`), dtype and
 threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
 machine the absolute numbers move with the load, and with 2+ threads so does the ratio. A second
 table shows what bounds a cached step: the memory's read bandwidth against the speed of the weight
 products alone (see `memory_floor`). A third times our decoding with each weight format of
-`gpt.quantize` (bf16 as loaded, prepacked, int8 with and without the LM head) against HF's bf16,
+`gpt.model.quantize` (bf16 as loaded, prepacked, int8 with and without the LM head) against HF's bf16,
 and its share of the read floor. With `--perplexity-checkpoint`, a fourth compares the perplexity of
 a trained checkpoint in each format (`perplexity_table`).
 
@@ -35,11 +35,11 @@ import transformers
 from machine import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from gpt.quantize import Int8Linear, PackedLinear, can_prepack, prepare_for_decoding
-from gpt.sampling import compile_for_decoding, generate
-from gpt.weights import gpt_to_hf_state_dict, hf_config
+from gpt.checkpoints.weights import gpt_to_hf_state_dict, hf_config
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.quantize import Int8Linear, PackedLinear, can_prepack, prepare_for_decoding
+from gpt.model.sampling import compile_for_decoding, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,7 +120,7 @@ class Floor(NamedTuple):
     products: float  # the model's weight products, eager, as a decode step runs them
     split: float  # the same, each split into two row blocks of one torch.bmm (a probe)
     frozen: float  # the same products compiled with frozen (pre-packed) weights (nan: not run)
-    prepacked: float  # the same through `gpt.quantize.PackedLinear` (nan: not bf16 on such a CPU)
+    prepacked: float  # the same through `gpt.model.quantize.PackedLinear` (nan: not bf16 on such a CPU)
     int8_ms: float  # ms per token of the same products through `Int8Linear` (nan: not bf16)
     weight_bytes: int
 
@@ -150,7 +150,7 @@ def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int, compiled: bool) ->
     each matrix's rows split into two blocks multiplied by one `torch.bmm`, a probe of what a kernel
     using both cores for one product would gain (not what the model does); compiled with frozen
     weights, as `compile_for_decoding` compiles the model (if `compiled`); and through the layers
-    `gpt.quantize` makes: prepacked bf16 and int8 (bf16 only).
+    `gpt.model.quantize` makes: prepacked bf16 and int8 (bf16 only).
     """
     read = read_bandwidth(dtype, repeats)
     layers = [m for m in ours.to(dtype).modules() if isinstance(m, torch.nn.Linear)]
@@ -189,7 +189,7 @@ def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int, compiled: bool) ->
     return floor
 
 
-FORMATS = {  # name: (gpt.quantize scheme, prepack the bf16 layers left)
+FORMATS = {  # name: (gpt.model.quantize scheme, prepack the bf16 layers left)
     "bf16 as loaded": ("none", False),
     "bf16 prepacked": ("none", True),
     "int8 (head included)": ("int8", True),
@@ -236,9 +236,9 @@ def perplexity_table(checkpoint: Path, data: str, batch_size: int) -> None:
     over the non-overlapping windows of `data`'s validation split (as `python train.py` splits it)."""
     from torch.utils.data import DataLoader
 
-    from gpt.checkpoint import find_model_checkpoint, load_model
-    from gpt.data import SlidingWindowDataset, prepare_data
-    from gpt.loss import evaluate_loss, perplexity
+    from gpt.checkpoints.checkpoint import find_model_checkpoint, load_model
+    from gpt.data.windows import SlidingWindowDataset, prepare_data
+    from gpt.eval.perplexity import evaluate_loss, perplexity
 
     found = find_model_checkpoint(checkpoint)
     if found is None:
@@ -327,7 +327,7 @@ def main() -> None:
         print("\nWhat bounds a cached step: every weight read once per token (the LM head included)\n")
         print("\n".join(floor_rows))
     if "formats" in tables:
-        print("\nWeight formats (gpt.quantize), bf16 activations, KV cache on, each timed alternately "
+        print("\nWeight formats (gpt.model.quantize), bf16 activations, KV cache on, each timed alternately "
               "with HF bf16 eager\n")
         print("\n".join(format_rows))
     if "perplexity" in tables and args.perplexity_checkpoint is not None:

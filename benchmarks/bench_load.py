@@ -35,9 +35,9 @@ def make(preset: str, directory: Path) -> None:
     """Write a random checkpoint of `preset`'s shape to `directory`; print torch's version."""
     import torch
 
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-    from gpt.weights import save_hf
+    from gpt.checkpoints.weights import save_hf
+    from gpt.model.config import GPTConfig
+    from gpt.model.model import GPT
 
     save_hf(GPT(GPTConfig.preset(preset)), directory)
     print(torch.__version__)
@@ -48,8 +48,8 @@ def child(method: str, directory: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from gpt.model import GPT
-    from gpt.weights import config_from_hf, load_pretrained, to_gpt_state_dict
+    from gpt.checkpoints.weights import config_from_hf, load_pretrained, to_gpt_state_dict
+    from gpt.model.model import GPT
 
     imports = peak_rss_bytes() / 2**20
     start = time.perf_counter()

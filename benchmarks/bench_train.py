@@ -2,7 +2,7 @@
 
 One run measures, for the same model shape, weights, batch and data:
 
-- `gpt` rows: the real loop (`gpt.trainer.setup` + `train_step`: forward, loss, backward, clip,
+- `gpt` rows: the real loop (`gpt.training.trainer.setup` + `train_step`: forward, loss, backward, clip,
   AdamW) in the default settings of `python train.py`, in float32, and with one speed option
   changed at a time (the measurements behind each default);
 - `HF` rows: `transformers.GPT2LMHeadModel` with the same weights, in a plain PyTorch loop (its
@@ -122,7 +122,7 @@ def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, dev
 
 def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
     """`python train.py`'s settings for this shape and batch, bar `settings` (a `TrainConfig`)."""
-    from gpt.train_config import TrainConfig
+    from gpt.training.settings import TrainConfig
 
     shape = SHAPES[args.shape]
     return TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
@@ -132,7 +132,7 @@ def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
 
 def run_gpt(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[float, int]:
     """The project's own loop with `python train.py`'s defaults, bar `settings`."""
-    from gpt.trainer import setup, train_step
+    from gpt.training.trainer import setup, train_step
 
     shape, cfg = SHAPES[args.shape], train_config(args, out, **settings)
     filler = np.zeros(2 * (shape["context_length"] + 1) * args.batch_size, dtype=np.uint16)
@@ -147,10 +147,10 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     """transformers' GPT2LMHeadModel with the weights `gpt` starts from, in a plain PyTorch loop."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt.device import keep_freed_memory
-    from gpt.resume import seed_everything
-    from gpt.trainer import build_model
-    from gpt.weights import gpt_to_hf_state_dict, hf_config
+    from gpt.base.device import keep_freed_memory
+    from gpt.base.rng import seed_everything
+    from gpt.checkpoints.weights import gpt_to_hf_state_dict, hf_config
+    from gpt.training.trainer import build_model
 
     shape, defaults = SHAPES[args.shape], train_config(args, out)
     if settings.get("keep_freed_memory"):
@@ -273,7 +273,7 @@ def main() -> None:
 
 def throughput(result: dict[str, float], shape: str, batch_size: int) -> tuple[float, float]:
     """(tokens/s, model GFLOP/s) of a measured case: 6 N + 12 L T C FLOPs per token."""
-    from gpt.config import GPTConfig
+    from gpt.model.config import GPTConfig
 
     cfg, context = GPTConfig.preset(SHAPES[shape]["preset"]), SHAPES[shape]["context_length"]
     tokens_per_s = batch_size * context / result["seconds"]

@@ -46,15 +46,16 @@ import torch
 
 # ---- the project's API: every call into `gpt` is in this section, to retarget after a refactor ----
 from gpt import trainer
-from gpt.checkpoint import load_model
-from gpt.data import create_dataloader
-from gpt.device import autocast, pick_device
-from gpt.errors import describe
-from gpt.loss import evaluate_loss, head_loss
-from gpt.model import GPT
-from gpt.sampling import generate
-from gpt.train_config import TrainConfig
-from gpt.weights import save_hf
+from gpt.base.device import autocast, pick_device
+from gpt.base.errors import describe
+from gpt.checkpoints.checkpoint import load_model
+from gpt.checkpoints.weights import save_hf
+from gpt.data.windows import create_dataloader
+from gpt.eval.perplexity import evaluate_loss
+from gpt.model.loss import head_loss
+from gpt.model.model import GPT
+from gpt.model.sampling import generate
+from gpt.training.settings import TrainConfig
 
 
 def train_run(out: Path, name: str, device: str, dtype: str, args: argparse.Namespace,

@@ -1,6 +1,6 @@
 """Where a training step's time goes: the real step under torch.profiler, its ops summed by kind.
 
-Runs `gpt.trainer.setup` + `train_step` (forward, loss, backward, clip, fused AdamW) in the defaults
+Runs `gpt.training.trainer.setup` + `train_step` (forward, loss, backward, clip, fused AdamW) in the defaults
 of `python train.py` for each shape, a few untimed steps first, then profiles `--steps` steps and
 prints the share of each kind of work: matmul, attention, the LM head's softmax/cross-entropy,
 casts, LayerNorm/GELU, dropout, optimizer (with the gradient-norm clip), embedding, the rest.
@@ -22,7 +22,7 @@ dropout) is attention. Attention written out (`reference_attention`, which the m
 with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls
 and softmax are attention (nothing else in the model uses them), the causal mask's in-place add is
 other (`aten::add_`, also the gradients' accumulation), and dropout is dropout: off CUDA every
-dropout (attention's, and `gpt.model.Dropout` on the embeddings and the residual stream) draws its
+dropout (attention's, and `gpt.model.model.Dropout` on the embeddings and the residual stream) draws its
 mask with `dropout_keep_mask` (random_, lt), applies it as a product (`mul`, with the cast of the
 mask inside it; a few small products elsewhere, such as q's scale, count here too) and scales by
 1/(1-p) with a `div` (also the division of the loss by the micro-batch count, a scalar), forward and
@@ -127,8 +127,8 @@ def replay_seconds(calls: list[tuple[Any, list[Any]]], device: torch.device, rep
 
 def build(shape: str, device: str, drop_rate: float | None, out: str, count: int) -> tuple[Any, list[Any]]:
     """`setup` in `python train.py`'s defaults for `shape`, and `count` random batches for it."""
-    from gpt.train_config import TrainConfig
-    from gpt.trainer import setup
+    from gpt.training.settings import TrainConfig
+    from gpt.training.trainer import setup
 
     settings = SHAPES[shape]
     extra = {} if drop_rate is None else {"drop_rate": drop_rate}
@@ -143,7 +143,7 @@ def build(shape: str, device: str, drop_rate: float | None, out: str, count: int
 
 def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int) -> dict[str, float]:
     """A step's matrix products replayed alone: their seconds, their own FLOPs, and model FLOPs/step."""
-    from gpt.trainer import train_step
+    from gpt.training.trainer import train_step
 
     with tempfile.TemporaryDirectory() as out:
         run, data = build(shape, device, drop_rate, out, count=8)
@@ -168,7 +168,7 @@ def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int)
 def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: float | None,
                   ) -> tuple[dict[str, float], dict[str, float], float]:
     """(microseconds by kind, microseconds by op name, wall seconds per step) for `steps` steps."""
-    from gpt.trainer import train_step
+    from gpt.training.trainer import train_step
 
     with tempfile.TemporaryDirectory() as out:
         run, data = build(shape, device, drop_rate, out, count=warmup + steps)

@@ -1,15 +1,16 @@
 """gpt: a from-scratch GPT-2 pretraining framework in plain PyTorch."""
 
-from gpt.config import GPTConfig
-from gpt.data import SlidingWindowDataset, create_dataloader
-from gpt.errors import UserError
-from gpt.loss import evaluate_loss, lm_loss, perplexity
-from gpt.model import GPT
-from gpt.quantize import prepack, quantize_int8
-from gpt.records import InstructionDataset, load_records, pad_collate
-from gpt.sampling import generate, stream
-from gpt.tokenizer import get_tokenizer
-from gpt.weights import load_pretrained, save_hf
+from gpt.base.errors import UserError
+from gpt.checkpoints.weights import load_pretrained, save_hf
+from gpt.data.records import InstructionDataset, load_records, pad_collate
+from gpt.data.windows import SlidingWindowDataset, create_dataloader
+from gpt.eval.perplexity import evaluate_loss, perplexity
+from gpt.model.config import GPTConfig
+from gpt.model.loss import lm_loss
+from gpt.model.model import GPT
+from gpt.model.quantize import prepack, quantize_int8
+from gpt.model.sampling import generate, stream
+from gpt.model.tokenizer import get_tokenizer
 
 __all__ = [
     "GPT",

@@ -23,7 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from gpt.atomic import atomic_file
+from gpt.base.atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TIMEOUT_S = 900  # a cell that trains may be slow on a busy machine; a hung one still ends

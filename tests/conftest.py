@@ -8,7 +8,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from gpt.errors import run_cli
+from gpt.base.errors import run_cli
 
 
 @pytest.fixture(autouse=True)

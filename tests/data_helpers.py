@@ -3,8 +3,8 @@ an error is one line."""
 
 import pytest
 
-from gpt.errors import UserError
-from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.base.errors import UserError
+from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 EOT = ENDOFTEXT_ID
 

@@ -3,14 +3,18 @@
 import inspect
 
 import gpt
-from gpt import data, loss, model, quantize, records, sampling, weights
+from gpt.checkpoints import weights
+from gpt.data import records
+from gpt.data import windows as data
+from gpt.eval import perplexity as evaluation
+from gpt.model import loss, model, quantize, sampling
 
 
 def test_exports_are_the_package_objects() -> None:
     assert gpt.GPT is model.GPT
     assert gpt.SlidingWindowDataset is data.SlidingWindowDataset
     assert gpt.create_dataloader is data.create_dataloader
-    assert gpt.lm_loss is loss.lm_loss and gpt.perplexity is loss.perplexity
+    assert gpt.lm_loss is loss.lm_loss and gpt.perplexity is evaluation.perplexity
     assert gpt.generate is sampling.generate
     assert gpt.load_pretrained is weights.load_pretrained and gpt.save_hf is weights.save_hf
     assert gpt.quantize_int8 is quantize.quantize_int8 and gpt.prepack is quantize.prepack

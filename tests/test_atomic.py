@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.atomic import atomic_directory, atomic_file, resolve_directory, write_json
+from gpt.base.atomic import atomic_directory, atomic_file, resolve_directory, write_json
 
 
 def test_atomic_file_replaces_the_target_only_when_the_block_completes(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import (
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
     find_model_checkpoint,
@@ -22,11 +23,10 @@ from gpt.checkpoint import (
     save_model,
     stored_shapes,
 )
-from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.train_cli import main as train_main
-from gpt.weights import load_pretrained
+from gpt.checkpoints.weights import load_pretrained
+from gpt.cli.train import main as train_main
+from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.model import GPT
 
 
 @pytest.mark.parametrize("tied", [True, False])

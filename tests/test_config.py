@@ -4,8 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import PRESETS, ConfigError, GPTConfig, check_known_fields, preset_names, read_json_object
-from gpt.model import GPT
+from gpt.model.config import (
+    PRESETS,
+    ConfigError,
+    GPTConfig,
+    check_known_fields,
+    preset_names,
+    read_json_object,
+)
+from gpt.model.model import GPT
 
 
 def test_defaults_are_gpt2_small() -> None:

@@ -17,25 +17,25 @@ from pathlib import Path
 
 import pytest
 
-import gpt.evaluate
-import gpt.explain
-import gpt.export
-import gpt.generate_cli
-import gpt.train_cli
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
-from gpt.errors import command_name
-from gpt.model import GPT
+import gpt.cli.export
+import gpt.cli.generate
+import gpt.cli.train
+import gpt.eval.evaluate
+import gpt.eval.explain
+from gpt.base.errors import command_name
+from gpt.checkpoints.checkpoint import save_model
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each command, what it stands for (a root script, or a module run with `python -m`, whose argv[0] is
 # the module's file), and the `main` that runs in its place.
 COMMANDS = {
-    "gpt-train": (ROOT / "train.py", gpt.train_cli.main),
-    "gpt-generate": (ROOT / "generate.py", gpt.generate_cli.main),
-    "gpt-evaluate": (ROOT / "gpt" / "evaluate.py", gpt.evaluate.main),
-    "gpt-explain": (ROOT / "gpt" / "explain.py", gpt.explain.main),
-    "gpt-export": (ROOT / "gpt" / "export.py", gpt.export.main),
+    "gpt-train": (ROOT / "train.py", gpt.cli.train.main),
+    "gpt-generate": (ROOT / "generate.py", gpt.cli.generate.main),
+    "gpt-evaluate": (ROOT / "gpt" / "evaluate.py", gpt.eval.evaluate.main),
+    "gpt-explain": (ROOT / "gpt" / "explain.py", gpt.eval.explain.main),
+    "gpt-export": (ROOT / "gpt" / "export.py", gpt.cli.export.main),
 }
 
 
@@ -76,7 +76,7 @@ def test_each_command_has_the_help_of_what_it_stands_for_under_its_name(name: st
                                                                         reference) -> None:
     ours, theirs = command(name, "--help", cwd=tmp_path).stdout, reference(name, "--help", cwd=tmp_path)
     assert ours.startswith(f"usage: {name} ")
-    started_as = COMMANDS[name][0]  # the usage line names it as typed: `python -m gpt.export`, `train.py`
+    started_as = COMMANDS[name][0]  # the usage line names it as typed: `python -m gpt.cli.export`, `train.py`
     typed = f"python -m gpt.{started_as.stem}" if started_as.parent.name == "gpt" else started_as.name
     assert theirs.startswith(f"usage: {typed} ")
     # After the usage block (whose line breaks depend on the name's length), the help is the same.
@@ -132,7 +132,7 @@ def test_gpt_train_trains_as_train_py_does(tmp_path: Path, reference) -> None:
 
 def test_usage_names_the_console_command_only_if_started_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "gpt-export"), "--help"])
-    assert command_name("python -m gpt.export") == "gpt-export"
+    assert command_name("python -m gpt.cli.export") == "gpt-export"
     for started_as in ("train.py", "/usr/bin/pytest", "-c"):  # a script, or main called from Python
         monkeypatch.setattr(sys, "argv", [started_as])
-        assert command_name("python -m gpt.export") == "python -m gpt.export"
+        assert command_name("python -m gpt.cli.export") == "python -m gpt.cli.export"

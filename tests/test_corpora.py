@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from data_helpers import EOT, encode, one_line_error
 
-from gpt import corpora
-from gpt.corpora import CORPORA, DOWNLOADS, Download
-from gpt.errors import UserError
-from gpt.token_cache import load_tokens
+from gpt.base.errors import UserError
+from gpt.data import corpora
+from gpt.data.corpora import CORPORA, DOWNLOADS, Download
+from gpt.data.token_cache import load_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Local files and the built-in corpus.

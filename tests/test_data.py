@@ -7,8 +7,8 @@ import pytest
 import torch
 from data_helpers import encode, one_line_error
 
-from gpt.data import DataError, SlidingWindowDataset, create_dataloader, prepare_data, split_tokens
-from gpt.errors import UserError
+from gpt.base.errors import UserError
+from gpt.data.windows import DataError, SlidingWindowDataset, create_dataloader, prepare_data, split_tokens
 
 
 def book_windows(ids: list[int], length: int, stride: int) -> list[tuple[list[int], list[int]]]:

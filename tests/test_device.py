@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from gpt.device import configure_device, decoding_dtype, pick_device, training_dtype
-from gpt.errors import UserError
+from gpt.base.device import configure_device, decoding_dtype, pick_device, training_dtype
+from gpt.base.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def test_keep_freed_memory_keeps_big_temporaries_resident_and_stops_their_page_f
     """
     script = textwrap.dedent("""
         import os, resource, sys, torch
-        from gpt.device import keep_freed_memory
+        from gpt.base.device import keep_freed_memory
         page = os.sysconf("SC_PAGE_SIZE")
         def resident_mb():
             with open("/proc/self/statm") as f:

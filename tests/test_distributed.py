@@ -25,19 +25,19 @@ import torch.multiprocessing as mp
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from gpt import distributed, trainer
-from gpt.checkpoint import WEIGHTS_FILE, load_model
-from gpt.data import ResumableSampler, build_loaders, eval_picks
-from gpt.distributed import init_distributed
-from gpt.errors import UserError, run_cli
-from gpt.generate_cli import main as generate_main
-from gpt.loss import count_targets
-from gpt.record_data import BucketBatchSampler
-from gpt.resume import check_resume_settings
-from gpt.sampling import generate
-from gpt.sharded_checkpoint import SHARDED_DIR, SafeReader
-from gpt.tokenizer import get_tokenizer
-from gpt.train_config import TrainConfig
+from gpt.base.errors import UserError, run_cli
+from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_model
+from gpt.cli.generate import main as generate_main
+from gpt.data.windows import ResumableSampler, build_loaders, eval_picks
+from gpt.model.loss import count_targets
+from gpt.model.sampling import generate
+from gpt.model.tokenizer import get_tokenizer
+from gpt.training import distributed, trainer
+from gpt.training.distributed import init_distributed
+from gpt.training.record_data import BucketBatchSampler
+from gpt.training.resume import check_resume_settings
+from gpt.training.settings import TrainConfig
+from gpt.training.sharded_checkpoint import SHARDED_DIR, SafeReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -367,7 +367,7 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
 
 def test_parallel_fsdp_without_torchrun_is_one_line_on_the_command_line(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    command = [sys.executable, "-m", "gpt.train_cli", "--parallel", "fsdp", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "gpt.cli.train", "--parallel", "fsdp", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --parallel fsdp") and result.stderr.count("\n") == 1

@@ -19,11 +19,15 @@ from test_distributed import _free_port, _torchrun_env
 from test_resume import interrupt_after
 from tiny_runs import assert_same_params, cli_error, params, tiny
 
-from gpt import trainer
-from gpt.answers import answer
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
-from gpt.dpo import (
+from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.cli.generate import run_generation
+from gpt.data.pairs import PreferenceDataset, PreferencePair, pair_collate
+from gpt.data.records import format_prompt
+from gpt.eval.answers import answer
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.objectives.dpo import (
     cache_reference,
     dpo_losses,
     evaluate_dpo,
@@ -32,14 +36,10 @@ from gpt.dpo import (
     pair_loss,
     sequence_logps,
 )
-from gpt.generate_cli import run_generation
-from gpt.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
-from gpt.model import GPT
-from gpt.preference import PreferenceDataset, PreferencePair, pair_collate
-from gpt.records import format_prompt
-from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.train_config import TrainConfig
-from gpt.trainer import setup, train
+from gpt.training import trainer
+from gpt.training.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = get_tokenizer()

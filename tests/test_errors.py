@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError, describe, first_line, run_cli
-from gpt.model import GPT
-from gpt.sampling import stream
-from gpt.weights import key_pairs
+from gpt.base.errors import UserError, describe, first_line, run_cli
+from gpt.checkpoints.weights import key_pairs
+from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.model import GPT
+from gpt.model.sampling import stream
 
 
 def test_first_line_keeps_one_line_and_names_a_silent_exception() -> None:

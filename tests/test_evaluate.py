@@ -1,4 +1,4 @@
-"""`python -m gpt.evaluate`: the sliding windows, perplexity against Hugging Face, bits per byte, the CLI."""
+"""`python -m gpt.eval.evaluate`: the sliding windows, perplexity against Hugging Face, bits per byte, the CLI."""
 
 import json
 import math
@@ -13,17 +13,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
-from gpt.data import SlidingWindowDataset
-from gpt.errors import UserError
-from gpt.evaluate import Windows, main, scored_bytes, sliding_window_nll
-from gpt.loss import evaluate_loss
-from gpt.model import GPT
-from gpt.token_cache import load_tokens
-from gpt.tokenizer import ENDOFTEXT, get_tokenizer
-from gpt.weights import save_hf
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.weights import save_hf
+from gpt.data.token_cache import load_tokens
+from gpt.data.windows import SlidingWindowDataset
+from gpt.eval.evaluate import Windows, main, scored_bytes, sliding_window_nll
+from gpt.eval.perplexity import evaluate_loss
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.tokenizer import ENDOFTEXT, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_the_table_prints_the_same_numbers(run_dir: Path, text_file: Path,
     (["--stride", "0"], "--stride must be between 1 and --context-length"),
     (["--context-length", "64"], "--context-length 64 exceeds the model's context length 32"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--stride", "x"], "argument --stride: invalid int value: 'x'; see python -m gpt.evaluate --help"),
+    (["--stride", "x"], "argument --stride: invalid int value: 'x'; see python -m gpt.eval.evaluate --help"),
     ([], "the following arguments are required: --data"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, text_file: Path, tmp_path: Path,
@@ -216,7 +216,7 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, text_file: Path,
 
 
 def test_the_module_runs_as_a_command(run_dir: Path, text_file: Path) -> None:
-    command = [sys.executable, "-m", "gpt.evaluate", "--checkpoint", str(run_dir), "--data", str(text_file),
+    command = [sys.executable, "-m", "gpt.eval.evaluate", "--checkpoint", str(run_dir), "--data", str(text_file),
                "--stride", "40"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=run_dir.parent.parent,
                           env={"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"})

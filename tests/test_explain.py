@@ -1,4 +1,4 @@
-"""`python -m gpt.explain`: per-token losses against torch, a hand-made model, the arithmetic, the CLI."""
+"""`python -m gpt.eval.explain`: per-token losses against torch, a hand-made model, the arithmetic, the CLI."""
 
 import json
 import math
@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from matplotlib.image import imread
 from torch import Tensor, nn
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.explain import explain, main, one_hot_arithmetic
-from gpt.loss import lm_loss
-from gpt.model import GPT
-from gpt.tokenizer import get_tokenizer
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.eval.explain import explain, main, one_hot_arithmetic
+from gpt.model.config import GPTConfig
+from gpt.model.loss import lm_loss
+from gpt.model.model import GPT
+from gpt.model.tokenizer import get_tokenizer
 
 
 class Bigram(nn.Module):
@@ -159,7 +159,7 @@ def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
     (["--text", TEXT, "--top", "-1"], "--top must be 0 or more, got -1"),
     (["--text", TEXT, "--plot", "no/such/dir/tokens.png"], "--plot no/such/dir/tokens.png: the directory "),
     (["--text", TEXT, "--file", "x.txt"], "argument --file: not allowed with argument --text"),
-    ([], "one of the arguments --text --file is required; see python -m gpt.explain --help"),
+    ([], "one of the arguments --text --file is required; see python -m gpt.eval.explain --help"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path,
                                                  run_command, argv: list[str],

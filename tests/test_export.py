@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt.export
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
-from gpt.export import EXPORT_FILES, RUN_LOCATION, cli, export
-from gpt.generate_cli import main as generate_main
-from gpt.model import GPT
-from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.train_cli import parse_args
-from gpt.train_config import TrainConfig
-from gpt.trainer import train
+import gpt.cli.export
+from gpt.checkpoints.checkpoint import save_model
+from gpt.cli.export import EXPORT_FILES, RUN_LOCATION, cli, export
+from gpt.cli.generate import main as generate_main
+from gpt.cli.train import parse_args
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import train
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -203,7 +203,7 @@ def test_a_damaged_run_is_one_line_exit_2_and_no_output(
 
 
 def test_the_command_refuses_a_missing_run_in_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "gpt.export", str(tmp_path / "nope"), str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-m", "gpt.cli.export", str(tmp_path / "nope"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
@@ -231,7 +231,7 @@ def test_a_failure_while_writing_leaves_no_output(run: Path, tmp_path: Path,
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gpt.export.shutil, "copyfile", disk_full)
-    with pytest.raises(gpt.UserError, match="No space left on device"):  # one line (gpt.atomic)
+    monkeypatch.setattr(gpt.cli.export.shutil, "copyfile", disk_full)
+    with pytest.raises(gpt.UserError, match="No space left on device"):  # one line (gpt.base.atomic)
         export(run, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

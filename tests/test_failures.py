@@ -17,15 +17,15 @@ import pytest
 import torch
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 
-import gpt.record_data
-from gpt import trainer
-from gpt.checkpoint import load_model, load_train_state
-from gpt.errors import UserError, run_cli
-from gpt.generate_cli import main as generate_main
-from gpt.metrics import MetricsLog
-from gpt.resume import read_resume_state
-from gpt.train_cli import main
-from gpt.trainer import TrainingDiverged, fit, setup, train
+import gpt.training.record_data
+from gpt.base.errors import UserError, run_cli
+from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.cli.generate import main as generate_main
+from gpt.cli.train import main
+from gpt.training import trainer
+from gpt.training.metrics import MetricsLog
+from gpt.training.resume import read_resume_state
+from gpt.training.trainer import TrainingDiverged, fit, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +133,7 @@ def test_damaged_init_weights_are_one_line_in_train_and_generate(tmp_path, capsy
     def not_read(*args, **kwargs):
         raise AssertionError("the data was read before the model was built")
 
-    monkeypatch.setattr(gpt.record_data, "prepare_data", not_read)
+    monkeypatch.setattr(gpt.training.record_data, "prepare_data", not_read)
     err = one_error_line(lambda: main(["--init", str(path), "--out", str(tmp_path / "runs"), "--run-name",
                                        "x", "--device", "cpu"]), capsys)
     assert f"cannot read {path}" in err

@@ -12,14 +12,14 @@ import pytest
 import torch
 from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
-from gpt import trainer
-from gpt.checkpoint import load_model
-from gpt.errors import run_cli
-from gpt.generate_cli import main as generate_main
-from gpt.generate_cli import run_generation
-from gpt.loss import IGNORE_INDEX, count_targets
-from gpt.records import pad_collate
-from gpt.trainer import setup, train
+from gpt.base.errors import run_cli
+from gpt.checkpoints.checkpoint import load_model
+from gpt.cli.generate import main as generate_main
+from gpt.cli.generate import run_generation
+from gpt.data.records import pad_collate
+from gpt.model.loss import IGNORE_INDEX, count_targets
+from gpt.training import trainer
+from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SYLLABLES = ["ka", "lo", "mi", "zu", "ra", "te", "vo", "ni", "sa", "pe", "do", "gu"]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import load_model, save_model
-from gpt.config import GPTConfig
-from gpt.errors import run_cli
-from gpt.generate_cli import find_checkpoint, main, write_text
-from gpt.model import GPT
-from gpt.sampling import generate
-from gpt.tokenizer import get_tokenizer
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import run_cli
+from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.cli.generate import find_checkpoint, main, write_text
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.sampling import generate
+from gpt.model.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate.py"
@@ -144,7 +144,7 @@ def test_init_loads_gpt2_weights_through_load_pretrained(
         asked.append(name_or_path)
         return GPT(CFG)
 
-    monkeypatch.setattr("gpt.generate_cli.load_pretrained", fake_load_pretrained)
+    monkeypatch.setattr("gpt.cli.generate.load_pretrained", fake_load_pretrained)
     status, out, err = cli(["--init", "gpt2", "--max-new-tokens", "2"], capsys)
     assert status == 0, err
     assert asked == ["gpt2"] and out.startswith("Every effort moves you")
@@ -197,7 +197,7 @@ def test_the_script_end_to_end(tmp_path: Path) -> None:
 
 def test_the_root_script_only_calls_the_package_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """`generate.py` is `gpt.generate_cli.main`; `python -m gpt.generate_cli` is the same command."""
+    """`generate.py` is `gpt.cli.generate.main`; `python -m gpt.cli.generate` is the same command."""
     assert generate_script.main is main
     save_checkpoint(tmp_path / "runs" / "x" / "best")
     args = ["--seed", "5", "--max-new-tokens", "6", "--dtype", "float32"]
@@ -206,12 +206,12 @@ def test_the_root_script_only_calls_the_package_command(tmp_path: Path, monkeypa
         return subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    as_module = run("-m", "gpt.generate_cli", *args)
+    as_module = run("-m", "gpt.cli.generate", *args)
     monkeypatch.chdir(tmp_path)
     status, as_script, err = cli(args, capsys)  # what the script runs, in this process
     assert as_module.returncode == 0 and status == 0, as_module.stderr + err
     assert as_module.stdout == as_script and as_script.startswith("Every effort moves you")
-    bad = run("-m", "gpt.generate_cli", "--top-p", "2")
+    bad = run("-m", "gpt.cli.generate", "--top-p", "2")
     assert bad.returncode == 2
     assert bad.stderr == "error: top_p must be in (0, 1] (1 keeps every token), got 2.0\n"
 
@@ -226,7 +226,7 @@ def test_compile_flag_compiles_the_loaded_model(
         compiled.append(model)
         return model
 
-    monkeypatch.setattr("gpt.generate_cli.compile_for_decoding", stand_in)
+    monkeypatch.setattr("gpt.cli.generate.compile_for_decoding", stand_in)
     argv = ["--seed", "3", "--max-new-tokens", "15"]
     status, out, _ = cli([*argv, "--compile"], capsys)
     assert status == 0 and len(compiled) == 1 and compiled[0].config.n_layers > 0
@@ -245,7 +245,7 @@ def test_a_failed_compile_is_one_line_naming_the_fix(
             raise torch._dynamo.exc.BackendCompilerFailed(
                 lambda *_: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
 
-    monkeypatch.setattr("gpt.generate_cli.compile_for_decoding", CannotCompile)
+    monkeypatch.setattr("gpt.cli.generate.compile_for_decoding", CannotCompile)
     status, _, err = cli(["--compile", "--max-new-tokens", "5"], capsys)
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -259,13 +259,13 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
     """cuda:N becomes the current GPU (`configure_device`), and float32 weights never reach the device:
     loaded on the CPU, cast there, then moved (the "meta" device stands in for a GPU)."""
     configured, loaded_on, moved = [], [], []
-    monkeypatch.setattr("gpt.generate_cli.configure_device", configured.append)
+    monkeypatch.setattr("gpt.cli.generate.configure_device", configured.append)
 
     def load(path, device):
         loaded_on.append(torch.device(device))
         return load_model(path, device)
 
-    monkeypatch.setattr("gpt.generate_cli.load_model", load)
+    monkeypatch.setattr("gpt.cli.generate.load_model", load)
     original_to = GPT.to
 
     def to(self, *args, **kwargs):
@@ -275,7 +275,7 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
         return result
 
     monkeypatch.setattr(GPT, "to", to)
-    from gpt.generate_cli import load_for_generation
+    from gpt.cli.generate import load_for_generation
 
     model = load_for_generation(run_dir / "best", None, torch.device("meta"), torch.bfloat16, io.StringIO())
     assert loaded_on == [torch.device("cpu")]
@@ -291,7 +291,7 @@ def test_out_of_memory_while_generating_is_one_line_naming_the_fix(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
                                      "capacity of 15.77 GiB of which 3.12 MiB is free.")
 
-    monkeypatch.setattr("gpt.generate_cli.stream", out_of_memory)
+    monkeypatch.setattr("gpt.cli.generate.stream", out_of_memory)
     status, _, err = cli(["--max-new-tokens", "5"], capsys)
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (

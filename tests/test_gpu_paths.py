@@ -11,19 +11,20 @@ import torch
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 from torch._dynamo.exc import BackendCompilerFailed
 
-from gpt import trainer
-from gpt.checkpoint import load_train_state
-from gpt.device import (
+from gpt.base.device import (
     device_rng_state,
     load_scaler_state,
     pick_device,
     set_device_rng_state,
     user_error_for,
 )
-from gpt.errors import TrainingDiverged, UserError
-from gpt.loss import head_loss
-from gpt.optim import build_optimizer
-from gpt.resume import restore, rng_state, set_rng_state
+from gpt.base.errors import TrainingDiverged, UserError
+from gpt.base.rng import rng_state, set_rng_state
+from gpt.checkpoints.checkpoint import load_train_state
+from gpt.model.loss import head_loss
+from gpt.training import trainer
+from gpt.training.optim import build_optimizer
+from gpt.training.resume import restore
 
 LOSS_SCALE = 2.0**16  # torch.amp.GradScaler's initial scale
 OOM_FIX = "lower --batch-size"

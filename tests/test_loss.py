@@ -5,20 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from gpt.config import GPTConfig
-from gpt.errors import UserError, run_cli
-from gpt.loss import (
-    IGNORE_INDEX,
-    HeadLoss,
-    Objective,
-    distillation_kl,
-    evaluate_loss,
-    focal_loss,
-    head_loss,
-    lm_loss,
-    perplexity,
-)
-from gpt.model import GPT
+from gpt.base.errors import UserError, run_cli
+from gpt.eval.perplexity import evaluate_loss, perplexity
+from gpt.model.config import GPTConfig
+from gpt.model.loss import IGNORE_INDEX, HeadLoss, head_loss, lm_loss
+from gpt.model.model import GPT
+from gpt.objectives.lm import Objective, distillation_kl, focal_loss
 
 
 def hand_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:

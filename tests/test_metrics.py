@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import gpt.atomic
-from gpt.metrics import METRICS_COLUMNS, MetricsLog, format_row
+import gpt.base.atomic
+from gpt.training.metrics import METRICS_COLUMNS, MetricsLog, format_row
 
 
 def row(step: int) -> dict[str, float]:
@@ -54,7 +54,7 @@ def test_truncate_replaces_the_file_in_one_rename(tmp_path, monkeypatch, killed:
             real_replace(src, dst)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt.atomic.os, "replace", replace_then_die)
+    monkeypatch.setattr(gpt.base.atomic.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         log.truncate(up_to_step=4)
     monkeypatch.undo()

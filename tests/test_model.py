@@ -4,10 +4,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.loss import IGNORE_INDEX
-from gpt.model import GPT, Dropout, dropout_keep_mask, reference_attention
+from gpt.base.errors import UserError
+from gpt.model.config import GPTConfig
+from gpt.model.loss import IGNORE_INDEX
+from gpt.model.model import GPT, Dropout, dropout_keep_mask, reference_attention
 
 TINY = GPTConfig.preset("tiny", drop_rate=0.0)
 

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from tiny_runs import TOKENS, tiny
 
-from gpt import trainer
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
-from gpt.metrics import METRICS_COLUMNS, OBJECTIVE_COLUMN
-from gpt.model import GPT
-from gpt.resume import seed_everything
-from gpt.tb import TensorBoardLog
-from gpt.train_cli import main
-from gpt.trainer import build_model, evaluate_and_save, setup, train
+from gpt.base.atomic import atomic_directory
+from gpt.base.rng import seed_everything
+from gpt.checkpoints.checkpoint import save_model
+from gpt.cli.train import main
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.training import trainer
+from gpt.training.metrics import METRICS_COLUMNS, OBJECTIVE_COLUMN
+from gpt.training.tb import TensorBoardLog
+from gpt.training.trainer import build_model, evaluate_and_save, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

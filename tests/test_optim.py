@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from gpt.config import GPTConfig
-from gpt.model import GPT
-from gpt.optim import lr_at, param_groups
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.training.optim import lr_at, param_groups
 
 
 def test_lr_schedule_follows_the_formula() -> None:

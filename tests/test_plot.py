@@ -3,7 +3,7 @@ from matplotlib import colormaps
 from matplotlib.colors import to_rgba
 from matplotlib.image import imread
 
-from gpt.plot import plot_losses, plot_token_losses
+from gpt.base.plot import plot_losses, plot_token_losses
 
 EPOCHS = [0.0, 0.5, 1.0, 1.5, 2.0]
 TRAIN = [10.9, 7.0, 5.5, 4.6, 4.0]

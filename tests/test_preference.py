@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.errors import UserError
-from gpt.loss import IGNORE_INDEX
-from gpt.preference import PreferenceDataset, PreferencePair, encode_pair, load_pairs, pair_collate
-from gpt.records import Record, encode_record, format_prompt
-from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.base.errors import UserError
+from gpt.data.pairs import PreferenceDataset, PreferencePair, encode_pair, load_pairs, pair_collate
+from gpt.data.records import Record, encode_record, format_prompt
+from gpt.model.loss import IGNORE_INDEX
+from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 TOKENIZER = get_tokenizer()
 

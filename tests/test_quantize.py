@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.generate_cli import main as generate_main
-from gpt.loss import lm_loss
-from gpt.model import GPT
-from gpt.quantize import (
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import save_model
+from gpt.cli.generate import main as generate_main
+from gpt.model.config import GPTConfig
+from gpt.model.loss import lm_loss
+from gpt.model.model import GPT
+from gpt.model.quantize import (
     Int8Linear,
     PackedLinear,
     can_prepack,
@@ -24,7 +24,7 @@ from gpt.quantize import (
     quantize_int8,
     quantize_rows,
 )
-from gpt.sampling import generate
+from gpt.model.sampling import generate
 
 VOCAB, CONTEXT = 256, 64
 # The tiny preset with a small vocabulary, so that a few hundred steps train it well.

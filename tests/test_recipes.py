@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import ConfigError, GPTConfig
-from gpt.model import GPT
-from gpt.optim import build_optimizer
-from gpt.train_config import TrainConfig, build_parser, read_toml
-from gpt.trainer import build_model
+from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.model import GPT
+from gpt.training.optim import build_optimizer
+from gpt.training.settings import TrainConfig, build_parser, read_toml
+from gpt.training.trainer import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,15 +11,16 @@ import pytest
 import torch
 from tiny_runs import STEPS_PER_EPOCH, TOKENS, assert_same_params, params, tiny
 
-from gpt import trainer
-from gpt.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, save_model
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.resume import TrainState, rng_state, set_rng_state
-from gpt.train_cli import parse_args
-from gpt.train_config import TrainConfig
-from gpt.trainer import setup, train
+from gpt.base.errors import UserError
+from gpt.base.rng import rng_state, set_rng_state
+from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, save_model
+from gpt.cli.train import parse_args
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.training import trainer
+from gpt.training.resume import TrainState
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

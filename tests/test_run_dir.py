@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
-import gpt.record_data
-import gpt.run_dir
-from gpt import trainer
-from gpt.atomic import remove_stale_temporaries
-from gpt.checkpoint import load_model
-from gpt.errors import run_cli
-from gpt.metrics import MetricsLog
-from gpt.train_cli import main
-from gpt.trainer import setup, train
+import gpt.training.record_data
+import gpt.training.run_dir
+from gpt.base.atomic import remove_stale_temporaries
+from gpt.base.errors import run_cli
+from gpt.checkpoints.checkpoint import load_model
+from gpt.cli.train import main
+from gpt.training import trainer
+from gpt.training.metrics import MetricsLog
+from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ def nothing_built(monkeypatch) -> None:
         raise AssertionError("built a model or read the data before the run directory was checked")
 
     monkeypatch.setattr(trainer, "build_model", built)
-    monkeypatch.setattr(gpt.record_data, "prepare_data", built)
+    monkeypatch.setattr(gpt.training.record_data, "prepare_data", built)
 
 
 @pytest.mark.parametrize("case", ["out under a file", "out is a file", "run name is a file", "unwritable"])
@@ -50,7 +50,7 @@ def test_a_bad_output_directory_fails_before_anything_is_built(tmp_path, monkeyp
     if case == "unwritable":  # the tests may run as root, who may write anywhere: a user who may not
         blocker.mkdir()
         real_access = os.access
-        monkeypatch.setattr(gpt.run_dir.os, "access",
+        monkeypatch.setattr(gpt.training.run_dir.os, "access",
                             lambda path, mode: Path(path) != blocker and real_access(path, mode))
     err = cli_error(["--preset", "tiny", "--out", str(out), "--run-name", name], capsys)
     fix = "make it writable" if case == "unwritable" else "is a file"

@@ -11,11 +11,11 @@ from torch import Tensor
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.sampling import DecodeSession, generate, sample_next, stream
-from gpt.weights import gpt_to_hf_state_dict
+from gpt.base.errors import UserError
+from gpt.checkpoints.weights import gpt_to_hf_state_dict
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.model.sampling import DecodeSession, generate, sample_next, stream
 
 VOCAB = 101
 
@@ -54,7 +54,7 @@ def argmax_loop(model: GPT, idx: Tensor, steps: int, window_start: dict[int, int
 
 
 def cached_window_starts(prompt_len: int, total: int, ctx: int) -> dict[int, int]:
-    """What gpt/sampling.py documents for cached decoding: the first position the prediction after
+    """What gpt/model/sampling.py documents for cached decoding: the first position the prediction after
     n tokens reads. The prompt is cropped to ctx; when the window would exceed ctx it restarts from
     the last ctx // 2 tokens."""
     start, starts = max(0, prompt_len - ctx), {}
@@ -323,7 +323,7 @@ def test_a_compiled_model_decodes_like_the_eager_one() -> None:
         from torch.testing import assert_close
         sys.path.insert(0, sys.argv[1])
         from test_sampling import random_model
-        from gpt.sampling import DecodeSession, compile_for_decoding, generate
+        from gpt.model.sampling import DecodeSession, compile_for_decoding, generate
         torch.manual_seed(0)
         model = random_model(context_length=24)
         compiled = compile_for_decoding(model)

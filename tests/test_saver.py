@@ -1,4 +1,4 @@
-"""Checkpoints written in the background (`gpt.saver`) and less often (`save_freq`): the same files,
+"""Checkpoints written in the background (`gpt.checkpoints.saver`) and less often (`save_freq`): the same files,
 an exact resume, and the previous checkpoint whole after a failed or killed write."""
 
 import subprocess
@@ -10,15 +10,15 @@ import pytest
 import torch
 from tiny_runs import TOKENS, assert_same_params, params, tiny
 
-import gpt.checkpoint
-from gpt import trainer
-from gpt.checkpoint import load_model, load_train_state
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.saver import CheckpointSaver
-from gpt.train_config import TrainConfig
-from gpt.trainer import setup, train
+import gpt.checkpoints.checkpoint
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.checkpoints.saver import CheckpointSaver
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.training import trainer
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,25 +102,25 @@ def test_an_error_in_the_writer_thread_keeps_the_previous_checkpoint_and_is_rais
         path.write_bytes(b"PK\x03\x04 half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
+    monkeypatch.setattr(gpt.checkpoints.checkpoint.torch, "save", half_written)
     trainer.save_checkpoints(run, last=True, best=False)  # returns: the thread fails later
-    with pytest.raises(UserError, match="No space left"):  # gpt.atomic's one line naming last/
+    with pytest.raises(UserError, match="No space left"):  # gpt.base.atomic's one line naming last/
         run.saver.wait()
     run.saver.wait()  # the error is raised once
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 0
     assert_same_params(params(load_model(tmp_path / "run" / "last")), step0)
     hidden = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("."))
-    assert hidden == [".lock"]  # the run's lock (gpt.run_dir), and no temporary
+    assert hidden == [".lock"]  # the run's lock (gpt.training.run_dir), and no temporary
 
 
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    import gpt.checkpoint
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
-    from gpt.saver import CheckpointSaver
+    import gpt.checkpoints.checkpoint
+    from gpt.model.config import GPTConfig
+    from gpt.model.model import GPT
+    from gpt.checkpoints.saver import CheckpointSaver
 
     target = Path(sys.argv[1])
     model = GPT(GPTConfig.preset("tiny", tie_embeddings=False))
@@ -136,7 +136,7 @@ KILLED_MID_WRITE = textwrap.dedent("""
         print("writing", flush=True)
         time.sleep(60)
 
-    gpt.checkpoint.torch.save = slow_save
+    gpt.checkpoints.checkpoint.torch.save = slow_save
     with torch.no_grad():
         model.tok_emb.weight.fill_(2)
     saver.save(model, {"state": {"step": 2}}, [target])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt.errors import run_cli
-from gpt.tb import TensorBoardLog
+from gpt.base.errors import run_cli
+from gpt.training.tb import TensorBoardLog
 
 ROWS = [
     {"step": 0, "epoch": 0.0, "train_loss": 10.9, "val_loss": 10.8, "lr": math.nan},

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.atomic import atomic_directory
-from gpt.checkpoint import save_model
-from gpt.config import GPTConfig
-from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.teacher import load_teacher
-from gpt.weights import save_hf
+from gpt.base.atomic import atomic_directory
+from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import save_model
+from gpt.checkpoints.weights import save_hf
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.objectives.teacher import load_teacher
 
 STUDENT = GPTConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.1)
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.errors import UserError
-from gpt.tf_checkpoint import _varint, read_tf_checkpoint
+from gpt.base.errors import UserError
+from gpt.checkpoints.tf_checkpoint import _varint, read_tf_checkpoint
 
 OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"
 DATA_FILE = "model.ckpt.data-00000-of-00001"

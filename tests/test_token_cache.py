@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from data_helpers import encode, one_line_error
 
-from gpt import corpora, token_cache
-from gpt.errors import UserError
-from gpt.token_cache import load_tokens
+from gpt.base.errors import UserError
+from gpt.data import corpora, token_cache
+from gpt.data.token_cache import load_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Tokenization: chunking must not change a single token.

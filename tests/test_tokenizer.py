@@ -1,6 +1,6 @@
 import pytest
 
-from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 TEXT = "Hello, do you like tea? <|endoftext|> In the sunlit terraces"
 IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114]
@@ -31,7 +31,7 @@ def test_unknown_words_fall_back_to_subwords() -> None:
 
 
 def test_bpe_files_are_checked_against_their_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gpt.tokenizer as tokenizer
+    import gpt.model.tokenizer as tokenizer
 
     monkeypatch.setattr(tokenizer, "VOCAB_BPE_SHA256", "0" * 64)
     with pytest.raises(tokenizer.UserError, match=r"vocab\.bpe is corrupt"):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt.checkpoint import load_train_state
-from gpt.errors import run_cli
-from gpt.train_cli import main, parse_args
-from gpt.train_config import TrainConfig
+from gpt.base.errors import run_cli
+from gpt.checkpoints.checkpoint import load_train_state
+from gpt.cli.train import main, parse_args
+from gpt.training.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,12 +167,12 @@ def test_help_documents_every_setting(capsys) -> None:
 
 
 def test_the_root_script_only_calls_the_package_command() -> None:
-    """`train.py` is `gpt.train_cli.main`; `python -m gpt.train_cli` is the same command."""
+    """`train.py` is `gpt.cli.train.main`; `python -m gpt.cli.train` is the same command."""
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main is main
-    as_module = subprocess.run([sys.executable, "-m", "gpt.train_cli", "--batch-size", "0"],
+    as_module = subprocess.run([sys.executable, "-m", "gpt.cli.train", "--batch-size", "0"],
                                capture_output=True, text=True, timeout=120, check=False,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert as_module.returncode == 2

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from gpt.config import ConfigError
-from gpt.errors import UserError
-from gpt.train_config import RENAMED, TrainConfig, build_parser, current_names, field_docs, read_toml
+from gpt.base.errors import UserError
+from gpt.model.config import ConfigError
+from gpt.training.settings import RENAMED, TrainConfig, build_parser, current_names, field_docs, read_toml
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -11,16 +11,16 @@ import pytest
 import torch
 from tiny_runs import STEPS_PER_EPOCH, TOKENS, assert_same_params, params, pattern_tokens, tiny
 
-import gpt.atomic
-import gpt.checkpoint
-from gpt import trainer
-from gpt.checkpoint import load_model, load_train_state
-from gpt.config import GPTConfig
-from gpt.loss import Objective, training_loss
-from gpt.metrics import METRICS_COLUMNS
-from gpt.model import GPT
-from gpt.train_config import TrainConfig
-from gpt.trainer import TrainingDiverged, fit, setup, train
+import gpt.base.atomic
+import gpt.checkpoints.checkpoint
+from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.model.config import GPTConfig
+from gpt.model.model import GPT
+from gpt.objectives.lm import Objective, training_loss
+from gpt.training import trainer
+from gpt.training.metrics import METRICS_COLUMNS
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import TrainingDiverged, fit, setup, train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_fp32_losses.json"
 GOLDEN_RTOL = 1e-6  # float32 rounding across CPU vendors; a real change moves a loss by far more
@@ -173,7 +173,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
         Path(path).write_bytes(b"PK\x03\x04 half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpt.checkpoint.torch, "save", half_written)
+    monkeypatch.setattr(gpt.checkpoints.checkpoint.torch, "save", half_written)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoints(run, last=True, best=False)
         run.saver.wait()  # a background save's error is raised here
@@ -189,7 +189,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
             raise KeyboardInterrupt
         os.replace(src, dst)
 
-    monkeypatch.setattr(gpt.atomic.os, "rename", rename_then_die)
+    monkeypatch.setattr(gpt.base.atomic.os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoints(run, last=True, best=False)
         run.saver.wait()
@@ -204,9 +204,9 @@ KILLER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from gpt.checkpoint import save_checkpoint
-    from gpt.config import GPTConfig
-    from gpt.model import GPT
+    from gpt.checkpoints.checkpoint import save_checkpoint
+    from gpt.model.config import GPTConfig
+    from gpt.model.model import GPT
 
     model = GPT(GPTConfig.preset("tiny"))
     print("ready", flush=True)

@@ -19,16 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt import weights
-from gpt.checkpoint import model_from_state_dict, save_model
-from gpt.config import ConfigError, GPTConfig
-from gpt.errors import UserError
-from gpt.export import main as export_main
-from gpt.generate_cli import main as generate_main
-from gpt.model import GPT
-from gpt.tf_checkpoint import read_tf_checkpoint
-from gpt.tokenizer import get_tokenizer
-from gpt.weights import (
+from gpt.base.errors import UserError
+from gpt.checkpoints import weights
+from gpt.checkpoints.checkpoint import model_from_state_dict, save_model
+from gpt.checkpoints.tf_checkpoint import read_tf_checkpoint
+from gpt.checkpoints.weights import (
     config_from_hf,
     gpt_to_hf_state_dict,
     key_pairs,
@@ -36,6 +31,11 @@ from gpt.weights import (
     save_hf,
     to_gpt_state_dict,
 )
+from gpt.cli.export import main as export_main
+from gpt.cli.generate import main as generate_main
+from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.model import GPT
+from gpt.model.tokenizer import get_tokenizer
 
 OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"
 

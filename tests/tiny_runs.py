@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.errors import run_cli
-from gpt.model import GPT
-from gpt.train_cli import main
-from gpt.train_config import TrainConfig
+from gpt.base.errors import run_cli
+from gpt.cli.train import main
+from gpt.model.model import GPT
+from gpt.training.settings import TrainConfig
 
 
 def pattern_tokens(n: int, offset: int = 0) -> np.ndarray:

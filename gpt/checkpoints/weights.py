@@ -1,0 +1,416 @@
+"""GPT-2 weights: load the published checkpoints into our `GPT`, and export ours for Hugging Face.
+
+`load_pretrained(name_or_path, **overrides)` reads
+
+- a Hugging Face GPT-2 directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`), as
+  published for `openai-community/gpt2`, `gpt2-medium`, `gpt2-large` and `gpt2-xl`;
+- a lone `.safetensors` (or `.bin`) file in HF names, its size inferred from the tensor shapes;
+- OpenAI's original release directory (`hparams.json`, `checkpoint`, `model.ckpt.index`,
+  `model.ckpt.data-00000-of-00001`), read without TensorFlow by `gpt.checkpoints.tf_checkpoint`;
+- a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
+  directory, whose `best/` (else `last/`) is read: by `gpt.checkpoints.checkpoint.load_model`, as `--resume` reads
+  it, with the same checks;
+- a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
+  downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
+
+All formats go through one table, `KEY_MAP`: one row per tensor, with its name in each format and
+whether it is a Conv1D kernel. OpenAI's TensorFlow code stores every linear layer as a width-1
+convolution kernel of shape (1, in, out); HF's `Conv1D` keeps the (in, out) layout; `nn.Linear` wants
+(out, in). Our attention keeps q, k and v fused in one projection, in the same order as `c_attn`, so
+no split is needed; GPT-2 has a qkv bias (`qkv_bias=True`) and a head tied to the token embedding,
+which is therefore not stored. The conversions work on tensors as the files store them, a tied head
+once; `gpt.checkpoints.checkpoint.model_from_state_dict` builds the model from them and ties the head.
+
+Memory: loading never holds two copies of the weights. The model is built on the meta device and its
+parameters are then *assigned* tensors that are views of the memory-mapped file (copy-on-write, so
+training writes to private pages and never to the file). A Conv1D kernel becomes its transposed
+view (`w.t()`), not a transposed copy: `F.linear` multiplies by a transposed weight about as fast as
+by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak memory
+measured in BENCHMARKS.md). Weights are float32, what the model computes in; cast afterwards for
+half precision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor
+
+from gpt.base.atomic import atomic_directory, resolve_directory
+from gpt.base.errors import UserError, describe
+from gpt.checkpoints.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    find_model_checkpoint,
+    load_model,
+    model_from_state_dict,
+    read_safetensors,
+    read_torch_file,
+    stored_shapes,
+)
+from gpt.checkpoints.tf_checkpoint import read_tf_checkpoint
+from gpt.data.corpora import hub_unreachable
+from gpt.model.config import GPTConfig, read_json_object
+from gpt.model.model import GPT
+from gpt.model.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
+
+Format = Literal["hf", "openai"]  # the published formats; our own checkpoints are read by load_model
+
+
+class KeyRow(NamedTuple):
+    """One tensor of GPT-2 under its name in each format; `{i}` stands for the block index."""
+
+    ours: str
+    hf: str
+    openai: str | None  # None: OpenAI's release does not store it (its head is always tied)
+    conv1d: bool  # stored as a Conv1D kernel: (in, out) in HF, (1, in, out) in OpenAI; ours is (out, in)
+
+
+KEY_MAP: list[KeyRow] = [
+    KeyRow("tok_emb.weight", "transformer.wte.weight", "model/wte", False),
+    KeyRow("pos_emb.weight", "transformer.wpe.weight", "model/wpe", False),
+    KeyRow("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight", "model/h{i}/ln_1/g", False),
+    KeyRow("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias", "model/h{i}/ln_1/b", False),
+    KeyRow("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", "model/h{i}/attn/c_attn/w", True),
+    KeyRow("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", "model/h{i}/attn/c_attn/b", False),
+    KeyRow("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", "model/h{i}/attn/c_proj/w", True),
+    KeyRow("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", "model/h{i}/attn/c_proj/b", False),
+    KeyRow("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight", "model/h{i}/ln_2/g", False),
+    KeyRow("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias", "model/h{i}/ln_2/b", False),
+    KeyRow("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", "model/h{i}/mlp/c_fc/w", True),
+    KeyRow("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", "model/h{i}/mlp/c_fc/b", False),
+    KeyRow("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", "model/h{i}/mlp/c_proj/w", True),
+    KeyRow("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", "model/h{i}/mlp/c_proj/b", False),
+    KeyRow("final_norm.weight", "transformer.ln_f.weight", "model/ln_f/g", False),
+    KeyRow("final_norm.bias", "transformer.ln_f.bias", "model/ln_f/b", False),
+    KeyRow("lm_head.weight", "lm_head.weight", None, False),
+]
+# One row per token: padded to `GPTConfig.padded_vocab_size` in our model, `vocab_size` rows in files.
+_VOCAB_ROWS = {"tok_emb.weight", "lm_head.weight"}
+# Optional in our model (the book trains without it); a checkpoint loaded without it must hold zeros.
+_QKV_BIAS = next(row for row in KEY_MAP if row.ours.endswith("attn.qkv.bias"))
+
+# Stored by HF but not weights: each block's causal-mask buffers (in older files and the published ones).
+_HF_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
+
+HUB_ORG = "openai-community"
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_HEAD_DIM = 64  # every published GPT-2 size; `n_heads` cannot be read off the tensor shapes
+HF_BIN_FILE = "pytorch_model.bin"
+OPENAI_FILES = ("hparams.json", "checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
+
+
+def key_pairs(cfg: GPTConfig, fmt: Format = "hf") -> list[tuple[str, str, bool]]:
+    """`(our name, name in fmt, is a Conv1D kernel)` for every tensor `GPT(cfg)` stores in `fmt`.
+
+    A tied head is the token embedding, so `lm_head.weight` is not a separate tensor; without a qkv
+    bias the model has no `attn.qkv.bias`.
+    """
+    pairs = []
+    for row in KEY_MAP:
+        if row.ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if row.ours.endswith("attn.qkv.bias") and not cfg.qkv_bias:
+            continue
+        theirs = getattr(row, fmt)
+        if theirs is None:
+            raise UserError("OpenAI's GPT-2 format always ties the head to the token embedding; "
+                            "load it with tie_embeddings=True")
+        for i in range(cfg.n_layers) if "{i}" in row.ours else [None]:
+            pairs.append((row.ours.format(i=i), theirs.format(i=i), row.conv1d))
+    return pairs
+
+
+def _file_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[int, ...]:
+    """The shape a tensor of our `shape` has in `fmt` (see `KeyRow.conv1d`)."""
+    if not conv1d:
+        return shape
+    return ((1,) if fmt == "openai" else ()) + shape[::-1]
+
+
+def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format = "hf",
+                      where: str = "checkpoint") -> dict[str, Tensor]:
+    """Convert a state dict in `fmt` names/layout into our names, as float32 views.
+
+    The result is what our checkpoints store (`gpt.checkpoints.checkpoint.stored_state`, a tied head once) and
+    what `model_from_state_dict` builds a model from. Every tensor `cfg` needs must be present with
+    the expected shape, and every stored tensor must be used (bar HF's mask buffers and a stored copy
+    of a tied head): a checkpoint that does not match its config is an error, not a half-loaded model.
+    `where` names the checkpoint in the errors.
+    """
+    if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
+        state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
+    stored_cfg = cfg.replace(vocab_pad_multiple=1)  # the files hold the real vocabulary, unpadded
+    expected = stored_shapes(stored_cfg)
+    ours_state: dict[str, Tensor] = {}
+    used = set()
+    for ours, theirs, conv1d in key_pairs(cfg, fmt):
+        if theirs not in state:
+            raise UserError(f"{where} is missing tensor {theirs!r} (needed for {ours!r})")
+        tensor, stored = state[theirs], _file_shape(expected[ours], fmt, conv1d)
+        if tuple(tensor.shape) != stored:
+            raise UserError(f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
+                            f"{stored} for this config")
+        if conv1d:
+            tensor = (tensor[0] if fmt == "openai" else tensor).t()  # a view, not a copy: see the top
+        ours_state[ours] = tensor.float()
+        used.add(theirs)
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            name = getattr(_QKV_BIAS, fmt).format(i=i)
+            bias = state.get(name)
+            if bias is not None and bias.abs().max() > 0:
+                raise UserError(
+                    f"{where} has a non-zero qkv bias in block {i}; load it with qkv_bias=True"
+                )
+            used.add(name)
+    unused = sorted(name for name in set(state) - used if not _ignorable(name, cfg, fmt))
+    if unused:
+        raise UserError(
+            f"{where} holds tensors this config does not use ({', '.join(unused[:3])}"
+            f"{', ...' if len(unused) > 3 else ''}); does its config (n_layers={cfg.n_layers}, "
+            f"tie_embeddings={cfg.tie_embeddings}) match the weights?"
+        )
+    padding = cfg.padded_vocab_size - stored_cfg.padded_vocab_size
+    for name in _VOCAB_ROWS & ours_state.keys():  # zero rows up to padded_vocab_size (a copy)
+        ours_state[name] = F.pad(ours_state[name], (0, 0, 0, padding)) if padding else ours_state[name]
+    return ours_state
+
+
+def _ignorable(name: str, cfg: GPTConfig, fmt: Format) -> bool:
+    """Whether a stored tensor that no parameter uses may be dropped silently."""
+    if fmt == "hf":  # a module's state dict (old .bin files) has the tied head under its own name too
+        return bool(_HF_BUFFER.fullmatch(name)) or (name == "lm_head.weight" and cfg.tie_embeddings)
+    return not name.startswith("model/")  # OpenAI: e.g. a `global_step` counter saved beside the model
+
+
+def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """The inverse of `to_gpt_state_dict(..., "hf")`: our state dict in HF `GPT2LMHeadModel` names,
+    as HF's `model.safetensors` stores them (a tied head once, as `transformer.wte.weight`).
+
+    HF GPT-2 always has a qkv bias; a model trained without one gets zeros (the same function).
+    """
+    def stored(ours: str, conv1d: bool) -> Tensor:
+        tensor = state[ours][:cfg.vocab_size] if ours in _VOCAB_ROWS else state[ours]  # unpadded
+        return (tensor.t() if conv1d else tensor).contiguous()
+
+    hf_state = {theirs: stored(ours, conv1d) for ours, theirs, conv1d in key_pairs(cfg, "hf")}
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            hf_state[_QKV_BIAS.hf.format(i=i)] = torch.zeros(3 * cfg.emb_dim)
+    return hf_state
+
+
+# ---- configs: each applies `overrides` through GPTConfig.from_dict, which refuses unknown names ----
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
+    """Our config for a HF `GPT2Config` (as a dict, e.g. a loaded `config.json`)."""
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"config.json is for a {hf_config['model_type']!r} model, not GPT-2 "
+                        "(model_type 'gpt2'); only GPT-2 checkpoints can be loaded")
+    try:
+        fields = dict(
+            vocab_size=hf_config["vocab_size"],
+            context_length=hf_config["n_positions"],
+            emb_dim=hf_config["n_embd"],
+            n_heads=hf_config["n_head"],
+            n_layers=hf_config["n_layer"],
+            drop_rate=hf_config.get("resid_pdrop", 0.1),
+            qkv_bias=True,
+            tie_embeddings=hf_config.get("tie_word_embeddings", True),
+            layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+        )
+    except KeyError as exc:
+        raise UserError(f"HF GPT-2 config lacks the field {exc.args[0]!r}; is it a GPT-2 config?") \
+            from None
+    return GPTConfig.from_dict({**fields, **overrides})
+
+
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The `config.json` of a HF `GPT2LMHeadModel` of our shape (the inverse of `config_from_hf`)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation, as in our MLP
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        # Only a vocabulary that has <|endoftext|> can name it as BOS/EOS.
+        **({"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID} if cfg.vocab_size > ENDOFTEXT_ID
+           else {}),
+    }
+
+
+def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping[str, Any]) -> GPTConfig:
+    """The config of a lone HF-named state dict, read off its tensor shapes.
+
+    n_layers counts the `h.{i}` blocks, emb_dim and vocab_size come from `wte`, context_length from
+    `wpe`. The head count is not visible in any shape: it is emb_dim // 64, GPT-2's head size in every
+    published size, unless `n_heads=` is passed.
+    """
+    def tensor(name: str) -> Tensor:
+        found = state.get(f"transformer.{name}", state.get(name))
+        if found is None or found.dim() != 2:
+            raise UserError(f"{where} has no 2-D {name!r} tensor; is it a GPT-2 checkpoint?")
+        return found
+
+    (vocab_size, emb_dim), context_length = tensor("wte.weight").shape, tensor("wpe.weight").shape[0]
+    blocks = {int(m[1]) for k in state if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
+    if "n_heads" not in overrides and emb_dim % GPT2_HEAD_DIM:
+        raise UserError(f"cannot infer n_heads for {where}: its emb_dim {emb_dim} is not a multiple of "
+                        f"GPT-2's head size {GPT2_HEAD_DIM}; pass n_heads=")
+    if not blocks:
+        raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 checkpoint?")
+    fields = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
+                  n_heads=emb_dim // GPT2_HEAD_DIM, n_layers=max(blocks) + 1, qkv_bias=True)
+    return GPTConfig.from_dict({**fields, **overrides})
+
+
+def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
+    """Our config for OpenAI's `hparams.json`."""
+    needs = "n_vocab, n_ctx, n_embd, n_head and n_layer, as in OpenAI's release"
+    hparams = read_json_object(path, f"OpenAI's hparams ({needs})")
+    try:
+        fields = dict(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"],
+                      emb_dim=hparams["n_embd"], n_heads=hparams["n_head"], n_layers=hparams["n_layer"],
+                      qkv_bias=True, tie_embeddings=True)
+    except KeyError as exc:
+        raise UserError(f"{path} lacks the field {exc.args[0]!r}; it needs {needs}") from None
+    return GPTConfig.from_dict({**fields, **overrides})
+
+
+# ---- readers: each returns a name -> tensor dict of memory-mapped tensors ---------------------------
+# (safetensors: `gpt.checkpoints.checkpoint.read_safetensors`; TensorFlow: `gpt.checkpoints.tf_checkpoint.read_tf_checkpoint`)
+
+
+def _read_bin(path: Path) -> dict[str, Tensor]:
+    """A `pytorch_model.bin` state dict, unpickled only with `weights_only=True` (no code runs)."""
+    # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
+    state = read_torch_file(path, "use a model.safetensors instead", mmap=zipfile.is_zipfile(path))
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 checkpoint?")
+    return state
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str) -> GPT:
+    """A `GPT(cfg)` whose parameters are the tensors of `state` (in `fmt`), without copying them."""
+    return model_from_state_dict(cfg, to_gpt_state_dict(state, cfg, fmt, where), where).eval()
+
+
+def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
+    if (path / "hparams.json").is_file():
+        cfg = _openai_config(path / "hparams.json", overrides)
+        # The `checkpoint` file names the prefix (`model_checkpoint_path: "model.ckpt"`).
+        found = re.search(r'^model_checkpoint_path:\s*"(.*)"', (path / "checkpoint").read_text(), re.M) \
+            if (path / "checkpoint").is_file() else None
+        prefix = path / Path(found[1] if found else "model.ckpt").name
+        return _build(cfg, read_tf_checkpoint(prefix), "openai", str(prefix))
+    weights = next((path / f for f in (WEIGHTS_FILE, HF_BIN_FILE) if (path / f).is_file()), None)
+    if (path / CONFIG_FILE).is_file() and weights is not None:
+        config = read_json_object(path / CONFIG_FILE, "a model config")
+        if "emb_dim" not in config:  # HF's field names (n_embd, ...), not our GPTConfig's
+            state = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
+            return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
+    checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
+    if checkpoint is not None:
+        return load_model(checkpoint, **overrides).float().eval()
+    raise UserError(
+        f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
+        f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "
+        f"or a checkpoint or run directory of this project ({CONFIG_FILE} + {WEIGHTS_FILE}, or best/)"
+    )
+
+
+def _download(name: str) -> Path:
+    """The hub's `openai-community/<name>` files (config.json, model.safetensors) in its local cache."""
+    repo = f"{HUB_ORG}/{name}"
+    fix = (f"download {CONFIG_FILE} and {WEIGHTS_FILE} from https://huggingface.co/{repo} into a "
+           f"directory and pass that instead of the name (e.g. --init models/{name})")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError(f"cannot download {repo}: huggingface_hub is not installed "
+                        f"(pip install 'gpt[hf]'); or {fix}") from None
+    unreachable = hub_unreachable()
+    try:  # offline, only huggingface_hub's local cache can answer
+        files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=unreachable is not None))
+                 for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    except Exception as exc:  # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
+        if unreachable is not None:
+            reason = f"the hub cannot be reached ({unreachable}) and the files are not in the local cache"
+        else:
+            reason = describe(exc)
+        raise UserError(f"cannot download {repo} ({reason}); {fix}") from None
+    return files[0].parent
+
+
+def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
+    """GPT-2 with published (or exported) weights, in eval mode, on the CPU, in float32.
+
+    `name_or_path` is a path (see the module docstring for the layouts) or one of `HUB_MODELS`
+    (optionally prefixed `openai-community/`), downloaded from the Hugging Face hub; an existing path
+    wins over a name. `overrides` replace `GPTConfig` fields, e.g. `drop_rate=0.0` for fine-tuning,
+    or `n_heads=` for a lone `.safetensors` file (whose head count is taken to be emb_dim // 64).
+    Any mismatch between the config and the tensors raises a `UserError` naming the tensor.
+    """
+    path = resolve_directory(Path(name_or_path))
+    if path.is_dir():
+        return _load_dir(path, overrides)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            state = read_safetensors(path)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            state = _read_bin(path)
+        else:
+            raise UserError(f"cannot load {path}: expected a .safetensors or .bin file, or a directory")
+        return _build(_infer_hf_config(state, str(path), overrides), state, "hf", str(path))
+    name = str(name_or_path).removeprefix(f"{HUB_ORG}/")
+    if name not in HUB_MODELS:
+        raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; known "
+                        f"models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
+    return _load_dir(_download(name), overrides)
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+
+def save_hf(model: GPT, out_dir: str | Path) -> None:
+    """Write `model` as a HF GPT-2 directory (`config.json` + `model.safetensors`), atomically.
+
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it and computes the same logits. A
+    tied head is stored once, as the token embedding, as HF does (`gpt_to_hf_state_dict`). `out_dir`
+    is replaced as a whole, so it must be new, empty, or an earlier export.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir()
+                             or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
+        raise UserError(f"{out_dir} exists and holds other files; save_hf replaces the whole directory, "
+                        "so choose a new or empty one")
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    hf_state = gpt_to_hf_state_dict(state, model.config)
+    with atomic_directory(out_dir) as tmp:
+        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires the format tag
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")

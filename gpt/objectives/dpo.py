@@ -1,0 +1,171 @@
+"""Direct Preference Optimization: its loss, the log-probabilities it compares, the reference, the metrics.
+
+DPO (Rafailov et al. 2023) tunes a model, the policy pi, towards the responses people prefer, with
+no reward model and no sampling. For a prompt x with a chosen response y_w and a rejected one y_l:
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+log pi(y|x) is the sum of the log-probabilities of the response's tokens (`sequence_logps`; the
+prompt's are masked as in fine-tuning) and pi_ref the reference: a frozen copy of the weights
+training starts from (`load_reference`). beta * (log pi(y|x) - log pi_ref(y|x)) is the response's
+implicit reward; the loss raises the chosen response's above the rejected one's, and pi_ref
+anchors pi where the pairs say nothing. At the start pi = pi_ref: every reward is 0, the loss log 2.
+
+The reference never changes, so its log-probabilities are computed once per pair before training
+(`cache_reference`) and travel with the batches (`gpt.data.pairs.pair_collate`): a step runs one
+model, on the pairs' two responses in one padded batch (`pair_loss`, set up by `prepare_dpo`).
+`evaluate_dpo` measures what a DPO run logs at each evaluation (`gpt.training.metrics.DPO_COLUMNS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from gpt.base.device import autocast, eval_mode
+from gpt.base.errors import UserError
+from gpt.data.pairs import PreferenceDataset, pair_collate
+from gpt.model.config import GPTConfig
+from gpt.model.loss import IGNORE_INDEX, at_least_float32
+from gpt.model.model import GPT
+from gpt.objectives.teacher import load_frozen
+from gpt.training.metrics import DPO_COLUMNS
+
+if TYPE_CHECKING:  # gpt.training.settings imports gpt.data.records, which the data modules import
+    from gpt.training.settings import TrainConfig
+
+# ---- the loss -----------------------------------------------------------------------------------
+
+
+def sequence_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(response | prompt) of each row: the sum of the log-probabilities of its counted targets.
+
+    logits (N, T, V), targets (N, T) with `IGNORE_INDEX` at the prompt and the padding -> (N,),
+    computed in float32 (float64 for float64 logits), like `gpt.model.loss.lm_loss`.
+    """
+    token_nll = F.cross_entropy(at_least_float32(logits.flatten(0, 1)), targets.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="none")  # 0 at ignored targets
+    return -token_nll.view(targets.shape).sum(dim=1)
+
+
+def dpo_losses(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(losses (B,), rewards (2B,)) of B pairs, from the policy's and the reference's log-probabilities
+    (2B,) of their responses, the B chosen ones first (as `pair_collate` lays them out)."""
+    rewards = beta * (policy - reference)
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected), rewards
+
+
+def pair_loss(beta: float, model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
+              reference: Tensor, *, chunk_size: int = 0) -> Tensor:
+    """The mean DPO loss of one batch of pairs (`pair_collate`'s), chosen and rejected responses read
+    in one forward pass: what a DPO run's steps call (`prepare_dpo` binds `beta` and `model`).
+    `chunk_size` must be 0: the whole logits are needed (`gpt.objectives.lm.Objective.check_loss_chunk`)."""
+    if chunk_size:
+        raise ValueError("pair_loss: DPO needs whole logits; chunk_size must be 0")
+    losses, _ = dpo_losses(sequence_logps(model(inputs), targets), reference, beta)
+    return losses.mean()
+
+
+def count_pairs(batches: Iterable[Sequence[Tensor]]) -> int:
+    """The pairs of `pair_collate` batches: what a DPO step's loss is the mean over."""
+    return sum(len(batch[0]) // 2 for batch in batches)
+
+
+# ---- the reference ------------------------------------------------------------------------------
+
+
+def load_reference(cfg: TrainConfig, policy: GPTConfig, device: torch.device) -> GPT:
+    """The frozen reference of a DPO run: `--reference`, or else the `--init` weights as the run's
+    model was first built from them (with its settings' overrides, `TrainConfig.model_overrides`).
+    It must have the policy's vocabulary and shape: its log-probabilities are of the same tokens,
+    and it is meant to be where the policy starts from."""
+    flag, name = ("--reference", cfg.reference) if cfg.reference else ("--init", cfg.init)
+    reference = load_frozen(name, flag, device, **({} if cfg.reference else cfg.model_overrides))
+    if reference.config.vocab_size != policy.vocab_size:
+        raise UserError(f"{flag} {name} predicts {reference.config.vocab_size} token ids and the trained "
+                        f"model {policy.vocab_size}; DPO compares their log-probabilities of the same "
+                        "tokens, so choose a reference trained with the same tokenizer")
+    shape, wanted = ((c.n_layers, c.n_heads, c.emb_dim, c.context_length) for c in (reference.config, policy))
+    if shape != wanted:
+        raise UserError(f"{flag} {name} has another shape (layers, heads, width, context: {shape}) than "
+                        f"the trained model ({wanted}); the reference is the model's starting point, so "
+                        "choose one of the same shape (or drop --reference: the --init weights)")
+    return reference
+
+
+@torch.no_grad()
+def batch_logps(model: GPT, inputs: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor:
+    """`sequence_logps` of `model` (in the mode it is in) for one batch, under autocast to `dtype`."""
+    device = next(model.parameters()).device
+    with autocast(device, dtype):
+        return sequence_logps(model(inputs.to(device)), targets.to(device))
+
+
+def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch_size: int,
+                    dtype: torch.dtype) -> None:
+    """Set every dataset's `reference`: the reference model's log-probabilities of both responses of
+    each pair, `batch_size` pairs at a time in the pairs' order (fixed batches, so a resumed run
+    computes the same numbers again, bit for bit)."""
+    for dataset in datasets:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate,
+                            generator=torch.Generator())  # iterating draws no number from the global one
+        rows = [batch_logps(reference, inputs, targets, dtype).view(2, -1).t()
+                for inputs, targets, _ in loader]
+        dataset.reference = torch.cat(rows).float().cpu()  # (pairs, 2): chosen, rejected
+
+
+def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset],
+                dtype: torch.dtype) -> Callable[..., Tensor]:
+    """The loss a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)` (`pair_loss`
+    bound to `model`; `gpt.training.distributed.Dist.wrap` compiles it, or puts it under DDP), once the
+    reference (`load_reference`) has been run over every pair (`cache_reference`) and let go: from
+    here on a step runs `model` alone. Under torchrun every rank caches every pair's numbers: the same
+    on all ranks, whichever pairs each one's batches hold."""
+    reference = load_reference(cfg, model.config, next(model.parameters()).device)
+    cache_reference(reference, pairs, cfg.batch_size, dtype)
+    return partial(pair_loss, cfg.dpo_beta, model)
+
+
+# ---- the metrics --------------------------------------------------------------------------------
+
+
+def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
+                   dtype: torch.dtype = torch.float32,
+                   all_reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+    """The DPO metrics of the pairs `loader` gives (`pair_collate` batches), in eval mode (put back
+    after): "loss" (the mean DPO loss), "accuracy" (the share of pairs whose chosen response has the
+    higher reward; a tie is not), "margin" (the mean chosen-minus-rejected reward), "chosen_logp" and
+    "rejected_logp" (the responses' mean log-probabilities under `model`). `all_reduce` sums the
+    totals and the pair count over the ranks of a data-parallel run (`gpt.training.distributed.Dist.sum_values`),
+    each of which read its own pairs: the means are then over all of them, the same on every rank."""
+    with eval_mode(model):
+        logps, references = zip(*((batch_logps(model, inputs, targets, dtype).view(2, -1),
+                                   reference.view(2, -1)) for inputs, targets, reference in loader),
+                                strict=True)
+    policy, reference = torch.cat(logps, dim=1).cpu(), torch.cat(references, dim=1)  # (2, pairs) each
+    losses, rewards = dpo_losses(policy.flatten(), reference.flatten(), beta)
+    chosen, rejected = rewards.chunk(2)
+    totals = [losses.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), *policy.sum(dim=1)]
+    sums = [float(total) for total in totals] + [float(losses.numel())]
+    *sums, pairs = all_reduce(sums) if all_reduce else sums
+    names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
+    return {name: total / pairs for name, total in zip(names, sums, strict=True)}
+
+
+def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], beta: float,
+                 dtype: torch.dtype, all_reduce: Callable[[list[float]], list[float]] | None = None,
+                 ) -> dict[str, float]:
+    """A DPO run's evaluation: the DPO loss of the "train" and "val" evaluation batches, and the other
+    metrics of the validation pairs, under their metrics.csv names (`gpt.training.metrics.DPO_COLUMNS`); over
+    all ranks' batches with `all_reduce` (as in `evaluate_pairs`)."""
+    train, val = (evaluate_pairs(model, loaders[name], beta, dtype, all_reduce) for name in ("train", "val"))
+    names = ("accuracy", "margin", "chosen_logp", "rejected_logp")
+    return {"train_loss": train["loss"], "val_loss": val["loss"],
+            **{column: val[name] for column, name in zip(DPO_COLUMNS, names, strict=True)}}

@@ -1,0 +1,181 @@
+"""Next-token cross-entropy and its variants: label smoothing, focal loss, distillation from a teacher.
+
+The plain loss is the model's own (`gpt.model.loss`); the variants reshape it, gathered by `Objective`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt.base.errors import UserError
+from gpt.model.loss import IGNORE_INDEX, at_least_float32, lm_loss
+
+if TYPE_CHECKING:
+    from gpt.model.model import GPT
+
+OBJECTIVES = ("lm", "dpo")
+"""The values of --objective (`Objective.name`)."""
+
+
+
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean focal loss -(1 - p)^gamma * log p over the targets that are not `ignore_index`.
+
+    p is the probability the model gives the target token, softmax over the whole vocabulary (Lin et
+    al. 2017, there over object classes). The factor (1 - p)^gamma shrinks the loss of tokens the
+    model already predicts well, so their gradient goes to the hard ones; gamma 0 is plain
+    cross-entropy. Computed in float32 (float64 if the logits are), like `lm_loss`.
+    """
+    logp = F.log_softmax(at_least_float32(logits.flatten(0, -2)), dim=-1)  # (N, V)
+    targets = targets.flatten()
+    counted = targets != ignore_index
+    logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read token 0
+    # 1 - p as -expm1(log p), which keeps the small difference where p rounds to 1.0. Where even log p
+    # is 0 (a near-certain token), 1 - p is 0, and the gradient of pow(gamma < 1) there infinite: the
+    # floor turns it into 0 (such a token's loss is 0 either way).
+    one_minus_p = (-torch.expm1(logp_target)).clamp(min=torch.finfo(logp.dtype).tiny)
+    modulation = one_minus_p.pow(gamma)
+    return -(modulation * logp_target)[counted].mean()  # no counted target: NaN, as in lm_loss
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+                    ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """KL(teacher_T || student_T), averaged over the positions whose target is not `ignore_index`.
+
+    teacher_T = softmax(teacher_logits / T) and student_T the same for the student, over the
+    vocabulary; per position KL = sum_k teacher_T[k] * (log teacher_T[k] - log student_T[k]), which is
+    0 exactly when the two distributions agree. A temperature above 1 flattens both, so the student
+    also learns how the teacher ranks the unlikely tokens ("dark knowledge", Hinton et al. 2015).
+    """
+    counted = targets.flatten() != ignore_index
+    student = F.log_softmax(at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    teacher = F.log_softmax(at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What training minimises: cross-entropy or one of its variants, set by `train.py`'s flags.
+
+        hard   = lm_loss(logits, targets, label_smoothing)   or   focal_loss(logits, targets, gamma)
+        loss   = hard                                                             without a teacher
+               = (1 - A) * hard + A * T^2 * distillation_kl(logits, teacher_logits, targets, T)   with
+
+    The T^2 keeps the distillation gradient on the scale of the hard loss's as T changes (the softened
+    softmax's gradient shrinks as 1/T^2). Validation losses stay plain cross-entropy (`lm_loss`), so
+    runs with different objectives remain comparable.
+    """
+
+    label_smoothing: float = 0.0
+    """Mix the one-hot target with the uniform distribution by this much (0 = plain cross-entropy)."""
+    focal_gamma: float = 0.0
+    """Focal loss: weight each token's loss by (1 - p)^gamma (0 = plain cross-entropy)."""
+    teacher: str | None = None
+    """The model distilled from (a name or path, for messages); None trains on the targets alone."""
+    distill_weight: float = 0.5
+    """A: the share of the distillation term in the loss, in [0, 1] (used with a teacher only)."""
+    distill_temperature: float = 2.0
+    """T: both models' logits are divided by this before their softmax (used with a teacher only)."""
+    name: str = "lm"
+    """lm: next-token cross-entropy (or one of the variants above); dpo: Direct Preference Optimization
+    on pairs of responses, whose loss is `gpt.objectives.dpo`'s, not `loss` below."""
+    dpo_beta: float = 0.1
+    """DPO's beta: the scale of the implicit reward beta * (log pi - log pi_ref) (used with dpo only)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
+            if not (ok and math.isfinite(value)):
+                raise UserError(f"--{flag} must be {what}, got {value!r}; e.g. --{flag} {example}")
+
+        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)", "0.1")
+        need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
+        need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]", "0.5")
+        need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
+        need(self.dpo_beta > 0, "dpo-beta", self.dpo_beta, "above 0", "0.1")
+        if self.name not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.name!r}; "
+                            "e.g. --objective dpo")
+        variant = self.variant_flag
+        if self.name == "dpo" and variant is not None:
+            raise UserError(f"--objective dpo has a loss of its own and does not combine with {variant}; "
+                            f"drop {variant}")
+        if self.label_smoothing > 0 and self.focal_gamma > 0:
+            raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
+                               "not combine here; give only one of them")
+
+    @property
+    def variant_flag(self) -> str | None:
+        """The flag that makes this a variant of cross-entropy (--teacher, ...), or None."""
+        return ("--teacher" if self.teacher is not None else "--label-smoothing" if self.label_smoothing
+                else "--focal-gamma" if self.focal_gamma else None)
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        """Whether this is plain cross-entropy, the loss `head_loss` computes (also in chunks)."""
+        return self.name == "lm" and self.variant_flag is None
+
+    def check_loss_chunk(self, loss_chunk: int) -> None:
+        """Refuse `--loss-chunk` with any other objective: the chunked head computes plain cross-entropy
+        only, while the variants need each position's whole distribution (and the teacher's), and DPO
+        each response token's log-probability."""
+        if loss_chunk and not self.is_cross_entropy:
+            flag = self.variant_flag or f"--objective {self.name}"
+            raise UserError(f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
+                               f"train with {flag}")
+
+    def loss(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
+        """The objective of `logits` (..., V) against `targets` (...), -100 targets left out; with a
+        teacher, `teacher_logits` are its logits for the same inputs (computed without gradients)."""
+        if self.focal_gamma > 0:
+            hard = focal_loss(logits, targets, self.focal_gamma)
+        else:
+            hard = lm_loss(logits, targets, label_smoothing=self.label_smoothing)
+        if self.teacher is None:
+            return hard
+        if teacher_logits is None:
+            raise ValueError(f"Objective.loss: distilling from {self.teacher} needs its teacher_logits")
+        weight, temperature = self.distill_weight, self.distill_temperature
+        kl = distillation_kl(logits, teacher_logits, targets, temperature)
+        return (1 - weight) * hard + weight * temperature**2 * kl
+
+
+def objective_loss(objective: Objective, model: Callable[[Tensor], Tensor],
+                   teacher: Callable[[Tensor], Tensor] | None, idx: Tensor, targets: Tensor, *,
+                   chunk_size: int = 0) -> Tensor:
+    """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean loss.
+
+    Called like `GPT.loss` (`functools.partial` binds the first three), under the caller's autocast;
+    the `teacher`'s logits come from the same inputs under that autocast, without gradients.
+    `chunk_size` must be 0: the variants need whole logits (`Objective.check_loss_chunk`).
+    """
+    if chunk_size:
+        raise ValueError("objective_loss: the variants need whole logits; chunk_size must be 0")
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(idx)
+    return objective.loss(model(idx), targets, teacher_logits)
+
+
+def training_loss(objective: Objective, model: GPT, teacher: Callable[[Tensor], Tensor] | None, *,
+                  compile: bool = False) -> Callable[..., Tensor]:
+    """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss` itself
+    for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
+    `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain cross-entropy
+    the transformer only, the head's loss run as written (its chunked path fills buffers in place, and
+    compiling it too would be a new speed option to measure first)."""
+    if not objective.is_cross_entropy:
+        loss = partial(objective_loss, objective, model, teacher)
+        return torch.compile(loss) if compile else loss
+    if not compile:
+        return model.loss
+    body = torch.compile(model.hidden_states)
+    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)

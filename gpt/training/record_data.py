@@ -1,0 +1,230 @@
+"""A fine-tuning run's data: records split, encoded, and batched by length with a resumable order.
+
+`run_loaders` gives a training run its loaders, for records, preference pairs or text (`gpt.data.windows`).
+`record_loaders` is `gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds
+out the last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.data.records`),
+and returns the shuffled training loader and the fixed evaluation loaders; `preference_loaders`
+does the same for the pairs of `--objective dpo` (`gpt.data.pairs`). Batches are padded to
+their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
+within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
+`gpt.data.windows.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
+out, so a checkpoint resumes at exactly the next batch. Under torchrun its batches are global ones of
+`batch_size x world_size` records, of which each rank takes its share (`gpt.data.windows.rank_share`), so the
+ranks together train on the batches of one process with `--batch-size batch_size x world_size`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from gpt.base.errors import UserError
+from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
+from gpt.data.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
+from gpt.data.windows import build_loaders, eval_picks, prepare_data, rank_share
+from gpt.model.tokenizer import get_tokenizer
+from gpt.training.distributed import Dist
+
+if TYPE_CHECKING:
+    from gpt.training.settings import TrainConfig
+
+BUCKET_BATCHES = 16
+"""Batches' worth of shuffled records sorted by length together: more means less padding but batches
+of more alike lengths (a less random order)."""
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable.
+
+    `batch_size` is the global batch's: with `world_size` ranks, rank `rank` hands out its share of
+    each; the one short batch (the records left over), if it has fewer records than there are ranks
+    (one would get none), is left out."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0  # global batches of this epoch already handed out
+        self.num_batches = math.ceil(len(self.lengths) / batch_size)
+        if 0 < len(self.lengths) % batch_size < world_size:
+            self.num_batches -= 1
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every global batch of `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        chunk = self.batch_size * BUCKET_BATCHES
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return [batch for batch in batches if len(batch) >= self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches(self.epoch)
+        while self.position < self.num_batches:
+            self.position += 1
+            yield list(rank_share(batches[self.position - 1], self.rank, self.world_size))
+        self.epoch += 1
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.num_batches - self.position
+
+    def padded_tokens(self, epoch: int = 0) -> int:
+        """Input tokens of `epoch`'s batches, padding included (what the steps of an epoch read)."""
+        return sum(len(batch) * max(self.lengths[i] for i in batch) for batch in self.batches(epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+@dataclass
+class RecordData:
+    """What the trainer keeps of a fine-tuning run's data besides its loaders."""
+
+    template: str
+    """The prompt template, resolved (a record kind's default when --prompt-template is not given)."""
+    val_records: list[Record]
+    """The validation records that fit the context, for `gpt.eval.answers.val_exact_match` and the samples."""
+    dropped: int
+    """Training records left out: too long for a single response token in the context."""
+    tokens_per_epoch: int
+    """Input tokens of the first epoch's batches, padding included (others differ a little): the
+    unit of the epoch column."""
+    pairs: tuple[PreferenceDataset, PreferenceDataset] | None = None
+    """A preference run's (training, validation) pairs, whose reference log-probabilities `gpt.objectives.dpo`
+    fills in; None for records."""
+
+    def describe(self, kept: int, context_length: int) -> str:
+        """The training records in words, for the run's first line."""
+        what = "preference pairs" if self.pairs else "records"
+        return (f"{kept} training {what} ({self.dropped} dropped: no room for a response token in "
+                f"{context_length}), prompt template {self.template!r}")
+
+
+Batches = DataLoader[tuple[Tensor, Tensor]]
+T = TypeVar("T")
+
+
+def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
+                pin_memory: bool = False, dist: Dist | None = None,
+                ) -> tuple[Batches, dict[str, Batches], RecordData | None]:
+    """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
+    text (`gpt.data.windows.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
+    which `pin_memory` is passed to: records are small, and their batches are padded as they come).
+    Under torchrun (`dist`), the batches are this rank's slices of the global batch."""
+    dist = dist or Dist()
+    if is_record_file(cfg.data):
+        if cfg.objective != "dpo":
+            return record_loaders(cfg, context_length, dist)
+        return preference_loaders(cfg, context_length, dist)
+    train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
+        cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
+        data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
+    return (*build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
+                           stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
+                           pin_memory=pin_memory, rank=dist.rank, world_size=dist.world_size),
+            None)
+
+
+def split_records(data: str, val_data: str | None, val_fraction: float, seed: int,
+                  load: Callable[[str], list[T]]) -> tuple[list[T], list[T]]:
+    """(train, validation) records read by `load` (`load_records`, `load_pairs`): `val_data`'s, or the
+    last `val_fraction` of `data`'s after a shuffle."""
+    records = load(data)
+    if val_data is not None:
+        return records, load(val_data)
+    records = records[:]
+    random.Random(seed).shuffle(records)
+    n_val = round(len(records) * val_fraction)
+    if not 0 < n_val < len(records):
+        raise UserError(f"{data} has {len(records)} records: --val-fraction {val_fraction:g} leaves "
+                        f"{n_val} for validation and {len(records) - n_val} for training; each needs one, "
+                        "so use more records, another --val-fraction, or --val-data")
+    return records[:-n_val], records[-n_val:]
+
+
+def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
+                   ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]],
+                              RecordData]:
+    """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
+    --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
+
+    No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
+    a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
+    """
+    batch_size, seed = cfg.batch_size, cfg.seed
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed, load_records)
+    template = cfg.prompt_template or train[0].kind
+    tokenizer = get_tokenizer()
+    datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
+                                         max_length=context_length) for name, records in (("train", train),
+                                                                                         ("val", val))}
+    train_loader, eval_loaders, tokens = _loaders(datasets, batch_size, seed, cfg.eval_iters, pad_collate,
+                                                  dist or Dist())
+    records = RecordData(template, datasets["val"].records, datasets["train"].dropped, tokens)
+    return train_loader, eval_loaders, records
+
+
+def preference_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
+                       ) -> tuple[Any, dict[str, Any], RecordData]:
+    """`record_loaders` for the preference pairs of --objective dpo (`gpt.data.pairs`): each batch is
+    `pair_collate`'s (inputs, targets, reference) of --batch-size pairs, 2 x --batch-size rows; under
+    torchrun (`dist`), this rank's shares of the global batches of pairs."""
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
+    template = cfg.prompt_template or train[0].kind
+    tokenizer = get_tokenizer()
+    datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
+                for name, pairs in (("train", train), ("val", val))}
+    train_loader, eval_loaders, tokens = _loaders(datasets, cfg.batch_size, cfg.seed, cfg.eval_iters,
+                                                  pair_collate, dist or Dist())
+    chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
+    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair is two rows
+                         pairs=(datasets["train"], datasets["val"]))
+    return train_loader, eval_loaders, records
+
+
+def _loaders(datasets: Mapping[str, InstructionDataset | PreferenceDataset], batch_size: int, seed: int,
+             eval_iters: int, collate: Callable[..., Any], dist: Dist) -> tuple[Any, dict[str, Any], int]:
+    """(training loader, {"train", "val"} evaluation loaders, padded tokens of the first epoch) of
+    the encoded `datasets`, this rank's shares under torchrun (`dist`); `UserError` if one of them
+    kept nothing."""
+    for name, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
+                            f"token in a context of {dataset.context_length} tokens (the response and "
+                            "its end-of-text are never cut); use a larger --context-length or shorter "
+                            "responses")
+    sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
+                                 rank=dist.rank, world_size=dist.world_size)
+    train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=collate)
+    train_loader.generator = torch.Generator()  # as in gpt.data.windows.build_loaders: the global one untouched
+    eval_loaders = {name: _eval_loader(data, batch_size, eval_iters, collate, dist)
+                    for name, data in datasets.items()}
+    return train_loader, eval_loaders, sampler.padded_tokens()
+
+
+def _eval_loader(dataset: InstructionDataset | PreferenceDataset, batch_size: int, batches: int,
+                 collate: Callable[..., Any], dist: Dist) -> DataLoader[Any]:
+    """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time
+    (this rank's shares of them: `gpt.data.windows.eval_picks`)."""
+    picks = eval_picks(len(dataset), batch_size, batches, dist.rank, dist.world_size)
+    return DataLoader(Subset(dataset, picks), batch_size=batch_size, collate_fn=collate,
+                      generator=torch.Generator())

@@ -1,0 +1,414 @@
+"""Training settings: `TrainConfig`, its command-line flags and TOML files of it.
+
+Every setting is a field of `TrainConfig` with a docstring under it; `build_parser` turns each field
+into a flag (`batch_size` -> `--batch-size`) whose `--help` is that docstring, so the settings, their
+documentation and their flags cannot drift apart. A TOML file (`--config`) uses the same names.
+`gpt.cli.train` puts the sources together (defaults < resumed run < TOML file < flags) and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import math
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, cast, get_args, get_type_hints
+
+from gpt.base.device import DTYPES
+from gpt.base.errors import UserError, command_name
+from gpt.data.records import is_record_file
+from gpt.data.token_cache import ERRORS_MODES
+from gpt.model.config import ConfigError, check_known_fields, preset_names
+from gpt.objectives.lm import Objective
+from gpt.training.tb import require_tensorboard
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple", "tie_embeddings",
+                   "qkv_bias", "init_scheme")
+"""The settings that replace a field of the model's `GPTConfig` (its preset's, or its weights')."""
+PARALLEL_MODES = ("ddp", "fsdp")
+"""The values of --parallel (see `gpt.training.distributed`)."""
+RENAMED = {"errors": "decode_errors"}
+"""Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
+old flag stays an alias of the new one."""
+RUN_CONFIG_FILE = "train_config.json"
+"""A run directory's record of its settings (`TrainConfig.to_dict`), written when the run starts."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of setting `name`: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. `python train.py --help` shows these docstrings."""
+
+    # data
+    data: str = "default"
+    """Training text: a corpus name (default: Python's help topics, offline; the-verdict;
+    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; or a
+    .jsonl/.json file of question/answer or instruction records, to fine-tune on (see the README)."""
+    val_data: str | None = None
+    """Validation text (same forms as --data); without it the last --val-fraction of --data is held out."""
+    val_fraction: float = 0.1
+    """Fraction of --data (its end; of records, the last after a shuffle with --seed) held out for
+    validation when --val-data is not given."""
+    decode_errors: str = "strict"
+    """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or replace
+    (with U+FFFD)."""
+    data_dir: str = "data"
+    """Where downloaded corpora and token caches are kept."""
+    prompt_template: str | None = None
+    """Records only (--data FILE.jsonl or .json): how a prompt is laid out before its response: alpaca
+    (instruction, input, response headings), plain (the prompt and a space), qa ("Question: ...\nAnswer:
+    "), or a string with a {prompt} field and an optional {input} one. Default: alpaca for
+    instruction/output records, plain for prompt/response and prompt/completion, qa for
+    question/answer records and pairs. Kept with the run, so generate.py applies it."""
+    mask_prompt: bool = True
+    """Records only: train on the response tokens alone (targets of prompt tokens are -100);
+    --no-mask-prompt trains on the prompt too."""
+
+    # model
+    preset: str = "mini"
+    """Model size for --init scratch: mini (4 layers, 256 wide, 4 heads, context 256), tiny,
+    gpt2-small/medium/large/xl (alias gpt2)."""
+    init: str = "scratch"
+    """scratch (random weights of --preset), or GPT-2 weights to start from: gpt2, gpt2-medium, ...,
+    a Hugging Face directory or file, or a checkpoint directory of an earlier run (runs/NAME/best)."""
+    n_layers: int | None = None
+    """Transformer blocks (overrides the preset)."""
+    emb_dim: int | None = None
+    """Embedding width (overrides the preset)."""
+    n_heads: int | None = None
+    """Attention heads; must divide --emb-dim (overrides the preset)."""
+    drop_rate: float | None = None
+    """Dropout probability (overrides the preset's: 0 for mini, 0.1 for the others)."""
+    vocab_pad_multiple: int | None = None
+    """Pad the embedding table and LM head to a multiple of this many rows (overrides the preset's:
+    64 for mini, 1 for the others); same results, faster matmuls (see BENCHMARKS.md)."""
+    tie_embeddings: bool | None = None
+    """Share one matrix between the token embedding and the output head, as GPT-2 does (overrides the
+    preset's: tied); the book's from-scratch model has its own head (--no-tie-embeddings)."""
+    qkv_bias: bool | None = None
+    """Give the query/key/value projection a bias, as GPT-2 does (overrides the preset's: none for
+    mini and tiny, a bias for GPT-2)."""
+    init_scheme: str | None = None
+    """Random init of a --init scratch model: gpt2 (N(0, 0.02), residual projections scaled by depth;
+    the default) or torch (PyTorch's module defaults, as in the book: embeddings N(0, 1))."""
+    context_length: int | None = None
+    """Tokens per training window; at most the model's context length, which is also the default
+    (256 for mini, 1024 for GPT-2)."""
+    stride: int | None = None
+    """Distance between the starts of consecutive training windows; default --context-length (no
+    overlap). A smaller stride gives more, overlapping windows per epoch."""
+
+    # optimisation
+    batch_size: int = 8
+    """Windows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients add up to one optimizer step (effective batch = batch_size x this)."""
+    epochs: int = 3
+    """Passes over the training windows."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps even if epochs remain (the LR schedule ends there too);
+    0 = no limit, train all --epochs."""
+    lr: float = 2e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay (the floor)."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up from ~0 to --lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices (embeddings included) but not to biases or LayerNorms."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    adam_betas: str = "0.9,0.95"
+    """AdamW's B1,B2: the default is GPT-3's and nanoGPT's, whose lower B2 forgets old gradient scales
+    faster and keeps steps stable at the high learning rates small models train well at; the book uses
+    PyTorch's 0.9,0.999."""
+
+    # evaluation, early stopping, logging
+    eval_freq: int = 20
+    """Evaluate and log every this many optimizer steps (and at the end)."""
+    eval_iters: int = 2
+    """Batches of training and of validation data the losses are averaged over at each evaluation
+    (spread evenly over each split; the same batches every time)."""
+    save_freq: int = 1
+    """Write last/ at every this many-th evaluation (1: at each one), and always at the end and on
+    Ctrl-C; best/ is written at every improvement. Fewer saves cost less time for a big model, but a
+    kill loses more steps."""
+    async_save: bool = True
+    """Write checkpoints in a background thread from a copy of the weights and optimizer state taken
+    at the step, so training goes on meanwhile (the same files, one save at a time; the price is
+    memory for the copy: --no-async-save writes while training waits). See BENCHMARKS.md. Under
+    --parallel fsdp every rank writes its own shards at the step, whatever this says."""
+    patience: int = 5
+    """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
+    min_delta: float = 0.0
+    """How much lower the validation loss must be than the best so far to count as an improvement."""
+    sample_prompt: str = "Every effort moves you"
+    """Start of the text sampled after each epoch and at the end."""
+    sample_tokens: int = 30
+    """Tokens to sample after each epoch and at the end (0 disables sampling)."""
+    log_scale: bool = False
+    """Draw loss.png with a logarithmic loss axis."""
+    eval_answers: int = 32
+    """Records only: validation records answered greedily at each evaluation for the val_exact_match
+    column (0 disables it)."""
+    tensorboard: bool = False
+    """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
+    `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
+
+    # the training objective (validation losses stay plain cross-entropy, except with dpo)
+    objective: str = "lm"
+    """What training minimises: lm (next-token cross-entropy, or one of its variants below) or dpo
+    (Direct Preference Optimization: --data holds records of a prompt with a chosen and a rejected
+    response, and training starts from --init, typically a fine-tuned run; see the README)."""
+    dpo_beta: float = 0.1
+    """With --objective dpo: beta, the scale of the implicit reward beta x (log p - log p_ref) of a
+    response; a larger beta keeps the model closer to the reference."""
+    reference: str | None = None
+    """With --objective dpo: the frozen reference model (same forms as --init), of the same shape and
+    vocabulary as the trained one; default the --init weights."""
+    label_smoothing: float = 0.0
+    """Train against the one-hot target mixed with the uniform distribution by this much, in [0, 1)
+    (0 = plain cross-entropy)."""
+    focal_gamma: float = 0.0
+    """Train with focal loss, each token's loss weighed by (1 - p)^gamma of its probability p
+    (0 = plain cross-entropy)."""
+    teacher: str | None = None
+    """Distil from this model (GPT-2 weights, a Hugging Face directory, a run or checkpoint directory)
+    of any size with the student's vocabulary; default none."""
+    distill_weight: float = 0.5
+    """With --teacher: the loss is (1 - this) x the hard loss + this x T^2 x KL(teacher || student)."""
+    distill_temperature: float = 2.0
+    """With --teacher: T, both models' logits are divided by it before their softmax."""
+
+    # system
+    dtype: str = "auto"
+    """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+, or
+    a CPU with AVX512-BF16/AMX; float16 with a loss scaler on older CUDA GPUs; else float32),
+    float32, bfloat16 (Apple GPUs: macOS 14+) or float16 (CUDA only). Weights stay float32 either
+    way."""
+    compile: bool = False
+    """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
+    BENCHMARKS.md)."""
+    loss_chunk: int = 0
+    """Run the LM head's matmuls and loss this many positions at a time (0 = the whole batch at once).
+    In evaluation only this many positions' logits exist at once; in training the logits' gradient
+    (positions x vocabulary, in the compute dtype) exists whole either way (see `gpt.model.loss.head_loss`;
+    speed in BENCHMARKS.md)."""
+    keep_freed_memory: bool = True
+    """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
+    after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
+    A setting of the whole process (glibc's mallopt), not undone when training ends."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one of the visible GPUs) or mps."""
+    parallel: str = "ddp"
+    """How the processes of a `torchrun` launch share the work: ddp (each rank holds the whole model and
+    trains on its slice of every global batch) or fsdp (parameters, gradients and optimizer state
+    sharded too); ignored by a plain `python train.py`, which is one process."""
+    dist_timeout: int = 600
+    """Seconds a rank waits for the others in a collective (an all-reduce) before the whole job fails:
+    what bounds the wait when a rank died or raised."""
+    seed: int = 123
+    """Seed of every random number generator (init, dropout, data order)."""
+    out: str = "runs"
+    """Directory that holds the run directories."""
+    run_name: str | None = None
+    """Name of this run's directory under --out; default the start time, e.g. 20250101-120000."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+        def need(ok: bool, name: str, what: str, example: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
+                                  f"e.g. {flag(name)} {example}")
+
+        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout",
+                     "save_freq"):
+            need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
+        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
+        for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
+                     "sample_tokens", "loss_chunk", "eval_answers"):
+            need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
+        need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
+        need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
+             "0.9,0.999")
+        need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
+        need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
+        need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",
+             "replace")
+        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"auto or one of {', '.join(DTYPES)}",
+             "float32")
+        need(self.init != "scratch" or self.preset in preset_names(), "preset",
+             f"one of {', '.join(preset_names())}", "mini")
+        need(self.prompt_template is None or is_record_file(self.data),
+             "prompt_template", "left out for text data (it lays out records: --data FILE.jsonl or .json)",
+             "qa --data qa.jsonl")
+        need(self.val_data is None or is_record_file(self.val_data) == is_record_file(self.data), "val_data",
+             "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
+        need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
+             "some text (or use --sample-tokens 0)", '"Every effort moves you"')
+        self.training_objective.check_loss_chunk(self.loss_chunk)  # building it checks its settings
+        self._check_dpo()
+        if self.tensorboard:
+            require_tensorboard()  # here, so a missing package stops the run before it starts
+
+    @property
+    def training_objective(self) -> Objective:
+        """What training minimises (`gpt.objectives.lm.Objective`, which checks these settings)."""
+        return Objective(label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
+                         teacher=self.teacher, distill_weight=self.distill_weight,
+                         distill_temperature=self.distill_temperature, name=self.objective,
+                         dpo_beta=self.dpo_beta)
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        """The `MODEL_OVERRIDES` that are set, by name: what replaces fields of the model's config."""
+        return {name: getattr(self, name) for name in MODEL_OVERRIDES if getattr(self, name) is not None}
+
+    def _check_dpo(self) -> None:
+        """What --objective dpo needs besides its own settings: preference records, a trained start."""
+        if self.objective != "dpo":
+            if self.reference is not None:
+                raise ConfigError("--reference is the reference model of --objective dpo; add "
+                                  "--objective dpo, or drop --reference")
+            return
+        if not is_record_file(self.data):
+            raise ConfigError(f"--objective dpo trains on preference records, not text ({self.data!r}); "
+                              'give --data FILE.jsonl with {"prompt", "chosen", "rejected"} records')
+        if self.init == "scratch":
+            raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; pass "
+                              "--init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
+        if not self.mask_prompt:
+            raise ConfigError("--objective dpo compares the log-probabilities of the responses alone; "
+                              "drop --no-mask-prompt")
+
+    def _check_types(self) -> None:
+        """Values from a TOML file or Python are not parsed by argparse: check each field's type."""
+        hints = get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), get_args(hints[f.name]) or (hints[f.name],)
+            ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            if float in allowed:  # an integer is a fine float (lr = 1 in TOML)
+                ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+                raise ConfigError(f"{flag(f.name)} must be {names}, got {value!r}")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """`adam_betas` as the pair AdamW takes."""
+        return cast(tuple[float, float], _betas(self.adam_betas))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (a TOML file, a saved run); unknown keys are an error, not ignored, and
+        old names (`RENAMED`) are read as the new ones."""
+        data = current_names(data)
+        check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "setting")
+        return cls(**data)
+
+
+def _betas(text: str) -> tuple[float, float] | None:
+    """"B1,B2" as two floats in [0, 1), or None if it is not that."""
+    try:
+        b1, b2 = (float(part) for part in text.split(","))
+    except ValueError:  # not a number, or not two of them
+        return None
+    return (b1, b2) if 0 <= b1 < 1 and 0 <= b2 < 1 else None
+
+
+def current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with every old name (`RENAMED`) replaced by the current one."""
+    renamed = {RENAMED.get(key, key): value for key, value in settings.items()}
+    if len(renamed) < len(settings):
+        both = next(old for old, new in RENAMED.items() if old in settings and new in settings)
+        raise ConfigError(f"{both} and {RENAMED[both]} are the same setting ({both} is its old name); "
+                          f"keep only {RENAMED[both]}")
+    return renamed
+
+
+# ---- flags and TOML files -----------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (Python keeps none at runtime: read the source)."""
+    body = cast(ast.ClassDef, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]).body
+    docs = {}
+    for node, doc in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see python train.py --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`train.py`'s flags: --config, --resume, and one per `TrainConfig` field, documented by it.
+
+    No flag has a default here (argparse.SUPPRESS), so the parsed namespace holds only the flags
+    actually given: they override a --config file, which overrides a resumed run's settings. An old
+    name of a setting (`RENAMED`) is a second spelling of its flag.
+    """
+    parser = _ArgumentParser(
+        prog=command_name("train.py"), argument_default=argparse.SUPPRESS,
+        description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
+                    "on a laptop CPU; results in runs/<start time>/.")
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="read settings from a TOML file, keys named as the flags (batch_size = 8); "
+                             "flags given on the command line win")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (runs/NAME) exactly where its last/ checkpoint "
+                             "was taken (or give RUN_DIR/best); its settings are reused, and flags that "
+                             "do not change the model or data (--epochs, --lr, ...) override them")
+    hints, docs = get_type_hints(TrainConfig), field_docs(TrainConfig)
+    old_names = {new: old for old, new in RENAMED.items()}
+    for f in dataclasses.fields(TrainConfig):
+        kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        help_text = docs[f.name].replace("%", "%%") + ("" if f.default is None else f" [{f.default}]")
+        flags = [flag(f.name)] + ([flag(old_names[f.name])] if f.name in old_names else [])
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            metavar = {int: "N", float: "X", str: "TEXT"}[kind]
+            parser.add_argument(*flags, type=kind, metavar=metavar, help=help_text)
+    return parser
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file, keys as field names (`batch-size` is read as `batch_size`, an old
+    name as the current one)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8, comments included
+        raise UserError(f"--config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {path} is not valid TOML: {exc}") from None
+    return current_names({key.replace("-", "_"): value for key, value in data.items()})

@@ -28,6 +28,7 @@ from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.objectives.dpo import (
+    DPO_COLUMNS,
     cache_reference,
     dpo_losses,
     evaluate_dpo,
@@ -37,9 +38,10 @@ from gpt.objectives.dpo import (
     sequence_logps,
 )
 from gpt.training import trainer
-from gpt.training.metrics import DPO_COLUMNS, METRICS_COLUMNS, MetricsLog, run_columns
+from gpt.training.metrics import METRICS_COLUMNS
+from gpt.training.run import get_objective
 from gpt.training.settings import TrainConfig
-from gpt.training.trainer import setup, train
+from gpt.training.trainer import metrics_log, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = get_tokenizer()
@@ -169,7 +171,7 @@ def test_gradients_flow_only_through_the_policy_and_the_reference_stays_bit_iden
         tmp_path, pairs_file, init_dir) -> None:
     init_bytes = hashlib.sha256((init_dir / "model.safetensors").read_bytes()).hexdigest()
     run = setup(dpo_run(tmp_path, pairs_file, init_dir, max_steps=6))
-    train_pairs, val_pairs = run.records.pairs
+    train_pairs, val_pairs = run.records.datasets
     cached = [train_pairs.reference.clone(), val_pairs.reference.clone()]
     inputs, targets, reference = next(iter(run.train_loader))
     loss = run.loss(inputs, targets, reference)
@@ -230,8 +232,8 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
 
 
 def test_loss_png_draws_the_reward_accuracy_against_a_second_axis(tmp_path) -> None:
-    log = MetricsLog(tmp_path / "metrics.csv", run_columns(TrainConfig(objective="dpo", data="p.jsonl",
-                                                                       init="gpt2"), records=True))
+    log = metrics_log(get_objective("dpo"), TrainConfig(objective="dpo", data="p.jsonl", init="gpt2"),
+                      None, tmp_path)
     for step, accuracy in ((0, 0.0), (5, 0.5), (10, 0.95)):
         log.append({name: 0.5 for name in log.columns}
                    | {"step": step, "epoch": step / 10, "tokens_seen": step, "val_reward_accuracy": accuracy})
@@ -255,7 +257,7 @@ def test_grad_accumulation_over_unequal_micro_batches_matches_one_big_batch(
     small = setup(dpo_run(tmp_path, pairs_file, init_dir, batch_size=2, grad_accum=2, run_name="small"))
     for run in (big, small):
         run.optimizer.step = lambda *args, **kwargs: None  # keep the gradients to compare them
-    items = [big.records.pairs[0][i] for i in range(4)]
+    items = [big.records.datasets[0][i] for i in range(4)]
     big_stats = trainer.train_step(big, [pair_collate(items)])
     small_stats = trainer.train_step(small, [pair_collate(items[:3]), pair_collate(items[3:])])
     assert small_stats.loss == pytest.approx(big_stats.loss, rel=1e-6)
@@ -267,7 +269,7 @@ def test_a_bfloat16_step_is_close_to_the_float32_step(tmp_path, pairs_file, init
     runs = [setup(dpo_run(tmp_path, pairs_file, init_dir, dtype=dtype, run_name=dtype))
             for dtype in ("float32", "bfloat16")]
     # The reference was computed in each run's precision: close, not equal.
-    torch.testing.assert_close(runs[1].records.pairs[0].reference, runs[0].records.pairs[0].reference,
+    torch.testing.assert_close(runs[1].records.datasets[0].reference, runs[0].records.datasets[0].reference,
                                rtol=2e-2, atol=0.5)
     batch = next(iter(runs[0].train_loader))
     full, half = (trainer.train_step(run, [batch]) for run in runs)

@@ -10,7 +10,7 @@ from gpt.eval.perplexity import evaluate_loss, perplexity
 from gpt.model.config import GPTConfig
 from gpt.model.loss import IGNORE_INDEX, HeadLoss, head_loss, lm_loss
 from gpt.model.model import GPT
-from gpt.objectives.lm import Objective, distillation_kl, focal_loss
+from gpt.objectives.lm import CrossEntropy, distillation_kl, focal_loss
 
 
 def hand_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -188,7 +188,7 @@ def hand_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> tor
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
 def test_label_smoothing_objective_is_torch_cross_entropy_with_label_smoothing(smoothing: float) -> None:
     logits, targets = logits_and_targets()
-    loss = Objective(label_smoothing=smoothing).loss(logits, targets)
+    loss = CrossEntropy(label_smoothing=smoothing).loss(logits, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 11), targets.view(-1),
                                                      label_smoothing=smoothing))
 
@@ -202,7 +202,7 @@ def test_focal_loss_with_gamma_0_is_cross_entropy() -> None:
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 5.0])
 def test_focal_loss_is_the_formula_and_below_cross_entropy(gamma: float) -> None:
     logits, targets = logits_and_targets()
-    loss = Objective(focal_gamma=gamma).loss(logits, targets)
+    loss = CrossEntropy(focal_gamma=gamma).loss(logits, targets)
     torch.testing.assert_close(loss.double(), hand_focal(logits, targets, gamma), rtol=1e-6, atol=1e-6)
     assert loss < lm_loss(logits, targets)  # every token's loss shrinks by its factor (1 - p)^gamma
 
@@ -219,7 +219,7 @@ def test_distillation_is_cross_entropy_plus_t_squared_kl_div_of_the_softened_dis
         weight: float, temperature: float) -> None:
     logits, targets = logits_and_targets()
     teacher = torch.randn(3, 5, 11) * 2
-    objective = Objective(teacher="t", distill_weight=weight, distill_temperature=temperature)
+    objective = CrossEntropy(teacher="t", distill_weight=weight, distill_temperature=temperature)
     loss = objective.loss(logits, teacher_logits=teacher, targets=targets)
     keep = targets.view(-1) != IGNORE_INDEX
     student_t = F.log_softmax(logits.view(-1, 11)[keep] / temperature, dim=-1)
@@ -233,7 +233,7 @@ def test_distillation_is_cross_entropy_plus_t_squared_kl_div_of_the_softened_dis
 def test_a_student_that_is_its_own_teacher_has_zero_kl() -> None:
     logits, targets = logits_and_targets()
     assert distillation_kl(logits, logits.clone(), targets, 2.0) == 0
-    only_distillation = Objective(teacher="itself", distill_weight=1.0, distill_temperature=3.0)
+    only_distillation = CrossEntropy(teacher="itself", distill_weight=1.0, distill_temperature=3.0)
     assert only_distillation.loss(logits, targets, logits.clone()) == 0
     assert distillation_kl(logits, logits + 0.5, targets, 2.0) == pytest.approx(0, abs=1e-6)  # a shift
     assert distillation_kl(logits, 2 * logits, targets, 2.0) > 0.01  # a sharper teacher is another one
@@ -245,16 +245,16 @@ def test_the_hard_part_of_distillation_is_the_smoothed_or_focal_loss() -> None:
     kl = distillation_kl(logits, teacher, targets, 2.0)
     for hard, settings in [(lm_loss(logits, targets, label_smoothing=0.2), {"label_smoothing": 0.2}),
                            (focal_loss(logits, targets, 2.0), {"focal_gamma": 2.0})]:
-        objective = Objective(**settings, teacher="t", distill_weight=0.25, distill_temperature=2.0)
+        objective = CrossEntropy(**settings, teacher="t", distill_weight=0.25, distill_temperature=2.0)
         torch.testing.assert_close(objective.loss(logits, targets, teacher), 0.75 * hard + 0.25 * 4 * kl)
 
 
 @pytest.mark.parametrize("objective", [
-    Objective(label_smoothing=0.1), Objective(focal_gamma=0.5), Objective(focal_gamma=2.0),
-    Objective(teacher="t", distill_weight=0.3, distill_temperature=2.0),
-    Objective(focal_gamma=1.5, teacher="t", distill_weight=0.7, distill_temperature=0.5),
+    CrossEntropy(label_smoothing=0.1), CrossEntropy(focal_gamma=0.5), CrossEntropy(focal_gamma=2.0),
+    CrossEntropy(teacher="t", distill_weight=0.3, distill_temperature=2.0),
+    CrossEntropy(focal_gamma=1.5, teacher="t", distill_weight=0.7, distill_temperature=0.5),
 ], ids=["smoothing", "focal-0.5", "focal-2", "distillation", "focal-distillation"])
-def test_objective_gradients_match_finite_differences(objective: Objective) -> None:
+def test_objective_gradients_match_finite_differences(objective: CrossEntropy) -> None:
     logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(2, 3, 5, dtype=torch.float64)
     targets = torch.tensor([[0, 4, IGNORE_INDEX], [2, 2, 1]])
@@ -268,7 +268,7 @@ def test_focal_loss_of_a_near_certain_token_has_a_finite_gradient() -> None:
 
 
 def test_default_objective_is_cross_entropy_and_allows_loss_chunk() -> None:
-    objective = Objective()
+    objective = CrossEntropy()
     assert objective.is_cross_entropy
     objective.check_loss_chunk(64)
     logits, targets = logits_and_targets()
@@ -289,19 +289,19 @@ def test_default_objective_is_cross_entropy_and_allows_loss_chunk() -> None:
 def test_bad_objective_settings_are_one_line_naming_the_flag(settings: dict, message: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: Objective(**settings))
+        run_cli(lambda: CrossEntropy(**settings))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     with pytest.raises(ValueError):  # plain Python callers can catch it as a ValueError
-        Objective(**settings)
+        CrossEntropy(**settings)
 
 
 @pytest.mark.parametrize(("settings", "flag"), [({"label_smoothing": 0.1}, "--label-smoothing"),
                                                 ({"focal_gamma": 1.0}, "--focal-gamma"),
                                                 ({"teacher": "gpt2"}, "--teacher")])
 def test_loss_chunk_is_refused_with_another_objective(settings: dict, flag: str) -> None:
-    objective = Objective(**settings)
+    objective = CrossEntropy(**settings)
     assert not objective.is_cross_entropy
     objective.check_loss_chunk(0)
     with pytest.raises(UserError, match=f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk "
@@ -312,4 +312,4 @@ def test_loss_chunk_is_refused_with_another_objective(settings: dict, flag: str)
 def test_distillation_without_teacher_logits_is_a_programming_error() -> None:
     logits, targets = logits_and_targets()
     with pytest.raises(ValueError, match="needs its teacher_logits"):
-        Objective(teacher="gpt2").loss(logits, targets)
+        CrossEntropy(teacher="gpt2").loss(logits, targets)

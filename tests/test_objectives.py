@@ -16,8 +16,9 @@ from gpt.checkpoints.checkpoint import save_model
 from gpt.cli.train import main
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
+from gpt.objectives.lm import OBJECTIVE_COLUMN
 from gpt.training import trainer
-from gpt.training.metrics import METRICS_COLUMNS, OBJECTIVE_COLUMN
+from gpt.training.metrics import METRICS_COLUMNS
 from gpt.training.tb import TensorBoardLog
 from gpt.training.trainer import build_model, evaluate_and_save, setup, train
 

@@ -16,7 +16,7 @@ import gpt.checkpoints.checkpoint
 from gpt.checkpoints.checkpoint import load_model, load_train_state
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
-from gpt.objectives.lm import Objective, training_loss
+from gpt.objectives.lm import CrossEntropy, training_loss
 from gpt.training import trainer
 from gpt.training.metrics import METRICS_COLUMNS
 from gpt.training.settings import TrainConfig
@@ -299,7 +299,7 @@ def test_compiled_training_loss_compiles_the_transformer_and_matches_the_eager_l
     for chunk in (0, 7):
         eager = model.loss(x, y, chunk_size=chunk)
         (eager_grad,) = torch.autograd.grad(eager, model.blocks[0].attn.qkv.weight)
-        compiled = training_loss(Objective(), model, None, compile=True)(x, y, chunk_size=chunk)
+        compiled = training_loss(CrossEntropy(), model, None, compile=True)(x, y, chunk_size=chunk)
         (compiled_grad,) = torch.autograd.grad(compiled, model.blocks[0].attn.qkv.weight)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)

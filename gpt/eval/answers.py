@@ -17,7 +17,6 @@ from gpt.data.records import Record, format_prompt
 from gpt.model.model import GPT
 from gpt.model.sampling import generate
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.training.record_data import RecordData
 
 
 def answer(model: GPT, prompt_text: str, max_new_tokens: int, *, dtype: torch.dtype = torch.float32) -> str:
@@ -39,10 +38,11 @@ def answer(model: GPT, prompt_text: str, max_new_tokens: int, *, dtype: torch.dt
     return tokenizer.decode(out)
 
 
-def sample_answer(model: GPT, data: RecordData, max_new_tokens: int, *, dtype: torch.dtype) -> str:
-    """"<first validation prompt> -> <the model's answer>": the sample a fine-tuning run prints."""
-    record = data.val_records[0]
-    prompt = format_prompt(data.template, record.prompt, record.input)
+def sample_answer(model: GPT, record: Record, template: str, max_new_tokens: int, *,
+                  dtype: torch.dtype) -> str:
+    """"<the record's prompt> -> <the model's answer>": the sample a fine-tuning run prints (of its
+    first validation record)."""
+    prompt = format_prompt(template, record.prompt, record.input)
     given = answer(model, prompt, max_new_tokens, dtype=dtype)
     return f"{record.prompt} -> {given}"
 

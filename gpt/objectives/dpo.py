@@ -14,15 +14,17 @@ anchors pi where the pairs say nothing. At the start pi = pi_ref: every reward i
 The reference never changes, so its log-probabilities are computed once per pair before training
 (`cache_reference`) and travel with the batches (`gpt.data.pairs.pair_collate`): a step runs one
 model, on the pairs' two responses in one padded batch (`pair_loss`, set up by `prepare_dpo`).
-`evaluate_dpo` measures what a DPO run logs at each evaluation (`gpt.training.metrics.DPO_COLUMNS`).
+`evaluate_dpo` measures what a DPO run logs at each evaluation (`DPO_COLUMNS`). `DPO` is the
+objective the loop sees (`gpt.training.run.Objective`), registered as --objective dpo.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,15 +32,23 @@ from torch.utils.data import DataLoader
 
 from gpt.base.device import autocast, eval_mode
 from gpt.base.errors import UserError
-from gpt.data.pairs import PreferenceDataset, pair_collate
-from gpt.model.config import GPTConfig
+from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
+from gpt.data.records import is_record_file
+from gpt.model.config import ConfigError, GPTConfig
 from gpt.model.loss import IGNORE_INDEX, at_least_float32
 from gpt.model.model import GPT
+from gpt.model.tokenizer import get_tokenizer
 from gpt.objectives.teacher import load_frozen
-from gpt.training.metrics import DPO_COLUMNS
+from gpt.training import metrics
+from gpt.training.distributed import Dist
+from gpt.training.record_data import RecordData, dataset_loaders, split_records
+from gpt.training.run import Loaders, Run, register
+from gpt.training.settings import TrainConfig
 
-if TYPE_CHECKING:  # gpt.training.settings imports gpt.data.records, which the data modules import
-    from gpt.training.settings import TrainConfig
+DPO_COLUMNS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_logp", "val_rejected_logp")
+"""A DPO run's columns in place of val_perplexity, all of the validation pairs: the share whose chosen
+response has the higher implicit reward, the mean reward margin (chosen minus rejected), and the
+mean log-probabilities of the chosen and of the rejected responses."""
 
 # ---- the loss -----------------------------------------------------------------------------------
 
@@ -163,9 +173,95 @@ def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], 
                  dtype: torch.dtype, all_reduce: Callable[[list[float]], list[float]] | None = None,
                  ) -> dict[str, float]:
     """A DPO run's evaluation: the DPO loss of the "train" and "val" evaluation batches, and the other
-    metrics of the validation pairs, under their metrics.csv names (`gpt.training.metrics.DPO_COLUMNS`); over
+    metrics of the validation pairs, under their metrics.csv names (`DPO_COLUMNS`); over
     all ranks' batches with `all_reduce` (as in `evaluate_pairs`)."""
     train, val = (evaluate_pairs(model, loaders[name], beta, dtype, all_reduce) for name in ("train", "val"))
     names = ("accuracy", "margin", "chosen_logp", "rejected_logp")
     return {"train_loss": train["loss"], "val_loss": val["loss"],
             **{column: val[name] for column, name in zip(DPO_COLUMNS, names, strict=True)}}
+
+
+# ---- the objective ------------------------------------------------------------------------------
+
+
+def preference_loaders(cfg: TrainConfig, context_length: int, dist: Dist) -> Loaders:
+    """The loaders of a DPO run's preference pairs (`gpt.data.pairs`), split and batched as records
+    are (`gpt.training.record_data`): each batch is `pair_collate`'s (inputs, targets, reference) of
+    --batch-size pairs, 2 x --batch-size rows; under torchrun (`dist`), this rank's shares."""
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
+    template = cfg.prompt_template or train[0].kind
+    tokenizer = get_tokenizer()
+    datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
+                for name, pairs in (("train", train), ("val", val))}
+    train_loader, eval_loaders, tokens = dataset_loaders(datasets, cfg, pair_collate, dist)
+    chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
+    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair: two rows
+                         (datasets["train"], datasets["val"]), what="preference pairs",
+                         rows_per_example=2)
+    return train_loader, eval_loaders, records
+
+
+class DPO:
+    """--objective dpo (`gpt.training.run.Objective`): preference pairs against a frozen reference."""
+
+    name = "dpo"
+    loss_name = "DPO loss"
+
+    def check(self, cfg: TrainConfig) -> None:
+        """--dpo-beta, and what DPO needs besides: preference records, a trained start, masked
+        prompts, whole logits."""
+        if not (cfg.dpo_beta > 0 and math.isfinite(cfg.dpo_beta)):
+            raise ConfigError(f"--dpo-beta must be above 0, got {cfg.dpo_beta!r}; e.g. --dpo-beta 0.1")
+        if cfg.loss_chunk:
+            raise ConfigError("--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
+                              "train with --objective dpo")
+        if not is_record_file(cfg.data):
+            raise ConfigError(f"--objective dpo trains on preference records, not text ({cfg.data!r}); "
+                              'give --data FILE.jsonl with {"prompt", "chosen", "rejected"} records')
+        if cfg.init == "scratch":
+            raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; pass "
+                              "--init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
+        if not cfg.mask_prompt:
+            raise ConfigError("--objective dpo compares the log-probabilities of the responses alone; "
+                              "drop --no-mask-prompt")
+
+    def check_unused(self, cfg: TrainConfig) -> None:
+        if cfg.reference is not None:
+            raise ConfigError("--reference is the reference model of --objective dpo; add "
+                              "--objective dpo, or drop --reference")
+
+    def data(self, cfg: TrainConfig, context_length: int,
+             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
+             pin_memory: bool) -> Loaders:
+        return preference_loaders(cfg, context_length, dist)
+
+    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
+             compile: bool) -> Callable[..., Tensor]:
+        assert records is not None  # `data` made them
+        loss = prepare_dpo(cfg, model, records.datasets, dtype)
+        return torch.compile(loss) if compile else loss
+
+    def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
+        return count_pairs(batches)
+
+    def columns(self, cfg: TrainConfig, records: RecordData | None) -> tuple[str, ...]:
+        return metrics.columns(val=DPO_COLUMNS)
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype,
+                            run.dist.sum_values)
+
+    def accuracy_column(self, columns: Sequence[str]) -> str | None:
+        return DPO_COLUMNS[0]
+
+    def describe_row(self, row: dict[str, float]) -> str:
+        accuracy, margin, chosen, rejected = DPO_COLUMNS
+        return metrics.format_row(row, val_note=(
+            f"reward accuracy {row[accuracy]:.0%}, margin {row[margin]:.3f}, log p chosen "
+            f"{row[chosen]:.2f}, rejected {row[rejected]:.2f}"))
+
+    def best_line(self, best: float) -> str:
+        return f"DPO loss {best:.4f}"
+
+
+register(DPO())

@@ -1,29 +1,43 @@
-"""Next-token cross-entropy and its variants: label smoothing, focal loss, distillation from a teacher.
+"""--objective lm: next-token cross-entropy and its variants (label smoothing, focal loss,
+distillation from a teacher), on text or on question-answer records.
 
-The plain loss is the model's own (`gpt.model.loss`); the variants reshape it, gathered by `Objective`.
+The plain loss is the model's own (`gpt.model.loss`); the variants reshape it (`CrossEntropy`).
+Validation losses stay plain cross-entropy whatever the variant, so runs remain comparable; a
+variant's own loss on the training batches is the extra column `OBJECTIVE_COLUMN`, and a run on
+records answers its validation prompts greedily at each evaluation (`ANSWER_COLUMN`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gpt.base.errors import UserError
-from gpt.model.loss import IGNORE_INDEX, at_least_float32, lm_loss
+from gpt.data.records import is_record_file
+from gpt.eval.answers import val_exact_match
+from gpt.eval.perplexity import evaluate_loss, perplexity
+from gpt.model.config import ConfigError
+from gpt.model.loss import IGNORE_INDEX, at_least_float32, count_targets, lm_loss
+from gpt.model.model import GPT
+from gpt.objectives.teacher import load_teacher
+from gpt.training import metrics
+from gpt.training.distributed import Dist
+from gpt.training.record_data import RecordData, record_loaders, text_loaders
+from gpt.training.run import Loaders, Run, register
+from gpt.training.settings import TrainConfig
 
-if TYPE_CHECKING:
-    from gpt.model.model import GPT
-
-OBJECTIVES = ("lm", "dpo")
-"""The values of --objective (`Objective.name`)."""
-
+ANSWER_COLUMN = "val_exact_match"
+"""The extra column of a run on records: the share of validation answers that were exactly right."""
+OBJECTIVE_COLUMN = "train_objective"
+"""The training objective on the same batches as train_loss; only in runs whose objective is not plain
+cross-entropy (a pretraining run's metrics.csv keeps `gpt.training.metrics.METRICS_COLUMNS`)."""
 
 
 def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -62,8 +76,8 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Ten
 
 
 @dataclass(frozen=True)
-class Objective:
-    """What training minimises: cross-entropy or one of its variants, set by `train.py`'s flags.
+class CrossEntropy:
+    """Cross-entropy or one of its variants, as `train.py`'s flags set it: what --objective lm minimises.
 
         hard   = lm_loss(logits, targets, label_smoothing)   or   focal_loss(logits, targets, gamma)
         loss   = hard                                                             without a teacher
@@ -84,12 +98,6 @@ class Objective:
     """A: the share of the distillation term in the loss, in [0, 1] (used with a teacher only)."""
     distill_temperature: float = 2.0
     """T: both models' logits are divided by this before their softmax (used with a teacher only)."""
-    name: str = "lm"
-    """lm: next-token cross-entropy (or one of the variants above); dpo: Direct Preference Optimization
-    on pairs of responses, whose loss is `gpt.objectives.dpo`'s, not `loss` below."""
-    dpo_beta: float = 0.1
-    """DPO's beta: the scale of the implicit reward beta * (log pi - log pi_ref) (used with dpo only)."""
-
     def __post_init__(self) -> None:
         def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
             if not (ok and math.isfinite(value)):
@@ -99,14 +107,6 @@ class Objective:
         need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
         need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]", "0.5")
         need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
-        need(self.dpo_beta > 0, "dpo-beta", self.dpo_beta, "above 0", "0.1")
-        if self.name not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.name!r}; "
-                            "e.g. --objective dpo")
-        variant = self.variant_flag
-        if self.name == "dpo" and variant is not None:
-            raise UserError(f"--objective dpo has a loss of its own and does not combine with {variant}; "
-                            f"drop {variant}")
         if self.label_smoothing > 0 and self.focal_gamma > 0:
             raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
                                "not combine here; give only one of them")
@@ -120,16 +120,14 @@ class Objective:
     @property
     def is_cross_entropy(self) -> bool:
         """Whether this is plain cross-entropy, the loss `head_loss` computes (also in chunks)."""
-        return self.name == "lm" and self.variant_flag is None
+        return self.variant_flag is None
 
     def check_loss_chunk(self, loss_chunk: int) -> None:
-        """Refuse `--loss-chunk` with any other objective: the chunked head computes plain cross-entropy
-        only, while the variants need each position's whole distribution (and the teacher's), and DPO
-        each response token's log-probability."""
-        if loss_chunk and not self.is_cross_entropy:
-            flag = self.variant_flag or f"--objective {self.name}"
+        """Refuse `--loss-chunk` with a variant: the chunked head computes plain cross-entropy only,
+        while the variants need each position's whole distribution (and the teacher's)."""
+        if loss_chunk and self.variant_flag is not None:
             raise UserError(f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
-                               f"train with {flag}")
+                            f"train with {self.variant_flag}")
 
     def loss(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """The objective of `logits` (..., V) against `targets` (...), -100 targets left out; with a
@@ -141,20 +139,20 @@ class Objective:
         if self.teacher is None:
             return hard
         if teacher_logits is None:
-            raise ValueError(f"Objective.loss: distilling from {self.teacher} needs its teacher_logits")
+            raise ValueError(f"CrossEntropy.loss: distilling from {self.teacher} needs its teacher_logits")
         weight, temperature = self.distill_weight, self.distill_temperature
         kl = distillation_kl(logits, teacher_logits, targets, temperature)
         return (1 - weight) * hard + weight * temperature**2 * kl
 
 
-def objective_loss(objective: Objective, model: Callable[[Tensor], Tensor],
+def objective_loss(objective: CrossEntropy, model: Callable[[Tensor], Tensor],
                    teacher: Callable[[Tensor], Tensor] | None, idx: Tensor, targets: Tensor, *,
                    chunk_size: int = 0) -> Tensor:
     """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean loss.
 
     Called like `GPT.loss` (`functools.partial` binds the first three), under the caller's autocast;
     the `teacher`'s logits come from the same inputs under that autocast, without gradients.
-    `chunk_size` must be 0: the variants need whole logits (`Objective.check_loss_chunk`).
+    `chunk_size` must be 0: the variants need whole logits (`CrossEntropy.check_loss_chunk`).
     """
     if chunk_size:
         raise ValueError("objective_loss: the variants need whole logits; chunk_size must be 0")
@@ -165,7 +163,7 @@ def objective_loss(objective: Objective, model: Callable[[Tensor], Tensor],
     return objective.loss(model(idx), targets, teacher_logits)
 
 
-def training_loss(objective: Objective, model: GPT, teacher: Callable[[Tensor], Tensor] | None, *,
+def training_loss(objective: CrossEntropy, model: GPT, teacher: Callable[[Tensor], Tensor] | None, *,
                   compile: bool = False) -> Callable[..., Tensor]:
     """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss` itself
     for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
@@ -179,3 +177,81 @@ def training_loss(objective: Objective, model: GPT, teacher: Callable[[Tensor], 
         return model.loss
     body = torch.compile(model.hidden_states)
     return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)
+
+
+def cross_entropy(cfg: TrainConfig) -> CrossEntropy:
+    """The variant of cross-entropy `cfg`'s flags select (which checks their values)."""
+    return CrossEntropy(label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+                        teacher=cfg.teacher, distill_weight=cfg.distill_weight,
+                        distill_temperature=cfg.distill_temperature)
+
+
+class LanguageModeling:
+    """--objective lm (`gpt.training.run.Objective`): the loss of the next token, on text or records."""
+
+    name = "lm"
+    loss_name = "cross-entropy loss"
+
+    def check(self, cfg: TrainConfig) -> None:
+        cross_entropy(cfg).check_loss_chunk(cfg.loss_chunk)
+
+    def check_unused(self, cfg: TrainConfig) -> None:
+        variant = cross_entropy(cfg).variant_flag
+        if variant is not None:
+            raise ConfigError(f"--objective {cfg.objective} has a loss of its own and does not combine "
+                              f"with {variant}; drop {variant}")
+
+    def data(self, cfg: TrainConfig, context_length: int,
+             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
+             pin_memory: bool) -> Loaders:
+        if is_record_file(cfg.data):
+            return record_loaders(cfg, context_length, dist)
+        return (*text_loaders(cfg, context_length, token_ids, dist=dist, pin_memory=pin_memory), None)
+
+    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
+             compile: bool) -> Callable[..., Tensor]:
+        device = next(model.parameters()).device
+        context_length = cfg.context_length or model.config.context_length
+        teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher \
+            else None
+        return training_loss(cross_entropy(cfg), model, teacher, compile=compile)
+
+    def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
+        return count_targets(batches)
+
+    def columns(self, cfg: TrainConfig, records: RecordData | None) -> tuple[str, ...]:
+        answers = (ANSWER_COLUMN,) if records is not None and cfg.eval_answers else ()
+        variant = () if cross_entropy(cfg).is_cross_entropy else (OBJECTIVE_COLUMN,)
+        return metrics.columns(extra=answers + variant)
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """Cross-entropy of the "train" and "val" evaluation batches; with a variant its own loss on
+        the training batches too (the losses stay cross-entropy: runs compare); on records, the
+        exact-match rate of the validation answers."""
+        train_loss, val_loss = (
+            evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
+                          chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
+            for name in ("train", "val"))
+        row = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+        if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
+            row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records,
+                                                 run.records.template, limit=run.cfg.eval_answers,
+                                                 dtype=run.dtype)
+        if OBJECTIVE_COLUMN in run.metrics.columns:
+            row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
+                                                  loss=run.loss, all_reduce=run.dist.sum_values)
+        return row
+
+    def accuracy_column(self, columns: Sequence[str]) -> str | None:
+        return None
+
+    def describe_row(self, row: dict[str, float]) -> str:
+        train = f" (objective {row[OBJECTIVE_COLUMN]:.3f})" if OBJECTIVE_COLUMN in row else ""
+        extra = [f"exact {row[ANSWER_COLUMN]:.0%}"] if ANSWER_COLUMN in row else []
+        return metrics.format_row(row, train_note=train, extra=extra)
+
+    def best_line(self, best: float) -> str:
+        return f"loss {best:.4f} (perplexity {perplexity(best):.1f})"
+
+
+register(LanguageModeling())

@@ -1,7 +1,7 @@
 """Data-parallel training over the processes `torchrun` starts: every multi-process concern in one place.
 
     init_distributed(cfg)        the process group from torchrun's environment, or none (one process)
-    Dist.wrap(model, cfg, ...)   the loss the training steps call: under DDP, or with the model sharded
+    Dist.wrap(model, loss, ...)  the loss the training steps call: under DDP, or with the model sharded
     Dist.grad_sync(last)         gradients reduced on a step's last micro-batch only
     Dist.clip_grad_norm(...)     the global gradient norm, clipped (over every rank's shards under FSDP)
     Dist.sum / mean / any / ...  the all-reduces of the numbers every rank must agree on
@@ -53,7 +53,6 @@ from gpt.base.device import pick_device, training_dtype
 from gpt.base.errors import UserError
 from gpt.base.rng import rng_state, set_rng_state
 from gpt.model.model import GPT
-from gpt.objectives.lm import training_loss
 from gpt.training.settings import TrainConfig
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -84,37 +83,32 @@ class Dist:
         """Whether the model is sharded over the ranks (FSDP): then every forward is a collective."""
         return self.parallel == "fsdp" and self.world_size > 1
 
-    def wrap(self, model: GPT, cfg: TrainConfig, teacher: GPT | None = None,
-             loss: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
-        """The training loss of `model` as the training steps call it: `loss` (a function of `model`'s
-        forward, not compiled: DPO's `gpt.objectives.dpo.pair_loss`), or else the objective's
-        (`gpt.objectives.lm.training_loss`, with its `teacher`). In one process as it is; under DDP across ranks
-        (compiled whole with --compile); under FSDP with `model` sharded in place (its blocks compiled
-        with --compile). Build the optimizer after this: FSDP replaces the parameters with their shards."""
-        def unwrapped(compile: bool) -> Callable[..., Tensor]:
-            if loss is None:
-                return training_loss(cfg.training_objective, model, teacher, compile=compile)
-            return torch.compile(loss) if compile else loss
-
+    def wrap(self, model: GPT, loss: Callable[..., Tensor], *, compile: bool = False,
+             seed: int = 0) -> Callable[..., Tensor]:
+        """What the training steps call for `loss`, the objective's loss of `model` (a function of
+        its forward, compiled by the objective when there is one process): in one process `loss`
+        itself; under DDP across ranks (compiled whole with `compile`); under FSDP with `model`
+        sharded in place (its blocks compiled with `compile`). Build the optimizer after this: FSDP
+        replaces the parameters with their shards."""
         if self.world_size == 1:
-            return unwrapped(cfg.compile)
+            return loss
         # Every rank built the same model from the same seed (DDP also broadcasts rank 0's); from
         # here each rank draws its own dropout masks, as the different rows of one batch would.
-        torch.manual_seed(cfg.seed + self.rank)
+        torch.manual_seed(seed + self.rank)
         if self.sharded:
             mesh = init_device_mesh(self.device.type, (self.world_size,))
             for block in model.blocks:  # one block's parameters gathered at a time
-                if cfg.compile:
+                if compile:
                     block.compile()
                 fully_shard(block, mesh=mesh)
             self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
             register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
-            return unwrapped(False)  # model.loss, or via model.forward
+            return loss  # model.loss, or via model.forward
         self.ddp = DistributedDataParallel(
-            _Loss(model, unwrapped(False)),
+            _Loss(model, loss),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False)  # the buffers (the causal mask) never change: none to send
-        return torch.compile(self.ddp) if cfg.compile else self.ddp
+        return torch.compile(self.ddp) if compile else self.ddp
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Around a micro-batch's backward: DDP all-reduces (FSDP reduce-scatters) gradients only on
@@ -191,7 +185,7 @@ class Dist:
 
 
 class _Loss(nn.Module):
-    """The training loss (`model.loss`, another objective's, or DPO's) as a module's forward: what DDP
+    """The training loss (the objective's, of `model`) as a module's forward: what DDP
     wraps (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward used)."""
 
     def __init__(self, model: GPT, loss: Callable[..., Tensor]) -> None:
@@ -200,7 +194,7 @@ class _Loss(nn.Module):
         self.loss = loss  # bound to `model` (and a frozen teacher, whose parameters DDP never sees)
 
     def forward(self, *batch: Tensor, chunk_size: int = 0) -> Tensor:
-        return self.loss(*batch, chunk_size=chunk_size)  # (inputs, targets), or DPO's (..., reference)
+        return self.loss(*batch, chunk_size=chunk_size)  # the batch's tensors, as the objective's
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:

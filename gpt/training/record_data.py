@@ -1,10 +1,10 @@
-"""A fine-tuning run's data: records split, encoded, and batched by length with a resumable order.
+"""A run's data: text windows, or records split, encoded, and batched by length with a resumable order.
 
-`run_loaders` gives a training run its loaders, for records, preference pairs or text (`gpt.data.windows`).
-`record_loaders` is `gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds
-out the last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.data.records`),
-and returns the shuffled training loader and the fixed evaluation loaders; `preference_loaders`
-does the same for the pairs of `--objective dpo` (`gpt.data.pairs`). Batches are padded to
+`text_loaders` gives a run on text its loaders (`gpt.data.windows`). `record_loaders` is
+`gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds out the
+last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.data.records`), and
+returns the shuffled training loader and the fixed evaluation loaders; `dataset_loaders` does the
+same for any encoded datasets (an objective's, such as DPO's pairs). Batches are padded to
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
 within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
 `gpt.data.windows.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
@@ -28,8 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from gpt.base.errors import UserError
-from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
-from gpt.data.records import InstructionDataset, Record, is_record_file, load_records, pad_collate
+from gpt.data.records import InstructionDataset, Record, load_records, pad_collate
 from gpt.data.windows import build_loaders, eval_picks, prepare_data, rank_share
 from gpt.model.tokenizer import get_tokenizer
 from gpt.training.distributed import Dist
@@ -97,51 +96,47 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 @dataclass
 class RecordData:
-    """What the trainer keeps of a fine-tuning run's data besides its loaders."""
+    """What the trainer keeps of a run on records besides its loaders."""
 
     template: str
     """The prompt template, resolved (a record kind's default when --prompt-template is not given)."""
     val_records: list[Record]
-    """The validation records that fit the context, for `gpt.eval.answers.val_exact_match` and the samples."""
+    """The validation records that fit the context, for `gpt.eval.answers.val_exact_match` and the
+    samples."""
     dropped: int
     """Training records left out: too long for a single response token in the context."""
     tokens_per_epoch: int
     """Input tokens of the first epoch's batches, padding included (others differ a little): the
     unit of the epoch column."""
-    pairs: tuple[PreferenceDataset, PreferenceDataset] | None = None
-    """A preference run's (training, validation) pairs, whose reference log-probabilities `gpt.objectives.dpo`
-    fills in; None for records."""
+    datasets: tuple[Any, Any]
+    """The (training, validation) datasets the loaders read (an objective may compute with them,
+    as DPO caches its reference's log-probabilities of the pairs)."""
+    what: str = "records"
+    """The training examples in words, for the run's first line ("preference pairs")."""
+    rows_per_example: int = 1
+    """Batch rows an example takes (a pair is two responses)."""
 
     def describe(self, kept: int, context_length: int) -> str:
         """The training records in words, for the run's first line."""
-        what = "preference pairs" if self.pairs else "records"
-        return (f"{kept} training {what} ({self.dropped} dropped: no room for a response token in "
-                f"{context_length}), prompt template {self.template!r}")
+        return (f"{kept} training {self.what} ({self.dropped} dropped: no room for a response token "
+                f"in {context_length}), prompt template {self.template!r}")
 
 
 Batches = DataLoader[tuple[Tensor, Tensor]]
 T = TypeVar("T")
 
 
-def run_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
-                pin_memory: bool = False, dist: Dist | None = None,
-                ) -> tuple[Batches, dict[str, Batches], RecordData | None]:
-    """A training run's loaders, for the kind of data --data names: records (`record_loaders`), or
-    text (`gpt.data.windows.prepare_data`, or `token_ids` = (train, val) in its place, then `build_loaders`,
-    which `pin_memory` is passed to: records are small, and their batches are padded as they come).
-    Under torchrun (`dist`), the batches are this rank's slices of the global batch."""
-    dist = dist or Dist()
-    if is_record_file(cfg.data):
-        if cfg.objective != "dpo":
-            return record_loaders(cfg, context_length, dist)
-        return preference_loaders(cfg, context_length, dist)
+def text_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
+                 *, dist: Dist, pin_memory: bool = False) -> tuple[Batches, dict[str, Batches]]:
+    """A run on text's loaders: `gpt.data.windows.prepare_data` of --data (or `token_ids` = (train,
+    val) in its place), then `build_loaders`, which `pin_memory` is passed to (records are small, and
+    their batches are padded as they come). Under torchrun (`dist`), this rank's slices."""
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
-    return (*build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
-                           stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
-                           pin_memory=pin_memory, rank=dist.rank, world_size=dist.world_size),
-            None)
+    return build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
+                         stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
+                         pin_memory=pin_memory, rank=dist.rank, world_size=dist.world_size)
 
 
 def split_records(data: str, val_data: str | None, val_fraction: float, seed: int,
@@ -162,50 +157,32 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
 
 
 def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
-                   ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]],
-                              RecordData]:
+                   ) -> tuple[Batches, dict[str, Batches], RecordData]:
     """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
     --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
 
     No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
     a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
     """
-    batch_size, seed = cfg.batch_size, cfg.seed
-    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, seed, load_records)
+    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_records)
     template = cfg.prompt_template or train[0].kind
     tokenizer = get_tokenizer()
     datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
-                                         max_length=context_length) for name, records in (("train", train),
-                                                                                         ("val", val))}
-    train_loader, eval_loaders, tokens = _loaders(datasets, batch_size, seed, cfg.eval_iters, pad_collate,
-                                                  dist or Dist())
-    records = RecordData(template, datasets["val"].records, datasets["train"].dropped, tokens)
+                                         max_length=context_length)
+                for name, records in (("train", train), ("val", val))}
+    train_loader, eval_loaders, tokens = dataset_loaders(datasets, cfg, pad_collate, dist or Dist())
+    records = RecordData(template, datasets["val"].records, datasets["train"].dropped, tokens,
+                         (datasets["train"], datasets["val"]))
     return train_loader, eval_loaders, records
 
 
-def preference_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
-                       ) -> tuple[Any, dict[str, Any], RecordData]:
-    """`record_loaders` for the preference pairs of --objective dpo (`gpt.data.pairs`): each batch is
-    `pair_collate`'s (inputs, targets, reference) of --batch-size pairs, 2 x --batch-size rows; under
-    torchrun (`dist`), this rank's shares of the global batches of pairs."""
-    train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
-    template = cfg.prompt_template or train[0].kind
-    tokenizer = get_tokenizer()
-    datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
-                for name, pairs in (("train", train), ("val", val))}
-    train_loader, eval_loaders, tokens = _loaders(datasets, cfg.batch_size, cfg.seed, cfg.eval_iters,
-                                                  pair_collate, dist or Dist())
-    chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
-    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair is two rows
-                         pairs=(datasets["train"], datasets["val"]))
-    return train_loader, eval_loaders, records
-
-
-def _loaders(datasets: Mapping[str, InstructionDataset | PreferenceDataset], batch_size: int, seed: int,
-             eval_iters: int, collate: Callable[..., Any], dist: Dist) -> tuple[Any, dict[str, Any], int]:
+def dataset_loaders(datasets: Mapping[str, Any], cfg: TrainConfig, collate: Callable[..., Any],
+                    dist: Dist) -> tuple[Any, dict[str, Any], int]:
     """(training loader, {"train", "val"} evaluation loaders, padded tokens of the first epoch) of
-    the encoded `datasets`, this rank's shares under torchrun (`dist`); `UserError` if one of them
-    kept nothing."""
+    the encoded `datasets` ("train" and "val": records, or an objective's examples with `lengths()`,
+    `dropped` and `context_length`), batched by --batch-size, --eval-iters and --seed; this rank's
+    shares under torchrun (`dist`); `UserError` if one of them kept nothing."""
+    batch_size, seed = cfg.batch_size, cfg.seed
     for name, dataset in datasets.items():
         if len(dataset) == 0:
             raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
@@ -216,12 +193,12 @@ def _loaders(datasets: Mapping[str, InstructionDataset | PreferenceDataset], bat
                                  rank=dist.rank, world_size=dist.world_size)
     train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=collate)
     train_loader.generator = torch.Generator()  # as in gpt.data.windows.build_loaders: the global one untouched
-    eval_loaders = {name: _eval_loader(data, batch_size, eval_iters, collate, dist)
+    eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters, collate, dist)
                     for name, data in datasets.items()}
     return train_loader, eval_loaders, sampler.padded_tokens()
 
 
-def _eval_loader(dataset: InstructionDataset | PreferenceDataset, batch_size: int, batches: int,
+def _eval_loader(dataset: Any, batch_size: int, batches: int,
                  collate: Callable[..., Any], dist: Dist) -> DataLoader[Any]:
     """`batches` batches of records spread evenly over `dataset` (or all of it): the same every time
     (this rank's shares of them: `gpt.data.windows.eval_picks`)."""

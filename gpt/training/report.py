@@ -6,17 +6,11 @@ printed line (`log_evaluation`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tqdm import tqdm
 
 from gpt.eval.answers import sample_answer
-from gpt.eval.perplexity import perplexity
 from gpt.model.sampling import sample_text
-from gpt.training.metrics import format_row
-
-if TYPE_CHECKING:  # gpt.training.trainer imports this module
-    from gpt.training.trainer import Run
+from gpt.training.run import Run
 
 
 def print_sample(run: Run, when: str) -> None:
@@ -24,9 +18,13 @@ def print_sample(run: Run, when: str) -> None:
     validation prompt; for text, `--sample-tokens` tokens after `--sample-prompt`. Under FSDP every
     rank generates it (each forward gathers the shards), the same on each; rank 0 alone prints."""
     if run.cfg.sample_tokens > 0 and (run.dist.is_main or run.dist.sharded):
-        text = sample_answer(run.model, run.records, run.cfg.sample_tokens, dtype=run.dtype) if run.records \
-            else sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens, seed=run.cfg.seed,
-                             dtype=run.dtype)
+        records = run.records
+        if records is not None:
+            text = sample_answer(run.model, records.val_records[0], records.template,
+                                 run.cfg.sample_tokens, dtype=run.dtype)
+        else:
+            text = sample_text(run.model, run.cfg.sample_prompt, run.cfg.sample_tokens,
+                               seed=run.cfg.seed, dtype=run.dtype)
         tqdm.write(f"sample {when}: " + text.replace("\n", " "))
 
 
@@ -38,13 +36,13 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
                      title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")
-    tqdm.write(format_row(row) + ("  (best)" if improved else ""))
+    tqdm.write(run.objective.describe_row(row) + ("  (best)" if improved else ""))
 
 
 def print_header(run: Run) -> None:
     """The first line: the model, the device and precision, the data, the steps, the run directory."""
     cfg, windows = run.cfg, len(run.windows)
-    rows = cfg.batch_size * (2 if run.records and run.records.pairs else 1)  # a pair is two responses
+    rows = cfg.batch_size * (run.records.rows_per_example if run.records else 1)
     tokens_per_step = rows * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
@@ -57,10 +55,8 @@ def print_header(run: Run) -> None:
 
 def print_summary(run: Run, stop: str) -> None:
     """Where the best weights are, and why training stopped if it did not run to the end."""
-    state, best = run.state, run.state.best_val_loss
-    loss = f"DPO loss {best:.4f}" if run.cfg.objective == "dpo" else \
-        f"loss {best:.4f} (perplexity {perplexity(best):.1f})"
-    print(f"best validation {loss} at step {state.best_step}: weights in {run.run_dir / 'best'}")
+    state = run.state
+    print(f"best validation {run.objective.best_line(state.best_val_loss)} at step {state.best_step}: weights in {run.run_dir / 'best'}")
     if stop == "early_stop":
         print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
     if stop == "interrupted":

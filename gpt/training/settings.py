@@ -25,7 +25,6 @@ from gpt.base.errors import UserError, command_name
 from gpt.data.records import is_record_file
 from gpt.data.token_cache import ERRORS_MODES
 from gpt.model.config import ConfigError, check_known_fields, preset_names
-from gpt.objectives.lm import Objective
 from gpt.training.tb import require_tensorboard
 
 if sys.version_info >= (3, 11):
@@ -265,40 +264,13 @@ class TrainConfig:
              "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
         need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
              "some text (or use --sample-tokens 0)", '"Every effort moves you"')
-        self.training_objective.check_loss_chunk(self.loss_chunk)  # building it checks its settings
-        self._check_dpo()
         if self.tensorboard:
             require_tensorboard()  # here, so a missing package stops the run before it starts
-
-    @property
-    def training_objective(self) -> Objective:
-        """What training minimises (`gpt.objectives.lm.Objective`, which checks these settings)."""
-        return Objective(label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
-                         teacher=self.teacher, distill_weight=self.distill_weight,
-                         distill_temperature=self.distill_temperature, name=self.objective,
-                         dpo_beta=self.dpo_beta)
 
     @property
     def model_overrides(self) -> dict[str, Any]:
         """The `MODEL_OVERRIDES` that are set, by name: what replaces fields of the model's config."""
         return {name: getattr(self, name) for name in MODEL_OVERRIDES if getattr(self, name) is not None}
-
-    def _check_dpo(self) -> None:
-        """What --objective dpo needs besides its own settings: preference records, a trained start."""
-        if self.objective != "dpo":
-            if self.reference is not None:
-                raise ConfigError("--reference is the reference model of --objective dpo; add "
-                                  "--objective dpo, or drop --reference")
-            return
-        if not is_record_file(self.data):
-            raise ConfigError(f"--objective dpo trains on preference records, not text ({self.data!r}); "
-                              'give --data FILE.jsonl with {"prompt", "chosen", "rejected"} records')
-        if self.init == "scratch":
-            raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; pass "
-                              "--init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
-        if not self.mask_prompt:
-            raise ConfigError("--objective dpo compares the log-probabilities of the responses alone; "
-                              "drop --no-mask-prompt")
 
     def _check_types(self) -> None:
         """Values from a TOML file or Python are not parsed by argparse: check each field's type."""

@@ -25,15 +25,13 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gpt.base.atomic import write_json
@@ -50,23 +48,17 @@ from gpt.base.interrupt import ctrl_c_flag
 from gpt.base.rng import seed_everything
 from gpt.checkpoints.saver import CheckpointSaver
 from gpt.checkpoints.weights import load_pretrained
-from gpt.data.pairs import PreferenceDataset
-from gpt.data.records import InstructionDataset
-from gpt.data.windows import ResumableSampler, SlidingWindowDataset, micro_batch_groups
-from gpt.eval.answers import val_exact_match
-from gpt.eval.perplexity import evaluate_loss, perplexity
+from gpt.data.windows import micro_batch_groups
 from gpt.model.config import GPTConfig
-from gpt.model.loss import count_targets
 from gpt.model.model import GPT
-from gpt.objectives.dpo import count_pairs, evaluate_dpo, prepare_dpo
-from gpt.objectives.teacher import load_teacher
 from gpt.training.distributed import Dist, init_distributed
-from gpt.training.metrics import ANSWER_COLUMN, METRICS_FILE, OBJECTIVE_COLUMN, MetricsLog, run_columns
+from gpt.training.metrics import METRICS_FILE, MetricsLog
 from gpt.training.optim import build_optimizer, lr_at
-from gpt.training.record_data import BucketBatchSampler, RecordData, run_loaders
+from gpt.training.record_data import RecordData
 from gpt.training.report import log_evaluation, print_header, print_sample, print_summary
-from gpt.training.resume import TrainState, checkpoint_state, restore
-from gpt.training.run_dir import OpenedRun, RunLock, open_run_dir
+from gpt.training.resume import checkpoint_state, restore
+from gpt.training.run import OBJECTIVES, Objective, Run, get_objective
+from gpt.training.run_dir import OpenedRun, open_run_dir
 from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 from gpt.training.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
 from gpt.training.tb import TensorBoardLog
@@ -84,54 +76,16 @@ def build_model(cfg: TrainConfig) -> GPT:
 # ---- setup ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """Everything `fit` works on, as `setup` built it."""
-
-    cfg: TrainConfig
-    run_dir: Path
-    model: GPT
-    loss: Callable[..., Tensor]
-    """What the training steps call: `model.loss` (or another objective's `gpt.objectives.lm.objective_loss`,
-    or DPO's `gpt.objectives.dpo.pair_loss` of a batch's tensors), compiled with `--compile`; under torchrun
-    through DDP, or with the model sharded (`Dist.wrap`)."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
-    train_loader: DataLoader[tuple[Tensor, Tensor]]
-    eval_loaders: dict[str, DataLoader[tuple[Tensor, Tensor]]]
-    """"train" and "val": the same `eval_iters` batches at every evaluation (see `build_loaders`)."""
-    device: torch.device
-    dtype: torch.dtype
-    total_steps: int
-    tokens_per_epoch: int
-    metrics: MetricsLog
-    """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
-    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
-    lock: RunLock
-    """This process's lock on `run_dir`, released when `fit` ends."""
-    state: TrainState = field(default_factory=TrainState)
-    count: Callable[[Iterable[Sequence[Tensor]]], int] = count_targets
-    """What a step's loss is the mean over, in batches: their target tokens, or DPO's pairs."""
-    records: RecordData | None = None
-    """A fine-tuning run's template and validation records (`gpt.training.record_data`); None for text."""
-    dist: Dist = field(default_factory=Dist)  # this process's rank among torchrun's (`gpt.training.distributed`)
-    teacher: GPT | None = None
-    """The frozen `--teacher` distilled from (`gpt.objectives.teacher`), or None."""
-    tensorboard: TensorBoardLog | None = None
-    """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
-    last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
-
-    @property
-    def windows(self) -> SlidingWindowDataset | InstructionDataset | PreferenceDataset:
-        """The training windows (or records, or pairs): the dataset `train_loader` draws from."""
-        return cast(SlidingWindowDataset | InstructionDataset | PreferenceDataset, self.train_loader.dataset)
-
-    @property
-    def sampler(self) -> ResumableSampler | BucketBatchSampler:
-        """`train_loader`'s sampler (of batches, for records), whose position a checkpoint saves."""
-        batches, windows = self.train_loader.batch_sampler, self.train_loader.sampler
-        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler, windows)
+def check_objective(cfg: TrainConfig) -> Objective:
+    """The objective `cfg` trains with, once it and every other registered objective have checked
+    `cfg`'s settings (theirs given to a run of another objective are refused)."""
+    objective = get_objective(cfg.objective)
+    for other in OBJECTIVES.values():
+        if other is objective:
+            objective.check(cfg)
+        else:
+            other.check_unused(cfg)
+    return objective
 
 
 def setup(cfg: TrainConfig, *, resume: Path | None = None,
@@ -143,17 +97,18 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
     `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
     the run directory is written to, and the run directory is locked (`gpt.training.run_dir`) until `fit` ends.
     """
+    objective = check_objective(cfg)  # before anything is written
     cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.training.distributed); one process without it
     # Checked, locked (by rank 0), a resumed run's state read: nothing built yet.
     opened = open_run_dir(cfg, resume, rank=dist.rank, world_size=dist.world_size)
     try:
-        return _build(cfg, dist, opened, token_ids)
+        return _build(cfg, objective, dist, opened, token_ids)
     except BaseException:
         opened.lock.release(failed=True)
         raise
 
 
-def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
+def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun,
            token_ids: tuple[np.ndarray, np.ndarray] | None) -> Run:
     """The rest of `setup`, in the run directory `opened` (locked)."""
     run_dir, checkpoint, saved = opened.path, opened.checkpoint, opened.saved
@@ -172,29 +127,26 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
     if context_length > model_context:
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
-    teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher else None
-    train_loader, eval_loaders, records = run_loaders(cfg, context_length, token_ids,
-                                                      pin_memory=device.type == "cuda", dist=dist)
-    pairs = records.pairs if records else None  # DPO's: its reference is run over them first
-    if records is not None:  # fine-tuning on records: the template is kept with the run
+    train_loader, eval_loaders, records = objective.data(cfg, context_length, token_ids, dist=dist,
+                                                         pin_memory=device.type == "cuda")
+    if records is not None:  # a run on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
 
-    # Before the optimizer: FSDP replaces the parameters. DPO's loss runs its reference over the pairs first.
-    loss = dist.wrap(model, cfg, teacher, loss=prepare_dpo(cfg, model, pairs, dtype) if pairs else None)
+    # Before the optimizer: FSDP replaces the parameters. DPO's loss runs its reference first.
+    loss = objective.loss(cfg, model, records, dtype=dtype, compile=cfg.compile and dist.world_size == 1)
+    loss = dist.wrap(model, loss, compile=cfg.compile, seed=cfg.seed)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
-        cfg=cfg, run_dir=run_dir, model=model,
-        loss=loss, teacher=teacher,
+        cfg=cfg, run_dir=run_dir, model=model, objective=objective, loss=loss,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
-        metrics=MetricsLog(run_dir / METRICS_FILE, run_columns(cfg, records=records is not None)),
-        records=records, dist=dist, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
-        count=count_pairs if pairs else count_targets,
+        metrics=metrics_log(objective, cfg, records, run_dir), records=records, dist=dist,
+        saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
@@ -211,6 +163,14 @@ def _build(cfg: TrainConfig, dist: Dist, opened: OpenedRun,
             run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint else None)
         write_json(run_dir / RUN_CONFIG_FILE, cfg.to_dict())
     return run
+
+
+def metrics_log(objective: Objective, cfg: TrainConfig, records: RecordData | None,
+                run_dir: Path) -> MetricsLog:
+    """The run's metrics.csv, with the objective's columns and plot."""
+    columns = objective.columns(cfg, records)
+    return MetricsLog(run_dir / METRICS_FILE, columns, loss_name=objective.loss_name,
+                      accuracy=objective.accuracy_column(columns))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -324,7 +284,7 @@ def train_step(run: Run, batches: Sequence[Sequence[Tensor]]) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
     before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
-    the step's target tokens (`run.count`, over all ranks; DPO's: its pairs); a micro-batch with none
+    the step's target tokens (`Objective.count`, over all ranks; DPO's: its pairs); a micro-batch with none
     is skipped. A batch is (inputs, targets) or, for DPO, (inputs, targets, reference log-probs)."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
@@ -334,7 +294,7 @@ def train_step(run: Run, batches: Sequence[Sequence[Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     world = run.dist.world_size
-    counts = [run.count([batch]) for batch in batches]  # on the host, before the device copies
+    counts = [run.objective.count([batch]) for batch in batches]  # on the host, before the device copies
     # The step's targets (DPO: pairs) and input tokens, over all ranks (gpt.training.distributed).
     targets, tokens = run.dist.sum([sum(counts), sum(batch[0].numel() for batch in batches)])
     for i, (batch, counted) in enumerate(zip(batches, counts, strict=True)):
@@ -378,23 +338,14 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     the resumed run drops and logs again, never a checkpoint without its row.
     """
     state = run.state
-    if run.cfg.objective == "dpo":  # DPO losses, and the other metrics of the validation pairs
-        losses = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype, run.dist.sum_values)
-    else:
-        train_loss, val_loss = evaluate(run)
-        losses = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+    losses = run.objective.evaluate(run)
     check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
     improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)
-    row = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
-           "tokens_seen": state.tokens_seen, **losses, "lr": stats.lr if stats else math.nan,
-           "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
-    if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
-        row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records, run.records.template,
-                                             limit=run.cfg.eval_answers, dtype=run.dtype)
-    if OBJECTIVE_COLUMN in run.metrics.columns:  # the losses above stay cross-entropy: runs compare
-        row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
-                                              loss=run.loss, all_reduce=run.dist.sum_values)
+    values = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
+              "tokens_seen": state.tokens_seen, **losses, "lr": stats.lr if stats else math.nan,
+              "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
+    row = {column: values[column] for column in run.metrics.columns}
     if run.dist.is_main:  # rank 0 alone prints and writes
         log_evaluation(run, row, improved)
     cfg = run.cfg
@@ -416,15 +367,6 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
                      "no checkpoint was saved: start again with a lower --lr")
             raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, or use "
                                    "--dtype float32")
-
-
-def evaluate(run: Run) -> tuple[float, float]:
-    """(train, validation) loss, each averaged over its `eval_iters` evaluation batches (DPO's are
-    `gpt.objectives.dpo.evaluate_dpo`'s)."""
-    train_loss, val_loss = (evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
-                                          chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
-                            for name in ("train", "val"))
-    return train_loss, val_loss
 
 
 def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -> None:

@@ -1,0 +1,159 @@
+"""The interface between the loop and a way to train: the `Objective` protocol, and the `Run`.
+
+The loop (`gpt.training.trainer`) knows no objective by name. `--objective NAME` picks one from the
+registry (`get_objective`), and the objective answers every question the loop has about it:
+
+    check(cfg)                   its own settings, before anything is written (`TrainConfig` calls it)
+    check_unused(cfg)            its settings given to a run of another objective: refused
+    data(cfg, ...)               what it trains on, batched: loaders and, for records, `RecordData`
+    loss(cfg, model, data, ...)  what a step calls on a batch: `loss(*batch, chunk_size=...)`
+    count(batches)               what a step's loss is the mean over (target tokens, pairs, ...)
+    columns(cfg, data)           its metrics.csv columns
+    evaluate(run)                one evaluation's measurements, by column
+    describe_row(row)            the line printed for a metrics row
+    best_line(best)              how the summary names the best validation score
+
+and, as attributes, the names its plot gives the loss axis and an accuracy on the second axis.
+`gpt.objectives` holds the built-in ones (cross-entropy and its variants, DPO) and registers them
+when imported (`import gpt` does); an objective of one's own is a class with these methods, given to
+`register`. Every objective's evaluate returns "train_loss" and "val_loss": early stopping and
+best/ follow the validation loss, lower being better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from gpt.data.windows import ResumableSampler
+from gpt.model.config import ConfigError
+from gpt.model.model import GPT
+from gpt.training.distributed import Dist
+from gpt.training.metrics import MetricsLog
+from gpt.training.record_data import BucketBatchSampler, RecordData
+from gpt.training.resume import TrainState
+
+if TYPE_CHECKING:
+    from gpt.checkpoints.saver import CheckpointSaver
+    from gpt.training.run_dir import RunLock
+    from gpt.training.settings import TrainConfig
+    from gpt.training.tb import TensorBoardLog
+
+Loaders = tuple[DataLoader[Any], dict[str, DataLoader[Any]], RecordData | None]
+"""(training loader, {"train", "val"} evaluation loaders, a records run's `RecordData` or None)."""
+
+
+class Objective(Protocol):
+    """One way to train: what the loop asks of it (see the module docstring)."""
+
+    name: str
+    """The value of --objective that selects it."""
+    loss_name: str
+    """The loss axis of loss.png ("cross-entropy loss", "DPO loss")."""
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Raise `ConfigError` for a setting of `cfg` this objective cannot train with."""
+
+    def check_unused(self, cfg: TrainConfig) -> None:
+        """Raise `ConfigError` if `cfg` (a run of another objective) sets one of this one's settings."""
+
+    def data(self, cfg: TrainConfig, context_length: int,
+             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
+             pin_memory: bool) -> Loaders:
+        """The run's loaders; `token_ids` = (train, val) arrays replace a text run's --data."""
+
+    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
+             compile: bool) -> Callable[..., Tensor]:
+        """What each micro-batch's step calls, `loss(*batch, chunk_size=cfg.loss_chunk)`: its mean
+        loss, through `model`'s forward (so that DDP and FSDP see it). Compiled with `compile`."""
+
+    def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
+        """What a step's loss is the mean over, in `batches` (counted on the host)."""
+
+    def columns(self, cfg: TrainConfig, records: RecordData | None) -> tuple[str, ...]:
+        """The run's metrics.csv columns (`gpt.training.metrics.columns`)."""
+
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """One evaluation, by column: "train_loss", "val_loss" and the objective's own."""
+
+    def accuracy_column(self, columns: Sequence[str]) -> str | None:
+        """The column loss.png draws on a second axis (an accuracy in [0, 1]), or None."""
+
+    def describe_row(self, row: dict[str, float]) -> str:
+        """One evaluation's row as the line printed during training."""
+
+    def best_line(self, best: float) -> str:
+        """The best validation score in words, for the summary ("loss 1.2345 (perplexity 3.4)")."""
+
+
+OBJECTIVES: dict[str, Objective] = {}
+"""The registered objectives by name, in the order of registration (`--objective`'s choices)."""
+
+
+def register(objective: Objective) -> Objective:
+    """Make `objective` selectable as --objective NAME; returns it."""
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective called `name`; `ConfigError` naming the choices if there is none."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {name!r}; "
+                          f"e.g. --objective {list(OBJECTIVES)[-1]}")
+    return OBJECTIVES[name]
+
+
+@dataclass
+class Run:
+    """Everything `fit` works on, as `gpt.training.trainer.setup` built it."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: GPT
+    objective: Objective
+    """What training minimises (--objective): its loss, evaluation, metrics and summary."""
+    loss: Callable[..., Tensor]
+    """What the training steps call: the objective's loss of a batch's tensors, compiled with
+    `--compile`; under torchrun through DDP, or with the model sharded (`Dist.wrap`)."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    """Loss scaling for float16 (a no-op when disabled, i.e. for every other dtype)."""
+    train_loader: DataLoader[Any]
+    eval_loaders: dict[str, DataLoader[Any]]
+    """"train" and "val": the same `eval_iters` batches at every evaluation."""
+    device: torch.device
+    dtype: torch.dtype
+    total_steps: int
+    tokens_per_epoch: int
+    metrics: MetricsLog
+    """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
+    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
+    lock: RunLock
+    """This process's lock on `run_dir`, released when `fit` ends."""
+    state: TrainState = field(default_factory=TrainState)
+    records: RecordData | None = None
+    """A run on records' template, validation records and datasets (`gpt.training.record_data`);
+    None for text."""
+    dist: Dist = field(default_factory=Dist)  # this rank among torchrun's (`gpt.training.distributed`)
+    tensorboard: TensorBoardLog | None = None
+    """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
+    last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
+
+    @property
+    def windows(self) -> Any:
+        """The training windows (or records, or pairs): the dataset `train_loader` draws from."""
+        return self.train_loader.dataset
+
+    @property
+    def sampler(self) -> ResumableSampler | BucketBatchSampler:
+        """`train_loader`'s sampler (of batches, for records), whose position a checkpoint saves."""
+        batches, windows = self.train_loader.batch_sampler, self.train_loader.sampler
+        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler, windows)

@@ -21,7 +21,7 @@ from gpt.model.model import GPT
 from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import text_loaders
-from gpt.training.run import OBJECTIVES, Loaders, Run, register
+from gpt.training.run import OBJECTIVES, Prepared, Run, register
 from gpt.training.settings import TrainConfig
 from gpt.training.trainer import setup, train
 
@@ -44,13 +44,11 @@ class ZLoss:
     def check_unused(self, cfg: TrainConfig) -> None:
         pass
 
-    def data(self, cfg: TrainConfig, context_length: int,
-             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
-             pin_memory: bool) -> Loaders:
-        return (*text_loaders(cfg, context_length, token_ids, dist=dist), None)
-
-    def loss(self, cfg, model, records, *, dtype, compile):
-        return lambda idx, targets, *, chunk_size=0: z_loss(model, idx, targets)
+    def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
+                token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
+                compile: bool) -> Prepared:
+        loaders = text_loaders(cfg, context_length, token_ids, dist=dist)
+        return Prepared(*loaders, None, lambda idx, targets, *, chunk_size=0: z_loss(model, idx, targets))
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         return count_targets(batches)

@@ -16,7 +16,7 @@ import gpt.checkpoints.checkpoint
 from gpt.checkpoints.checkpoint import load_model, load_train_state
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
-from gpt.objectives.lm import CrossEntropy, training_loss
+from gpt.objectives.lm import CrossEntropy, LanguageModeling, training_loss
 from gpt.training import trainer
 from gpt.training.metrics import METRICS_COLUMNS
 from gpt.training.settings import TrainConfig
@@ -98,6 +98,15 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path) -> None:
 # ---- early stopping ---------------------------------------------------------------------------
 
 
+def scripted_evaluation(monkeypatch, losses) -> None:
+    """The cross-entropy objective's evaluations replaced by `losses(run)` = (train, validation)."""
+    def evaluate(self, run) -> dict[str, float]:
+        train_loss, val_loss = losses(run)
+        return {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+
+    monkeypatch.setattr(LanguageModeling, "evaluate", evaluate)
+
+
 @pytest.mark.parametrize(("val_losses", "min_delta", "best_step", "last_step"), [
     ([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0], 0.0, 4, 10),
     ([5.0, 4.9, 4.8, 4.76, 1.0], 0.25, 0, 6),  # improvements below min_delta do not count
@@ -111,7 +120,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
         snapshots[run.state.step] = params(run.model)
         return 1.0, next(scripted)
 
-    monkeypatch.setattr(trainer, "evaluate", fake_estimate)
+    scripted_evaluation(monkeypatch, fake_estimate)
     result = train(tiny(tmp_path, eval_freq=2, patience=3, min_delta=min_delta), token_ids=TOKENS)
     assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step, best_step)
     assert sorted(snapshots) == list(range(0, last_step + 1, 2))
@@ -123,7 +132,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
 
 
 def test_patience_zero_never_stops_early(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(trainer, "evaluate", lambda run: (1.0, 1.0))  # a flat line
+    scripted_evaluation(monkeypatch, lambda run: (1.0, 1.0))  # a flat line
     result = train(tiny(tmp_path, epochs=1, eval_freq=5, patience=0), token_ids=TOKENS)  # 3 flat evals
     assert (result.stop_reason, result.step) == ("done", STEPS_PER_EPOCH)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from gpt.objectives.teacher import load_frozen
 from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, dataset_loaders, split_records
-from gpt.training.run import Loaders, Run, register
+from gpt.training.run import Prepared, Run, register
 from gpt.training.settings import TrainConfig
 
 DPO_COLUMNS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_logp", "val_rejected_logp")
@@ -184,7 +185,8 @@ def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], 
 # ---- the objective ------------------------------------------------------------------------------
 
 
-def preference_loaders(cfg: TrainConfig, context_length: int, dist: Dist) -> Loaders:
+def preference_loaders(cfg: TrainConfig, context_length: int,
+                       dist: Dist) -> tuple[DataLoader[Any], dict[str, DataLoader[Any]], RecordData]:
     """The loaders of a DPO run's preference pairs (`gpt.data.pairs`), split and batched as records
     are (`gpt.training.record_data`): each batch is `pair_collate`'s (inputs, targets, reference) of
     --batch-size pairs, 2 x --batch-size rows; under torchrun (`dist`), this rank's shares."""
@@ -230,16 +232,13 @@ class DPO:
             raise ConfigError("--reference is the reference model of --objective dpo; add "
                               "--objective dpo, or drop --reference")
 
-    def data(self, cfg: TrainConfig, context_length: int,
-             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
-             pin_memory: bool) -> Loaders:
-        return preference_loaders(cfg, context_length, dist)
-
-    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
-             compile: bool) -> Callable[..., Tensor]:
-        assert records is not None  # `data` made them
+    def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
+                token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
+                compile: bool) -> Prepared:
+        """The pairs, then the reference run over them (`prepare_dpo`)."""
+        train_loader, eval_loaders, records = preference_loaders(cfg, context_length, dist)
         loss = prepare_dpo(cfg, model, records.datasets, dtype)
-        return torch.compile(loss) if compile else loss
+        return Prepared(train_loader, eval_loaders, records, torch.compile(loss) if compile else loss)
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         return count_pairs(batches)

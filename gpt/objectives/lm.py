@@ -30,7 +30,7 @@ from gpt.objectives.teacher import load_teacher
 from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, record_loaders, text_loaders
-from gpt.training.run import Loaders, Run, register
+from gpt.training.run import Prepared, Run, register
 from gpt.training.settings import TrainConfig
 
 ANSWER_COLUMN = "val_exact_match"
@@ -201,20 +201,22 @@ class LanguageModeling:
             raise ConfigError(f"--objective {cfg.objective} has a loss of its own and does not combine "
                               f"with {variant}; drop {variant}")
 
-    def data(self, cfg: TrainConfig, context_length: int,
-             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
-             pin_memory: bool) -> Loaders:
-        if is_record_file(cfg.data):
-            return record_loaders(cfg, context_length, dist)
-        return (*text_loaders(cfg, context_length, token_ids, dist=dist, pin_memory=pin_memory), None)
-
-    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
-             compile: bool) -> Callable[..., Tensor]:
+    def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
+                token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
+                compile: bool) -> Prepared:
+        """Records or text windows, and the loss of `cross_entropy(cfg)`; the teacher first, so that
+        one that cannot teach stops the run before the token cache is written."""
         device = next(model.parameters()).device
-        context_length = cfg.context_length or model.config.context_length
         teacher = load_teacher(cfg.teacher, model.config, context_length, device) if cfg.teacher \
             else None
-        return training_loss(cross_entropy(cfg), model, teacher, compile=compile)
+        if is_record_file(cfg.data):
+            train_loader, eval_loaders, records = record_loaders(cfg, context_length, dist)
+        else:
+            train_loader, eval_loaders = text_loaders(cfg, context_length, token_ids, dist=dist,
+                                                      pin_memory=device.type == "cuda")
+            records = None
+        loss = training_loss(cross_entropy(cfg), model, teacher, compile=compile)
+        return Prepared(train_loader, eval_loaders, records, loss)
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         return count_targets(batches)

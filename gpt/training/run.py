@@ -3,10 +3,10 @@
 The loop (`gpt.training.trainer`) knows no objective by name. `--objective NAME` picks one from the
 registry (`get_objective`), and the objective answers every question the loop has about it:
 
-    check(cfg)                   its own settings, before anything is written (`TrainConfig` calls it)
+    check(cfg)                   its own settings, before anything is written
     check_unused(cfg)            its settings given to a run of another objective: refused
-    data(cfg, ...)               what it trains on, batched: loaders and, for records, `RecordData`
-    loss(cfg, model, data, ...)  what a step calls on a batch: `loss(*batch, chunk_size=...)`
+    prepare(cfg, model, ...)     what it trains on, batched (loaders and, for records, `RecordData`),
+                                 and what a step calls on a batch: `loss(*batch, chunk_size=...)`
     count(batches)               what a step's loss is the mean over (target tokens, pairs, ...)
     columns(cfg, data)           its metrics.csv columns
     evaluate(run)                one evaluation's measurements, by column
@@ -46,8 +46,18 @@ if TYPE_CHECKING:
     from gpt.training.settings import TrainConfig
     from gpt.training.tb import TensorBoardLog
 
-Loaders = tuple[DataLoader[Any], dict[str, DataLoader[Any]], RecordData | None]
-"""(training loader, {"train", "val"} evaluation loaders, a records run's `RecordData` or None)."""
+@dataclass
+class Prepared:
+    """What an objective prepares for a run (`Objective.prepare`)."""
+
+    train_loader: DataLoader[Any]
+    eval_loaders: dict[str, DataLoader[Any]]
+    """"train" and "val": the same batches at every evaluation."""
+    records: RecordData | None
+    """A run on records' template, validation records and datasets; None for text."""
+    loss: Callable[..., Tensor]
+    """What each micro-batch's step calls, `loss(*batch, chunk_size=cfg.loss_chunk)`: its mean loss,
+    through the model's forward (so that DDP and FSDP see it)."""
 
 
 class Objective(Protocol):
@@ -64,15 +74,12 @@ class Objective(Protocol):
     def check_unused(self, cfg: TrainConfig) -> None:
         """Raise `ConfigError` if `cfg` (a run of another objective) sets one of this one's settings."""
 
-    def data(self, cfg: TrainConfig, context_length: int,
-             token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist,
-             pin_memory: bool) -> Loaders:
-        """The run's loaders; `token_ids` = (train, val) arrays replace a text run's --data."""
-
-    def loss(self, cfg: TrainConfig, model: GPT, records: RecordData | None, *, dtype: torch.dtype,
-             compile: bool) -> Callable[..., Tensor]:
-        """What each micro-batch's step calls, `loss(*batch, chunk_size=cfg.loss_chunk)`: its mean
-        loss, through `model`'s forward (so that DDP and FSDP see it). Compiled with `compile`."""
+    def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
+                token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
+                compile: bool) -> Prepared:
+        """The run's loaders and loss (compiled with `compile`), in windows or records of at most
+        `context_length` tokens; `token_ids` = (train, val) arrays replace a text run's --data.
+        Whatever may fail (a teacher, a reference) is loaded before a file is written."""
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         """What a step's loss is the mean over, in `batches` (counted on the host)."""

@@ -1,22 +1,25 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model, data, loaders, teacher/reference, optimizer, resume
+      setup(cfg)                        seed, model, the objective's data and loss, optimizer, resume
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
         _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
-          train_step(run, batches)      zero grads, run.loss (the objective), backward, clip, check, step
+          train_step(run, batches)      zero grads, run.loss (the objective's), backward, clip, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
-            evaluate(run)                 measure: train and validation loss (DPO: `gpt.objectives.dpo.evaluate_dpo`)
+            run.objective.evaluate(run)   measure: train and validation loss, the objective's own
             check_finite(run, ...)        stop if one is not finite: such weights are never saved
-            state.keep_score(...)         keep score for early stopping (`gpt.training.resume.TrainState`)
+            state.keep_score(...)         keep score for early stopping (`TrainState`)
             log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (`gpt.training.report`)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
-A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv` (`gpt.training.metrics`), `loss.png`,
-and the checkpoints `last/` (every `save_freq`-th evaluation) and `best/` (lowest validation loss), each
-`model.safetensors` + `config.json` + `train_state.pt` (`gpt.training.resume`; FSDP: `gpt.training.sharded_checkpoint`);
-`gpt.training.run_dir` locks it. The settings are `gpt.training.settings.TrainConfig`; the learning rate is a pure
-function of the step (`lr_at`).
+The loop knows no objective by name: --objective picks one (`gpt.training.run.Objective`, registered
+by `gpt.objectives`), which prepares the data and the loss, and measures, lays out and prints its
+evaluations. A run directory `runs/<name>/` holds `train_config.json`, `metrics.csv`
+(`gpt.training.metrics`), `loss.png`, and the checkpoints `last/` (every `save_freq`-th
+evaluation) and `best/` (lowest validation loss), each `model.safetensors` + `config.json` +
+`train_state.pt` (`gpt.training.resume`; FSDP: `gpt.training.sharded_checkpoint`);
+`gpt.training.run_dir` locks it. The settings are `gpt.training.settings.TrainConfig`; the learning
+rate is a pure function of the step (`lr_at`).
 """
 
 from __future__ import annotations
@@ -127,21 +130,20 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
     if context_length > model_context:
         raise UserError(f"--context-length {context_length} exceeds the model's context length "
                         f"{model_context}; use --context-length {model_context} or less")
-    train_loader, eval_loaders, records = objective.data(cfg, context_length, token_ids, dist=dist,
-                                                         pin_memory=device.type == "cuda")
+    prepared = objective.prepare(cfg, model, context_length, token_ids, dist=dist, dtype=dtype,
+                                 compile=cfg.compile and dist.world_size == 1)
+    train_loader, records = prepared.train_loader, prepared.records
     if records is not None:  # a run on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
-
-    # Before the optimizer: FSDP replaces the parameters. DPO's loss runs its reference first.
-    loss = objective.loss(cfg, model, records, dtype=dtype, compile=cfg.compile and dist.world_size == 1)
-    loss = dist.wrap(model, loss, compile=cfg.compile, seed=cfg.seed)
+    # Before the optimizer: FSDP replaces the parameters.
+    loss = dist.wrap(model, prepared.loss, compile=cfg.compile, seed=cfg.seed)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model, objective=objective, loss=loss,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        train_loader=train_loader, eval_loaders=eval_loaders, device=device, dtype=dtype,
+        train_loader=train_loader, eval_loaders=prepared.eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,

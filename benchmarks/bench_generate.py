@@ -13,7 +13,7 @@ products alone (see `memory_floor`). A third times our decoding with each weight
 and its share of the read floor. With `--perplexity-checkpoint`, a fourth compares the perplexity of
 a trained checkpoint in each format (`perplexity_table`).
 
-    python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in BENCHMARKS.md)
+    python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in docs/benchmarks.md)
     python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached
     python benchmarks/bench_generate.py --only formats --threads 2          # the weight formats only
     python benchmarks/bench_generate.py --only perplexity --perplexity-checkpoint runs/NAME

@@ -1,4 +1,4 @@
-"""The README's "Reproduce the book" table: the book's chapter-5 losses beside a run's metrics.csv.
+"""The table of docs/book.md (reproducing the book): the book's chapter-5 losses beside a run's metrics.csv.
 
     python recipes/book_ch5_table.py runs/<run-name>/metrics.csv
 

@@ -64,8 +64,10 @@ def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: 
     """
     vocab_size = head_weight.size(0) if vocab_size is None else vocab_size
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # autocast would run the head in this dtype
-        hidden = hidden.to(torch.get_autocast_dtype(device_type))  # and `HeadLoss` casts the weight
+    # Autocast would run the head in its dtype: the hidden states go in cast (`HeadLoss` casts the
+    # weight itself).
+    if torch.is_autocast_enabled(device_type):
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     return HeadLoss.apply(hidden.flatten(0, -2), head_weight, targets.flatten(), chunk_size,
                           vocab_size, with_grad)

@@ -247,8 +247,9 @@ class GPT(nn.Module):
 
     def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
         """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
-        if not isinstance(self.lm_head, nn.Linear):  # a head made for decoding (gpt.model.quantize) has no
-            logits = self.lm_head(hidden)[..., :self.config.vocab_size]  # plain weight to chunk
+        # A head made for decoding (gpt.model.quantize) has no plain weight to chunk.
+        if not isinstance(self.lm_head, nn.Linear):
+            logits = self.lm_head(hidden)[..., :self.config.vocab_size]
             return lm_loss(logits, targets)
         return head_loss(hidden, self.lm_head.weight, targets, chunk_size, self.config.vocab_size)
 

@@ -80,8 +80,10 @@ def save_sharded(model: GPT, optimizer: torch.optim.Optimizer, train_state: dict
     if not directories:  # (the same on every rank)
         return
     dist.add_rank_state(train_state)
-    if isinstance(model, FSDPModule):  # the root keeps its gathered parameters after a forward: back
-        model.reshard()  # to the shards, which the optimizer's state is keyed by
+    # The root keeps its gathered parameters after a forward: back to the shards, which the
+    # optimizer's state is keyed by.
+    if isinstance(model, FSDPModule):
+        model.reshard()
     train_state = {**{k: v for k, v in train_state.items() if k != "optimizer"}, "sharded": True}
     shards: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer.state:  # else asking for it would make AdamW's state by taking a step (of lr 0)

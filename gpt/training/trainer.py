@@ -155,8 +155,9 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
-        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # a changed --weight-decay wins
-        for group in optimizer.param_groups:  # and so do changed --adam-betas
+        # A changed --weight-decay and changed --adam-betas win over the checkpoint's.
+        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+        for group in optimizer.param_groups:
             group["betas"] = cfg.betas
     if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
         # Steps after the checkpoint (all, for a start at step 0) are taken again, and log again.
@@ -210,8 +211,8 @@ class _Progress:
     interrupted: Callable[[], bool]  # True once Ctrl-C was pressed (`ctrl_c_flag`)
     val_loss: float = math.nan  # the latest evaluation's, for the bar
     step_losses: dict[int, float] = field(default_factory=dict)
-    tokens: int = 0  # trained on since the last evaluation, and in seconds of steps (not evaluating):
-    seconds: float = 0.0  # the tokens/s of the next metrics row
+    tokens: int = 0  # trained on since the last evaluation: with `seconds`, the next row's tokens/s
+    seconds: float = 0.0  # spent in steps (not evaluating) since the last evaluation
 
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,

@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.checkpoints.weights import save_hf
 from gpt.data.token_cache import load_tokens
 from gpt.data.windows import SlidingWindowDataset
@@ -168,7 +168,7 @@ def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
     assert status == 0, err
     result = json.loads(out)
     ids = torch.from_numpy(load_tokens(str(text_file)).astype(np.int64))
-    save_hf(load_model(run_dir / "best"), tmp_path / "hf")
+    save_hf(load_checkpoint(run_dir / "best"), tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     nll, tokens = hf_sliding_window_nll(hf, ids, 24, 10)
     assert result["tokens"] == tokens == len(ids) - 1

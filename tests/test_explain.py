@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.eval.explain import explain, main, one_hot_arithmetic
 from gpt.model.config import GPTConfig
 from gpt.model.loss import lm_loss
@@ -114,7 +114,7 @@ def test_json_has_every_position_and_the_summary(run_dir: Path, run_command) -> 
     tokenizer = get_tokenizer()
     ids = torch.tensor(tokenizer.encode(TEXT))
     with torch.no_grad():
-        logits = load_model(run_dir / "best").eval()(ids[None, :-1])[0]
+        logits = load_checkpoint(run_dir / "best").eval()(ids[None, :-1])[0]
     expected = F.cross_entropy(logits, ids[1:], reduction="none")
     tokens = result["tokens"]
     assert [t["input"] for t in tokens] == ["Every", " effort", " moves"]

@@ -12,7 +12,7 @@ import torch
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import run_cli
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.cli.generate import find_checkpoint, main, write_text
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
@@ -60,7 +60,7 @@ def test_greedy_cli_prints_the_prompt_and_the_models_continuation(
     argv = ["--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
     status, out, err = cli(argv, capsys)
     assert status == 0, err
-    model = load_model(run_dir / "best")
+    model = load_checkpoint(run_dir / "best")
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("Hello there")])
     expected = generate(model, prompt, 12, eos_id=50256)[0, prompt.size(1):].tolist()
@@ -263,9 +263,9 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
 
     def load(path, device):
         loaded_on.append(torch.device(device))
-        return load_model(path, device)
+        return load_checkpoint(path, device)
 
-    monkeypatch.setattr("gpt.cli.generate.load_model", load)
+    monkeypatch.setattr("gpt.cli.generate.load_checkpoint", load)
     original_to = GPT.to
 
     def to(self, *args, **kwargs):

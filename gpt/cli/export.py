@@ -34,7 +34,7 @@ from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
-    load_model,
+    load_checkpoint,
     load_train_state,
     require_model_checkpoint,
 )
@@ -70,7 +70,7 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files; the export replaces the whole "
                         "directory, so give a new or empty one, or an earlier export")
-    model = load_model(checkpoint)
+    model = load_checkpoint(checkpoint)
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf writes "

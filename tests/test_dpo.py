@@ -20,7 +20,7 @@ from test_resume import interrupt_after
 from tiny_runs import assert_same_params, cli_error, params, tiny
 
 from gpt.checkpoints.checkpoint import load_checkpoint, save_model
-from gpt.cli.generate import run_generation
+from gpt.cli.generate import GenerationOptions, run_generation
 from gpt.data.pairs import PreferenceDataset, PreferencePair, pair_collate
 from gpt.data.records import format_prompt
 from gpt.eval.answers import answer
@@ -326,9 +326,10 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
     # generate.py answers like any fine-tuned run: the template applied, stopped at end-of-text.
     capsys.readouterr()
     out = io.StringIO()
-    run_generation(prompt=f"Is {held_out[0]} a word?", max_new_tokens=8, temperature=0.0, top_k=None,
-                   top_p=None, seed=None, num_samples=1, checkpoint=result.run_dir / "last", init=None,
-                   device="cpu", dtype="float32", no_cache=False, out=out, err=io.StringIO())
+    options = GenerationOptions(prompt=f"Is {held_out[0]} a word?", max_new_tokens=8,
+                                temperature=0.0, top_k=None, checkpoint=result.run_dir / "last",
+                                device="cpu", dtype="float32")
+    run_generation(options, out=out, err=io.StringIO())
     assert out.getvalue() == after[0] + "\n"
 
 

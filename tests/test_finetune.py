@@ -14,8 +14,8 @@ from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
 from gpt.base.errors import run_cli
 from gpt.checkpoints.checkpoint import load_checkpoint
+from gpt.cli.generate import GenerationOptions, run_generation
 from gpt.cli.generate import main as generate_main
-from gpt.cli.generate import run_generation
 from gpt.data.records import pad_collate
 from gpt.model.loss import IGNORE_INDEX, count_targets
 from gpt.training import trainer
@@ -167,15 +167,15 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     assert capsys.readouterr().out == records[3]["answer"] + "\n"  # only the answer, stopped at end-of-text
     out = io.StringIO()
     questions = "".join(record["question"] + "\n" for record in records[:3])
-    run_generation(prompt="", max_new_tokens=20, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   num_samples=1, checkpoint=result.run_dir, init=None, device="cpu", dtype="float32",
-                   no_cache=False, interactive=True, out=out, err=io.StringIO(), inp=io.StringIO(questions))
+    greedy = GenerationOptions(prompt="", max_new_tokens=20, temperature=0.0, top_k=None,
+                               checkpoint=result.run_dir, device="cpu", dtype="float32")
+    run_generation(dataclasses.replace(greedy, interactive=True), out=out, err=io.StringIO(),
+                   inp=io.StringIO(questions))
     assert out.getvalue() == "".join(record["answer"] + "\n" for record in records[:3])
     out = io.StringIO()
-    run_generation(prompt=f"Question: {records[3]['question']}\nAnswer: ", max_new_tokens=20,
-                   temperature=0.0, top_k=None, top_p=None, seed=None, num_samples=1,
-                   checkpoint=result.run_dir, init=None, device="cpu", dtype="float32", no_cache=False,
-                   raw=True, out=out, err=io.StringIO())
+    prompt = f"Question: {records[3]['question']}\nAnswer: "
+    raw = dataclasses.replace(greedy, prompt=prompt, raw=True)
+    run_generation(raw, out=out, err=io.StringIO())
     assert out.getvalue() == f"Question: {records[3]['question']}\nAnswer: {records[3]['answer']}\n"
 
 

@@ -50,9 +50,9 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors (an unknown flag, a value of the wrong type, two flags that exclude
-    each other) are a `UserError` too: one line through `run_cli`, not argparse's usage block. The
-    one parser class of every command."""
+    """argparse whose usage errors (an unknown flag, a value of the wrong type, two flags that
+    exclude each other) are a `UserError` too: one line through `run_cli`, not argparse's usage
+    block. The one parser class of every command."""
 
     def error(self, message: str) -> NoReturn:
         # A root script (`train.py`) is typed with the interpreter in front of it.

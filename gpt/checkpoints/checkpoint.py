@@ -41,7 +41,7 @@ def find_model_checkpoint(path: Path) -> Path | None:
 
     `path` may be a checkpoint itself or a run directory, whose `best/` is preferred and whose `last/`
     stands in when there is no `best/` yet (a run stopped before its first evaluation). The one rule
-    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt.cli.export`.
+    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt export`.
     """
     for candidate in (path, path / "best", path / "last"):
         candidate = resolve_directory(candidate)
@@ -139,7 +139,8 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu", **overr
     """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`.
 
     `overrides` replace fields of its `config.json` (e.g. `drop_rate=0.0`); the weights must still fit.
-    What `--resume`, `--init` of a checkpoint, `generate.py` and `python -m gpt.cli.export` all read with.
+    What `--resume`, `--init` of a checkpoint, every command and `gpt.load_model` read with
+    (`gpt.load_model` is the public loader: it also takes GPT-2 weights, a device and a dtype).
     """
     directory = resolve_directory(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):

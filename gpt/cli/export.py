@@ -5,7 +5,8 @@ laid out as a model repository on the Hugging Face hub:
 
     config.json, model.safetensors    the weights, as `gpt.checkpoints.weights.save_hf` writes them
     generation_config.json            <|endoftext|> as BOS, EOS and padding; generate.py's sampling defaults
-    vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe (see gpt.model.tokenizer)
+    vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe
+                                      (see gpt.model.tokenizer)
     tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two
       special_tokens_map.json
     README.md                         the model card: the model, its training data, settings, steps,
@@ -231,7 +232,8 @@ def train_command(settings: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog=command_name("python -m gpt.cli.export"), description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=command_name("python -m gpt export"),
+                            description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a run directory (its best/, else its last/, is exported) or a checkpoint")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",

@@ -236,19 +236,19 @@ def perplexity_table(checkpoint: Path, data: str, batch_size: int) -> None:
     over the non-overlapping windows of `data`'s validation split (as `python train.py` splits it)."""
     from torch.utils.data import DataLoader
 
-    from gpt.checkpoints.checkpoint import find_model_checkpoint, load_model
+    from gpt.checkpoints.checkpoint import find_model_checkpoint, load_checkpoint
     from gpt.data.windows import SlidingWindowDataset, prepare_data
     from gpt.eval.perplexity import evaluate_loss, perplexity
 
     found = find_model_checkpoint(checkpoint)
     if found is None:
         raise SystemExit(f"--perplexity-checkpoint {checkpoint}: no checkpoint there")
-    context = load_model(found).config.context_length
+    context = load_checkpoint(found).config.context_length
     _, val_ids = prepare_data(data, context_length=context)
     loader = DataLoader(SlidingWindowDataset(val_ids, context, context), batch_size=batch_size)
     losses = {}
     for name, (scheme, pack) in {"float32": ("none", False), **FORMATS}.items():
-        model = load_model(found).eval()
+        model = load_checkpoint(found).eval()
         if name != "float32":
             model = prepare_for_decoding(model.to(torch.bfloat16), scheme, pack=pack)
         losses[name] = evaluate_loss(model, loader)  # in the model's own dtype: no autocast

@@ -48,7 +48,7 @@ import torch
 from gpt import trainer
 from gpt.base.device import autocast, pick_device
 from gpt.base.errors import describe
-from gpt.checkpoints.checkpoint import load_model
+from gpt.checkpoints.checkpoint import load_checkpoint
 from gpt.checkpoints.weights import save_hf
 from gpt.data.windows import create_dataloader
 from gpt.eval.perplexity import evaluate_loss
@@ -88,7 +88,7 @@ def train_run(out: Path, name: str, device: str, dtype: str, args: argparse.Name
 
 def saved_model(out: Path, name: str, device: torch.device) -> GPT:
     """The float32 weights the run saved last."""
-    return load_model(out / name / "last", device).eval()
+    return load_checkpoint(out / name / "last", device).eval()
 
 
 def eval_loss(model: GPT, ids: np.ndarray, args: argparse.Namespace, dtype: torch.dtype) -> float:

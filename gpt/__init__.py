@@ -2,6 +2,7 @@
 
 import gpt.objectives  # noqa: F401 (importing registers the built-in objectives: --objective lm, dpo)
 from gpt.base.errors import UserError
+from gpt.checkpoints.load import load_model
 from gpt.checkpoints.weights import load_pretrained, save_hf
 from gpt.data.records import InstructionDataset, load_records, pad_collate
 from gpt.data.windows import SlidingWindowDataset, create_dataloader
@@ -12,18 +13,22 @@ from gpt.model.model import GPT
 from gpt.model.quantize import prepack, quantize_int8
 from gpt.model.sampling import generate, stream
 from gpt.model.tokenizer import get_tokenizer
+from gpt.training.settings import TrainConfig
+from gpt.training.trainer import train
 
 __all__ = [
     "GPT",
     "GPTConfig",
     "InstructionDataset",
     "SlidingWindowDataset",
+    "TrainConfig",
     "UserError",
     "create_dataloader",
     "evaluate_loss",
     "generate",
     "get_tokenizer",
     "lm_loss",
+    "load_model",
     "load_pretrained",
     "load_records",
     "pad_collate",
@@ -32,4 +37,5 @@ __all__ = [
     "quantize_int8",
     "save_hf",
     "stream",
+    "train",
 ]

@@ -3,11 +3,12 @@
 import inspect
 
 import gpt
-from gpt.checkpoints import weights
+from gpt.checkpoints import load, weights
 from gpt.data import records
 from gpt.data import windows as data
 from gpt.eval import perplexity as evaluation
 from gpt.model import loss, model, quantize, sampling
+from gpt.training import settings, trainer
 
 
 def test_exports_are_the_package_objects() -> None:
@@ -20,6 +21,8 @@ def test_exports_are_the_package_objects() -> None:
     assert gpt.quantize_int8 is quantize.quantize_int8 and gpt.prepack is quantize.prepack
     assert gpt.InstructionDataset is records.InstructionDataset and gpt.pad_collate is records.pad_collate
     assert gpt.load_records is records.load_records
+    assert gpt.TrainConfig is settings.TrainConfig and gpt.train is trainer.train
+    assert gpt.load_model is load.load_model
     assert all(hasattr(gpt, name) for name in gpt.__all__)
 
 
@@ -44,3 +47,5 @@ def test_signatures() -> None:
                                                   "max_length"]
     assert parameters(gpt.pad_collate) == ["batch", "pad_id", "ignore_index"]
     assert parameters(gpt.load_records) == ["path"]
+    assert parameters(gpt.load_model) == ["checkpoint_or_init", "device", "dtype"]
+    assert parameters(gpt.train)[0] == "cfg"

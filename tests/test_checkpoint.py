@@ -15,7 +15,7 @@ from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     TRAIN_STATE_FORMAT,
     find_model_checkpoint,
-    load_model,
+    load_checkpoint,
     load_train_state,
     model_from_state_dict,
     require_model_checkpoint,
@@ -34,7 +34,7 @@ def test_model_round_trip(tmp_path, tied: bool) -> None:
     model = GPT(GPTConfig.preset("tiny", tie_embeddings=tied))
     with atomic_directory(tmp_path / "best") as directory:
         save_model(model, directory)
-    loaded = load_model(tmp_path / "best")
+    loaded = load_checkpoint(tmp_path / "best")
     assert loaded.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -47,7 +47,7 @@ def test_tied_head_is_stored_once_and_is_the_embedding_again_after_loading(tmp_p
     stored = load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in stored and set(stored) == set(model.state_dict()) - {"lm_head.weight"}
     assert {k: tuple(v.shape) for k, v in stored.items()} == stored_shapes(model.config)
-    loaded = load_model(tmp_path).train()
+    loaded = load_checkpoint(tmp_path).train()
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     assert len(list(loaded.parameters())) == len(list(model.parameters()))  # the head is no extra one
     optimizer = torch.optim.SGD(loaded.parameters(), lr=1.0)
@@ -60,9 +60,9 @@ def test_tied_head_is_stored_once_and_is_the_embedding_again_after_loading(tmp_p
 def test_overrides_replace_config_fields_and_unknown_ones_are_refused(tmp_path: Path) -> None:
     model = GPT(GPTConfig.preset("tiny"))
     save_model(model, tmp_path)
-    assert load_model(tmp_path, drop_rate=0.0).config == model.config.replace(drop_rate=0.0)
+    assert load_checkpoint(tmp_path, drop_rate=0.0).config == model.config.replace(drop_rate=0.0)
     with pytest.raises(ConfigError, match="unknown GPTConfig field"):
-        load_model(tmp_path, dropout=0.0)
+        load_checkpoint(tmp_path, dropout=0.0)
 
 
 def mismatched_checkpoint(run: Path) -> Path:
@@ -76,11 +76,11 @@ def mismatched_checkpoint(run: Path) -> Path:
 
 def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_path: Path,
                                                                            run_command) -> None:
-    """`--resume` loads with `load_model`, `--init` (and `load_pretrained`) go through it: one check,
-    one message, naming the file and what does not match."""
+    """`--resume` loads with `load_checkpoint`, `--init` (and `load_pretrained`) go through it: one
+    check, one message, naming the file and what does not match."""
     best = mismatched_checkpoint(tmp_path / "run")
     with pytest.raises(UserError) as resumed:
-        load_model(best)
+        load_checkpoint(best)
     message = str(resumed.value)
     assert message.startswith(f"{best / 'model.safetensors'} does not match its config (n_layers=1, ")
     assert "unexpected ['blocks.1.attn.proj.bias', " in message and "\n" not in message
@@ -110,7 +110,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "last") as directory:
         (directory / "model.safetensors").write_bytes(b"half a fi")
         raise KeyboardInterrupt
-    assert torch.equal(load_model(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
+    assert torch.equal(load_checkpoint(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
@@ -144,7 +144,7 @@ def test_truncated_weights_are_reported(tmp_path) -> None:
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or not safetensors"):
-        load_model(tmp_path)
+        load_checkpoint(tmp_path)
 
 
 def test_training_checkpoint_round_trip_loads_weights_only(tmp_path) -> None:
@@ -157,7 +157,7 @@ def test_training_checkpoint_round_trip_loads_weights_only(tmp_path) -> None:
     assert {k: loaded[k] for k in ("step", "best", "rng", "config")} == {
         k: state[k] for k in ("step", "best", "rng", "config")}
     assert torch.equal(loaded["moments"]["m"], state["moments"]["m"])
-    assert torch.equal(load_model(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
+    assert torch.equal(load_checkpoint(tmp_path / "last").tok_emb.weight, model.tok_emb.weight)
 
 
 def test_bad_training_states_are_reported_naming_the_file(tmp_path) -> None:

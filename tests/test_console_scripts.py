@@ -29,13 +29,15 @@ from gpt.model.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each command, what it stands for (a root script, or a module run with `python -m`, whose argv[0] is
-# the module's file), and the `main` that runs in its place.
+# the module's file), how its usage line names that, and the `main` that runs in its place.
 COMMANDS = {
-    "gpt-train": (ROOT / "train.py", gpt.cli.train.main),
-    "gpt-generate": (ROOT / "generate.py", gpt.cli.generate.main),
-    "gpt-evaluate": (ROOT / "gpt" / "evaluate.py", gpt.eval.evaluate.main),
-    "gpt-explain": (ROOT / "gpt" / "explain.py", gpt.eval.explain.main),
-    "gpt-export": (ROOT / "gpt" / "export.py", gpt.cli.export.main),
+    "gpt-train": (ROOT / "train.py", "train.py", gpt.cli.train.main),
+    "gpt-generate": (ROOT / "generate.py", "generate.py", gpt.cli.generate.main),
+    "gpt-evaluate": (ROOT / "gpt" / "eval" / "evaluate.py", "python -m gpt evaluate",
+                     gpt.eval.evaluate.main),
+    "gpt-explain": (ROOT / "gpt" / "eval" / "explain.py", "python -m gpt explain",
+                    gpt.eval.explain.main),
+    "gpt-export": (ROOT / "gpt" / "cli" / "export.py", "python -m gpt export", gpt.cli.export.main),
 }
 
 
@@ -61,7 +63,7 @@ def reference(monkeypatch: pytest.MonkeyPatch, run_command) -> Callable[..., str
     monkeypatch.setenv("COLUMNS", "80")  # argparse wraps help to the terminal's width; the child's too
 
     def run(name: str, *args: str, cwd: Path) -> str:
-        started_as, main = COMMANDS[name]
+        started_as, _, main = COMMANDS[name]
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", [str(started_as), *args])
         status, out, err = run_command(main, list(args))
@@ -76,8 +78,7 @@ def test_each_command_has_the_help_of_what_it_stands_for_under_its_name(name: st
                                                                         reference) -> None:
     ours, theirs = command(name, "--help", cwd=tmp_path).stdout, reference(name, "--help", cwd=tmp_path)
     assert ours.startswith(f"usage: {name} ")
-    started_as = COMMANDS[name][0]  # the usage line names it as typed: `python -m gpt.cli.export`, `train.py`
-    typed = f"python -m gpt.{started_as.stem}" if started_as.parent.name == "gpt" else started_as.name
+    typed = COMMANDS[name][1]  # as typed: `python -m gpt export`, `train.py`
     assert theirs.startswith(f"usage: {typed} ")
     # After the usage block (whose line breaks depend on the name's length), the help is the same.
     assert ours.split("\n\n", 1)[1] == theirs.split("\n\n", 1)[1]
@@ -132,7 +133,9 @@ def test_gpt_train_trains_as_train_py_does(tmp_path: Path, reference) -> None:
 
 def test_usage_names_the_console_command_only_if_started_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "gpt-export"), "--help"])
-    assert command_name("python -m gpt.cli.export") == "gpt-export"
+    assert command_name("python -m gpt export") == "gpt-export"
     for started_as in ("train.py", "/usr/bin/pytest", "-c"):  # a script, or main called from Python
         monkeypatch.setattr(sys, "argv", [started_as])
-        assert command_name("python -m gpt.cli.export") == "python -m gpt.cli.export"
+        assert command_name("python -m gpt export") == "python -m gpt export"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "gpt" / "__main__.py"), "generate", "--help"])
+    assert command_name("generate.py") == "python -m gpt generate"

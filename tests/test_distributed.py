@@ -26,7 +26,7 @@ from tiny_runs import TOKENS, assert_same_params, params, tiny
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from gpt.base.errors import UserError, run_cli
-from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_model
+from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_checkpoint
 from gpt.cli.generate import main as generate_main
 from gpt.data.windows import ResumableSampler, build_loaders, eval_picks
 from gpt.model.loss import count_targets
@@ -205,7 +205,8 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> Non
     assert losses(rank0) == losses(rank1)  # one loss, all-reduced
     assert losses(rank0) == pytest.approx(reference, rel=1e-5)
     assert len(reference) == STEPS
-    assert_close_params(params(load_model(runs / ddp / "last")), params(load_model(runs / one / "last")))
+    assert_close_params(params(load_checkpoint(runs / ddp / "last")),
+                        params(load_checkpoint(runs / one / "last")))
     # Validation losses (token-weighted over both ranks' batches) match the one-process ones.
     ddp_csv = np.genfromtxt(runs / ddp / "metrics.csv", delimiter=",", names=True)
     one_csv = np.genfromtxt(runs / one / "metrics.csv", delimiter=",", names=True)
@@ -225,15 +226,16 @@ def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process
     resumed = trainer.train(cfg_for(runs, copy.name, batch_size=4), resume=copy, token_ids=TOKENS)
     straight = losses(results(runs, parallel)[0])
     assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
-    assert_close_params(params(load_model(copy / "last")), params(load_model(runs / "one" / "last")))
+    assert_close_params(params(load_checkpoint(copy / "last")),
+                        params(load_checkpoint(runs / "one" / "last")))
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(runs) -> None:
     rank0, _ = results(runs, "ddp_resumes_one")
     straight = losses(results(runs, "ddp")[0])
     assert losses(rank0) == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
-    assert_close_params(params(load_model(runs / "one_half" / "last")),
-                        params(load_model(runs / "one" / "last")))
+    assert_close_params(params(load_checkpoint(runs / "one_half" / "last")),
+                        params(load_checkpoint(runs / "one" / "last")))
 
 
 @pytest.mark.parametrize("straight, stopped, resumed", [
@@ -244,8 +246,8 @@ def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, 
     straight_losses = losses(results(runs, straight)[0])
     assert {**losses(results(runs, stopped)[0]), **losses(results(runs, resumed)[0])} == straight_losses
     assert set(losses(results(runs, resumed)[0])) == {4, 5, 6}
-    assert_same_params(params(load_model(runs / stopped / "last")),
-                       params(load_model(runs / straight / "last")))
+    assert_same_params(params(load_checkpoint(runs / stopped / "last")),
+                       params(load_checkpoint(runs / straight / "last")))
 
 
 def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end(runs) -> None:
@@ -256,7 +258,8 @@ def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end
     assert not (mid_run / WEIGHTS_FILE).exists() and (mid_run / "train_state.pt").is_file()
     for name in ("best", "last"):  # best/ always, last/ at the end: the weights of one process's run
         assert (runs / "fsdp" / name / SHARDED_DIR / ".metadata").is_file()
-        assert_close_params(params(load_model(runs / "fsdp" / name)), params(load_model(runs / "one" / name)))
+        assert_close_params(params(load_checkpoint(runs / "fsdp" / name)),
+                            params(load_checkpoint(runs / "one" / name)))
 
 
 def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:
@@ -265,7 +268,8 @@ def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:
                                    "0", "--max-new-tokens", "5", "--dtype", "float32", "--device", "cpu"]))
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("Hello")])
-    expected = generate(load_model(runs / "fsdp" / "best"), prompt, 5, eos_id=50256)[0, prompt.size(1):]
+    fsdp_best = load_checkpoint(runs / "fsdp" / "best")
+    expected = generate(fsdp_best, prompt, 5, eos_id=50256)[0, prompt.size(1):]
     assert capsys.readouterr().out == "Hello" + tokenizer.decode(expected.tolist()) + "\n"
 
 

@@ -19,8 +19,8 @@ from test_distributed import _free_port, _torchrun_env
 from test_resume import interrupt_after
 from tiny_runs import assert_same_params, cli_error, params, tiny
 
-from gpt.checkpoints.checkpoint import load_model, save_model
-from gpt.cli.generate import run_generation
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
+from gpt.cli.generate import GenerationOptions, run_generation
 from gpt.data.pairs import PreferenceDataset, PreferencePair, pair_collate
 from gpt.data.records import format_prompt
 from gpt.eval.answers import answer
@@ -196,7 +196,7 @@ def test_gradients_flow_only_through_the_policy_and_the_reference_stays_bit_iden
     cache_reference(frozen, fresh, run.cfg.batch_size, torch.float32)
     assert torch.equal(fresh[0].reference, cached[0]) and torch.equal(fresh[1].reference, cached[1])
     assert hashlib.sha256((init_dir / "model.safetensors").read_bytes()).hexdigest() == init_bytes
-    start = params(load_model(init_dir))
+    start = params(load_checkpoint(init_dir))
     assert any(not torch.equal(p, start[name]) for name, p in params(run.model).items())  # the policy moved
 
 
@@ -289,8 +289,8 @@ def test_resume_continues_a_dpo_run_exactly(tmp_path, pairs_file, init_dir, monk
     resumed = train(dataclasses.replace(cfg, prompt_template="plain"), resume=tmp_path / "run")
     assert min(resumed.step_losses) == 6 and resumed.step == straight.step == 12  # last/ is step 5's
     assert resumed.step_losses == {s: straight.step_losses[s] for s in resumed.step_losses}
-    assert_same_params(params(load_model(tmp_path / "straight" / "last")),
-                       params(load_model(tmp_path / "run" / "last")))
+    assert_same_params(params(load_checkpoint(tmp_path / "straight" / "last")),
+                       params(load_checkpoint(tmp_path / "run" / "last")))
     def measured(run: str) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows(tmp_path / run)]
 
@@ -310,7 +310,7 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
     common = dict(preset="tiny", context_length=None, drop_rate=0.0, eval_answers=0, warmup_steps=5)
     sft = train(tiny(tmp_path, data=str(sft_data), val_data=str(sft_data), batch_size=10, epochs=20,
                      lr=1e-2, min_lr=1e-3, eval_freq=1000, run_name="sft", **common))
-    sft_model = load_model(sft.run_dir / "best")
+    sft_model = load_checkpoint(sft.run_dir / "best")
     before = [answer(sft_model, f"Is {w} a word? ", 8) for w in held_out]
     assert not any(given.startswith("It") for given in before), before
 
@@ -322,15 +322,16 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
                         **common))
     last = rows(result.run_dir)[-1]
     assert float(last["val_reward_accuracy"]) >= 0.9, last
-    dpo_model = load_model(result.run_dir / "last")
+    dpo_model = load_checkpoint(result.run_dir / "last")
     after = [answer(dpo_model, f"Is {w} a word? ", 8) for w in held_out]
     assert all(given.startswith("It is") for given in after), after
     # generate.py answers like any fine-tuned run: the template applied, stopped at end-of-text.
     capsys.readouterr()
     out = io.StringIO()
-    run_generation(prompt=f"Is {held_out[0]} a word?", max_new_tokens=8, temperature=0.0, top_k=None,
-                   top_p=None, seed=None, num_samples=1, checkpoint=result.run_dir / "last", init=None,
-                   device="cpu", dtype="float32", no_cache=False, out=out, err=io.StringIO())
+    options = GenerationOptions(prompt=f"Is {held_out[0]} a word?", max_new_tokens=8,
+                                temperature=0.0, top_k=None, checkpoint=result.run_dir / "last",
+                                device="cpu", dtype="float32")
+    run_generation(options, out=out, err=io.StringIO())
     assert out.getvalue() == after[0] + "\n"
 
 
@@ -404,6 +405,6 @@ def test_two_ranks_of_dpo_equal_one_process_with_twice_the_batch(tmp_path, pairs
         for column in ("train_loss", "val_loss", *DPO_COLUMNS):
             assert [float(row[column]) for row in logged] == pytest.approx(
                 [float(row[column]) for row in reference], rel=1e-5, abs=1e-5), (name, column)
-        two_params = params(load_model(tmp_path / name / "last"))
-        for key, value in params(load_model(one.run_dir / "last")).items():
+        two_params = params(load_checkpoint(tmp_path / name / "last"))
+        for key, value in params(load_checkpoint(one.run_dir / "last")).items():
             torch.testing.assert_close(two_params[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")

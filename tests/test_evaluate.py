@@ -1,4 +1,5 @@
-"""`python -m gpt.eval.evaluate`: the sliding windows, perplexity against Hugging Face, bits per byte, the CLI."""
+"""`python -m gpt evaluate`: the sliding windows, perplexity against Hugging Face, bits per byte,
+the CLI."""
 
 import json
 import math
@@ -15,7 +16,7 @@ from transformers import GPT2LMHeadModel
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.checkpoints.weights import save_hf
 from gpt.data.token_cache import load_tokens
 from gpt.data.windows import SlidingWindowDataset
@@ -168,7 +169,7 @@ def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
     assert status == 0, err
     result = json.loads(out)
     ids = torch.from_numpy(load_tokens(str(text_file)).astype(np.int64))
-    save_hf(load_model(run_dir / "best"), tmp_path / "hf")
+    save_hf(load_checkpoint(run_dir / "best"), tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     nll, tokens = hf_sliding_window_nll(hf, ids, 24, 10)
     assert result["tokens"] == tokens == len(ids) - 1
@@ -203,7 +204,11 @@ def test_the_table_prints_the_same_numbers(run_dir: Path, text_file: Path,
     (["--stride", "0"], "--stride must be between 1 and --context-length"),
     (["--context-length", "64"], "--context-length 64 exceeds the model's context length 32"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--stride", "x"], "argument --stride: invalid int value: 'x'; see python -m gpt.eval.evaluate --help"),
+    (["--stride", "x"],
+     "argument --stride: invalid int value: 'x'; see python -m gpt evaluate --help"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--checkpoint", "x", "--init", "gpt2"],
+     "argument --init: not allowed with argument --checkpoint"),
     ([], "the following arguments are required: --data"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, text_file: Path, tmp_path: Path,
@@ -216,8 +221,8 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, text_file: Path,
 
 
 def test_the_module_runs_as_a_command(run_dir: Path, text_file: Path) -> None:
-    command = [sys.executable, "-m", "gpt.eval.evaluate", "--checkpoint", str(run_dir), "--data", str(text_file),
-               "--stride", "40"]
+    command = [sys.executable, "-m", "gpt.eval.evaluate", "--checkpoint", str(run_dir),
+               "--data", str(text_file), "--stride", "40"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=run_dir.parent.parent,
                           env={"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2

@@ -1,4 +1,5 @@
-"""`python -m gpt.eval.explain`: per-token losses against torch, a hand-made model, the arithmetic, the CLI."""
+"""`python -m gpt explain`: per-token losses against torch, a hand-made model, the arithmetic, the
+CLI."""
 
 import json
 import math
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.eval.explain import explain, main, one_hot_arithmetic
 from gpt.model.config import GPTConfig
 from gpt.model.loss import lm_loss
@@ -114,7 +115,7 @@ def test_json_has_every_position_and_the_summary(run_dir: Path, run_command) -> 
     tokenizer = get_tokenizer()
     ids = torch.tensor(tokenizer.encode(TEXT))
     with torch.no_grad():
-        logits = load_model(run_dir / "best").eval()(ids[None, :-1])[0]
+        logits = load_checkpoint(run_dir / "best").eval()(ids[None, :-1])[0]
     expected = F.cross_entropy(logits, ids[1:], reduction="none")
     tokens = result["tokens"]
     assert [t["input"] for t in tokens] == ["Every", " effort", " moves"]
@@ -124,6 +125,20 @@ def test_json_has_every_position_and_the_summary(run_dir: Path, run_command) -> 
     assert all(len(t["top"]) == 2 and t["rank"] >= 1 for t in tokens)
     assert result["summary"]["loss"] == pytest.approx(lm_loss(logits, ids[1:]).item(), rel=1e-5)
     assert result["summary"]["perplexity"] == pytest.approx(math.exp(result["summary"]["loss"]), rel=1e-6)
+
+
+def test_dtype_bfloat16_scores_under_autocast_like_torch(run_dir: Path, run_command) -> None:
+    """--dtype is the shared model flag: bfloat16 runs the float32 weights under autocast, as
+    evaluate does, and so gives torch.autocast's losses, not float32's (the default)."""
+    argv = ["--text", TEXT, "--json", "--device", "cpu"]
+    bf16 = json.loads(run_command(main, [*argv, "--dtype", "bfloat16"]).out)["tokens"]
+    f32 = json.loads(run_command(main, argv).out)["tokens"]
+    ids = torch.tensor(get_tokenizer().encode(TEXT))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = load_checkpoint(run_dir / "best").eval()(ids[None, :-1])[0]
+    expected = F.cross_entropy(logits.float(), ids[1:], reduction="none").tolist()
+    assert [t["nll"] for t in bf16] == pytest.approx(expected, rel=1e-5)
+    assert [t["nll"] for t in f32] != pytest.approx(expected, rel=1e-5)
 
 
 def test_the_table_has_a_line_per_position_the_mean_and_the_arithmetic(
@@ -159,7 +174,9 @@ def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
     (["--text", TEXT, "--top", "-1"], "--top must be 0 or more, got -1"),
     (["--text", TEXT, "--plot", "no/such/dir/tokens.png"], "--plot no/such/dir/tokens.png: the directory "),
     (["--text", TEXT, "--file", "x.txt"], "argument --file: not allowed with argument --text"),
-    ([], "one of the arguments --text --file is required; see python -m gpt.eval.explain --help"),
+    ([], "one of the arguments --text --file is required; see python -m gpt explain --help"),
+    (["--text", TEXT, "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--text", TEXT, "--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA GPU"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path,
                                                  run_command, argv: list[str],

@@ -203,8 +203,8 @@ def test_a_damaged_run_is_one_line_exit_2_and_no_output(
 
 
 def test_the_command_refuses_a_missing_run_in_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "gpt.cli.export", str(tmp_path / "nope"), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "gpt.cli.export", str(tmp_path / "nope"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

@@ -19,7 +19,7 @@ from tiny_runs import TOKENS, assert_same_params, params, tiny
 
 import gpt.training.record_data
 from gpt.base.errors import UserError, run_cli
-from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.checkpoints.checkpoint import load_checkpoint, load_train_state
 from gpt.cli.generate import main as generate_main
 from gpt.cli.train import main
 from gpt.training import trainer
@@ -199,7 +199,8 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.undo()
     resumed = train(cfg, resume=run_dir, token_ids=TOKENS)
     assert resumed.step == 6
-    assert_same_params(params(load_model(run_dir / "last")), params(load_model(straight_dir / "last")))
+    assert_same_params(params(load_checkpoint(run_dir / "last")),
+                       params(load_checkpoint(straight_dir / "last")))
     assert resumed.step_losses == {s: straight.step_losses[s] for s in (3, 4, 5, 6)}
 
 
@@ -298,13 +299,13 @@ def test_random_kills_lose_nothing_and_leave_no_temporaries(tmp_path) -> None:
             if (run_dir / checkpoint).exists():
                 step = read_resume_state(run_dir / checkpoint)["state"]["step"]
                 assert 0 <= step <= straight.step
-                load_model(run_dir / checkpoint)
+                load_checkpoint(run_dir / checkpoint)
         if child.exitcode == 0:  # finished between two kills: start over, kill more
             shutil.rmtree(run_dir)
     resumed = train(cfg, resume=run_dir if (run_dir / "last").exists() else None, token_ids=TOKENS)
     assert resumed.step == straight.step
-    straight_weights = params(load_model(tmp_path / "straight" / "last"))
-    assert_same_params(params(load_model(run_dir / "last")), straight_weights)
+    straight_weights = params(load_checkpoint(tmp_path / "straight" / "last"))
+    assert_same_params(params(load_checkpoint(run_dir / "last")), straight_weights)
     straight_rows = MetricsLog(tmp_path / "straight" / "metrics.csv").rows()
     rows = MetricsLog(run_dir / "metrics.csv").rows()
     assert [row["step"] for row in rows] == [row["step"] for row in straight_rows]

@@ -13,9 +13,9 @@ import torch
 from tiny_runs import TOKENS, assert_same_params, cli_error, params, tiny
 
 from gpt.base.errors import run_cli
-from gpt.checkpoints.checkpoint import load_model
+from gpt.checkpoints.checkpoint import load_checkpoint
+from gpt.cli.generate import GenerationOptions, run_generation
 from gpt.cli.generate import main as generate_main
-from gpt.cli.generate import run_generation
 from gpt.data.records import pad_collate
 from gpt.model.loss import IGNORE_INDEX, count_targets
 from gpt.training import trainer
@@ -137,8 +137,8 @@ def test_resume_with_the_bucketed_sampler_continues_exactly(tmp_path, qa_file, m
     assert {s: resumed.step_losses[s] for s in resumed.step_losses} == {
         s: straight.step_losses[s] for s in resumed.step_losses}
     assert min(resumed.step_losses) == 5 and resumed.step == straight.step == 16
-    assert_same_params(params(load_model(tmp_path / "straight" / "last")),
-                       params(load_model(tmp_path / "run" / "last")))
+    assert_same_params(params(load_checkpoint(tmp_path / "straight" / "last")),
+                       params(load_checkpoint(tmp_path / "run" / "last")))
     assert (tmp_path / "run" / "metrics.csv").read_text() .count("\n") == \
         (tmp_path / "straight" / "metrics.csv").read_text().count("\n")
 
@@ -146,7 +146,7 @@ def test_resume_with_the_bucketed_sampler_continues_exactly(tmp_path, qa_file, m
 def test_init_from_a_pretraining_run_starts_from_its_weights(tmp_path, qa_file) -> None:
     pretrained = train(tiny(tmp_path, max_steps=2, run_name="pre"), token_ids=TOKENS)
     run = setup(fine_tune(tmp_path, qa_file, init=str(pretrained.run_dir / "best"), run_name="ft"))
-    assert_same_params(params(load_model(pretrained.run_dir / "best")), params(run.model))
+    assert_same_params(params(load_checkpoint(pretrained.run_dir / "best")), params(run.model))
 
 
 # ---- learning to answer, and generate.py answering ----------------------------------------------------
@@ -167,15 +167,15 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     assert capsys.readouterr().out == records[3]["answer"] + "\n"  # only the answer, stopped at end-of-text
     out = io.StringIO()
     questions = "".join(record["question"] + "\n" for record in records[:3])
-    run_generation(prompt="", max_new_tokens=20, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   num_samples=1, checkpoint=result.run_dir, init=None, device="cpu", dtype="float32",
-                   no_cache=False, interactive=True, out=out, err=io.StringIO(), inp=io.StringIO(questions))
+    greedy = GenerationOptions(prompt="", max_new_tokens=20, temperature=0.0, top_k=None,
+                               checkpoint=result.run_dir, device="cpu", dtype="float32")
+    run_generation(dataclasses.replace(greedy, interactive=True), out=out, err=io.StringIO(),
+                   inp=io.StringIO(questions))
     assert out.getvalue() == "".join(record["answer"] + "\n" for record in records[:3])
     out = io.StringIO()
-    run_generation(prompt=f"Question: {records[3]['question']}\nAnswer: ", max_new_tokens=20,
-                   temperature=0.0, top_k=None, top_p=None, seed=None, num_samples=1,
-                   checkpoint=result.run_dir, init=None, device="cpu", dtype="float32", no_cache=False,
-                   raw=True, out=out, err=io.StringIO())
+    prompt = f"Question: {records[3]['question']}\nAnswer: "
+    raw = dataclasses.replace(greedy, prompt=prompt, raw=True)
+    run_generation(raw, out=out, err=io.StringIO())
     assert out.getvalue() == f"Question: {records[3]['question']}\nAnswer: {records[3]['answer']}\n"
 
 

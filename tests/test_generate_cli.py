@@ -12,8 +12,9 @@ import torch
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import run_cli
-from gpt.checkpoints.checkpoint import load_model, save_model
-from gpt.cli.generate import find_checkpoint, main, write_text
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
+from gpt.checkpoints.load import find_checkpoint, load_from_flags
+from gpt.cli.generate import main, write_text
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.model.sampling import generate
@@ -60,7 +61,7 @@ def test_greedy_cli_prints_the_prompt_and_the_models_continuation(
     argv = ["--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
     status, out, err = cli(argv, capsys)
     assert status == 0, err
-    model = load_model(run_dir / "best")
+    model = load_checkpoint(run_dir / "best")
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("Hello there")])
     expected = generate(model, prompt, 12, eos_id=50256)[0, prompt.size(1):].tolist()
@@ -117,6 +118,14 @@ def test_no_checkpoint_anywhere_says_to_train_or_init(
         (["--num-samples", "0"], "--num-samples"),
         (["--checkpoint", "no/such/dir"], "--checkpoint"),
         (["--device", "tpu9"], "--device"),
+        # argparse's own errors: one line too, not its usage block (issue 30)
+        (["--top-k", "1e30"],
+         "argument --top-k: invalid int value: '1e30'; see python generate.py --help"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--checkpoint", "x", "--init", "gpt2"],
+         "argument --init: not allowed with argument --checkpoint"),
+        (["--foo"], "unrecognized arguments: --foo"),
+        (["--quantize", "int4"], "--quantize"),
     ],
 )
 def test_bad_values_are_one_line_errors(run_dir: Path, capsys: pytest.CaptureFixture[str],
@@ -144,7 +153,7 @@ def test_init_loads_gpt2_weights_through_load_pretrained(
         asked.append(name_or_path)
         return GPT(CFG)
 
-    monkeypatch.setattr("gpt.cli.generate.load_pretrained", fake_load_pretrained)
+    monkeypatch.setattr("gpt.checkpoints.load.load_pretrained", fake_load_pretrained)
     status, out, err = cli(["--init", "gpt2", "--max-new-tokens", "2"], capsys)
     assert status == 0, err
     assert asked == ["gpt2"] and out.startswith("Every effort moves you")
@@ -263,9 +272,9 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
 
     def load(path, device):
         loaded_on.append(torch.device(device))
-        return load_model(path, device)
+        return load_checkpoint(path, device)
 
-    monkeypatch.setattr("gpt.cli.generate.load_model", load)
+    monkeypatch.setattr("gpt.checkpoints.load.load_checkpoint", load)
     original_to = GPT.to
 
     def to(self, *args, **kwargs):
@@ -275,9 +284,8 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
         return result
 
     monkeypatch.setattr(GPT, "to", to)
-    from gpt.cli.generate import load_for_generation
-
-    model = load_for_generation(run_dir / "best", None, torch.device("meta"), torch.bfloat16, io.StringIO())
+    model = load_from_flags(run_dir / "best", None, torch.device("meta"), torch.bfloat16,
+                            io.StringIO())
     assert loaded_on == [torch.device("cpu")]
     assert moved[-1] == ("meta", torch.bfloat16) and ("meta", torch.float32) not in moved
     assert next(model.parameters()).device.type == "meta"

@@ -51,6 +51,40 @@ def test_a_bad_preference_record_is_refused_naming_its_line(tmp_path, row, messa
     assert message in str(info.value)
 
 
+def test_a_dataset_of_json_objects_is_the_dataset_of_their_pairs() -> None:
+    """What the book passes in: the entries of its JSON file as json.load gives them."""
+    entries = json.loads(json.dumps([
+        {"prompt": "Name a colour.", "chosen": "Blue is a colour.", "rejected": "Blue"},
+        {"instruction": "Translate.", "input": "chat", "chosen": "cat", "rejected": "dog"},
+        {"question": "Is it 2?", "chosen": "Yes, it is 2.", "rejected": "No"}]))
+    pairs = [PreferencePair("Name a colour.", "Blue is a colour.", "Blue", kind="plain"),
+             PreferencePair("Translate.", "cat", "dog", input="chat", kind="alpaca"),
+             PreferencePair("Is it 2?", "Yes, it is 2.", "No", kind="qa")]
+    from_json, from_pairs = (PreferenceDataset(x, TOKENIZER, "qa") for x in (entries, pairs))
+    assert from_json.pairs == pairs and len(from_json) == len(from_pairs) == 3
+    for i in range(3):  # the four token tensors (the fifth, the reference, is NaN until computed)
+        assert all(torch.equal(a, b)
+                   for a, b in zip(from_json[i][:4], from_pairs[i][:4], strict=True))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"prompt": "p", "chosen": "a"},
+     "record 2: a preference record needs a prompt and the chosen and rejected responses"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"},
+     "record 2: chosen and rejected are the same text"),
+])
+def test_a_bad_json_object_is_refused_with_the_file_loaders_message(tmp_path, entry,
+                                                                     message) -> None:
+    entries = [{"prompt": "ok", "chosen": "a", "rejected": "b"}, entry]
+    (tmp_path / "p.json").write_text(json.dumps(entries))
+    with pytest.raises(UserError) as from_file:
+        load_pairs(tmp_path / "p.json")
+    with pytest.raises(UserError) as from_python:
+        PreferenceDataset(entries, TOKENIZER)
+    assert str(from_python.value).startswith(message)
+    assert str(from_file.value) == f"{tmp_path / 'p.json'}: {from_python.value}"
+
+
 def test_each_response_is_encoded_as_fine_tuning_encodes_a_record_with_the_prompt_masked() -> None:
     pair = PreferencePair("Name a colour.", "Blue is a colour.", "Red")
     chosen, rejected = encode_pair(pair, TOKENIZER, "qa")

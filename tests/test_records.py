@@ -64,6 +64,37 @@ def test_bad_records_name_the_file_and_line(tmp_path, name, text, message) -> No
     assert message in str(info.value)
 
 
+def test_a_dataset_of_json_objects_is_the_dataset_of_their_records() -> None:
+    """What the book passes in: the entries of its JSON file as json.load gives them."""
+    entries = json.loads(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"},
+                                     {"instruction": "Greet", "output": "Hi"},
+                                     {"prompt": "P", "response": "R"},
+                                     {"question": "Q?", "answer": "A"}, ["Q1?", "A1"]]))
+    records = [Record("Add", "3", "1 2", "alpaca"), Record("Greet", "Hi", "", "alpaca"),
+               Record("P", "R", "", "plain"), Record("Q?", "A", "", "qa"), Record("Q1?", "A1")]
+    from_json, from_records = (InstructionDataset(x, TOK, "alpaca") for x in (entries, records))
+    assert from_json.records == records and len(from_json) == len(from_records) == 5
+    for i in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(from_json[i], from_records[i], strict=True))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"instruction": "Add", "input": "1 2"}, "record 2: a record needs one of the key sets"),
+    ({"question": "Q?", "answer": " "}, "record 2: the response is empty"),
+    ({"question": 3, "answer": "A"}, "record 2: question, answer and input must be strings"),
+])
+def test_a_bad_json_object_is_refused_with_the_file_loaders_message(tmp_path, entry,
+                                                                     message) -> None:
+    entries = [{"question": "ok", "answer": "fine"}, entry]
+    (tmp_path / "r.json").write_text(json.dumps(entries))
+    with pytest.raises(UserError) as from_file:
+        load_records(tmp_path / "r.json")
+    with pytest.raises(UserError) as from_python:
+        InstructionDataset(entries, TOK)
+    assert str(from_python.value).startswith(message)
+    assert str(from_file.value) == f"{tmp_path / 'r.json'}: {from_python.value}"
+
+
 # ---- templates ----------------------------------------------------------------------------------
 
 

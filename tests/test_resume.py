@@ -13,7 +13,12 @@ from tiny_runs import STEPS_PER_EPOCH, TOKENS, assert_same_params, params, tiny
 
 from gpt.base.errors import UserError
 from gpt.base.rng import rng_state, set_rng_state
-from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE, load_model, load_train_state, save_model
+from gpt.checkpoints.checkpoint import (
+    TRAIN_STATE_FILE,
+    load_checkpoint,
+    load_train_state,
+    save_model,
+)
 from gpt.cli.train import parse_args
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
@@ -101,8 +106,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, s
     torch.manual_seed(999)  # whatever happened in between: the resumed run restores its own RNG state
     resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
     assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > stop_at}
-    assert_same_params(params(load_model(tmp_path / "run" / "last")),
-                       params(load_model(straight_dir / "last")))
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")),
+                       params(load_checkpoint(straight_dir / "last")))
     # metrics.csv has each evaluation once, as the straight run logged it (tokens/s aside).
     straight_csv = (straight_dir / "metrics.csv").read_text().splitlines()
     resumed_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()

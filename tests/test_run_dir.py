@@ -17,7 +17,7 @@ import gpt.training.record_data
 import gpt.training.run_dir
 from gpt.base.atomic import remove_stale_temporaries
 from gpt.base.errors import run_cli
-from gpt.checkpoints.checkpoint import load_model
+from gpt.checkpoints.checkpoint import load_checkpoint
 from gpt.cli.train import main
 from gpt.training import trainer
 from gpt.training.metrics import MetricsLog
@@ -121,7 +121,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys
     """A run directory with settings but no checkpoint: both a new run of that name and a --resume
     start it from step 0, and the run is the one a clean start gives."""
     straight = train(tiny(tmp_path, run_name="straight", max_steps=6), token_ids=TOKENS)
-    straight_weights = params(load_model(tmp_path / "straight" / "last"))
+    straight_weights = params(load_checkpoint(tmp_path / "straight" / "last"))
     cfg = tiny(tmp_path, max_steps=6)
     stopped = setup(cfg, token_ids=TOKENS)  # train_config.json written; killed before the first save
     MetricsLog(stopped.run_dir / "metrics.csv").append({**dict.fromkeys(
@@ -138,7 +138,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"{stopped.run_dir} holds a run that stopped before its first checkpoint: {said}" in out
     assert result.step_losses == straight.step_losses
-    assert_same_params(params(load_model(stopped.run_dir / "last")), straight_weights)
+    assert_same_params(params(load_checkpoint(stopped.run_dir / "last")), straight_weights)
     assert [row["step"] for row in MetricsLog(stopped.run_dir / "metrics.csv").rows()] == [0, 4, 6]
 
 

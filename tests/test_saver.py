@@ -12,7 +12,7 @@ from tiny_runs import TOKENS, assert_same_params, params, tiny
 
 import gpt.checkpoints.checkpoint
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.checkpoints.checkpoint import load_checkpoint, load_train_state
 from gpt.checkpoints.saver import CheckpointSaver
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
@@ -35,7 +35,7 @@ def test_a_background_save_writes_the_state_at_the_step_not_later_changes(tmp_pa
                 p.add_(1.0)
             moment.add_(1.0)
     for name in ("last", "best"):
-        assert_same_params(params(load_model(tmp_path / name)), before)
+        assert_same_params(params(load_checkpoint(tmp_path / name)), before)
         state = load_train_state(tmp_path / name)
         assert torch.equal(state["optimizer"]["exp_avg"], torch.ones(3)) and state["step"] == 4
 
@@ -83,8 +83,8 @@ def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monke
     resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
     assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > 6}
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == straight.step
-    assert_same_params(params(load_model(tmp_path / "run" / "last")),
-                       params(load_model(straight_dir / "last")))
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")),
+                       params(load_checkpoint(straight_dir / "last")))
     resumed_csv, straight_csv = ([line.split(",")[:6] for line in (run_dir / "metrics.csv")
                                   .read_text().splitlines()] for run_dir in (tmp_path / "run", straight_dir))
     assert resumed_csv == straight_csv  # each evaluation once, as the straight run logged it
@@ -108,7 +108,7 @@ def test_an_error_in_the_writer_thread_keeps_the_previous_checkpoint_and_is_rais
         run.saver.wait()
     run.saver.wait()  # the error is raised once
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 0
-    assert_same_params(params(load_model(tmp_path / "run" / "last")), step0)
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")), step0)
     hidden = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("."))
     assert hidden == [".lock"]  # the run's lock (gpt.training.run_dir), and no temporary
 
@@ -153,4 +153,4 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(tm
         child.kill()  # SIGKILL: no cleanup of any kind
         child.wait()
     assert load_train_state(target)["state"]["step"] == 1
-    assert torch.all(load_model(target).tok_emb.weight == 1)
+    assert torch.all(load_checkpoint(target).tok_emb.weight == 1)

@@ -13,7 +13,7 @@ from tiny_runs import STEPS_PER_EPOCH, TOKENS, assert_same_params, params, patte
 
 import gpt.base.atomic
 import gpt.checkpoints.checkpoint
-from gpt.checkpoints.checkpoint import load_model, load_train_state
+from gpt.checkpoints.checkpoint import load_checkpoint, load_train_state
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.objectives.lm import CrossEntropy, LanguageModeling, training_loss
@@ -124,8 +124,8 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
     result = train(tiny(tmp_path, eval_freq=2, patience=3, min_delta=min_delta), token_ids=TOKENS)
     assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step, best_step)
     assert sorted(snapshots) == list(range(0, last_step + 1, 2))
-    assert_same_params(params(load_model(tmp_path / "run" / "best")), snapshots[best_step])
-    assert_same_params(params(load_model(tmp_path / "run" / "last")), snapshots[last_step])
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "best")), snapshots[best_step])
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")), snapshots[last_step])
     assert load_train_state(tmp_path / "run" / "best")["state"]["step"] == best_step
     out = capsys.readouterr().out
     assert f"best validation loss {val_losses[best_step // 2]:.4f}" in out and f"at step {best_step}" in out
@@ -176,7 +176,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
     fit(run)  # last/ at step 4
     run.total_steps = original_fit_total
     trainer.train_step(run, [next(iter(run.train_loader))])  # the model moves on to step 5
-    step4 = params(load_model(tmp_path / "run" / "last"))
+    step4 = params(load_checkpoint(tmp_path / "run" / "last"))
 
     def half_written(obj, path):  # killed while writing train_state.pt
         Path(path).write_bytes(b"PK\x03\x04 half")
@@ -188,7 +188,7 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
         run.saver.wait()  # a background save's error is raised here
     monkeypatch.undo()
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
-    assert_same_params(params(load_model(tmp_path / "run" / "last")), step4)
+    assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")), step4)
 
     renames = []
 
@@ -238,7 +238,7 @@ def test_a_killed_process_leaves_a_whole_checkpoint(tmp_path) -> None:
             child.kill()
         child.wait()
         state = load_train_state(target)
-        model = load_model(target)
+        model = load_checkpoint(target)
         assert state["state"]["step"] >= 1
         assert torch.all(model.tok_emb.weight == state["state"]["step"])  # weights and state agree
 
@@ -271,7 +271,8 @@ def test_chunked_loss_trains_like_the_full_loss(tmp_path) -> None:
     for chunk in (0, 5):
         cfg = tiny(tmp_path, loss_chunk=chunk, max_steps=8, eval_freq=8, run_name=f"chunk{chunk}")
         with torch.random.fork_rng():
-            runs[chunk] = (train(cfg, token_ids=TOKENS), load_model(tmp_path / f"chunk{chunk}" / "last"))
+            result = train(cfg, token_ids=TOKENS)
+            runs[chunk] = (result, load_checkpoint(tmp_path / f"chunk{chunk}" / "last"))
     full, chunked = runs[0], runs[5]
     assert list(full[0].step_losses) == list(chunked[0].step_losses) == list(range(1, 9))
     for step, loss in full[0].step_losses.items():
@@ -298,7 +299,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path) ->
     run.model.train()
     result = fit(run)
     assert result.step == 3 and math.isfinite(result.best_val_loss)
-    assert load_model(tmp_path / "run" / "last").config == run.model.config
+    assert load_checkpoint(tmp_path / "run" / "last").config == run.model.config
 
 
 def test_compiled_training_loss_compiles_the_transformer_and_matches_the_eager_loss_and_gradients() -> None:

@@ -4,7 +4,8 @@ Library code raises `UserError` for problems the user can fix (a missing file, a
 checkpoint, a bad argument). It is a `ValueError`, so a Python caller that passes a bad value can
 catch it as one. Every command's `main` runs through `run_cli`, which prints the message as
 `error: ...` and exits with status 2, with no traceback. Anything else is a bug and keeps its
-traceback. `command_name` gives those commands the name they were started by, for their usage line.
+traceback. `ArgumentParser` is the one parser of every command, whose usage errors are `UserError`s
+too; `command_name` gives those commands the name they were started by, for their usage line.
 """
 
 import argparse
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 CONSOLE_PREFIX = "gpt-"  # every console command of the package starts so ([project.scripts])
+DISPATCHER = "python -m gpt"  # runs gpt/__main__.py, which dispatches to a command (`gpt.cli`)
 
 
 class UserError(ValueError):
@@ -48,16 +50,21 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors (an unknown flag, a value of the wrong type) are a `UserError` too:
-    one line through `run_cli`, not argparse's usage block."""
+    """argparse whose usage errors (an unknown flag, a value of the wrong type, two flags that
+    exclude each other) are a `UserError` too: one line through `run_cli`, not argparse's usage
+    block. The one parser class of every command."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; see {self.prog} --help")
+        # A root script (`train.py`) is typed with the interpreter in front of it.
+        typed = f"python {self.prog}" if self.prog.endswith(".py") else self.prog
+        raise UserError(f"{message}; see {typed} --help")
 
 
 def command_name(default: str) -> str:
     """The command's name for its usage line: the console command's (`gpt-export`, from sys.argv[0])
-    when it was started as one, else `default` (`python -m gpt.cli.export`, `train.py`), which is also
-    what a `main` called from Python (a test, a notebook) shows."""
-    name = Path(sys.argv[0]).name
-    return name if name.startswith(CONSOLE_PREFIX) else default
+    or `python -m gpt export` when it was started as one, else `default` (`python -m gpt export`,
+    `train.py`), which is also what a `main` called from Python (a test, a notebook) shows."""
+    started = Path(sys.argv[0])
+    if started.name == "__main__.py" and started.parent.name == "gpt" and len(sys.argv) > 1:
+        return f"{DISPATCHER} {sys.argv[1]}"  # argv: gpt/__main__.py, the command, its flags
+    return started.name if started.name.startswith(CONSOLE_PREFIX) else default

@@ -1,8 +1,8 @@
 """Checkpoints as directories, written atomically: `model.safetensors` + `config.json` (+ more).
 
 `model_from_state_dict` is the one place a `GPT` is made from stored tensors (ours, or GPT-2's once
-`gpt.checkpoints.weights` has converted their names) and its head tied to the embedding again; `load_model`
-reads our checkpoints with it.
+`gpt.checkpoints.weights` has converted their names) and its head tied to the embedding
+again; `load_checkpoint` reads our checkpoints with it.
 
 A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters, data-loader
 position, RNG states and training config, as plain tensors and Python containers that
@@ -41,7 +41,7 @@ def find_model_checkpoint(path: Path) -> Path | None:
 
     `path` may be a checkpoint itself or a run directory, whose `best/` is preferred and whose `last/`
     stands in when there is no `best/` yet (a run stopped before its first evaluation). The one rule
-    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt.cli.export`.
+    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt export`.
     """
     for candidate in (path, path / "best", path / "last"):
         candidate = resolve_directory(candidate)
@@ -91,8 +91,9 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, Tensor], where: st
     `state` must hold exactly the tensors of `stored_state`, with their shapes; otherwise a
     `UserError` naming `where` (the file) says what does not match. The model is built on the meta
     device (no memory, no random init) and then *assigned* the tensors, so a memory-mapped file stays
-    the only copy of the weights; the head is then re-tied. The one loader: `load_model` reads our
-    checkpoints with it, `gpt.checkpoints.weights` the published formats once their names are converted.
+    the only copy of the weights; the head is then re-tied. The one loader: `load_checkpoint` reads
+    our checkpoints with it, `gpt.checkpoints.weights` the published formats once their names are
+    converted.
     """
     with torch.device("meta"):
         model = GPT(cfg)
@@ -134,11 +135,12 @@ def _write_model(tensors: Mapping[str, Tensor], cfg: GPTConfig, directory: Path)
     cfg.save(directory / CONFIG_FILE)
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
     """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`.
 
     `overrides` replace fields of its `config.json` (e.g. `drop_rate=0.0`); the weights must still fit.
-    What `--resume`, `--init` of a checkpoint, `generate.py` and `python -m gpt.cli.export` all read with.
+    What `--resume`, `--init` of a checkpoint, every command and `gpt.load_model` read with
+    (`gpt.load_model` is the public loader: it also takes GPT-2 weights, a device and a dtype).
     """
     directory = resolve_directory(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):

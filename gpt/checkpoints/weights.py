@@ -8,8 +8,8 @@
 - OpenAI's original release directory (`hparams.json`, `checkpoint`, `model.ckpt.index`,
   `model.ckpt.data-00000-of-00001`), read without TensorFlow by `gpt.checkpoints.tf_checkpoint`;
 - a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
-  directory, whose `best/` (else `last/`) is read: by `gpt.checkpoints.checkpoint.load_model`, as `--resume` reads
-  it, with the same checks;
+  directory, whose `best/` (else `last/`) is read: by `gpt.checkpoints.checkpoint.load_checkpoint`,
+  as `--resume` reads it, with the same checks;
 - a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
   downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
 
@@ -50,7 +50,7 @@ from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     find_model_checkpoint,
-    load_model,
+    load_checkpoint,
     model_from_state_dict,
     read_safetensors,
     read_torch_file,
@@ -62,7 +62,8 @@ from gpt.model.config import GPTConfig, read_json_object
 from gpt.model.model import GPT
 from gpt.model.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
 
-Format = Literal["hf", "openai"]  # the published formats; our own checkpoints are read by load_model
+# The published formats; our own checkpoints are read by load_checkpoint.
+Format = Literal["hf", "openai"]
 
 
 class KeyRow(NamedTuple):
@@ -336,7 +337,7 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
             return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
     checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
     if checkpoint is not None:
-        return load_model(checkpoint, **overrides).float().eval()
+        return load_checkpoint(checkpoint, **overrides).float().eval()
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "

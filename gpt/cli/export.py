@@ -5,7 +5,8 @@ laid out as a model repository on the Hugging Face hub:
 
     config.json, model.safetensors    the weights, as `gpt.checkpoints.weights.save_hf` writes them
     generation_config.json            <|endoftext|> as BOS, EOS and padding; generate.py's sampling defaults
-    vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe (see gpt.model.tokenizer)
+    vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe
+                                      (see gpt.model.tokenizer)
     tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two
       special_tokens_map.json
     README.md                         the model card: the model, its training data, settings, steps,
@@ -34,7 +35,7 @@ from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
-    load_model,
+    load_checkpoint,
     load_train_state,
     require_model_checkpoint,
 )
@@ -70,7 +71,7 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files; the export replaces the whole "
                         "directory, so give a new or empty one, or an earlier export")
-    model = load_model(checkpoint)
+    model = load_checkpoint(checkpoint)
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf writes "
@@ -231,7 +232,8 @@ def train_command(settings: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog=command_name("python -m gpt.cli.export"), description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=command_name("python -m gpt export"),
+                            description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a run directory (its best/, else its last/, is exported) or a checkpoint")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",

@@ -9,7 +9,8 @@ targets -100, so that the sum of the log-probabilities of the counted targets is
 prompt) (`gpt.objectives.dpo`). Both responses of a pair read the same prompt tokens: a prompt too long for
 the context is cut by as many tokens for both.
 
-`PreferenceDataset` holds the encoded pairs and, once `gpt.objectives.dpo` has computed them, the reference
+`PreferenceDataset` holds the encoded pairs (`PreferencePair`s, or the objects of a pairs file as
+`json.load` gives them) and, once `gpt.objectives.dpo` has computed them, the reference
 model's log-probabilities of both responses; `pair_collate` makes a batch of B pairs one padded
 batch of 2B rows, the B chosen responses first, so the model reads both in one forward pass.
 """
@@ -20,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 import torch
@@ -27,7 +29,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gpt.base.errors import UserError
-from gpt.data.records import Record, check_template, encode_record, pad_collate, read_items
+from gpt.data.records import (
+    Record,
+    check_template,
+    encode_record,
+    from_json_items,
+    pad_collate,
+    read_items,
+)
 
 PROMPT_KEYS = {"prompt": "plain", "instruction": "alpaca", "question": "qa"}
 """A preference record's prompt key, and the template its kind gets by default (as in `gpt.data.records`)."""
@@ -106,15 +115,18 @@ def encode_pair(pair: PreferencePair, tokenizer: tiktoken.Encoding, template: st
 class PreferenceDataset(Dataset[PairItem]):
     """Preference pairs encoded (`encode_pair`), with the reference model's log-probabilities.
 
-    Pairs that cannot fit in `max_length` tokens are left out; `dropped` counts them.
+    `pairs` are `PreferencePair`s or what a pairs file holds, as `json.load` gives it (`{"prompt",
+    "chosen", "rejected"}`, ...), checked as `load_pairs` checks them. Pairs that cannot fit in
+    `max_length` tokens are left out; `dropped` counts them.
     """
 
-    def __init__(self, pairs: Sequence[PreferencePair], tokenizer: tiktoken.Encoding, template: str = "plain",
-                 *, max_length: int = 1024) -> None:
+    def __init__(self, pairs: Sequence[PreferencePair | dict[str, Any]],
+                 tokenizer: tiktoken.Encoding, template: str = "plain", *,
+                 max_length: int = 1024) -> None:
         check_template(template)
         self.pairs: list[PreferencePair] = []
         self.examples: list[tuple[Example, Example]] = []
-        for pair in pairs:
+        for pair in from_json_items(pairs, PreferencePair, _pair):
             encoded = encode_pair(pair, tokenizer, template, max_length)
             if encoded is not None:
                 self.pairs.append(pair)

@@ -12,15 +12,17 @@ example:
 The masks come from positions (where the prompt ends), never from token values, so an end-of-text
 token used as padding is never taken for the real one, which is a target: the model learns to stop.
 `InstructionDataset` holds the encoded records and `pad_collate` pads a batch to its longest record
-(inputs with end-of-text, targets with -100, which the loss leaves out).
+(inputs with end-of-text, targets with -100, which the loss leaves out). It takes `Record`s or the
+objects a records file holds, as `json.load` gives them (`from_json_items`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import tiktoken
 import torch
@@ -41,6 +43,8 @@ ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response 
                "completes the request.\n\n### Instruction:\n")
 TEMPLATES = {"plain": "{prompt} ", "qa": "Question: {prompt}\nAnswer: "}
 """The named templates besides alpaca (the layout of Raschka's chapter 7, see `format_prompt`)."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,15 @@ def load_records(path: str | Path) -> list[Record]:
     """The records of a `.jsonl` or `.json` file; `UserError` naming the file and line of a bad one."""
     example = '{"question": "What is the capital of France?", "answer": "Paris"}'
     return [_record(item, where) for where, item in read_items(path, example)]
+
+
+def from_json_items(items: Sequence[Any], kind: type[T],
+                    parse: Callable[[object, str], T]) -> list[T]:
+    """`items` as `kind` objects: those that are kept as they are, any other (a dict or list as
+    `json.load` gives it) checked and converted by `parse`, the file loader's, so that it fails
+    with the file's one-line `UserError`, naming "record N" (from 1) where that names the file."""
+    return [item if isinstance(item, kind) else parse(item, f"record {n}")
+            for n, item in enumerate(items, 1)]
 
 
 def read_items(path: str | Path, example: str) -> list[tuple[str, object]]:
@@ -175,15 +188,19 @@ def encode_record(record: Record, tokenizer: tiktoken.Encoding, template: str, *
 class InstructionDataset(Dataset[tuple[Tensor, Tensor]]):
     """Records as (input_ids, target_ids) int64 tensors of equal length (`encode_record`).
 
-    Records that cannot fit in `max_length` tokens are left out; `dropped` counts them.
+    `records` are `Record`s or what a records file holds, as `json.load` gives it: objects with
+    one of the key sets of `KEY_SETS` (`{"instruction", "input", "output"}`, ...) or [question,
+    answer] pairs, checked as `load_records` checks them. Records that cannot fit in `max_length`
+    tokens are left out; `dropped` counts them.
     """
 
-    def __init__(self, records: Sequence[Record], tokenizer: tiktoken.Encoding, template: str = "qa", *,
-                 mask_prompt: bool = True, max_length: int = 1024) -> None:
+    def __init__(self, records: Sequence[Record | dict[str, Any] | list[str]],
+                 tokenizer: tiktoken.Encoding, template: str = "qa", *, mask_prompt: bool = True,
+                 max_length: int = 1024) -> None:
         check_template(template)
         self.records: list[Record] = []
         self.examples: list[tuple[list[int], list[int]]] = []
-        for record in records:
+        for record in from_json_items(records, Record, _record):
             example = encode_record(record, tokenizer, template, mask_prompt=mask_prompt,
                                     max_length=max_length)
             if example is not None:

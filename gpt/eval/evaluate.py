@@ -1,4 +1,4 @@
-"""Perplexity of any model on any text: `python -m gpt.eval.evaluate --checkpoint RUN_DIR --data SOURCE`.
+"""Perplexity of any model on any text: `python -m gpt evaluate --checkpoint RUN_DIR --data SOURCE`.
 
 A text longer than the model's context is scored by the standard sliding-window procedure (`Windows`):
 windows of L tokens every S tokens, each token scored once, by the window that gives it the most
@@ -8,8 +8,8 @@ few tokens; a smaller S gives every token after the first window at least L - S 
 
 Reported: the tokens scored, the mean loss (nats per token), the perplexity exp(loss), and bits per
 byte (see `bits_per_byte`), which compares models whose tokenizers cut text differently. The text is
-read from the token cache (`gpt.data.token_cache.load_tokens`, any source `train.py --data` accepts) one batch of
-windows at a time, so a corpus larger than memory streams from its memmap.
+read from the token cache (`gpt.data.token_cache.load_tokens`, any source `train.py --data`
+accepts) one batch of windows at a time, so a corpus larger than memory streams from its memmap.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gpt.base.device import DTYPES, keep_freed_memory, pick_device, training_dtype
+from gpt.base.device import keep_freed_memory, pick_device, training_dtype
 from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
-from gpt.cli.generate import load_for_generation
+from gpt.checkpoints.load import add_model_flags, load_from_flags
 from gpt.data.token_cache import ERRORS_MODES, load_tokens
 from gpt.eval.perplexity import LanguageModel, evaluate_loss, perplexity
 from gpt.model.loss import IGNORE_INDEX
@@ -178,20 +178,11 @@ def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
 # ---- command line -----------------------------------------------------------------------------
 
 
-def add_model_flags(parser: ArgumentParser) -> None:
-    """--checkpoint / --init, --device: the model to score with (shared with `python -m gpt.eval.explain`)."""
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", type=Path, metavar="RUN_DIR",
-                         help="a run directory (its best/, else last/) or a checkpoint directory; "
-                              "default: the most recent run under runs/")
-    weights.add_argument("--init", metavar="NAME_OR_PATH",
-                         help="GPT-2 weights instead: gpt2, gpt2-medium, ..., or a Hugging Face "
-                              "directory or file")
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-
-
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=command_name("python -m gpt.eval.evaluate"), description=__doc__.splitlines()[0])
+    """The command's flags: the model's (`add_model_flags`; --dtype is the autocast precision, the
+    weights stay float32), the text's, the windows'."""
+    parser = ArgumentParser(prog=command_name("python -m gpt evaluate"),
+                            description=__doc__.splitlines()[0])
     add_model_flags(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="the text to score, in any form train.py --data takes: a corpus name (default, "
@@ -206,19 +197,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--stride", type=int, metavar="S",
                         help="tokens between window starts, 1 to L (default L/2; L = no overlap, fastest)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="autocast precision, as train.py's (auto: bfloat16 where the hardware has it); "
-                             "float32 for the exact loss")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gpt.eval.evaluate ...`: check every flag, load the model, then the text, then score it."""
+    """`python -m gpt evaluate ...`: check every flag, load the model, then the text, then score
+    it."""
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     dtype = training_dtype(args.dtype, device)
-    model = load_for_generation(args.checkpoint, args.init, device, torch.float32, sys.stderr)
+    model = load_from_flags(args.checkpoint, args.init, device, torch.float32, sys.stderr)
     windows = Windows.for_model(model, args.context_length, args.stride, args.batch_size)
     tokenizer = get_tokenizer()
     if model.config.vocab_size < tokenizer.n_vocab:

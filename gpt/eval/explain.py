@@ -1,4 +1,4 @@
-"""The loss token by token: `python -m gpt.eval.explain --checkpoint RUN_DIR --text "Every effort moves you"`.
+"""The loss token by token: `python -m gpt explain --checkpoint RUN_DIR --text "Every effort"`.
 
 At every position the model reads the tokens so far and gives a probability to each of the V tokens
 that could come next. The loss of that position is -log p(the token that does come next): 0 when the
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt.base.device import eval_mode, pick_device
+from gpt.base.device import autocast, eval_mode, pick_device, training_dtype
 from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.base.plot import plot_token_losses
-from gpt.cli.generate import load_for_generation
-from gpt.eval.evaluate import add_model_flags, require_two_tokens
+from gpt.checkpoints.load import add_model_flags, load_from_flags
+from gpt.eval.evaluate import require_two_tokens
 from gpt.eval.perplexity import perplexity
 from gpt.model.loss import lm_loss
 from gpt.model.tokenizer import ENDOFTEXT, get_tokenizer
@@ -122,8 +122,11 @@ def token_text(tokenizer: tiktoken.Encoding, token: int) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=command_name("python -m gpt.eval.explain"), description=__doc__.splitlines()[0])
-    add_model_flags(parser)
+    """The command's flags: the model's (`add_model_flags`; --dtype is the autocast precision, by
+    default float32, whose losses the table's arithmetic reproduces), the text's, the output's."""
+    parser = ArgumentParser(prog=command_name("python -m gpt explain"),
+                            description=__doc__.splitlines()[0])
+    add_model_flags(parser, dtype_default="float32")
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to explain")
     text.add_argument("--file", type=Path, help="a UTF-8 text file to explain")
@@ -146,14 +149,15 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gpt.eval.explain ...`: check the flags and the text, load the model, explain, print."""
+    """`python -m gpt explain ...`: check the flags and the text, load the model, explain, print."""
     args = build_parser().parse_args(argv)
     if args.plot is not None and not args.plot.absolute().parent.is_dir():
         raise UserError(f"--plot {args.plot}: the directory {args.plot.absolute().parent} does not exist")
     tokenizer = get_tokenizer()
     ids = tokenizer.encode(read_text(args), allowed_special={ENDOFTEXT})
     device = pick_device(args.device)
-    model = load_for_generation(args.checkpoint, args.init, device, torch.float32, sys.stderr)
+    dtype = training_dtype(args.dtype, device)
+    model = load_from_flags(args.checkpoint, args.init, device, torch.float32, sys.stderr)
     if max(ids, default=0) >= model.config.vocab_size:
         raise UserError(f"the text has token id {max(ids)} but the model predicts only "
                         f"{model.config.vocab_size} ids; it was not trained with the GPT-2 tokenizer")
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: the text is {len(ids)} tokens; explaining the first {model.config.context_length + 1} "
               "(the model reads at most its context length)", file=sys.stderr)
         ids = ids[:model.config.context_length + 1]
-    result = explain(model, torch.tensor(ids, device=device), args.top)
+    with autocast(device, dtype):
+        result = explain(model, torch.tensor(ids, device=device), args.top)
     names = [token_text(tokenizer, i) for i in ids]
     if args.plot is not None:
         title = f"loss per token: mean {result.loss:.3f}, perplexity {perplexity(result.loss):.1f}"

@@ -18,10 +18,10 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, cast, get_args, get_type_hints
+from typing import Any, cast, get_args, get_type_hints
 
 from gpt.base.device import DTYPES
-from gpt.base.errors import UserError, command_name
+from gpt.base.errors import ArgumentParser, UserError, command_name
 from gpt.data.records import is_record_file
 from gpt.data.token_cache import ERRORS_MODES
 from gpt.model.config import ConfigError, check_known_fields, preset_names
@@ -334,19 +334,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; see python train.py --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """`train.py`'s flags: --config, --resume, and one per `TrainConfig` field, documented by it.
 
     No flag has a default here (argparse.SUPPRESS), so the parsed namespace holds only the flags
     actually given: they override a --config file, which overrides a resumed run's settings. An old
     name of a setting (`RENAMED`) is a second spelling of its flag.
     """
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog=command_name("train.py"), argument_default=argparse.SUPPRESS,
         description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
                     "on a laptop CPU; results in runs/<start time>/.")

@@ -49,7 +49,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError, first_line
-from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_model, write_checkpoint_files
+from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_checkpoint, write_checkpoint_files
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist
@@ -120,7 +120,7 @@ def checkpoint_model(checkpoint: Path, device: torch.device) -> GPT:
     """The model to resume `checkpoint` into: its whole weights when it has them, else (an FSDP
     last/ mid-run) a fresh model of its config, which `load_sharded` fills in."""
     if (checkpoint / WEIGHTS_FILE).is_file():
-        return load_model(checkpoint, device)
+        return load_checkpoint(checkpoint, device)
     return GPT(GPTConfig.load(checkpoint / "config.json")).to(device)
 
 

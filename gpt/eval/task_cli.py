@@ -90,7 +90,8 @@ def run_task(run: TaskRun, model: GPT, args: argparse.Namespace, dtype: torch.dt
     print(f"{run.data}: {lines[0]}, context {length} tokens, autocast {result['dtype']}")
     for line in lines[1:]:
         print(line)
-    print(f"{'truncated':<10} {result['truncated']:,} {unit}s (context cut from the left to fit "
+    cut = result["truncated"]
+    print(f"{'truncated':<10} {cut:,} {unit}{'s' * (cut != 1)} (context cut from the left to fit "
           f"{length} tokens)")
 
 

@@ -19,7 +19,7 @@ objects a records file holds, as `json.load` gives them (`from_json_items`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,23 +85,33 @@ def read_items(path: str | Path, example: str) -> list[tuple[str, object]]:
     """(where, JSON value) of each record of a `.jsonl` or `.json` file, `where` naming its file and
     line (or place in the list); `UserError` for an unreadable file, bad JSON, or no records (the
     message shows `example`, one record)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read records file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if path.suffix.lower() == ".jsonl":
-        items = [(f"{path}:{n}", _parse(line, path, n)) for n, line in enumerate(text.splitlines(), 1)
-                 if line.strip()]
-    else:
-        data = _parse(text, path, 0) if text.strip() else []
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a .json records file must hold a list of records, found a "
-                            f"{type(data).__name__}; wrap the records in [ ... ] or use .jsonl")
-        items = [(f"{path}: record {n}", item) for n, item in enumerate(data, 1)]
+    items = list(iter_items(path))
     if not items:
         raise UserError(f"{path} holds no records; add one per line, e.g. {example}")
     return items
+
+
+def iter_items(path: str | Path) -> Iterator[tuple[str, object]]:
+    """`read_items` one record at a time, for files too large to hold: a `.jsonl` file is read a
+    line at a time (never whole); a `.json` list is parsed whole (JSON has no record boundaries to
+    stream by). `UserError` for an unreadable file or bad JSON when the reading reaches it; an
+    empty file yields nothing (the caller says what it needed)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as file:
+            if path.suffix.lower() == ".jsonl":
+                for n, line in enumerate(file, 1):
+                    if line.strip():
+                        yield f"{path}:{n}", _parse(line, path, n)
+                return
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read records file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    data = _parse(text, path, 0) if text.strip() else []
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json records file must hold a list of records, found a "
+                        f"{type(data).__name__}; wrap the records in [ ... ] or use .jsonl")
+    yield from ((f"{path}: record {n}", item) for n, item in enumerate(data, 1))
 
 
 def _parse(text: str, path: Path, line: int) -> object:

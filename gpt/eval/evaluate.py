@@ -1,5 +1,8 @@
 """Perplexity of any model on any text: `python -m gpt evaluate --checkpoint RUN_DIR --data SOURCE`.
 
+(`--task choice` and `--task last-word` measure benchmark accuracy instead: `gpt.eval.task_cli`,
+docs/evaluation-tasks.md. What follows is the default task, perplexity.)
+
 A text longer than the model's context is scored by the standard sliding-window procedure (`Windows`):
 windows of L tokens every S tokens, each token scored once, by the window that gives it the most
 context. With S = L the windows do not overlap and a token near a window's start is predicted from
@@ -33,6 +36,7 @@ from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.checkpoints.load import add_model_flags, load_from_flags
 from gpt.data.token_cache import ERRORS_MODES, load_tokens
 from gpt.eval.perplexity import LanguageModel, evaluate_loss, perplexity
+from gpt.eval.task_cli import add_task_flags, prepare_task, run_task
 from gpt.model.loss import IGNORE_INDEX
 from gpt.model.model import GPT
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -184,10 +188,12 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=command_name("python -m gpt evaluate"),
                             description=__doc__.splitlines()[0])
     add_model_flags(parser)
+    add_task_flags(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="the text to score, in any form train.py --data takes: a corpus name (default, "
                              "the-verdict, tinyshakespeare), a text file, a directory of .txt files, a glob, "
-                             "or hf:NAME[:CONFIG]:SPLIT")
+                             "or hf:NAME[:CONFIG]:SPLIT; with --task choice or last-word, the "
+                             "task's file")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where downloaded corpora and token caches are kept (default data)")
     parser.add_argument("--decode-errors", "--errors", default="strict", choices=ERRORS_MODES,
@@ -196,7 +202,8 @@ def build_parser() -> ArgumentParser:
                         help="tokens per window (default: the model's context length)")
     parser.add_argument("--stride", type=int, metavar="S",
                         help="tokens between window starts, 1 to L (default L/2; L = no overlap, fastest)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="windows (records, passages) per forward pass (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gpt evaluate ...`: check every flag, load the model, then the text, then score
     it."""
     args = build_parser().parse_args(argv)
+    task = prepare_task(args)  # a task's file is checked before the model loads
     device = pick_device(args.device)
     dtype = training_dtype(args.dtype, device)
     model = load_from_flags(args.checkpoint, args.init, device, torch.float32, sys.stderr)
@@ -213,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     if model.config.vocab_size < tokenizer.n_vocab:
         raise UserError(f"the model predicts {model.config.vocab_size} token ids, GPT-2's tokenizer has "
                         f"{tokenizer.n_vocab}; score a model trained with the GPT-2 tokenizer")
+    if task is not None:  # --context-length and --batch-size were checked as the windows' are
+        run_task(task, model, args, dtype)
+        return
     ids = load_tokens(args.data, data_dir=args.data_dir, errors=args.decode_errors)
     keep_freed_memory()  # every batch's logits are as big as a training step's: reuse their memory
     nll, tokens = sliding_window_nll(model, ids, windows, dtype=dtype, progress=not args.json)

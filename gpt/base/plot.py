@@ -7,7 +7,7 @@ a temporary name and renamed (`gpt.base.atomic`), so a viewer (or a kill) never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from gpt.base.atomic import atomic_file
 def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
                 path: Path, *, tokens_per_epoch: int, best_index: int | None = None,
                 log_scale: bool = False, title: str | None = None, loss_name: str = "cross-entropy loss",
-                accuracy: Sequence[float] | None = None) -> Figure:
+                accuracy: Sequence[float] | None = None,
+                panels: Mapping[str, Sequence[float]] | None = None) -> Figure:
     """Write the loss curves to `path` (PNG), replacing it atomically; return the figure (to show it
     in a notebook, or inspect it).
 
@@ -34,20 +35,32 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
     `val_losses[i]` were measured; the top axis shows the same positions in tokens seen, which grow
     by `tokens_per_epoch` per epoch. `best_index` marks the point with the best validation loss.
     `loss_name` labels the loss axis; `accuracy` (a DPO run's reward accuracy, in [0, 1]) is drawn
-    against a second axis on the right.
+    against a second axis on the right. `panels` (benchmark accuracies by name, in [0, 1]) are drawn
+    in a panel below, against the same epochs.
     """
-    fig = Figure(figsize=(8, 4.8))
+    fig = Figure(figsize=(8, 6.8 if panels else 4.8))
     # Fixed margins that fit the labels of both x axes and a title: half the time of an automatic
     # ("constrained") layout, which matters when the plot is redrawn at every evaluation.
-    fig.subplots_adjust(left=0.08, right=0.97 if accuracy is None else 0.91, bottom=0.11, top=0.82)
+    fig.subplots_adjust(left=0.08, right=0.97 if accuracy is None else 0.91,
+                        bottom=0.08 if panels else 0.11, top=0.86 if panels else 0.82)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if panels:
+        ax, below = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+        for name, values in panels.items():
+            below.plot(epochs, values, marker=".", label=name)
+        below.set_ylim(-0.03, 1.03)
+        below.set_ylabel("accuracy")
+        below.set_xlabel("epochs")
+        below.grid(True, alpha=0.3)
+        below.legend(loc="upper left", fontsize="small")
+    else:
+        ax = fig.add_subplot()
     ax.plot(epochs, train_losses, marker=".", label="train loss")
     ax.plot(epochs, val_losses, marker=".", linestyle="--", label="validation loss")
     if best_index is not None:
         ax.plot(epochs[best_index], val_losses[best_index], marker="*", markersize=16, color="tab:red",
                 linestyle="none", label=f"best validation loss {val_losses[best_index]:.3f}")
-    ax.set_xlabel("epochs")
+    ax.set_xlabel("" if panels else "epochs")
     ax.set_ylabel(f"{loss_name} (log scale)" if log_scale else loss_name)
     if log_scale:
         ax.set_yscale("log")

@@ -38,13 +38,16 @@ class MetricsLog:
     `plot` the losses. `columns`: `METRICS_COLUMNS`, or an objective's (`columns`)."""
 
     def __init__(self, path: Path, columns: tuple[str, ...] = METRICS_COLUMNS, *,
-                 loss_name: str = "cross-entropy loss", accuracy: str | None = None) -> None:
+                 loss_name: str = "cross-entropy loss", accuracy: str | None = None,
+                 panels: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.columns = columns
         self.loss_name = loss_name
         """The loss axis of the plot (the objective's `loss_name`)."""
         self.accuracy = accuracy
         """The column the plot draws on a second axis, or None (`Objective.accuracy_column`)."""
+        self.panels = tuple(panels)
+        """Columns the plot draws in a panel below (the benchmark tasks' accuracies)."""
 
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
@@ -100,7 +103,8 @@ class MetricsLog:
                            [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
                            best_index=best_index, log_scale=log_scale, title=title,
                            loss_name=self.loss_name,
-                           accuracy=[row[accuracy] for row in rows] if accuracy else None)
+                           accuracy=[row[accuracy] for row in rows] if accuracy else None,
+                           panels={name: [row[name] for row in rows] for name in self.panels})
 
 
 def format_row(row: dict[str, float], val_note: str | None = None, train_note: str = "",

@@ -36,7 +36,8 @@ def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
                      title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")
-    tqdm.write(run.objective.describe_row(row) + ("  (best)" if improved else ""))
+    tasks = "".join(f" | {task.column} {row[task.column]:.1%}" for task in run.tasks)
+    tqdm.write(run.objective.describe_row(row) + tasks + ("  (best)" if improved else ""))
 
 
 def print_header(run: Run) -> None:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # gpt.training.record_data imports gpt.training.distributed, 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
                 "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature", "objective",
-                "dpo_beta", "reference")
+                "dpo_beta", "reference", "eval_task", "eval_task_limit")
 """What a resumed run must keep: these fix the model, the training windows and their order, and the
 objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
 meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or

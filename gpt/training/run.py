@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from gpt.data.windows import ResumableSampler
+from gpt.eval.tasks import EvalTask
 from gpt.model.config import ConfigError
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist
@@ -146,6 +147,8 @@ class Run:
     lock: RunLock
     """This process's lock on `run_dir`, released when `fit` ends."""
     state: TrainState = field(default_factory=TrainState)
+    tasks: list[EvalTask] = field(default_factory=list)
+    """The benchmark tasks scored at every evaluation (--eval-task), each its own column."""
     records: RecordData | None = None
     """A run on records' template, validation records and datasets (`gpt.training.record_data`);
     None for text."""

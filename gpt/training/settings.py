@@ -16,14 +16,15 @@ import itertools
 import math
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast, get_args, get_type_hints
+from typing import Any, cast, get_args, get_origin, get_type_hints
 
 from gpt.base.device import DTYPES
 from gpt.base.errors import ArgumentParser, UserError, command_name
 from gpt.data.records import is_record_file
 from gpt.data.token_cache import ERRORS_MODES
+from gpt.eval.tasks import parse_task_spec
 from gpt.model.config import ConfigError, check_known_fields, preset_names
 from gpt.training.tb import require_tensorboard
 
@@ -165,6 +166,13 @@ class TrainConfig:
     eval_answers: int = 32
     """Records only: validation records answered greedily at each evaluation for the val_exact_match
     column (0 disables it)."""
+    eval_task: list[str] = field(default_factory=list)
+    """Also score a benchmark task at every evaluation, as a metrics.csv column and a panel of
+    loss.png: choice:FILE (multiple choice, acc_norm) or last-word:FILE; repeatable (see
+    docs/evaluation-tasks.md)."""
+    eval_task_limit: int = 200
+    """With --eval-task: how many records of each task's file are scored (its first ones, the same at
+    every evaluation)."""
     tensorboard: bool = False
     """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
     `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
@@ -237,7 +245,7 @@ class TrainConfig:
                                   f"e.g. {flag(name)} {example}")
 
         for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout",
-                     "save_freq"):
+                     "save_freq", "eval_task_limit"):
             need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
         for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
@@ -264,6 +272,11 @@ class TrainConfig:
              "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
         need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
              "some text (or use --sample-tokens 0)", '"Every effort moves you"')
+        for spec in self.eval_task:  # its records are read when the run is built
+            kind, path = parse_task_spec(spec)
+            if not path.is_file():
+                raise ConfigError(f"--eval-task {spec}: there is no file {path}; give a {kind} "
+                                  "file (see docs/evaluation-tasks.md)")
         if self.tensorboard:
             require_tensorboard()  # here, so a missing package stops the run before it starts
 
@@ -277,6 +290,12 @@ class TrainConfig:
         hints = get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, allowed = getattr(self, f.name), get_args(hints[f.name]) or (hints[f.name],)
+            if get_origin(hints[f.name]) is list:  # a repeatable flag: a list of its values
+                ok = isinstance(value, list) and all(isinstance(item, allowed) for item in value)
+                if not ok:
+                    raise ConfigError(f"{flag(f.name)} must be a list of {allowed[0].__name__}, "
+                                      f"got {value!r}")
+                continue
             ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
             if float in allowed:  # an integer is a fine float (lr = 1 in TOML)
                 ok = ok or (isinstance(value, int) and not isinstance(value, bool))
@@ -356,9 +375,12 @@ def build_parser() -> ArgumentParser:
     old_names = {new: old for old, new in RENAMED.items()}
     for f in dataclasses.fields(TrainConfig):
         kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        help_text = docs[f.name].replace("%", "%%") + ("" if f.default is None else f" [{f.default}]")
+        shown = f.default if f.default is not dataclasses.MISSING else None  # a list: none given
+        help_text = docs[f.name].replace("%", "%%") + ("" if shown is None else f" [{shown}]")
         flags = [flag(f.name)] + ([flag(old_names[f.name])] if f.name in old_names else [])
-        if kind is bool:
+        if get_origin(hints[f.name]) is list:
+            parser.add_argument(*flags, type=kind, action="append", metavar="TEXT", help=help_text)
+        elif kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             metavar = {int: "N", float: "X", str: "TEXT"}[kind]

@@ -52,6 +52,7 @@ from gpt.base.rng import seed_everything
 from gpt.checkpoints.saver import CheckpointSaver
 from gpt.checkpoints.weights import load_pretrained
 from gpt.data.windows import micro_batch_groups
+from gpt.eval.tasks import EvalTask, load_eval_tasks, task_accuracy
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist, init_distributed
@@ -136,6 +137,10 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
     if records is not None:  # a run on records: the template is kept with the run
         cfg = dataclasses.replace(cfg, prompt_template=records.template)
     batches_per_epoch = len(train_loader)  # whole batches (drop_last); the sampler is at its start
+    if cfg.eval_task and dist.sharded:
+        raise UserError("--eval-task scores through the model's layers one by one, which FSDP's "
+                        "shards do not allow; use --parallel ddp, or drop --eval-task")
+    tasks = load_eval_tasks(cfg.eval_task, cfg.eval_task_limit, context_length)
     # Before the optimizer: FSDP replaces the parameters.
     loss = dist.wrap(model, prepared.loss, compile=cfg.compile, seed=cfg.seed)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
@@ -147,7 +152,8 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
-        metrics=metrics_log(objective, cfg, records, run_dir), records=records, dist=dist,
+        metrics=metrics_log(objective, cfg, records, run_dir, tasks), records=records, dist=dist,
+        tasks=tasks,
         saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
@@ -168,12 +174,14 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
     return run
 
 
-def metrics_log(objective: Objective, cfg: TrainConfig, records: RecordData | None,
-                run_dir: Path) -> MetricsLog:
-    """The run's metrics.csv, with the objective's columns and plot."""
+def metrics_log(objective: Objective, cfg: TrainConfig, records: RecordData | None, run_dir: Path,
+                tasks: Sequence[EvalTask] = ()) -> MetricsLog:
+    """The run's metrics.csv: the objective's columns and plot, then one column (and one line of the
+    plot's lower panel) per benchmark task."""
     columns = objective.columns(cfg, records)
-    return MetricsLog(run_dir / METRICS_FILE, columns, loss_name=objective.loss_name,
-                      accuracy=objective.accuracy_column(columns))
+    scored = tuple(task.column for task in tasks)
+    return MetricsLog(run_dir / METRICS_FILE, columns + scored, loss_name=objective.loss_name,
+                      accuracy=objective.accuracy_column(columns), panels=scored)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -342,6 +350,10 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     """
     state = run.state
     losses = run.objective.evaluate(run)
+    for task in run.tasks:  # the same records every time: the column moves with the model only
+        losses[task.column] = task_accuracy(run.model, task, dtype=run.dtype, rank=run.dist.rank,
+                                            world_size=run.dist.world_size,
+                                            all_reduce=run.dist.sum_values)
     check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
     improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)

@@ -23,15 +23,15 @@ from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     latest_checkpoint,
     load_model,
-    load_train_state,
     require_model_checkpoint,
 )
 from gpt.checkpoints.weights import load_pretrained
 from gpt.data.records import format_prompt
 from gpt.model.model import GPT
 from gpt.model.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
-from gpt.model.sampling import check_sampling_args, compile_for_decoding, stream
+from gpt.model.sampling import check_sampling_args, check_seed, compile_for_decoding, stream
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.training.resume import read_resume_state, saved_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,12 +104,15 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # what `stream` checks, done early
+    check_seed(seed)
     check_scheme(quantize)
     torch_device = pick_device(device)
     torch_dtype = decoding_dtype(dtype, torch_device)
     if quantize != "none":
         check_int8_supported(torch_device, torch_dtype)
     configure_device(torch_device)
+    # Before the model: a damaged training state is refused before the weights are read.
+    template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
     with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
                              "model, or --device cpu"):
         model = load_for_generation(checkpoint, init, torch_device, torch_dtype, err)
@@ -120,7 +123,6 @@ def run_generation(*, prompt: str, max_new_tokens: int, temperature: float, top_
             print(f"{SCHEMES[quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
         if compile:
             model = compile_for_decoding(model)
-        template = None if raw or init is not None else run_template(find_checkpoint(checkpoint))
         tokenizer = get_tokenizer()
         eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
         generator = torch.Generator(device=torch_device)
@@ -149,7 +151,9 @@ def run_template(checkpoint: Path) -> str | None:
     with the run's settings), or None: a pretraining run's, or weights without a training state."""
     if not (checkpoint / TRAIN_STATE_FILE).is_file():
         return None
-    template: str | None = load_train_state(checkpoint)["train_config"].get("prompt_template")
+    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt template "
+                              f"(then {TRAIN_STATE_FILE} is not read), or use another checkpoint")
+    template: str | None = saved_settings(saved)["prompt_template"]
     return template
 
 

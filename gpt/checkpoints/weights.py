@@ -352,7 +352,8 @@ def _openai_prefix(path: Path) -> Path:
         text = index.read_text(encoding="utf-8") if index.is_file() else ""
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {index} ({describe(exc)}): it should be the text line "
-                        'model_checkpoint_path: "model.ckpt"; write that line into it, or delete it') from None
+                        'model_checkpoint_path: "model.ckpt"; write that line into it, or delete '
+                        "it") from None
     found = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
     return path / Path(found[1] if found else "model.ckpt").name
 

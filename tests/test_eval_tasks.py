@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt.base.atomic import atomic_directory
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.checkpoints.weights import save_hf
 from gpt.eval import last_word
 from gpt.eval.choice import ChoiceRecord, encode_choice, evaluate_choices, score_choices
@@ -160,7 +160,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def test_the_memorised_endings_are_picked_every_time_by_a_margin(memorised: Path) -> None:
-    model = load_model(memorised / "best")
+    model = load_checkpoint(memorised / "best")
     scores = score_choices(model, [encode_choice(r, TOKENIZER, 16) for r in MEMORISED])
     assert all(s.pick == s.label and s.pick_norm == s.label for s in scores)
     # not a near-tie that another CPU's rounding could flip: the right ending is ahead by a margin
@@ -171,7 +171,7 @@ def test_the_memorised_endings_are_picked_every_time_by_a_margin(memorised: Path
 
 def test_shuffled_labels_score_their_chance_agreement_not_the_memorised_one(
         memorised: Path) -> None:
-    model = load_model(memorised / "best")
+    model = load_checkpoint(memorised / "best")
     rng = random.Random(1)
     shuffled = [ChoiceRecord(r.context, r.endings, rng.randrange(len(THINGS))) for r in MEMORISED]
     agreeing = sum(s.label == r.label for s, r in zip(shuffled, MEMORISED, strict=True))
@@ -184,7 +184,7 @@ def test_shuffled_labels_score_their_chance_agreement_not_the_memorised_one(
 
 def test_greedy_decoding_reproduces_a_memorised_last_word_and_not_a_changed_one(
         memorised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = load_model(memorised / "best")
+    model = load_checkpoint(memorised / "best")
     right = [f"{r.context} {r.endings[r.label]}" for r in MEMORISED]
     # the last word changed: another thing ("red jar."), the word without its full stop (the model
     # writes "box.": more than the word), the word cut short ("bo"), or longer ("boxes", whose
@@ -254,7 +254,7 @@ def test_the_command_reports_the_memorised_accuracy_and_the_training_entry_point
     # what training would log at an evaluation, on one rank and split over two
     task = load_eval_task(f"choice:{data}", limit=12, context_length=16)
     assert task.column == "choice_acc_norm:keys"
-    model = load_model(memorised / "best")
+    model = load_checkpoint(memorised / "best")
     assert task_accuracy(model, task) == result["acc_norm"]
     counts: list[list[float]] = []
     for rank in (0, 1):
@@ -282,7 +282,7 @@ def test_the_last_word_command_reads_plain_text_and_jsonl_alike(memorised: Path,
     spec = f"last-word:{tmp_path / 'passages.txt'}"
     task = load_eval_tasks([spec], limit=16, context_length=16)[0]
     assert task.column == "last_word_acc:passages"
-    assert task_accuracy(load_model(memorised / "best"), task) == 1.0
+    assert task_accuracy(load_checkpoint(memorised / "best"), task) == 1.0
 
 
 # ---- bad input: one line, exit status 2 ---------------------------------------------------------

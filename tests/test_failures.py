@@ -190,8 +190,9 @@ def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path, 
         train(cfg, token_ids=TOKENS)
     run_dir = tmp_path / "run"
     assert "\n" not in str(info.value)
-    assert str(info.value).startswith(f"cannot write {run_dir / 'last'} (")
-    assert f"{run_dir / 'last'} keeps its previous version" in str(info.value)
+    # best/ is written first (step 4 improves), so that last/ only names a best that is on disk
+    assert str(info.value).startswith(f"cannot write {run_dir / 'best'} (")
+    assert f"{run_dir / 'best'} keeps its previous version" in str(info.value)
     assert re.search(reason, str(info.value))
     assert read_resume_state(run_dir / "last")["state"]["step"] == 2
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best", "last", "loss.png", "metrics.csv",
@@ -222,7 +223,7 @@ def test_a_full_disk_at_the_first_save_is_one_line_and_resumable(tmp_path, capsy
                           timeout=300, check=False)
     run_dir = tmp_path / "runs" / "full"
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1].startswith(f"error: cannot write {run_dir / 'last'} (Error while "
+    assert proc.stderr.splitlines()[-1].startswith(f"error: cannot write {run_dir / 'best'} (Error while "
                                                    "serializing: I/O error: File too large (os error 27))")
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "loss.png", "metrics.csv",
@@ -302,7 +303,8 @@ def test_random_kills_lose_nothing_and_leave_no_temporaries(tmp_path) -> None:
                 load_checkpoint(run_dir / checkpoint)
         if child.exitcode == 0:  # finished between two kills: start over, kill more
             shutil.rmtree(run_dir)
-    resumed = train(cfg, resume=run_dir if (run_dir / "last").exists() else None, token_ids=TOKENS)
+    resumed = train(cfg, resume=run_dir if (run_dir / "train_config.json").exists() else None,
+                    token_ids=TOKENS)
     assert resumed.step == straight.step
     straight_weights = params(load_checkpoint(tmp_path / "straight" / "last"))
     assert_same_params(params(load_checkpoint(run_dir / "last")), straight_weights)

@@ -78,10 +78,12 @@ def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monke
         train(cfg, token_ids=TOKENS)
     monkeypatch.undo()
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 6  # not 8 or 10: skipped
+    # best/ is saved at every improvement, skipped or not: the resumed run starts from the newer
+    assert load_train_state(tmp_path / "run" / "best")["state"]["step"] == 8
 
     torch.manual_seed(999)
     resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
-    assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > 6}
+    assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > 8}
     assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == straight.step
     assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")),
                        params(load_checkpoint(straight_dir / "last")))

@@ -22,7 +22,8 @@ Temporary names carry the writing process's id and a random part, so two process
 in one) never share one. An exception removes the temporary; a kill (SIGKILL, power loss) cannot,
 and `remove_stale_temporaries` deletes those of processes that are gone. A write that fails because
 the disk is full, a file-size limit is reached or the file system refuses it raises a `UserError`
-naming the target, which keeps its previous version.
+naming the target, which keeps its previous version; one that fails for what is in the way (a
+permission denied, a file where a directory must be) says that instead (`gpt.base.files`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gpt.base.errors import UserError, first_line
+from gpt.base.files import blocking_file, permission_denied
 
 # The permissions an ordinary new file gets (0o666 less the umask), read once at import because
 # os.umask can only be read by setting it, which would race with threads creating files.
@@ -82,9 +84,27 @@ def write_errors(target: Path) -> Iterator[None]:
     except Exception as exc:
         if isinstance(exc, UserError) or not _write_failed(exc):
             raise
-        raise UserError(f"cannot write {target} ({first_line(exc)}): the disk is full, a file-size limit "
-                        f"(ulimit -f) was reached or the file system refused; {target} keeps its previous "
-                        "version: free space (or fix the file system), then run again") from exc
+        raise _in_the_way(Path(target), exc) or UserError(
+            f"cannot write {target} ({first_line(exc)}): the disk is full, a file-size limit (ulimit -f) was "
+            f"reached or the file system refused; {target} keeps its previous version: free space (or fix "
+            "the file system), then run again") from exc
+
+
+def _in_the_way(target: Path, exc: Exception) -> UserError | None:
+    """The one line for a write of `target` that failed for what is in its way, not for want of
+    space: a permission denied (on it, or on a file read while writing it), a file where one of its
+    directories must be, a directory where it must be a file; None for any other failure."""
+    if isinstance(exc, PermissionError):
+        failed = Path(exc.filename) if exc.filename is not None else target
+        written = failed == target.parent or target.parent in failed.parents  # else a file read
+        return permission_denied(target if written else exc.filename, "write" if written else "read")
+    blocker = blocking_file(target)
+    if blocker is not None:
+        return UserError(f"cannot write {target}: {blocker} is a file, not a directory; choose a path "
+                         "under a directory")
+    if isinstance(exc, IsADirectoryError):
+        return UserError(f"cannot write {target}: it is a directory; give the name of a file")
+    return None
 
 
 @contextlib.contextmanager
@@ -140,6 +160,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         os.rename(tmp, target)
         _fsync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_directory(source: Path, target: Path) -> None:
+    """Make `target` a copy of the directory `source` (files and folders in it), with `atomic_directory`."""
+    with atomic_directory(target) as tmp:
+        for item in Path(source).iterdir():
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
 
 
 def temporary_of(filename: str) -> str | None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from gpt.base.atomic import atomic_directory, resolve_directory
 from gpt.base.errors import UserError, describe, first_line
+from gpt.base.files import check_readable
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 
@@ -115,6 +116,7 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, Tensor], where: st
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """The tensors of a safetensors file; on the CPU, views of its copy-on-write memory map, so
     nothing is read until used and training writes to private pages, never to the file."""
+    check_readable(Path(path))  # safetensors would call an unreadable file missing or truncated
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
@@ -184,6 +186,7 @@ def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:
     """What `torch.load(path, weights_only=True)` reads, on the CPU: the file is data, never code, even
     if someone hands us a malicious one. The one place a `.pt`/`.bin` file is read; when it cannot be,
     a `UserError` names the file and `fix`."""
+    check_readable(Path(path))  # not a damaged file: one this user may not read
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **load_args)
     except Exception as exc:  # a damaged file makes the unpickler raise almost anything (KeyError, ...)
@@ -194,18 +197,23 @@ def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:
                         f"values (refused unread); {fix}") from None
 
 
-def load_train_state(directory: Path) -> dict[str, Any]:
+RESUME_FIX = "resume from another checkpoint (best/) or start a new run"
+"""What to do about a damaged train_state.pt when resuming; a reader for another purpose (generate.py's
+prompt template, the export's model card) passes its own."""
+
+
+def load_train_state(directory: Path, fix: str = RESUME_FIX) -> dict[str, Any]:
     """The `train_state` saved by `save_checkpoint` in `directory` (tensors on the CPU).
 
     Raises `UserError` naming the file if it is missing, truncated, not a training state, or of
-    another format version.
+    another format version; for a damaged file, the message ends with `fix`.
     """
     directory = resolve_directory(directory)
     path = directory / TRAIN_STATE_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing, so {directory} cannot be resumed (a weights-only "
                         f"checkpoint); start a new run from its weights with --init {directory}")
-    state = read_torch_file(path, "resume from another checkpoint (best/) or start a new run")
+    state = read_torch_file(path, fix)
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path} is not a training state of format {TRAIN_STATE_FORMAT} (found "

@@ -18,10 +18,8 @@ import torch
 from gpt.base.device import DTYPES, decoding_dtype, pick_device
 from gpt.base.errors import UserError
 from gpt.checkpoints.checkpoint import (
-    TRAIN_STATE_FILE,
     latest_checkpoint,
     load_checkpoint,
-    load_train_state,
     require_model_checkpoint,
 )
 from gpt.checkpoints.weights import load_pretrained
@@ -69,16 +67,6 @@ def find_checkpoint(path: Path | None, runs_dir: Path = RUNS_DIR) -> Path:
                             "train.py`, or start from GPT-2 weights with `--init gpt2`")
         return found
     return require_model_checkpoint(path, "--checkpoint")
-
-
-def run_template(checkpoint: Path) -> str | None:
-    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training
-    state with the run's settings), or None: a pretraining run's, or weights without a training
-    state."""
-    if not (checkpoint / TRAIN_STATE_FILE).is_file():
-        return None
-    template: str | None = load_train_state(checkpoint)["train_config"].get("prompt_template")
-    return template
 
 
 def load_from_flags(checkpoint: Path | None, init: str | None, device: torch.device,

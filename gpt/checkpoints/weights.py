@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -46,6 +46,7 @@ from torch import Tensor
 
 from gpt.base.atomic import atomic_directory, resolve_directory
 from gpt.base.errors import UserError, describe
+from gpt.base.files import check_readable
 from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -58,7 +59,7 @@ from gpt.checkpoints.checkpoint import (
 )
 from gpt.checkpoints.tf_checkpoint import read_tf_checkpoint
 from gpt.data.corpora import hub_unreachable
-from gpt.model.config import GPTConfig, read_json_object
+from gpt.model.config import ConfigError, GPTConfig, read_json_object
 from gpt.model.model import GPT
 from gpt.model.tokenizer import ENDOFTEXT_ID  # GPT-2's BOS and EOS
 
@@ -236,6 +237,28 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return GPTConfig.from_dict({**fields, **overrides})
 
 
+HF_NAMES = {"context_length": "n_positions", "emb_dim": "n_embd", "n_heads": "n_head", "n_layers": "n_layer",
+            "drop_rate": "resid_pdrop", "tie_embeddings": "tie_word_embeddings",
+            "layer_norm_eps": "layer_norm_epsilon"}
+"""Our `GPTConfig` field -> the name of its value in a HF GPT-2 config.json (where they differ)."""
+OPENAI_NAMES = {"vocab_size": "n_vocab", "context_length": "n_ctx", "emb_dim": "n_embd", "n_heads": "n_head",
+                "n_layers": "n_layer"}
+"""The same for OpenAI's hparams.json."""
+
+
+def config_in_file(path: Path, names: Mapping[str, str], build: Callable[[], GPTConfig]) -> GPTConfig:
+    """`build()`, the config of the file `path` (HF's or OpenAI's), whose `ConfigError` (a string or
+    null where a number belongs, say) is re-raised naming the file, and each field by `names` (ours
+    -> the file's)."""
+    try:
+        return build()
+    except ConfigError as exc:
+        message = str(exc)
+        for ours, theirs in names.items():
+            message = message.replace(f"GPTConfig.{ours}", theirs)
+        raise ConfigError(f"{path} is not a valid model config: {message}") from None
+
+
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     """The `config.json` of a HF `GPT2LMHeadModel` of our shape (the inverse of `config_from_hf`)."""
     return {
@@ -297,7 +320,7 @@ def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
                       qkv_bias=True, tie_embeddings=True)
     except KeyError as exc:
         raise UserError(f"{path} lacks the field {exc.args[0]!r}; it needs {needs}") from None
-    return GPTConfig.from_dict({**fields, **overrides})
+    return config_in_file(path, OPENAI_NAMES, lambda: GPTConfig.from_dict({**fields, **overrides}))
 
 
 # ---- readers: each returns a name -> tensor dict of memory-mapped tensors ---------------------------
@@ -321,20 +344,33 @@ def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str)
     return model_from_state_dict(cfg, to_gpt_state_dict(state, cfg, fmt, where), where).eval()
 
 
+def _openai_prefix(path: Path) -> Path:
+    """The TensorFlow checkpoint of OpenAI's release in `path`: the prefix its `checkpoint` file names
+    (`model_checkpoint_path: "model.ckpt"`), or model.ckpt without that file."""
+    index = path / "checkpoint"
+    check_readable(index)
+    try:
+        text = index.read_text(encoding="utf-8") if index.is_file() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {index} ({describe(exc)}): it should be the text line "
+                        'model_checkpoint_path: "model.ckpt"; write that line into it, or delete '
+                        "it") from None
+    found = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
+    return path / Path(found[1] if found else "model.ckpt").name
+
+
 def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
     if (path / "hparams.json").is_file():
         cfg = _openai_config(path / "hparams.json", overrides)
-        # The `checkpoint` file names the prefix (`model_checkpoint_path: "model.ckpt"`).
-        found = re.search(r'^model_checkpoint_path:\s*"(.*)"', (path / "checkpoint").read_text(), re.M) \
-            if (path / "checkpoint").is_file() else None
-        prefix = path / Path(found[1] if found else "model.ckpt").name
+        prefix = _openai_prefix(path)
         return _build(cfg, read_tf_checkpoint(prefix), "openai", str(prefix))
     weights = next((path / f for f in (WEIGHTS_FILE, HF_BIN_FILE) if (path / f).is_file()), None)
     if (path / CONFIG_FILE).is_file() and weights is not None:
         config = read_json_object(path / CONFIG_FILE, "a model config")
         if "emb_dim" not in config:  # HF's field names (n_embd, ...), not our GPTConfig's
+            cfg = config_in_file(path / CONFIG_FILE, HF_NAMES, lambda: config_from_hf(config, **overrides))
             state = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
-            return _build(config_from_hf(config, **overrides), state, "hf", str(weights))
+            return _build(cfg, state, "hf", str(weights))
     checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
     if checkpoint is not None:
         return load_checkpoint(checkpoint, **overrides).float().eval()

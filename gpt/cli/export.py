@@ -36,7 +36,6 @@ from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
-    load_train_state,
     require_model_checkpoint,
 )
 from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, save_hf
@@ -45,7 +44,8 @@ from gpt.eval.perplexity import perplexity
 from gpt.model.config import GPTConfig
 from gpt.model.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, bpe_files
 from gpt.training.metrics import METRICS_FILE, MetricsLog
-from gpt.training.settings import TrainConfig, current_names, flag
+from gpt.training.resume import read_resume_state, saved_settings
+from gpt.training.settings import TrainConfig, flag
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -119,9 +119,10 @@ def read_training(checkpoint: Path) -> Training | None:
     """The record of `checkpoint`'s training, or None for weights saved without one."""
     if not (checkpoint / TRAIN_STATE_FILE).is_file():
         return None
-    saved = load_train_state(checkpoint)
+    saved = read_resume_state(checkpoint, fix=f"move {checkpoint / TRAIN_STATE_FILE} aside to export the "
+                              "weights without a record of their training, or export another checkpoint")
     counters = saved["state"]
-    return Training(current_names(saved["train_config"]), counters["step"], counters["tokens_seen"],
+    return Training(saved_settings(saved), counters["step"], counters["tokens_seen"],
                     counters["best_val_loss"], counters["best_step"],
                     read_evaluations(checkpoint.parent / METRICS_FILE))
 

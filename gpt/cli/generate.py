@@ -21,12 +21,14 @@ import torch
 
 from gpt.base.device import configure_device, decoding_dtype, flag_fixable_errors, pick_device
 from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
-from gpt.checkpoints.load import add_model_flags, find_checkpoint, load_from_flags, run_template
+from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE
+from gpt.checkpoints.load import add_model_flags, find_checkpoint, load_from_flags
 from gpt.data.records import format_prompt
 from gpt.model.model import GPT
 from gpt.model.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
-from gpt.model.sampling import check_sampling_args, compile_for_decoding, stream
+from gpt.model.sampling import check_sampling_args, check_seed, compile_for_decoding, stream
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt.training.resume import read_resume_state, saved_settings
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class GenerationOptions:
             raise UserError(f"--num-samples must be >= 1, got {self.num_samples}")
         # What `stream` checks, here so that a typo fails before the model is loaded.
         check_sampling_args(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        check_seed(self.seed)
         check_scheme(self.quantize)
 
 
@@ -140,6 +143,9 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
     if o.quantize != "none":
         check_int8_supported(torch_device, torch_dtype)
     configure_device(torch_device)
+    # Before the model: a damaged training state is refused before the weights are read.
+    answers = not o.raw and o.init is None  # a fine-tuned run answers in its template
+    template = run_template(find_checkpoint(o.checkpoint)) if answers else None
     with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
                              "model, or --device cpu"):
         model = load_from_flags(o.checkpoint, o.init, torch_device, torch_dtype, err)
@@ -150,8 +156,6 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
             print(f"{SCHEMES[o.quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
         if o.compile:
             model = compile_for_decoding(model)
-        answers = not o.raw and o.init is None  # a fine-tuned run answers in its template
-        template = run_template(find_checkpoint(o.checkpoint)) if answers else None
         tokenizer = get_tokenizer()
         eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
         generator = torch.Generator(device=torch_device)
@@ -174,6 +178,18 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
                 finally:  # also before an error, which goes to `err`
                     out.write("\n")
                     out.flush()
+
+
+def run_template(checkpoint: Path) -> str | None:
+    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
+    with the run's settings, read with the checks --resume applies), or None: a pretraining run's,
+    or weights without a training state."""
+    if not (checkpoint / TRAIN_STATE_FILE).is_file():
+        return None
+    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt template "
+                              f"(then {TRAIN_STATE_FILE} is not read), or use another checkpoint")
+    template: str | None = saved_settings(saved)["prompt_template"]
+    return template
 
 
 def encode_prompt(prompt: str, tokenizer: tiktoken.Encoding, model: GPT, err: TextIO) -> list[int]:

@@ -120,6 +120,12 @@ def _parse(text: str, path: Path, line: int) -> object:
     except json.JSONDecodeError as exc:
         where = f"{path}:{line or exc.lineno}"
         raise UserError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); fix that line") from None
+    except (RecursionError, ValueError) as exc:  # what json.loads raises past Python's own limits
+        where = f"{path}:{line}" if line else str(path)
+        found = "JSON nested deeper than Python can read" if isinstance(exc, RecursionError) else \
+            "an integer of more digits than Python converts"
+        raise UserError(f"{where}: {found}, which no record holds; fix "
+                        f"{'that line' if line else 'the file'}") from None
 
 
 def _record(item: object, where: str) -> Record:

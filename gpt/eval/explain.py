@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.plot is not None and not args.plot.absolute().parent.is_dir():
         raise UserError(f"--plot {args.plot}: the directory {args.plot.absolute().parent} does not exist")
+    if args.plot is not None and args.plot.is_dir():
+        raise UserError(f"--plot {args.plot} is a directory; give a file to draw to, e.g. "
+                        f"--plot {args.plot / 'losses.png'}")
     tokenizer = get_tokenizer()
     ids = tokenizer.encode(read_text(args), allowed_special={ENDOFTEXT})
     device = pick_device(args.device)

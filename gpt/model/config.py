@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 from gpt.base.errors import UserError, describe
 
 GPT2_VOCAB_SIZE = 50257
+MAX_PARAMETERS = 2**40
+"""The largest model a config may describe: ~1.1e12 parameters, 4.4 TB of float32 weights, 700 times
+GPT-2 XL. A bigger shape is a typo (emb_dim 10**9), refused before anything is allocated."""
 INIT_SCHEMES = ("gpt2", "torch")
 
 
@@ -40,7 +44,7 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     or holds something else. `what` says what the file should hold, e.g. "a model config"."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nested
         raise ConfigError(f"cannot read {path} ({describe(exc)}); it should hold {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; it should hold {what}")
@@ -93,6 +97,13 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("drop_rate", "layer_norm_eps"):  # a number: not a string, None or a bool
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"GPTConfig.{name} must be a finite number, got {value!r}")
+        for name in ("qkv_bias", "tie_embeddings"):  # JSON's true or false: "no" is not false
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.emb_dim % self.n_heads != 0:
             raise ConfigError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
@@ -105,6 +116,21 @@ class GPTConfig:
                               f"got {self.init_scheme!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.parameter_estimate() > MAX_PARAMETERS:
+            raise ConfigError(
+                f"GPTConfig describes a model of about {self.parameter_estimate():.2g} parameters "
+                f"({4 * self.parameter_estimate() / 1e12:.2g} TB in float32; emb_dim {self.emb_dim}, "
+                f"n_layers {self.n_layers}, vocab_size {self.vocab_size}, context_length "
+                f"{self.context_length}), more than any machine holds (at most {MAX_PARAMETERS:.2g} "
+                "here); make it smaller")
+
+    def parameter_estimate(self) -> int:
+        """The parameters a model of this shape holds, padding rows included (what `GPT` allocates),
+        from the shape alone: for refusing an absurd one before memory is asked for it."""
+        width, blocks, rows = self.emb_dim, self.n_layers, self.padded_vocab_size
+        per_block = 12 * width * width + (13 if self.qkv_bias else 10) * width
+        return rows * width * (1 if self.tie_embeddings else 2) + self.context_length * width + \
+            blocks * per_block + 2 * width
 
     @property
     def head_dim(self) -> int:
@@ -142,7 +168,12 @@ class GPTConfig:
 
     @classmethod
     def load(cls, path: Path) -> GPTConfig:
-        return cls.from_dict(read_json_object(path, "a model config (GPTConfig fields)"))
+        """The config in the JSON file `path`; a `ConfigError` that names the file if it is not one."""
+        data = read_json_object(path, "a model config (GPTConfig fields)")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path} is not a valid model config: {exc}") from None
 
 
 def _divisors(n: int) -> list[int]:

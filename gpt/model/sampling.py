@@ -49,6 +49,17 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise UserError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
 
 
+SEED_LIMIT = 2**63
+"""A sampling seed is in [0, SEED_LIMIT): what `torch.Generator.manual_seed` takes on every version."""
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise `UserError` for a sampling seed a torch generator cannot take (None: an unseeded one)."""
+    valid = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
+    if seed is not None and not valid:
+        raise UserError(f"--seed must be an integer in [0, 2^63), got {seed!r}; e.g. --seed 123")
+
+
 def nucleus(logits: Tensor, top_p: float) -> Tensor:
     """Set to -inf every logit outside the nucleus: the smallest set of most likely tokens whose
     probabilities sum to at least `top_p`. It always keeps the most likely token."""

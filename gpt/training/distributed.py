@@ -206,8 +206,10 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     """
     if "WORLD_SIZE" not in os.environ:
         if cfg.parallel == "fsdp":
-            raise UserError("--parallel fsdp shards the model over processes that torchrun starts; "
-                            "launch with torchrun --nproc_per_node=N train.py ..., or drop --parallel")
+            raise UserError("--parallel fsdp (given, or the setting of the run resumed) shards the model "
+                            "over processes that torchrun starts; launch with torchrun --nproc_per_node=N "
+                            "train.py ..., or pass --parallel ddp to train in one process (an FSDP run's "
+                            "checkpoint resumes in one process too)")
         return cfg, Dist(device=pick_device(cfg.device))
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:

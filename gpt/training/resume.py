@@ -26,19 +26,34 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
-from gpt.base.atomic import resolve_directory
+from gpt.base.atomic import copy_directory, resolve_directory
 from gpt.base.device import load_scaler_state
-from gpt.base.errors import UserError, describe
+from gpt.base.errors import UserError, describe, first_line
+from gpt.base.files import permission_errors
 from gpt.base.rng import rng_state, set_rng_state
-from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state
+from gpt.checkpoints.checkpoint import (
+    RESUME_FIX,
+    TRAIN_STATE_FILE,
+    TRAIN_STATE_FORMAT,
+    WEIGHTS_FILE,
+    load_train_state,
+    read_torch_file,
+)
 from gpt.data.windows import ResumableSampler
 from gpt.model.config import read_json_object
-from gpt.training.settings import MODEL_OVERRIDES, RUN_CONFIG_FILE, TrainConfig, current_names, flag
+from gpt.training.settings import (
+    MODEL_OVERRIDES,
+    RUN_CONFIG_FILE,
+    SEED_LIMIT,
+    TrainConfig,
+    current_names,
+    flag,
+)
 
 if TYPE_CHECKING:  # gpt.training.record_data imports gpt.training.distributed, which imports this module
     from gpt.training.record_data import BucketBatchSampler
@@ -113,12 +128,15 @@ def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.op
 
 
 def find_resume_checkpoint(path: Path) -> Path | None:
-    """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last; None
+    """The checkpoint to resume for `--resume path`: path itself if it is one, else path/last (or
+    path/best when there is no last/: a run killed between the two writes of its first save); None
     for a run directory with its settings but no checkpoint (stopped before its first save), which
     then starts again from step 0."""
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such run directory; give one such as runs/NAME")
     checkpoint = path if (path / TRAIN_STATE_FILE).is_file() else resolve_directory(path / "last")
+    if not checkpoint.is_dir():
+        checkpoint = resolve_directory(path / "best")
     if checkpoint.is_dir():
         return checkpoint
     if (path / RUN_CONFIG_FILE).is_file():
@@ -130,22 +148,113 @@ def find_resume_checkpoint(path: Path) -> Path | None:
 def resume_config(path: Path) -> dict[str, Any]:
     """The settings of the run a `--resume path` continues (the base that flags then override): its
     checkpoint's, or its train_config.json's when it has no checkpoint yet."""
-    checkpoint = find_resume_checkpoint(path)
+    with permission_errors():  # a run directory this user may not list
+        checkpoint = find_resume_checkpoint(path)
     if checkpoint is None:
-        return current_names(read_json_object(path / RUN_CONFIG_FILE, "the run's settings"))
+        settings = read_json_object(path / RUN_CONFIG_FILE, "the run's settings")
+        problem = _settings_problem(settings)
+        if problem is not None:
+            raise UserError(f"{path / RUN_CONFIG_FILE} does not hold a run's settings ({problem}); start a "
+                            "new run")
+        return current_names(settings)
     return current_names(read_resume_state(checkpoint)["train_config"])
 
 
-def read_resume_state(checkpoint: Path) -> dict[str, Any]:
+def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]:
     """`checkpoint`'s train state (`load_train_state`), checked to hold every entry that resuming
-    reads, each of the type it must have: a damaged or foreign file is refused here, before the run
-    directory is written to, not half-way through `restore` or the first step."""
-    saved = load_train_state(checkpoint)
+    reads, each of the type and in the range it must have: a damaged or foreign file is refused here,
+    before the run directory is written to, not half-way through `restore` or the first step. Also
+    what generate.py and the export read a run's settings and counters through (`fix`: what a user
+    of theirs does about a damaged file)."""
+    saved = load_train_state(checkpoint, fix)
     problem = _state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "
-                        "resume from another checkpoint (best/) or start a new run")
+                        f"{fix}")
     return saved
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of the run whose (checked) train state `saved` is: a setting added since the run
+    was saved has its default."""
+    return {**TrainConfig().to_dict(), **current_names(saved["train_config"])}
+
+
+class SettledBest(NamedTuple):
+    """What `settle_best` found: the checkpoint to resume and its state, what to say, whether to copy."""
+
+    checkpoint: Path
+    saved: dict[str, Any]
+    note: str | None = None
+    """What was not as the checkpoint says, and what the resumed run does about it; None if all was."""
+    copy_to_best: bool = False
+    """Whether best/ is to become a copy of `checkpoint` (`copy_best`), which is itself the best."""
+
+
+def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> SettledBest:
+    """Make what a resumed run says of its best weights true of best/, before it resumes `checkpoint`.
+
+    A run saves best/ before last/ (`gpt.training.trainer.save_checkpoints`), so the best that the
+    state in last/ names is on disk whenever last/ is written; a kill between the two writes leaves
+    best/ newer than last/, and a run saved by an earlier version (which wrote last/ first, and could
+    be stopped, or meet a full disk, before its best/) can leave best/ older than last/ says, or
+    missing. For `checkpoint` = last/ (`saved` its state, checked), this reads best/'s step and loss:
+
+    - as last/ names them: nothing to do;
+    - best/ newer than last/ (a kill between the writes, or an evaluation that `save_freq` saved
+      only best/ at): when the run directory was given (`chosen`: not last/ by name), the run
+      resumes from best/, the newest checkpoint of the run (exactly as from a last/ of that step);
+      when last/ was named, best/ is counted as the best so far;
+    - last/ is itself the best (of its own step) and best/ older or missing: best/ becomes a copy of
+      last/ (`copy_to_best`);
+    - else the weights last/ names are nowhere: best/'s (or, without best/, none) are counted as the
+      best so far, and the next improvement on them replaces best/.
+
+    Reads only; a damaged best/ is a `UserError` that says to move it aside.
+    """
+    run_dir = checkpoint.parent
+    if checkpoint != resolve_directory(run_dir / "last"):  # best/ itself, or a checkpoint elsewhere
+        return SettledBest(checkpoint, saved)
+    best_dir, state = resolve_directory(run_dir / "best"), saved["state"]
+    kept = _best_on_disk(best_dir)
+    if kept == (state["best_step"], state["best_val_loss"]):
+        return SettledBest(checkpoint, saved)
+    said = (f"{checkpoint} names step {state['best_step']} (validation loss {state['best_val_loss']:.4f}) "
+            "as the best, but " + (f"{best_dir} holds step {kept[0]} ({kept[1]:.4f})" if kept[1] < math.inf
+                                   else f"there is no {best_dir}"))
+    if kept[0] > state["step"] and chosen:
+        return SettledBest(best_dir, read_resume_state(best_dir),
+                           f"{said}: best/ was saved later (--save-freq skipped last/ there, or the run "
+                           f"stopped between the two writes); resuming from {best_dir}, the newest "
+                           "checkpoint of the run")
+    if kept[0] <= state["step"] == state["best_step"] and (checkpoint / WEIGHTS_FILE).is_file():
+        return SettledBest(checkpoint, saved, f"{said}: the run stopped before saving its best/; "
+                           f"{best_dir} is now a copy of {checkpoint}, the best", copy_to_best=True)
+    counters = {**state, "best_step": kept[0], "best_val_loss": kept[1]}
+    counted = f"{best_dir}'s" if kept[1] < math.inf else "none"
+    return SettledBest(checkpoint, {**saved, "state": counters},
+                       f"{said}: the resumed run counts {counted} as the best so far")
+
+
+def copy_best(checkpoint: Path) -> None:
+    """Make the run's best/ a copy of `checkpoint` (its last/), atomically (`settle_best`)."""
+    copy_directory(checkpoint, checkpoint.parent / "best")
+
+
+def _best_on_disk(best_dir: Path) -> tuple[int, float]:
+    """(step, validation loss) of the checkpoint `best_dir`; (0, inf) when there is none."""
+    if not best_dir.is_dir():
+        return 0, math.inf
+    fix = f"move {best_dir} aside and resume again (the run saves a new best/ at its next improvement)"
+    path = best_dir / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so the run's best checkpoint cannot be checked; {fix}")
+    saved = read_torch_file(path, fix, mmap=True)  # mapped: its counters are all that is read
+    problem = _state_problem(saved) if isinstance(saved, dict) and saved.get("format") == TRAIN_STATE_FORMAT \
+        else f"not a training state of format {TRAIN_STATE_FORMAT}"
+    if problem is not None:
+        raise UserError(f"{path} is not a complete training state ({problem}); {fix}")
+    return saved["state"]["step"], saved["state"]["best_val_loss"]
 
 
 def _state_problem(saved: dict[str, Any]) -> str | None:
@@ -164,6 +273,9 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
     for what, value, kind in numbers:
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             return f"{what} is {value!r}, not a number of type {kind.__name__}"
+    problem = _range_problem(saved) or _settings_problem(saved["train_config"])
+    if problem is not None:
+        return problem
     if is_sharded(saved):
         if not isinstance(saved.get("optimizer_groups", []), list):
             return "its 'optimizer_groups' is not a list"
@@ -181,13 +293,45 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
     return None
 
 
+def _range_problem(saved: dict[str, Any]) -> str | None:
+    """Which counter of a train state (its types checked) is out of its range, or None: steps and
+    counts are >= 0, the best step is one already taken, the best loss is a number or inf (none
+    yet), the data order's position lies within its epoch and its seed and epoch where `--seed` is."""
+    state, sampler = saved["state"], saved["sampler"]
+    bounds = [("state 'step'", state["step"], 0, None),
+              ("state 'tokens_seen'", state["tokens_seen"], 0, None),
+              ("state 'best_step'", state["best_step"], 0, state["step"]),
+              ("state 'evals_since_best'", state["evals_since_best"], 0, None),
+              ("'num_windows'", saved["num_windows"], 1, None),
+              ("'world_size'", saved.get("world_size", 1), 1, None),
+              ("sampler 'position'", sampler["position"], 0, saved["num_windows"]),
+              ("sampler 'epoch'", sampler["epoch"], 0, SEED_LIMIT - 1),
+              ("sampler 'seed'", sampler["seed"], 0, SEED_LIMIT - 1)]
+    for what, value, low, high in bounds:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or \
+                (high is not None and value > high):
+            return f"{what} is {value!r}, not an integer in [{low}, {'...' if high is None else high}]"
+    if math.isnan(state["best_val_loss"]) or state["best_val_loss"] == -math.inf:
+        return f"state 'best_val_loss' is {state['best_val_loss']!r}, not a loss (a number, or inf)"
+    return None
+
+
+def _settings_problem(settings: dict[str, Any]) -> str | None:
+    """Why the saved settings of a run (`TrainConfig.to_dict` then) are not valid ones now, or None;
+    its `--tensorboard` is not checked here, so that a run may resume without it."""
+    try:
+        TrainConfig.from_dict({**current_names(settings), "tensorboard": False})
+    except (UserError, TypeError) as exc:  # TypeError: a key that is not a string
+        return f"its settings: {first_line(exc)}"
+    return None
+
+
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path,
                           world_size: int = 1) -> None:
     """Refuse settings that differ from the checkpoint's in `RESUME_FIXED`, and a global batch
     (`batch_size` x `world_size` processes) that differs from the run's; `saved` is its train state
     (with "world_size" when a multi-process run wrote it)."""
-    # A setting added since the run was saved has its default there.
-    before = {**TrainConfig().to_dict(), **current_names(saved["train_config"])}
+    before = saved_settings(saved)
     then = before["batch_size"] * saved.get("world_size", 1)
     if cfg.batch_size * world_size != then:
         fix = (f"use --batch-size {then // world_size}" if then % world_size == 0 else
@@ -208,6 +352,16 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
                 "keeps its model, data and objective, so drop the flag or start a new run")
+
+
+def _check_position(sampler: ResumableSampler | BucketBatchSampler, where: Path) -> None:
+    """Refuse a data-loader position that this run's data order never reaches: past the epoch's
+    last whole batch, or (windows) not at the start of a batch."""
+    batch = sampler.batch_size * sampler.world_size if isinstance(sampler, ResumableSampler) else 1
+    if len(sampler) < 0 or sampler.position % batch:
+        raise UserError(f"{where}: its data-loader position {sampler.position} is not the start of a "
+                        "batch of this run's data order (a damaged file); resume from another "
+                        "checkpoint (best/) or start a new run")
 
 
 def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.Optimizer,
@@ -238,6 +392,7 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
         raise UserError(f"the training data changed since {where} was written ({saved['num_windows']} "
                         f"windows then, {num_windows} now); resume with the same data, or start a new run")
     sampler.load_state_dict(saved["sampler"])
+    _check_position(sampler, where)
     state = TrainState()
     state.load_state_dict(saved["state"])
     set_rng_state(saved["rng"], device)

@@ -3,7 +3,8 @@
 `open_run_dir(cfg, resume)` is the first thing `gpt.training.trainer.setup` does, before it builds a model or
 tokenizes anything, and before anything is written:
 
-1. which directory: `--resume`'s run (and its checkpoint), or `--out`/`--run-name` for a new run;
+1. which directory: `--resume`'s run (and its checkpoint), or `--out`/`--run-name` for a new run,
+   whose name must be UTF-8 text;
 2. writable: the nearest existing path on the way is a directory this user may write (a file in the
    way, or a read-only directory, is one `error:` line);
 3. one writer: an exclusive `flock` on `<run>/.lock`, which the kernel drops when the process ends
@@ -11,10 +12,12 @@ tokenizes anything, and before anything is written:
    directory (two starts at once, or a `--resume` of a run still training) gets an error naming the
    first one's process id, which the holder writes into the lock file;
 4. under the lock, what the directory holds: a `--resume` reads and checks its checkpoint's training
-   state (`gpt.training.resume.read_resume_state`); a new run refuses a directory that holds a checkpoint or
-   files that are not a run's. A directory with the run's settings but no checkpoint (an earlier
-   start stopped before its first save) is reused by a new run, and `--resume` starts it again from
-   step 0 with its settings: both commands work, and each says so;
+   state (`gpt.training.resume.read_resume_state`) and best/ against it (`settle_best`: a run stopped
+   between its writes of best/ and last/ resumes from the newer, and says what best/ holds); a new
+   run refuses a directory that holds a checkpoint or files that are not a run's. A directory with
+   the run's settings but no checkpoint (an earlier start stopped before its first save) is reused
+   by a new run, and `--resume` starts it again from step 0 with its settings: both commands work,
+   and each says so; a resumed run's metrics.csv is read through (a damaged one is refused);
 5. the temporaries that killed processes left are removed (`gpt.base.atomic.remove_stale_temporaries`).
 """
 
@@ -30,9 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from gpt.base.atomic import remove_stale_temporaries, temporary_of
-from gpt.base.errors import UserError
-from gpt.training.metrics import METRICS_FILE
-from gpt.training.resume import check_resume_settings, find_resume_checkpoint, read_resume_state
+from gpt.base.errors import UserError, describe
+from gpt.base.files import permission_errors
+from gpt.training.metrics import METRICS_FILE, MetricsLog
+from gpt.training.resume import (
+    check_resume_settings,
+    copy_best,
+    find_resume_checkpoint,
+    read_resume_state,
+    settle_best,
+)
 from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 
 LOCK_FILE = ".lock"
@@ -114,7 +124,14 @@ def open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int = 0, world_
     """Steps 1 to 5 of the module docstring: the run directory, locked, with a resumed run's state.
 
     Under torchrun (`world_size` ranks) rank 0 alone locks, checks and writes the directory; the
-    others read and check the resumed state too, and hold a lock that holds nothing."""
+    others read and check the resumed state too, and hold a lock that holds nothing. A file or
+    directory on the way that this user may not read or write is one `error:` line naming it."""
+    with permission_errors():
+        return _open_run_dir(cfg, resume, rank=rank, world_size=world_size)
+
+
+def _open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int, world_size: int) -> OpenedRun:
+    _check_text(Path(cfg.out) / (cfg.run_name or "") if resume is None else Path(resume), resume is not None)
     checkpoint = find_resume_checkpoint(Path(resume)) if resume is not None else None
     if checkpoint is not None:
         path = checkpoint.parent
@@ -125,17 +142,52 @@ def open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int = 0, world_
     lock = RunLock.acquire(path) if rank == 0 else RunLock(path, -1, [])
     try:
         opened = OpenedRun(path, lock, checkpoint)
-        if checkpoint is not None:
-            opened.saved = read_resume_state(checkpoint)
-            check_resume_settings(cfg, opened.saved, checkpoint, world_size)
+        settled = None
+        if checkpoint is not None and resume is not None:  # best/ as last/ says (`settle_best`)
+            settled = settle_best(checkpoint, read_resume_state(checkpoint),
+                                  chosen=checkpoint != Path(resume))
+            opened.checkpoint, opened.saved = settled.checkpoint, settled.saved
+            check_resume_settings(cfg, opened.saved, opened.checkpoint, world_size)
         elif rank == 0:
             _check_reusable(path, resume is not None)
         if rank == 0:
+            if resume is not None:
+                _check_metrics(path / METRICS_FILE)
             remove_stale_temporaries(path, set(RUN_FILES))
+            if settled is not None and settled.note is not None:
+                print(f"note: {settled.note}")
+                if settled.copy_to_best:
+                    copy_best(settled.checkpoint)
     except BaseException:
         lock.release(failed=True)
         raise
     return opened
+
+
+def _check_text(path: Path, resumed: bool) -> None:
+    """Refuse a run directory whose path is not text: bytes that are not UTF-8 (typed in a terminal of
+    another encoding) reach Python as lone surrogates, and the directory, once made, would break the
+    first line printed or plot titled with its name."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        fix = "rename it in UTF-8, then resume that" if resumed else "give --out and --run-name in UTF-8"
+        raise UserError(f"the run directory {str(path)!a} is not UTF-8 text (it holds bytes of another "
+                        f"encoding); {fix}") from None
+
+
+def _check_metrics(path: Path) -> None:
+    """Read a resumed run's metrics.csv through (it is rewritten, the rows after the checkpoint left
+    out, before the first step), so that a damaged one is refused before anything is written."""
+    fix = "restore it, or move it aside to resume with a new one (without the rows before the checkpoint)"
+    try:
+        rows = MetricsLog(path).rows()
+    except (ValueError, TypeError) as exc:  # not UTF-8; a short row (None), a word where a number belongs
+        raise UserError(f"{path} is damaged ({describe(exc)}); {fix}") from None
+    missing = next((key for row in rows for key in ("step", "epoch", "train_loss", "val_loss")
+                    if key not in row), None)
+    if missing is not None:
+        raise UserError(f"{path} is damaged (its header has no {missing} column); {fix}")
 
 
 def _make_writable(run_dir: Path) -> list[Path]:

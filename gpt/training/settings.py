@@ -41,6 +41,8 @@ PARALLEL_MODES = ("ddp", "fsdp")
 RENAMED = {"errors": "decode_errors"}
 """Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
 old flag stays an alias of the new one."""
+SEED_LIMIT = 2**32
+"""--seed is in [0, SEED_LIMIT): what numpy's global generator takes (`gpt.base.rng.seed_everything`)."""
 RUN_CONFIG_FILE = "train_config.json"
 """A run directory's record of its settings (`TrainConfig.to_dict`), written when the run starts."""
 
@@ -258,6 +260,7 @@ class TrainConfig:
         need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
              "0.9,0.999")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
+        need(0 <= self.seed < SEED_LIMIT, "seed", "in [0, 2^32)", 123)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
         need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",
              "replace")

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -48,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from gpt.base.atomic import atomic_directory
-from gpt.base.errors import UserError, first_line
+from gpt.base.errors import UserError, describe, first_line
 from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_checkpoint, write_checkpoint_files
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
@@ -148,9 +149,21 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
             set_optimizer_state_dict(model, optimizer, {"state": shards["optimizer"], "param_groups": groups})
     except UserError:
         raise
-    except Exception as exc:  # DCP reports a missing or mismatched shard as almost anything
-        raise UserError(f"cannot load the sharded checkpoint {where} ({first_line(exc)}): it is damaged or "
-                        "was written for another model; resume from another checkpoint (best/)") from None
+    except (Exception, CheckpointException) as exc:  # DCP reports a missing or damaged shard as anything
+        raise UserError(f"cannot load the sharded checkpoint {where} ({_load_failure(exc)}): it is damaged, "
+                        "incomplete or was written for another model; resume from another checkpoint "
+                        "(best/)") from None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What went wrong in `dcp.load`, in one line: the first failing rank's own error inside a
+    `CheckpointException` (a `BaseException`, whose message is whole tracebacks), and never torch.load's
+    advice to set weights_only=False, which would run code from the file."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return f"{type(exc).__name__}: a shard holds objects other than tensors, refused unread"
+    return describe(exc)
 
 
 class SafeReader(dcp.FileSystemReader):

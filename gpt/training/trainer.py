@@ -387,8 +387,9 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
 def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -> None:
     """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.training.resume`) through `run.saver`,
     or under FSDP by every rank (`gpt.training.sharded_checkpoint`; `final`: the run ends). Each directory is
-    written atomically (gpt/checkpoints/checkpoint.py): a kill at any moment leaves the previous one whole."""
-    directories = [run.run_dir / name for name, wanted in (("last", last), ("best", best)) if wanted]
+    written atomically (gpt/checkpoints/checkpoint.py): a kill at any moment leaves the previous one whole.
+    best/ comes first: the best a checkpoint's state names is on disk (`gpt.training.resume.settle_best`)."""
+    directories = [run.run_dir / name for name, wanted in (("best", best), ("last", last)) if wanted]
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     if run.dist.sharded:  # every rank writes its shards

@@ -217,13 +217,15 @@ def describe_data(source: str) -> str:
 
 def train_command(settings: dict[str, Any]) -> str:
     """`gpt-train` with a flag for every setting that differs from its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig().to_dict()
     words = ["gpt-train"]
     for name, value in settings.items():
         if name in RUN_LOCATION or value is None or value == defaults.get(name):
             continue
         if isinstance(value, bool):
             words.append(flag(name) if value else "--no-" + flag(name).removeprefix("--"))
+        elif isinstance(value, list):  # a repeatable flag, once per value
+            words += [word for item in value for word in (flag(name), shlex.quote(str(item)))]
         else:
             words += [flag(name), shlex.quote(str(value))]
     return " ".join(words)

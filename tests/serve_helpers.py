@@ -31,12 +31,19 @@ CFG = GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=
 
 
 def save_run(directory: Path, seed: int = 0) -> Path:
-    """A run directory holding a tiny random model as its best/ checkpoint."""
+    """A run directory holding a tiny random model as its best/ checkpoint.
+
+    Its LM head is scaled up, so that its next-token probabilities spread as a trained model's do
+    (a fresh model gives every token about 1/50257) and greedy choices are clear-cut.
+    """
     import torch
 
     torch.manual_seed(seed)
+    model = GPT(CFG).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)
     with atomic_directory(directory / "best") as tmp:
-        save_model(GPT(CFG).eval(), tmp)
+        save_model(model, tmp)
     return directory
 
 

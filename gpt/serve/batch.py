@@ -56,7 +56,9 @@ class RowCache:
         self.lengths: list[int] = []  # positions filled, per row in use
 
     def _empty(self, rows: int) -> Tensor:
-        return torch.empty(rows, *self.shape, device=self.device, dtype=self.dtype)
+        # Zeros, not torch.empty: a row's positions past its length are read too (masked), and a
+        # masked score still multiplies its value by 0, which is NaN if the memory held a NaN.
+        return torch.zeros(rows, *self.shape, device=self.device, dtype=self.dtype)
 
     @property
     def rows(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from gpt.model import GPT
 from gpt.sampling import sample_next
 from gpt.serve.batch import RowCache, decode_step, prefill
 from gpt.serve.text import Detokenizer, Piece, StopFilter
+
+log = logging.getLogger("gpt.serve")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: two equal requests are two jobs
 class Job:
     """One prompt with `n` choices; `emit` is called on the engine thread with each step's events."""
 
@@ -159,10 +162,13 @@ class Engine:
         try:
             work()
         except Exception as exc:  # reported to the clients: the loop must survive
+            log.exception("generation failed")
             message = f"generation failed: {type(exc).__name__}: {exc}"
             for job in dict.fromkeys(jobs):
                 job.emit([Event(job.first_choice, [], "error", error=message)])
                 job.cancelled = True
+            while self.cache.rows > len(self.rows):  # a row added just before the failure
+                self.cache.lengths.pop()
             self._drop_cancelled()
 
     def _drop_cancelled(self) -> None:
@@ -183,8 +189,8 @@ class Engine:
             self._guarded(functools.partial(self._start, job), [job])
 
     def _start(self, job: Job) -> None:
-        first = self.cache.add()
         sequences = [self._sequence(job, i, job.prompt) for i in range(job.n)]
+        first = self.cache.add()
         self.rows.append(sequences[0])
         logits = prefill(self.model, self.cache, first, torch.tensor(job.prompt, device=self.device))
         for sequence in sequences[1:]:

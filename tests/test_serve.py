@@ -72,6 +72,18 @@ def test_greedy_completion_is_generate_py_s_text(client: openai.OpenAI, run_dir:
     assert echoed.choices[0].text == prompt + choice.text
 
 
+def test_a_seeded_sample_is_generate_py_s_with_the_same_seed(client: openai.OpenAI, run_dir: Path,
+                                                             run_command) -> None:
+    prompt = "Every effort moves you"
+    result = run_command(generate_main, ["--checkpoint", str(run_dir), "--prompt", prompt,
+                                         "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95",
+                                         "--seed", "5", "--max-new-tokens", "15",
+                                         "--dtype", "float32", "--device", "cpu"])
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=15, temperature=0.9,
+                                     top_p=0.95, seed=5, extra_body={"top_k": 20})
+    assert result.out == prompt + done.choices[0].text + "\n"
+
+
 def test_chat_without_a_template_continues_the_messages_joined_by_newlines(
         client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

@@ -1,7 +1,7 @@
-"""gpt-serve under load: aggregate tokens/s at 1 and at N concurrent streams, then many clients for a
-minute (latency to the first token, tokens/s, the server's resident memory).
+"""gpt-serve under load: aggregate tokens/s at 1 and at N concurrent streams, then many clients for
+a minute (latency to the first token, tokens/s, the server's resident memory).
 
-    python benchmarks/bench_serve.py                      # 124M shape, bf16: the table in docs/serving.md
+    python benchmarks/bench_serve.py          # 124M shape, bf16: the table in docs/serving.md
     python benchmarks/bench_serve.py --checkpoint runs/NAME --dtype float32
     python benchmarks/bench_serve.py --duration 10 --load-duration 20 --load-clients 8   # quicker
 
@@ -12,7 +12,8 @@ streaming /v1/completions requests back to back (greedy, `--tokens` new tokens, 
 words) until the phase's time is up; a phase ends when its last request has finished.
 
 1. Streams: for each count in --streams, that many clients for --duration seconds (after a short
-   warm-up). Aggregate tokens/s = tokens received / the phase's wall time. Goal: 8 streams >= 4x one.
+   warm-up). Aggregate tokens/s = tokens received / the phase's wall time. Goal: 8 streams >= 4x
+   one.
 2. Load: --load-clients clients for --load-duration seconds, each request asking for 16 to
    2 x --tokens new tokens. Time to first token (request sent -> first token chunk received,
    waiting for a free row included) p50/p95, tokens/s, errors, and the server's resident memory
@@ -41,8 +42,9 @@ import httpx
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the sea river light morning house every effort moves you toward a quiet town where "
-         "people read old books and the wind carries voices over fields of grain").split()
+TEXT = ("the sea river light morning house every effort moves you toward a quiet town where "
+        "people read old books and the wind carries voices over fields of grain")
+WORDS = TEXT.split(" ")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("starlette", reason="gpt-serve's extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("starlette", reason="gpt-serve's extra is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="gpt-serve's extra is not installed")
 
 from gpt.atomic import atomic_directory  # noqa: E402 - after the skips above

@@ -145,13 +145,14 @@ def test_top_k_extension_through_extra_body(client: openai.OpenAI) -> None:
 
 def test_logprobs_are_the_models_probabilities(client: openai.OpenAI, run_dir: Path) -> None:
     prompt = "Every effort moves you"
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=6, temperature=0, logprobs=True,
-                                          top_logprobs=3)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert len(content) == 6
     tokenizer = get_tokenizer()
-    ids = tokenizer.encode(prompt) + [tokenizer.encode_single_token(bytes(c.bytes)) for c in content]
+    ids = tokenizer.encode(prompt) + [tokenizer.encode_single_token(bytes(c.bytes))
+                                      for c in content]
     explained = explain(load_model(run_dir / "best"), torch.tensor(ids), top=3).tokens
     for entry, position in zip(content, explained[-6:], strict=True):
         assert math.isclose(math.exp(entry.logprob), position.prob, rel_tol=1e-4)
@@ -262,7 +263,8 @@ def test_only_the_pages_own_files_are_served(server: str) -> None:
     page = httpx.get(server + "/")
     assert page.status_code == 200 and "<title>gpt-serve</title>" in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    assert httpx.get(server + "/static/app.js").headers["content-type"].startswith("text/javascript")
+    script = httpx.get(server + "/static/app.js")
+    assert script.headers["content-type"].startswith("text/javascript")
     for path in ("/static/../cli.py", "/static/%2e%2e/cli.py", "/static/cli.py", "/cli.py",
                  "/static/", "/index.html", "/static/static/app.js", "//etc/passwd"):
         assert httpx.get(server + path).status_code == 404, path

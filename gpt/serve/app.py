@@ -36,7 +36,14 @@ from starlette.routing import Route
 
 from gpt.serve import responses as r
 from gpt.serve.engine import Engine, Event, Job
-from gpt.serve.protocol import Parsed, RequestError, Served, error_body, parse_chat, parse_completion
+from gpt.serve.protocol import (
+    Parsed,
+    RequestError,
+    Served,
+    error_body,
+    parse_chat,
+    parse_completion,
+)
 
 log = logging.getLogger("gpt.serve")
 

@@ -31,7 +31,7 @@ from gpt.model import GPT, Block, KVCache
 
 
 class RowView(KVCache):
-    """A `KVCache` whose buffers are one row of a `RowCache`, for `GPT.forward` to prefill in place."""
+    """A `KVCache` whose buffers are one row of a `RowCache`: `GPT.forward` prefills it in place."""
 
     def __init__(self, keys: Tensor, values: Tensor) -> None:
         # No super().__init__: it would allocate buffers; these are views of the row's storage.
@@ -50,7 +50,8 @@ class RowCache:
         weight = model.tok_emb.weight
         self.max_rows = max_rows
         self.shape = (cfg.n_heads, cfg.context_length, cfg.head_dim)
-        self.device, self.dtype = weight.device, weight.dtype  # what attention produces (no autocast)
+        # The weights' dtype is what attention produces: the server runs without autocast.
+        self.device, self.dtype = weight.device, weight.dtype
         self.keys = [self._empty(0) for _ in range(cfg.n_layers)]  # (capacity, H, L, D) each
         self.values = [self._empty(0) for _ in range(cfg.n_layers)]
         self.lengths: list[int] = []  # positions filled, per row in use
@@ -109,7 +110,8 @@ class RowCache:
     def views(self, row: int) -> list[KVCache]:
         """The row as one `KVCache` per layer, emptied: `GPT.forward` refills it from position 0."""
         self.lengths[row] = 0
-        return [RowView(k[row:row + 1], v[row:row + 1]) for k, v in zip(self.keys, self.values, strict=True)]
+        return [RowView(k[row:row + 1], v[row:row + 1])
+                for k, v in zip(self.keys, self.values, strict=True)]
 
 
 @torch.inference_mode()
@@ -151,7 +153,8 @@ def decode_step(model: GPT, cache: RowCache, tokens: Tensor) -> Tensor:
         q = q.view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
         keys[rows, :, positions] = k.view(B, attn.n_heads, attn.head_dim).to(keys.dtype)
         values[rows, :, positions] = v.view(B, attn.n_heads, attn.head_dim).to(values.dtype)
-        y = F.scaled_dot_product_attention(q, keys[:B, :, :S].to(q.dtype), values[:B, :, :S].to(q.dtype),
+        y = F.scaled_dot_product_attention(q, keys[:B, :, :S].to(q.dtype),
+                                           values[:B, :, :S].to(q.dtype),
                                            attn_mask=mask)  # (B, H, 1, D)
         x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, C))
         x = x + block.mlp(block.norm2(x))

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
 
         from gpt.serve.app import create_app
     except ImportError as exc:
-        raise UserError(f"gpt-serve needs the serve extra ({exc.name} is missing): {INSTALL}") from None
+        raise UserError(f"gpt-serve needs the serve extra ({exc.name} is missing): "
+                        f"{INSTALL}") from None
     for name in ("max_batch", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

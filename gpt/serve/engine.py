@@ -72,7 +72,7 @@ class Event:
 
 @dataclass(eq=False)  # compared and hashed by identity: two equal requests are two jobs
 class Job:
-    """One prompt with `n` choices; `emit` is called on the engine thread with each step's events."""
+    """One prompt with `n` choices; `emit` gets each step's events, on the engine thread."""
 
     prompt: list[int]
     sampling: Sampling
@@ -192,7 +192,8 @@ class Engine:
         sequences = [self._sequence(job, i, job.prompt) for i in range(job.n)]
         first = self.cache.add()
         self.rows.append(sequences[0])
-        logits = prefill(self.model, self.cache, first, torch.tensor(job.prompt, device=self.device))
+        ids = torch.tensor(job.prompt, device=self.device)
+        logits = prefill(self.model, self.cache, first, ids)
         for sequence in sequences[1:]:
             row = self.cache.add()
             self.cache.move(first, row)
@@ -205,7 +206,7 @@ class Engine:
         seed = job.sampling.seed
         if seed is None:
             generator.seed()
-        else:  # choice i of a seeded request draws from seed + i: repeatable, and unlike its siblings
+        else:  # choice i draws from seed + i: repeatable, and unlike its siblings
             generator.manual_seed((seed + job.first_choice + i) % 2**64)
         return Sequence(job, job.first_choice + i, generator, Detokenizer(self.tokenizer),
                         StopFilter(list(job.sampling.stop)), list(prompt))
@@ -245,7 +246,8 @@ class Engine:
         """Pick the next token of each row in `rows` from its logits (one row of `logits` each),
         send the events, free the rows that finished."""
         greedy = logits.argmax(dim=-1).tolist()
-        wanted = [i for i, row in enumerate(rows) if self.rows[row].job.sampling.logprobs is not None]
+        wanted = [i for i, row in enumerate(rows)
+                  if self.rows[row].job.sampling.logprobs is not None]
         logp = logits[wanted].float().log_softmax(dim=-1) if wanted else None
         finished = []
         for i, row in enumerate(rows):

@@ -3,7 +3,7 @@
 `parse_completion` and `parse_chat` take the decoded JSON body and return a `Parsed` request, or
 raise `RequestError`, which the server answers with a 400 and OpenAI's error object:
 
-    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "n", "code": null}}
 
 Every field is checked for its type and range here, before anything reaches the engine, so a
 malformed request can never become a 500. Fields this server does not implement (penalties,
@@ -45,7 +45,8 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  status: int = 400, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+        self.message, self.param, self.code = message, param, code
+        self.status, self.kind = status, kind
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.kind, self.param, self.code)
@@ -71,7 +72,7 @@ class Served:
     max_choices: int
     """The most choices (prompts x n) one request may ask for: the engine's rows."""
     chat_max_tokens: int = 256
-    """`max_tokens` of a chat request that gives none (OpenAI's own default is 16 for completions)."""
+    """`max_tokens` of a chat request that gives none (completions: 16, as OpenAI's)."""
 
 
 @dataclass(frozen=True)
@@ -291,12 +292,14 @@ def parse_chat(body: object, served: Served) -> Parsed:
     if top is not None and not wants_logprobs:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (top or 0) if wants_logprobs else None
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    name = "max_tokens"
+    if body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
     sampling = _sampling(body, served, min(served.chat_max_tokens, served.max_tokens), logprobs,
                          name)
     stream = _boolean(body, "stream")
-    return Parsed(True, [ids], ["<|endoftext|>".join(segments)], sampling, _n(body, served, 1), stream,
-                  _stream_options(body, stream))
+    return Parsed(True, [ids], ["<|endoftext|>".join(segments)], sampling, _n(body, served, 1),
+                  stream, _stream_options(body, stream))
 
 
 def _messages(messages: object) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Tokens to text for a server: whole characters only, and `stop` strings cut out before they are sent.
+"""Tokens to text for a server: whole characters only, `stop` strings cut out before they are sent.
 
 A GPT-2 token is a byte string and a UTF-8 character may span tokens, so each token's text comes
 from an incremental decoder (as `generate.py`'s `write_text`): a token that ends inside a character

@@ -3,7 +3,8 @@ driven by Selenium types a prompt, waits for the streamed answer, checks that ev
 its probability and shows its alternatives, and saves a screenshot.
 
 Skipped, with the reason, where the browser or its driver is not installed (.ci/run installs them
-with apt-get when it can). GPT_SERVE_SCREENSHOT=path keeps the screenshot (docs/serve.png is one).
+with apt-get when it can). GPT_SERVE_SCREENSHOT=path keeps the screenshot, and
+GPT_SERVE_CHECKPOINT=run serves that run instead of a tiny random model (docs/serve.png is one).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if CHROMIUM is None or DRIVER is None:
                 allow_module_level=True)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PROMPT = "Every effort moves you"
+PROMPT = "Every object has"
 
 
 @pytest.fixture
@@ -54,27 +55,32 @@ def set_field(driver, name: str, value: str) -> None:
 
 
 def test_the_page_streams_an_answer_shaded_by_probability(browser, tmp_path: Path) -> None:
-    run = save_run(tmp_path / "run")
-    with serve(run) as (url, _, _):
+    given = os.environ.get("GPT_SERVE_CHECKPOINT")
+    run = Path(given) if given else save_run(tmp_path / "run")
+    with serve(run) as (url, served, _):
+        # Sampled, but seeded: a request alone is repeatable, so the page's answer is known.
         expected = openai.OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(
-            model="run", messages=[{"role": "user", "content": PROMPT}], max_tokens=24,
-            temperature=0).choices[0].message.content
+            model=served.name, messages=[{"role": "user", "content": PROMPT}], max_tokens=24,
+            temperature=0.8, top_p=1, seed=3, logprobs=True, extra_body={"top_k": 50})
         browser.get(f"{url}/")
         wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: d.find_element(By.ID, "model").text == "model: run")
+        wait.until(lambda d: d.find_element(By.ID, "model").text == f"model: {served.name}")
         set_field(browser, "max_tokens", "24")
-        set_field(browser, "temperature", "0")
+        set_field(browser, "temperature", "0.8")  # top-p 1 and top-k 50: the page's defaults
+        set_field(browser, "seed", "3")
         prompt = browser.find_element(By.ID, "prompt")
         prompt.send_keys(PROMPT)
         prompt.send_keys(Keys.ENTER)
         answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".message.assistant.done"))
         tokens = answer.find_elements(By.CSS_SELECTOR, ".tok")
-        assert len(tokens) == 24
-        assert "".join(t.get_attribute("textContent") for t in tokens) == expected
+        assert len(tokens) == len(expected.choices[0].logprobs.content)  # 24 unless end-of-text
+        text = "".join(t.get_attribute("textContent") for t in tokens)
+        assert text == expected.choices[0].message.content
         probabilities = [float(t.get_attribute("data-p")) for t in tokens]
         assert all(0 < p <= 1 for p in probabilities)
         assert len({t.value_of_css_property("background-color") for t in tokens}) > 1
-        assert "24 tokens" in answer.find_element(By.CSS_SELECTOR, ".meta").text
+        meta = answer.find_element(By.CSS_SELECTOR, ".meta").text
+        assert f"{expected.usage.completion_tokens} tokens" in meta
 
         ActionChains(browser).move_to_element(tokens[2]).perform()
         tip = wait.until(lambda d: d.find_element(By.ID, "tip") if d.find_element(

@@ -12,8 +12,9 @@ streaming /v1/completions requests back to back (greedy, `--tokens` new tokens, 
 words) until the phase's time is up; a phase ends when its last request has finished.
 
 1. Streams: for each count in --streams, that many clients for --duration seconds (after a short
-   warm-up). Aggregate tokens/s = tokens received / the phase's wall time. Goal: 8 streams >= 4x
-   one.
+   warm-up), in --rounds rounds, each round's ratio against its own one-stream phase (a shared
+   machine's load drifts). Aggregate tokens/s = tokens received / the phase's wall time. Goal: 8
+   streams >= 4x one.
 2. Load: --load-clients clients for --load-duration seconds, each request asking for 16 to
    2 x --tokens new tokens. Time to first token (request sent -> first token chunk received,
    waiting for a free row included) p50/p95, tokens/s, errors, and the server's resident memory
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8", help="concurrent streams to compare (1,8)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request (64)")
     parser.add_argument("--duration", type=float, default=30, help="seconds per streams phase")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the streams phases (2)")
     parser.add_argument("--load-clients", type=int, default=32, help="clients of the load run")
     parser.add_argument("--load-duration", type=float, default=60, help="seconds of the load run")
     parser.add_argument("--max-batch", type=int, default=32, help="gpt-serve --max-batch (32)")
@@ -198,29 +200,32 @@ def main() -> None:
                   f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
                   f"{run.name}, {args.dtype}", flush=True)
             asyncio.run(run_phase(url, server.pid, 2, 5, (8, 8), 0))  # warm-up
-            print("\n| concurrent streams | requests | tokens | seconds | aggregate tokens/s | "
-                  "per stream tokens/s | TTFT p50 | vs 1 stream |\n|---:|---:|---:|---:|---:|"
-                  "---:|---:|---:|")
-            base = None
-            for count in (int(c) for c in args.streams.split(",")):
-                phase = asyncio.run(run_phase(url, server.pid, count, args.duration,
-                                              (args.tokens, args.tokens), count))
-                base = base or phase.tokens_per_s
-                print(f"| {count} | {phase.requests} | {phase.tokens} | {phase.seconds:.1f} | "
-                      f"{phase.tokens_per_s:.1f} | {phase.tokens_per_s / count:.1f} | "
-                      f"{phase.percentile(0.5) * 1000:.0f} ms | "
-                      f"{phase.tokens_per_s / base:.2f}x |", flush=True)
-                if phase.errors:
-                    print(f"errors: {phase.errors[:3]}")
+            print("\n| round | concurrent streams | requests | tokens | seconds | aggregate tokens/s |"
+                  " per stream tokens/s | TTFT p50 | vs 1 stream (same round) | load average |\n"
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for round_ in range(1, args.rounds + 1):  # rounds alternate: a shared machine drifts
+                base = None
+                for count in (int(c) for c in args.streams.split(",")):
+                    phase = asyncio.run(run_phase(url, server.pid, count, args.duration,
+                                                  (args.tokens, args.tokens), count + round_))
+                    base = base or phase.tokens_per_s
+                    print(f"| {round_} | {count} | {phase.requests} | {phase.tokens} | "
+                          f"{phase.seconds:.1f} | {phase.tokens_per_s:.1f} | "
+                          f"{phase.tokens_per_s / count:.1f} | "
+                          f"{phase.percentile(0.5) * 1000:.0f} ms | "
+                          f"{phase.tokens_per_s / base:.2f}x | {os.getloadavg()[0]:.1f} |",
+                          flush=True)
+                    if phase.errors:
+                        print(f"errors: {phase.errors[:3]}")
             load = asyncio.run(run_phase(url, server.pid, args.load_clients, args.load_duration,
                                          (16, 2 * args.tokens), 99))
             print(f"\n| clients | seconds | requests | errors | tokens/s | TTFT p50 | TTFT p95 | "
-                  f"RSS at 10 s | RSS at end | RSS max |\n|---:|---:|---:|---:|---:|---:|---:|"
-                  f"---:|---:|---:|\n| {args.load_clients} | {load.seconds:.1f} | "
+                  f"RSS at 10 s | RSS at end | RSS max | load average |\n|---:|---:|---:|---:|---:|"
+                  f"---:|---:|---:|---:|---:|---:|\n| {args.load_clients} | {load.seconds:.1f} | "
                   f"{load.requests} | {len(load.errors)} | {load.tokens_per_s:.1f} | "
                   f"{load.percentile(0.5):.2f} s | {load.percentile(0.95):.2f} s | "
                   f"{rss_at(load, 10) / 2**20:.0f} MiB | {load.rss[-1][1] / 2**20:.0f} MiB | "
-                  f"{max(b for _, b in load.rss) / 2**20:.0f} MiB |")
+                  f"{max(b for _, b in load.rss) / 2**20:.0f} MiB | {os.getloadavg()[0]:.1f} |")
             if load.errors:
                 print(f"errors: {load.errors[:3]}")
             health = httpx.get(f"{url}/health").json()

@@ -131,7 +131,7 @@ async def request(client: httpx.AsyncClient, phase: Phase, prompt: str, tokens: 
                 if "error" in chunk:
                     phase.errors.append(chunk["error"]["message"])
                     return
-                if chunk.get("usage"):
+                if not chunk["choices"]:  # include_usage's own chunk (the last chunk has it too)
                     phase.tokens += chunk["usage"]["completion_tokens"]
                 elif first is None and chunk["choices"][0]["finish_reason"] is None:
                     first = time.perf_counter() - sent

@@ -103,6 +103,8 @@ def test_streams_what_a_whole_response_holds(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert len(chunks) == 21  # one per token, then the finish
+    assert chunks[-1].usage.completion_tokens == 20  # on the last chunk, even unasked
+    assert all(c.usage is None for c in chunks[:-1])
 
     messages = [{"role": "user", "content": "The sea"}]
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,

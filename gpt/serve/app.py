@@ -274,14 +274,21 @@ async def _chunks(running: Running, parsed: Parsed, served: Served) -> AsyncIter
     choices = len(parsed.prompts) * parsed.n
     offsets = [0] * choices
     used = [0] * choices
+    prompt_tokens, finished = sum(map(len, parsed.prompts)), 0
 
     def chunk(index: int, text: str | None, logprobs: dict[str, Any] | None,
               finish: str | None, delta: dict[str, Any] | None = None) -> str:
         if parsed.chat:
             delta = delta if delta is not None else ({} if text is None else {"content": text})
-            return _sse(r.chat_chunk(request_id, created, name, index, delta, logprobs, finish))
-        return _sse(r.completion_chunk(request_id, created, name, index, text or "", logprobs,
-                                       finish))
+            body = r.chat_chunk(request_id, created, name, index, delta, logprobs, finish)
+        else:
+            body = r.completion_chunk(request_id, created, name, index, text or "", logprobs,
+                                      finish)
+        if finish is not None and finished == choices:
+            # The last choice's last chunk carries the usage too (its `usage` is null elsewhere),
+            # so every response has it; include_usage adds OpenAI's own usage-only chunk.
+            body["usage"] = r.usage(prompt_tokens, sum(used))
+        return _sse(body)
 
     for i in range(choices):  # the first event of each choice: the role, or the echoed prompt
         if parsed.chat:
@@ -302,11 +309,11 @@ async def _chunks(running: Running, parsed: Parsed, served: Served) -> AsyncIter
                 yield chunk(i, piece.text, logprobs, None)
             used[i] = event.completion_tokens
             if event.finish_reason is not None:
+                finished += 1
                 yield chunk(i, None, None, event.finish_reason)
     except RuntimeError as exc:  # the engine failed on this request: say so in the stream
         yield _sse(error_body(str(exc), "server_error"))
         return
     if parsed.include_usage:
-        yield _sse(r.usage_chunk(request_id, created, name, parsed.chat,
-                                 sum(map(len, parsed.prompts)), sum(used)))
+        yield _sse(r.usage_chunk(request_id, created, name, parsed.chat, prompt_tokens, sum(used)))
     yield _sse("[DONE]")

@@ -2,8 +2,9 @@
 
     completion_body / chat_body        a whole response (`stream` false)
     completion_chunk / chat_chunk      one server-sent event's JSON (`stream` true)
-    usage                              token counts, in every whole response and, streamed, in the
-                                       last chunk when `stream_options.include_usage` asks for it
+    usage                              token counts: in every whole response; streamed, on the last
+                                       choice's last chunk, and in a chunk of its own after it when
+                                       `stream_options.include_usage` asks for it (as OpenAI does)
 
 Log-probabilities are those of the model's own distribution (softmax of the logits, before
 temperature, top-k and top-p), the numbers `python -m gpt.explain` prints: chat's `logprobs.content`
@@ -113,7 +114,7 @@ def completion_chunk(request_id: str, created: int, model: str, index: int, text
     """One streamed /v1/completions event: a choice's next text (OpenAI sends one per token)."""
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+                         "finish_reason": finish_reason}], "usage": None}
 
 
 def chat_chunk(request_id: str, created: int, model: str, index: int, delta: dict[str, Any],
@@ -121,7 +122,7 @@ def chat_chunk(request_id: str, created: int, model: str, index: int, delta: dic
     """One streamed /v1/chat/completions event; the first of each choice carries the role."""
     return {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}]}
+                                         "finish_reason": finish_reason}], "usage": None}
 
 
 def usage_chunk(request_id: str, created: int, model: str, chat: bool, prompt_tokens: int,

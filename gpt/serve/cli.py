@@ -44,16 +44,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request "
                              f"(default: ${API_KEY_ENV}, else none)")
-    parser.add_argument("--model-name", default=None,
+    parser.add_argument("--model-name", default=None, metavar="NAME",
                         help="the model id clients send (default: the run's or weights' name)")
-    parser.add_argument("--max-batch", type=int, default=16,
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N",
                         help="sequences decoded together; more requests wait (default 16)")
-    parser.add_argument("--max-tokens-limit", type=int, default=1024,
+    parser.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N",
                         help="the largest max_tokens a request may ask for (default 1024)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="BYTES",
                         help="the largest request body (default 1 MiB)")
     return parser
 

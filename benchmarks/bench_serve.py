@@ -21,6 +21,8 @@ words) until the phase's time is up; a phase ends when its last request has fini
    (VmRSS of its process, sampled each second) after the first 10 s and at the end.
 
 On a 2-core machine the clients take CPU from the server: the figures are for the two together.
+The engine's own counters (/health) split each streams phase's time into batched decode steps (rows
+per step, ms per step) and prompt prefills.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("the sea river light morning house every effort moves you toward a quiet town where "
         "people read old books and the wind carries voices over fields of grain")
 WORDS = TEXT.split(" ")
+ENGINE_COUNTERS = ("decode_steps", "decode_rows", "decode_seconds", "prefill_seconds")
 
 
 @dataclass
@@ -201,20 +204,27 @@ def main() -> None:
                   f"{run.name}, {args.dtype}", flush=True)
             asyncio.run(run_phase(url, server.pid, 2, 5, (8, 8), 0))  # warm-up
             print("\n| round | concurrent streams | requests | tokens | seconds | aggregate tokens/s |"
-                  " per stream tokens/s | TTFT p50 | vs 1 stream (same round) | load average |\n"
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  " per stream tokens/s | TTFT p50 | vs 1 stream (same round) | rows per step |"
+                  " ms per step | prefill s | decode s | load average |\n"
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for round_ in range(1, args.rounds + 1):  # rounds alternate: a shared machine drifts
                 base = None
                 for count in (int(c) for c in args.streams.split(",")):
+                    before = httpx.get(f"{url}/health").json()
                     phase = asyncio.run(run_phase(url, server.pid, count, args.duration,
                                                   (args.tokens, args.tokens), count + round_))
+                    after = httpx.get(f"{url}/health").json()
+                    engine = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
                     base = base or phase.tokens_per_s
                     print(f"| {round_} | {count} | {phase.requests} | {phase.tokens} | "
                           f"{phase.seconds:.1f} | {phase.tokens_per_s:.1f} | "
                           f"{phase.tokens_per_s / count:.1f} | "
                           f"{phase.percentile(0.5) * 1000:.0f} ms | "
-                          f"{phase.tokens_per_s / base:.2f}x | {os.getloadavg()[0]:.1f} |",
-                          flush=True)
+                          f"{phase.tokens_per_s / base:.2f}x | "
+                          f"{engine['decode_rows'] / max(1, engine['decode_steps']):.1f} | "
+                          f"{1000 * engine['decode_seconds'] / max(1, engine['decode_steps']):.0f} | "
+                          f"{engine['prefill_seconds']:.1f} | {engine['decode_seconds']:.1f} | "
+                          f"{os.getloadavg()[0]:.1f} |", flush=True)
                     if phase.errors:
                         print(f"errors: {phase.errors[:3]}")
             load = asyncio.run(run_phase(url, server.pid, args.load_clients, args.load_duration,

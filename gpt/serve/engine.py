@@ -28,6 +28,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,7 +117,10 @@ class Engine:
         self.backlog: list[Job] = []  # taken from `waiting`, not yet admitted (FIFO)
         self.thread = threading.Thread(target=self._loop, name="gpt-serve-engine", daemon=True)
         self.closing = False
+        # Counters for /health and the benchmark: where the engine's time goes.
         self.generated_tokens = 0
+        self.steps = self.step_rows = self.prefill_tokens = 0
+        self.step_seconds = self.prefill_seconds = 0.0
 
     # ---- called from other threads -----------------------------------------------------------
 
@@ -133,10 +137,13 @@ class Engine:
             raise ValueError(f"n={job.n} is more than the {self.cache.max_rows} rows of the cache")
         self.waiting.put(job)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         return {"active_sequences": len(self.rows), "queued_requests": self.waiting.qsize()
                 + len(self.backlog), "max_batch": self.cache.max_rows,
-                "generated_tokens": self.generated_tokens}
+                "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
+                "decode_rows": self.step_rows, "decode_seconds": round(self.step_seconds, 3),
+                "prefill_tokens": self.prefill_tokens,
+                "prefill_seconds": round(self.prefill_seconds, 3)}
 
     # ---- the engine thread -------------------------------------------------------------------
 
@@ -192,8 +199,7 @@ class Engine:
         sequences = [self._sequence(job, i, job.prompt) for i in range(job.n)]
         first = self.cache.add()
         self.rows.append(sequences[0])
-        ids = torch.tensor(job.prompt, device=self.device)
-        logits = prefill(self.model, self.cache, first, ids)
+        logits = self._prefill(first, job.prompt)
         for sequence in sequences[1:]:
             row = self.cache.add()
             self.cache.move(first, row)
@@ -217,14 +223,23 @@ class Engine:
         batched = len(self.rows) - len(full)
         logits = []
         if batched:
+            started = time.perf_counter()
             tokens = torch.tensor([s.window[-1] for s in self.rows[:batched]], device=self.device)
             logits.append(decode_step(self.model, self.cache, tokens))
+            self.steps, self.step_rows = self.steps + 1, self.step_rows + batched
+            self.step_seconds += time.perf_counter() - started
         for row in full:  # as DecodeSession.step: empty the row, re-fill it from the window's end
             sequence = self.rows[row]
             sequence.window = sequence.window[-self.rebuild:]
-            ids = torch.tensor(sequence.window, device=self.device)
-            logits.append(prefill(self.model, self.cache, row, ids)[None])
+            logits.append(self._prefill(row, sequence.window)[None])
         self._sample(list(range(len(self.rows))), torch.cat(logits))
+
+    def _prefill(self, row: int, ids: list[int]) -> Tensor:
+        started = time.perf_counter()
+        logits = prefill(self.model, self.cache, row, torch.tensor(ids, device=self.device))
+        self.prefill_tokens += len(ids)
+        self.prefill_seconds += time.perf_counter() - started
+        return logits
 
     def _move_full_rows_last(self) -> list[int]:
         """Swap the rows whose cache is full to the end (decode_step feeds rows 0..B-1); their

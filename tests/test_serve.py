@@ -14,7 +14,7 @@ import pytest
 import torch
 
 openai = pytest.importorskip("openai", reason="the test extra's openai client is not installed")
-httpx = pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx", reason="the test extra's httpx is not installed")
 from serve_helpers import save_run, serve  # noqa: E402 - after the skips above
 
 from gpt.checkpoint import load_model  # noqa: E402

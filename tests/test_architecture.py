@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gpt"
-LAYERS = ("base", "model", "data", "checkpoints", "eval", "training", "objectives", "cli")
+LAYERS = ("base", "model", "data", "checkpoints", "eval", "training", "objectives", "cli", "serve")
 """The sub-packages, lowest first: a module may import from its own sub-package and the ones
 before it, never from one after it (gpt/__init__.py and gpt/__main__.py stand above them all)."""
 

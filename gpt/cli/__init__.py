@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("gpt.eval.evaluate", "a model's perplexity and bits per byte on a text"),
     "explain": ("gpt.eval.explain", "a text's loss token by token"),
     "export": ("gpt.cli.export", "a checkpoint as a Hugging Face model directory"),
+    "serve": ("gpt.serve.cli", "an OpenAI-compatible HTTP server and a chat page (extra [serve])"),
 }
 """Command name -> (the module whose `main(argv)` runs it, what it does)."""
 

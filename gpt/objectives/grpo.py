@@ -418,7 +418,7 @@ class GRPO:
         return metrics.format_row(row, val_note=f"mean reward {row[VAL_COLUMN]:.3f}", extra=extra)
 
     def best_line(self, best: float) -> str:
-        return f"mean reward {-best:.4f}"
+        return f"mean reward {0.0 - best:.4f}"
 
 
 register(GRPO())

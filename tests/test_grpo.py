@@ -14,6 +14,7 @@ import torch
 from tiny_runs import cli_error, tiny
 
 from gpt.base.errors import UserError
+from gpt.cli.train import parse_args
 from gpt.data.records import Record
 from gpt.model.config import GPTConfig
 from gpt.model.loss import IGNORE_INDEX
@@ -29,6 +30,7 @@ from gpt.objectives.rollouts import (
     decode_rows,
     draw,
 )
+from gpt.training.settings import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = get_tokenizer()
@@ -333,3 +335,16 @@ def test_bad_grpo_input_is_one_line_and_writes_nothing(tmp_path, prompts_file, c
     message = message.replace("p2.jsonl", str(tmp_path / "p2.jsonl"))
     assert message in cli_error([*base, *flags], capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_reward_is_a_repeatable_flag_a_toml_list_and_a_json_list_read_back_as_a_tuple(tmp_path) -> None:
+    cfg, _ = parse_args(["--objective", "grpo", "--reward", "exact", "--reward", "regex:[0-9]"])
+    assert cfg.reward == ("exact", "regex:[0-9]")
+    (tmp_path / "grpo.toml").write_text('objective = "grpo"\nreward = ["number", "contains"]\n')
+    from_toml, _ = parse_args(["--config", str(tmp_path / "grpo.toml")])
+    assert from_toml.reward == ("number", "contains")
+    flag_wins, _ = parse_args(["--config", str(tmp_path / "grpo.toml"), "--reward", "exact"])
+    assert flag_wins.reward == ("exact",)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # train_config.json
+    with pytest.raises(UserError, match=r"--reward must be a list of strings, got \(1,\)"):
+        TrainConfig(reward=(1,))  # type: ignore[arg-type]

@@ -184,11 +184,15 @@ class RolloutBatchSampler(BucketBatchSampler):
         return self.updates * sum(len(b) * max(self.lengths[i] for i in b) for b in batches)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rollouts": self.state.state_dict()}
+        return {**super().state_dict(), "rollouts": {**self.state.state_dict(), "rank": self.rank}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The data order, and the kept rollouts and metric sums if this rank saved them. Under
+        torchrun rank 0 writes the checkpoint: another rank starts its sums from 0, and samples again
+        a batch whose later updates were still to come (with the weights of the checkpoint)."""
         super().load_state_dict(state)
-        self.state.load_state_dict(state.get("rollouts", {}))
+        kept = state.get("rollouts", {})
+        self.state.load_state_dict(kept if kept.get("rank", 0) == self.rank else {})
 
 
 

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -25,7 +26,8 @@ from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.model.tokenizer import get_tokenizer
 from gpt.objectives.grpo import GRPO_EXTRA, VAL_COLUMN
-from gpt.training import metrics
+from gpt.objectives.rollouts import prompt_collate
+from gpt.training import metrics, trainer
 from gpt.training.settings import TrainConfig
 from gpt.training.trainer import fit, setup, train
 
@@ -125,6 +127,37 @@ def test_resume_between_the_updates_of_one_rollout_continues_exactly(
         return [{k: v for k, v in row.items() if k not in timings} for row in rows(tmp_path / run)]
 
     assert measured("run") == measured("straight")
+
+
+def test_gradient_accumulation_over_unequal_micro_batches_matches_one_big_batch(
+        tmp_path, prompts_file, init_dir) -> None:
+    # The same prompts sample the same completions; with the sequence mean the step's gradient is
+    # that of the mean over all of them, however the micro-batches split them (3 prompts and 1 here).
+    big = setup(grpo_run(tmp_path, prompts_file, init_dir, batch_size=4, loss_aggregation="sequence",
+                         run_name="big"))
+    small = setup(grpo_run(tmp_path, prompts_file, init_dir, batch_size=2, grad_accum=2,
+                           loss_aggregation="sequence", run_name="small"))
+    for run in (big, small):
+        run.optimizer.step = lambda *args, **kwargs: None  # keep the gradients to compare them
+    items = [big.records.datasets[0][(i, 0, 0, 0)] for i in range(4)]  # type: ignore[union-attr]
+    last = [(ids, index, (0, 1, 0)) for ids, index, _ in items[3:]]  # the second micro-batch's place
+    trainer.train_step(big, [prompt_collate(items)])
+    trainer.train_step(small, [prompt_collate(items[:3]), prompt_collate(last)])
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in big.model.parameters()]))
+    assert norm > 0.1  # the groups taught something
+    for a, b in zip(big.model.parameters(), small.model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    for run in (big, small):
+        run.lock.release()
+
+
+def test_a_bfloat16_run_samples_and_learns_under_autocast(tmp_path, prompts_file, init_dir) -> None:
+    result = train(grpo_run(tmp_path, prompts_file, init_dir, dtype="bfloat16", max_steps=2, kl_beta=0.1))
+    (row,) = rows(result.run_dir)[1:]
+    assert float(row["grad_norm"]) > 0.1 and 0 < float(row["train_reward"]) < 1
+    assert float(row["completion_tokens"]) == 4.0 and float(row["kl"]) >= 0  # a random model: no stop
+    weights = load_model(result.run_dir / "last").parameters()
+    assert all(math.isfinite(float(p.detach().sum())) for p in weights)
 
 
 def test_a_reward_that_raises_mid_run_ends_it_with_one_line(tmp_path, prompts_file, init_dir,

@@ -18,6 +18,7 @@ from test_distributed import _free_port, _torchrun_env
 from test_resume import interrupt_after
 from tiny_runs import assert_same_params, params, tiny
 
+from gpt.base.errors import UserError
 from gpt.checkpoints.checkpoint import load_model, save_model
 from gpt.cli.generate import run_generation
 from gpt.cli.train import main as train_main
@@ -127,6 +128,13 @@ def test_resume_between_the_updates_of_one_rollout_continues_exactly(
         return [{k: v for k, v in row.items() if k not in timings} for row in rows(tmp_path / run)]
 
     assert measured("run") == measured("straight")
+
+
+def test_a_resumed_run_keeps_its_rewards(tmp_path, prompts_file, init_dir) -> None:
+    cfg = grpo_run(tmp_path, prompts_file, init_dir, max_steps=1, eval_freq=1)
+    train(cfg)
+    with pytest.raises(UserError, match=r"--resume: --reward \('exact',\) differs from the run's "):
+        train(dataclasses.replace(cfg, reward=("exact",), prompt_template="plain"), resume=tmp_path / "run")
 
 
 def test_gradient_accumulation_over_unequal_micro_batches_matches_one_big_batch(

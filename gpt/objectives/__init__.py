@@ -1,7 +1,7 @@
 """The ways to train, one module each, each implementing `gpt.training.run.Objective`:
 next-token cross-entropy and its variants (`lm`), DPO (`dpo`), GRPO (`grpo`, with `rollouts` and
-`rewards`). Importing this package registers
-them, in this order (--objective's choices). Imports every package below it, up to `gpt.training`.
+`rewards`). Importing this package registers them, in this order (--objective's choices). Imports
+every package below it, up to `gpt.training`.
 """
 
 # Imported to register them, in the order of --objective's choices: the default first.

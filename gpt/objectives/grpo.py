@@ -18,8 +18,9 @@ of the training loader is a batch of prompts with its place in the data order (`
 the loss the step calls (`GRPOStep`) samples the batch's completions, scores them, and returns the
 loss of the sampled tokens. With --updates-per-rollout K the loader hands every batch out K times
 (`RolloutBatchSampler`: --grad-accum batches, then the same ones again, K times), and the step keeps
-the rollout between them (`gpt.objectives.rollouts.RolloutState`): the first update samples and keeps its log-probabilities as
-the "old" ones (the same weights sampled them, so its ratio is exactly 1), the later ones reuse both.
+the rollout between them (`RolloutState`): the first update samples and keeps its log-probabilities
+as the "old" ones (the same weights sampled them, so its ratio is exactly 1), the later ones reuse
+both.
 The kept rollouts and the metrics gathered since the last evaluation are part of the sampler's state,
 so a checkpoint taken between two updates of one rollout resumes exactly. Sampling draws from a
 generator of its own per prompt, seeded with (--seed, epoch, record): the same prompt gets the same

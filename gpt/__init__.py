@@ -1,6 +1,6 @@
 """gpt: a from-scratch GPT-2 pretraining framework in plain PyTorch."""
 
-import gpt.objectives  # noqa: F401 (importing registers the built-in objectives: --objective lm, dpo)
+import gpt.objectives  # noqa: F401 (importing registers the built-in objectives: --objective lm, dpo, grpo)
 from gpt.base.errors import UserError
 from gpt.checkpoints.load import load_model
 from gpt.checkpoints.weights import load_pretrained, save_hf

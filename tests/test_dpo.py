@@ -352,7 +352,7 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp
     (None, ["--label-smoothing", "0.1"], "--objective dpo has a loss of its own and does not combine with "
                                          "--label-smoothing"),
     (None, ["--no-mask-prompt"], "drop --no-mask-prompt"),
-    (None, ["--objective", "ppo"], "--objective must be one of lm, dpo, got 'ppo'"),
+    (None, ["--objective", "ppo"], "--objective must be one of lm, dpo, grpo, got 'ppo'"),
 ])
 def test_bad_dpo_input_is_one_line_and_writes_nothing(tmp_path, init_dir, capsys, rows_, flags,
                                                       message) -> None:

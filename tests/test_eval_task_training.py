@@ -76,6 +76,6 @@ def test_the_limit_must_be_at_least_one(tmp_path) -> None:
 
 def test_settings_from_toml_take_a_list_of_tasks(tmp_path) -> None:
     specs = [f"choice:{CHOICES}", f"last-word:{CHOICES.parent / 'last-word-sample.txt'}"]
-    assert tiny(tmp_path, eval_task=specs).eval_task == specs
-    with pytest.raises(ValueError, match="--eval-task must be a list of str"):
+    assert tiny(tmp_path, eval_task=specs).eval_task == tuple(specs)
+    with pytest.raises(ValueError, match="--eval-task must be a list of strings"):
         tiny(tmp_path, eval_task="choice:a.jsonl")

@@ -102,6 +102,6 @@ def test_an_objective_defined_in_a_test_file_trains_through_train(tmp_path, zlos
 
 
 def test_an_unregistered_objective_is_refused_naming_the_choices(tmp_path) -> None:
-    with pytest.raises(ValueError, match="--objective must be one of lm, dpo, got 'zloss'"):
+    with pytest.raises(ValueError, match="--objective must be one of lm, dpo, grpo, got 'zloss'"):
         setup(tiny(tmp_path, objective="zloss"), token_ids=TOKENS)
     assert not (tmp_path / "run").exists()

@@ -228,8 +228,8 @@ class DPO:
                               "drop --no-mask-prompt")
 
     def check_unused(self, cfg: TrainConfig) -> None:
-        if cfg.reference is not None:
-            raise ConfigError("--reference is the reference model of --objective dpo; add "
+        if cfg.reference is not None and cfg.objective != "grpo":  # GRPO's KL term has one too
+            raise ConfigError("--reference is the reference model of --objective dpo (or grpo); add "
                               "--objective dpo, or drop --reference")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,

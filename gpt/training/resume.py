@@ -61,7 +61,8 @@ if TYPE_CHECKING:  # gpt.training.record_data imports gpt.training.distributed, 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
                 "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature", "objective",
-                "dpo_beta", "reference", "eval_task", "eval_task_limit")
+                "dpo_beta", "reference", "reward", "group_size", "kl_beta", "rollout_tokens",
+                "updates_per_rollout", "eval_task", "eval_task_limit")
 """What a resumed run must keep: these fix the model, the training windows and their order, and the
 objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
 meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or
@@ -69,7 +70,8 @@ meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from 
 `batch_size` x the number of processes (`check_resume_settings`). `--teacher` may name another path
 (the teacher's directory moved, or the run continues on another machine: the teacher is read-only and
 in no checkpoint, and `load_teacher` checks it again), but a run with a teacher keeps one and a run
-without stays without."""
+without stays without. GRPO's rewards, group size, rollout length and updates per rollout fix what
+its steps sample and in which order, and --kl-beta whether a reference is loaded."""
 
 
 @dataclass
@@ -347,7 +349,8 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
         raise UserError(f"--resume: the run was trained {'with' if cfg.teacher is None else 'without'} "
                         "--teacher and a resumed run keeps its objective; start a new run to change it")
     for name in RESUME_FIXED:
-        if before.get(name) != getattr(cfg, name):
+        value = before.get(name)
+        if (tuple(value) if isinstance(value, list) else value) != getattr(cfg, name):  # JSON: a list
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "

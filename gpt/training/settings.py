@@ -16,9 +16,9 @@ import itertools
 import math
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast, get_args, get_origin, get_type_hints
+from typing import Any, NoReturn, cast, get_args, get_origin, get_type_hints
 
 from gpt.base.device import DTYPES
 from gpt.base.errors import ArgumentParser, UserError, command_name
@@ -168,7 +168,7 @@ class TrainConfig:
     eval_answers: int = 32
     """Records only: validation records answered greedily at each evaluation for the val_exact_match
     column (0 disables it)."""
-    eval_task: list[str] = field(default_factory=list)
+    eval_task: tuple[str, ...] = ()
     """Also score a benchmark task at every evaluation, as a metrics.csv column and a panel of
     loss.png: choice:FILE (multiple choice, acc_norm) or last-word:FILE; repeatable (see
     docs/evaluation-tasks.md)."""
@@ -179,17 +179,18 @@ class TrainConfig:
     """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
     `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
 
-    # the training objective (validation losses stay plain cross-entropy, except with dpo)
+    # the training objective (validation losses stay plain cross-entropy, except with dpo and grpo)
     objective: str = "lm"
-    """What training minimises: lm (next-token cross-entropy, or one of its variants below) or dpo
+    """What training minimises: lm (next-token cross-entropy, or one of its variants below), dpo
     (Direct Preference Optimization: --data holds records of a prompt with a chosen and a rejected
-    response, and training starts from --init, typically a fine-tuned run; see the README)."""
+    response, and training starts from --init, typically a fine-tuned run; see the README) or grpo
+    (reinforcement learning on prompt records against --reward: see docs/grpo.md)."""
     dpo_beta: float = 0.1
     """With --objective dpo: beta, the scale of the implicit reward beta x (log p - log p_ref) of a
     response; a larger beta keeps the model closer to the reference."""
     reference: str | None = None
-    """With --objective dpo: the frozen reference model (same forms as --init), of the same shape and
-    vocabulary as the trained one; default the --init weights."""
+    """With --objective dpo, or grpo with --kl-beta: the frozen reference model (same forms as --init),
+    of the same shape and vocabulary as the trained one; default the --init weights."""
     label_smoothing: float = 0.0
     """Train against the one-hot target mixed with the uniform distribution by this much, in [0, 1)
     (0 = plain cross-entropy)."""
@@ -203,6 +204,37 @@ class TrainConfig:
     """With --teacher: the loss is (1 - this) x the hard loss + this x T^2 x KL(teacher || student)."""
     distill_temperature: float = 2.0
     """With --teacher: T, both models' logits are divided by it before their softmax."""
+    reward: tuple[str, ...] = ()
+    """With --objective grpo: how a completion is scored, repeatable (the rewards are summed): exact
+    (equals the record's reference answer), contains (holds it), number (its last number equals the
+    reference's), regex:PATTERN (1 when the completion matches), or FILE.py:FUNCTION, a function
+    (prompt, completion, record) -> float. Kept with the run: a resumed run scores the same way."""
+    group_size: int = 8
+    """With --objective grpo: G, the completions sampled per prompt; each one's advantage is its reward
+    against its group's (at least 2)."""
+    clip_ratio: float = 0.2
+    """With --objective grpo: PPO's clip, the ratio p / p_old is kept in [1 - this, 1 + this]; in (0, 1)."""
+    kl_beta: float = 0.0
+    """With --objective grpo: weight of the per-token KL to --reference (the k3 estimator) in the loss;
+    0 loads no reference."""
+    rollout_tokens: int = 64
+    """With --objective grpo: the most new tokens of a completion (it stops earlier at end-of-text); the
+    prompt keeps its last context - this tokens."""
+    rollout_temperature: float = 1.0
+    """With --objective grpo: the temperature completions are sampled at (above 0)."""
+    rollout_top_k: int | None = None
+    """With --objective grpo: sample completions from the K most likely tokens only; default all."""
+    rollout_top_p: float = 1.0
+    """With --objective grpo: sample completions from the nucleus of this probability mass; in (0, 1]."""
+    updates_per_rollout: int = 1
+    """With --objective grpo: optimizer steps on each batch of sampled completions (PPO's epochs); with 1
+    the ratio is 1 and the loss is the policy gradient."""
+    loss_aggregation: str = "token"
+    """With --objective grpo: token (the mean over a micro-batch's completion tokens, as DAPO and TRL)
+    or sequence (the mean over completions of each one's token mean, as the GRPO paper)."""
+    scale_rewards: str = "group"
+    """With --objective grpo: group (advantage = (reward - group mean) / (group std + 1e-4)) or none
+    (reward - group mean, as Dr. GRPO)."""
 
     # system
     dtype: str = "auto"
@@ -239,6 +271,9 @@ class TrainConfig:
     """Name of this run's directory under --out; default the start time, e.g. 20250101-120000."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a repeatable setting read from JSON or TOML is a list
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         self._check_types()
 
         def need(ok: bool, name: str, what: str, example: Any) -> None:
@@ -293,11 +328,9 @@ class TrainConfig:
         hints = get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, allowed = getattr(self, f.name), get_args(hints[f.name]) or (hints[f.name],)
-            if get_origin(hints[f.name]) is list:  # a repeatable flag: a list of its values
-                ok = isinstance(value, list) and all(isinstance(item, allowed) for item in value)
-                if not ok:
-                    raise ConfigError(f"{flag(f.name)} must be a list of {allowed[0].__name__}, "
-                                      f"got {value!r}")
+            if get_origin(hints[f.name]) is tuple:  # a repeatable setting: tuple[str, ...]
+                if not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                    raise ConfigError(f"{flag(f.name)} must be a list of strings, got {value!r}")
                 continue
             ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
             if float in allowed:  # an integer is a fine float (lr = 1 in TOML)
@@ -312,7 +345,9 @@ class TrainConfig:
         return cast(tuple[float, float], _betas(self.adam_betas))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as train_config.json holds them (a repeatable setting as a list)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -378,11 +413,10 @@ def build_parser() -> ArgumentParser:
     old_names = {new: old for old, new in RENAMED.items()}
     for f in dataclasses.fields(TrainConfig):
         kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        shown = f.default if f.default is not dataclasses.MISSING else None  # a list: none given
-        help_text = docs[f.name].replace("%", "%%") + ("" if shown is None else f" [{shown}]")
+        help_text = docs[f.name].replace("%", "%%") + ("" if f.default in (None, ()) else f" [{f.default}]")
         flags = [flag(f.name)] + ([flag(old_names[f.name])] if f.name in old_names else [])
-        if get_origin(hints[f.name]) is list:
-            parser.add_argument(*flags, type=kind, action="append", metavar="TEXT", help=help_text)
+        if get_origin(hints[f.name]) is tuple:  # repeatable: each use adds one value
+            parser.add_argument(*flags, action="append", metavar="TEXT", help=help_text)
         elif kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -18,7 +18,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, cast, get_args, get_origin, get_type_hints
+from typing import Any, cast, get_args, get_origin, get_type_hints
 
 from gpt.base.device import DTYPES
 from gpt.base.errors import ArgumentParser, UserError, command_name

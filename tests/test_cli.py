@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What each command needs besides the flag under test, so that the flag is what it refuses.
 REQUIRED = {"train": [], "generate": [], "evaluate": ["--data", "x.txt"],
-            "explain": ["--text", "hi"], "export": ["run", "out"]}
+            "explain": ["--text", "hi"], "export": ["run", "out"], "serve": []}
 BAD_VALUES = {
     "train": (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
     "generate": (["--top-k", "1e30"], "argument --top-k: invalid int value: '1e30'"),
@@ -42,7 +42,7 @@ def refused(done: subprocess.CompletedProcess, cwd: Path) -> str:
 
 
 def test_the_table_lists_every_command() -> None:
-    assert list(COMMANDS) == ["train", "generate", "evaluate", "explain", "export"]
+    assert list(COMMANDS) == ["train", "generate", "evaluate", "explain", "export", "serve"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -73,8 +73,8 @@ def test_no_command_prints_the_table_and_an_unknown_one_is_one_line(tmp_path: Pa
     assert lines[0].startswith("usage: python -m gpt <command>")
     assert [line.split()[0] for line in lines[3:]] == list(COMMANDS)
     assert refused(python_m_gpt(tmp_path, "fly"), tmp_path) == (
-        "error: unknown command 'fly'; the commands are train, generate, evaluate, explain, export "
-        "(see python -m gpt --help)")
+        "error: unknown command 'fly'; the commands are train, generate, evaluate, explain, export, "
+        "serve (see python -m gpt --help)")
 
 
 def test_help_is_the_table_in_process_and_the_commands_help_names_it(

@@ -3,7 +3,11 @@ prompt template, and the real `python -m gpt.serve` process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,15 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="the test extra's openai client is not installed")
 httpx = pytest.importorskip("httpx", reason="the test extra's httpx is not installed")
 from serve_helpers import save_run, serve  # noqa: E402 - after the skips above
 
-from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE, TRAIN_STATE_FORMAT  # noqa: E402
+from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE  # noqa: E402
 from gpt.cli.generate import main as generate_main  # noqa: E402
 from gpt.serve import cli  # noqa: E402
+from gpt.training.settings import TrainConfig  # noqa: E402
+from gpt.training.trainer import train  # noqa: E402
 
 try:
     import tomllib
@@ -81,8 +86,17 @@ def test_another_host_than_this_machine_without_a_key_is_warned_about(
 def test_chat_uses_the_fine_tuned_runs_template_as_generate_py_does(
         tmp_path: Path, run_command) -> None:
     run = save_run(tmp_path / "tuned", seed=3)
-    torch.save({"format": TRAIN_STATE_FORMAT, "train_config": {"prompt_template": "qa"}},
-               run / "best" / TRAIN_STATE_FILE)
+    # A real fine-tuning run's training state (its settings name the qa template), beside the
+    # test's own weights: the template is read from the state, with --resume's checks.
+    records = tmp_path / "qa.jsonl"
+    records.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}"}) + "\n"
+                               for i in range(8)))
+    with contextlib.redirect_stdout(io.StringIO()):  # its report is not what is compared below
+        tuned = train(TrainConfig(data=str(records), preset="tiny", context_length=32, max_steps=1,
+                                  eval_freq=1, eval_iters=1, eval_answers=0, sample_tokens=0,
+                                  device="cpu", dtype="float32", out=str(tmp_path / "runs"),
+                                  run_name="qa"))
+    shutil.copy(tuned.run_dir / "best" / TRAIN_STATE_FILE, run / "best" / TRAIN_STATE_FILE)
     question = "What is the capital of France?"
     printed = run_command(generate_main, ["--checkpoint", str(run), "--prompt", question,
                                           "--temperature", "0", "--max-new-tokens", "20",

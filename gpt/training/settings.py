@@ -177,6 +177,11 @@ class TrainConfig:
     dpo_beta: float = 0.1
     """With --objective dpo: beta, the scale of the implicit reward beta x (log p - log p_ref) of a
     response; a larger beta keeps the model closer to the reference."""
+    rpo_alpha: float = 0.0
+    """With --objective dpo: add this x the chosen responses' cross-entropy (per token) to the DPO
+    loss (RPO; TRL's rpo_alpha). DPO alone may push both responses down, the chosen one too, until
+    the model answers nothing well; 1 keeps the chosen answers likely. Default 0: plain DPO, the
+    paper's loss (the run warns when the chosen log-probability falls)."""
     reference: str | None = None
     """With --objective dpo: the frozen reference model (same forms as --init), of the same shape and
     vocabulary as the trained one; default the --init weights."""

@@ -60,7 +60,7 @@ from gpt.training.optim import build_optimizer, lr_at
 from gpt.training.record_data import RecordData
 from gpt.training.report import log_evaluation, print_header, print_sample, print_summary
 from gpt.training.resume import checkpoint_state, restore
-from gpt.training.run import OBJECTIVES, Objective, Run, get_objective
+from gpt.training.run import OBJECTIVES, Objective, Run, get_objective, may_be_best, plot_panels
 from gpt.training.run_dir import OpenedRun, open_run_dir
 from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 from gpt.training.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
@@ -148,7 +148,7 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
         metrics=metrics_log(objective, cfg, records, run_dir), records=records, dist=dist,
-        saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
+        saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock, start=prepared.start,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
@@ -173,7 +173,8 @@ def metrics_log(objective: Objective, cfg: TrainConfig, records: RecordData | No
     """The run's metrics.csv, with the objective's columns and plot."""
     columns = objective.columns(cfg, records)
     return MetricsLog(run_dir / METRICS_FILE, columns, loss_name=objective.loss_name,
-                      accuracy=objective.accuracy_column(columns))
+                      accuracy=objective.accuracy_column(columns),
+                      panels=plot_panels(objective, columns))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -344,7 +345,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
     losses = run.objective.evaluate(run)
     check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
-    improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)
+    # An evaluation the objective keeps out of best/ scores as no improvement (an infinite loss).
+    eligible = may_be_best(run.objective, run, losses)
+    improved = state.keep_score(losses["val_loss"] if eligible else math.inf, run.cfg.min_delta)
     values = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
               "tokens_seen": state.tokens_seen, **losses, "lr": stats.lr if stats else math.nan,
               "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}

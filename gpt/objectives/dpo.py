@@ -45,7 +45,7 @@ from gpt.objectives.lm import ANSWER_COLUMN
 from gpt.objectives.teacher import load_frozen
 from gpt.training import metrics
 from gpt.training.distributed import Dist
-from gpt.training.record_data import RecordData, dataset_loaders, split_records
+from gpt.training.record_data import RecordData, dataset_loaders, resolve_template, split_records
 from gpt.training.run import Prepared, Run, register
 from gpt.training.settings import TrainConfig
 
@@ -212,7 +212,7 @@ def preference_loaders(cfg: TrainConfig, context_length: int,
     are (`gpt.training.record_data`): each batch is `pair_collate`'s (inputs, targets, reference) of
     --batch-size pairs, 2 x --batch-size rows; under torchrun (`dist`), this rank's shares."""
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
-    template = cfg.prompt_template or train[0].kind
+    template = resolve_template(cfg, train[0].kind, warn=dist.is_main)
     tokenizer = get_tokenizer()
     datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
                 for name, pairs in (("train", train), ("val", val))}

@@ -2,7 +2,8 @@
 
 `text_loaders` gives a run on text its loaders (`gpt.data.windows`). `record_loaders` is
 `gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds out the
-last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.data.records`), and
+last --val-fraction of the records after a seeded shuffle), lays them out with the run's template
+(`resolve_template`: kept from a fine-tuned --init), encodes them (`gpt.data.records`), and
 returns the shuffled training loader and the fixed evaluation loaders; `dataset_loaders` does the
 same for any encoded datasets (an objective's, such as DPO's pairs). Batches are padded to
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import find_model_checkpoint
+from gpt.checkpoints.load import run_template
 from gpt.data.records import InstructionDataset, Record, load_records, pad_collate
 from gpt.data.windows import build_loaders, eval_picks, prepare_data, rank_share
 from gpt.model.tokenizer import get_tokenizer
@@ -156,16 +160,39 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
     return records[:-n_val], records[-n_val:]
 
 
+def init_template(init: str) -> str | None:
+    """The prompt template of the fine-tuned run `init` (--init) names, or None: GPT-2 weights, a
+    pretraining run, weights without a training state."""
+    if init == "scratch" or not Path(init).is_dir():
+        return None
+    checkpoint = find_model_checkpoint(Path(init))
+    return None if checkpoint is None else run_template(checkpoint)
+
+
+def resolve_template(cfg: TrainConfig, first_kind: str, *, warn: bool = True) -> str:
+    """The prompt template of a run on records: --prompt-template; else the template of the run
+    --init was fine-tuned in (a model answers in the layout it learnt: switching it silently
+    gives a model that seems to have forgotten); else the default of the first training record's
+    kind (`first_kind`). With `warn`, one line names a template that differs from the --init run's."""
+    inherited = init_template(cfg.init)
+    template = cfg.prompt_template or inherited or first_kind
+    if warn and inherited is not None and template != inherited:
+        print(f"warning: --init {cfg.init} was fine-tuned with prompt template {inherited!r} and this "
+              f"run lays its records out with {template!r} (--prompt-template); drop --prompt-template "
+              "to keep the model's", file=sys.stderr)
+    return template
+
+
 def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
                    ) -> tuple[Batches, dict[str, Batches], RecordData]:
     """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
     --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
 
-    No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
-    a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
+    The template is `resolve_template`'s. Raises `UserError` if a split keeps no record that fits
+    `context_length`. Under torchrun (`dist`), this rank's shares.
     """
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_records)
-    template = cfg.prompt_template or train[0].kind
+    template = resolve_template(cfg, train[0].kind, warn=dist is None or dist.is_main)
     tokenizer = get_tokenizer()
     datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
                                          max_length=context_length)

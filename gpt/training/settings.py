@@ -165,6 +165,10 @@ class TrainConfig:
     eval_answers: int = 32
     """Records only: validation records answered greedily at each evaluation for the val_exact_match
     column (0 disables it)."""
+    generation_temperature: float = 0.0
+    """Records only: the sampling temperature generate.py answers with by default, saved with the
+    run as its generation default (Hugging Face's generation_config): 0, greedy, gives the answer
+    the run's val_exact_match measures; --temperature at generation time wins."""
     tensorboard: bool = False
     """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
     `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
@@ -249,7 +253,7 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
         need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
         for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
-                     "sample_tokens", "loss_chunk", "eval_answers"):
+                     "sample_tokens", "loss_chunk", "eval_answers", "generation_temperature"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
         need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",

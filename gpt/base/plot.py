@@ -144,7 +144,8 @@ def plot_token_losses(tokens: Sequence[str], losses: Sequence[float], path: Path
                 ha="left", color="white" if dark else "black")
     bar_ax = fig.add_axes((0.2 / width, 0.45 / height, COLUMNS * CHAR_WIDTH / width, 0.15 / height))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, orientation="horizontal",
-                 label="loss of the token = -log p(token | the text before it), nats")
+                 label="loss of the token = -log p(token | the text before it), nats; the first "
+                       "token is white: nothing before it predicts it")
     if title:
         fig.suptitle(title, y=1 - 0.1 / height, va="top")
     with atomic_file(Path(path)) as out:

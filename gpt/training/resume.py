@@ -141,6 +141,11 @@ def read_resume_state(checkpoint: Path) -> dict[str, Any]:
     reads, each of the type it must have: a damaged or foreign file is refused here, before the run
     directory is written to, not half-way through `restore` or the first step."""
     saved = load_train_state(checkpoint)
+    if saved.get("without_optimizer") is True:
+        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the optimizer "
+                        "state (AdamW's moments), so the run cannot go on exactly from it; resume from "
+                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with --init "
+                        f"{checkpoint}")
     problem = _state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "

@@ -152,6 +152,10 @@ class TrainConfig:
     at the step, so training goes on meanwhile (the same files, one save at a time; the price is
     memory for the copy: --no-async-save writes while training waits). See BENCHMARKS.md. Under
     --parallel fsdp every rank writes its own shards at the step, whatever this says."""
+    best_weights_only: bool = False
+    """Keep best/ without the optimizer state (AdamW's two moments, twice the weights' size): its
+    weights and a train_state.pt without the optimizer, so it cannot be resumed (last/ can); for
+    the disk use, see docs/training.md. Not with --parallel fsdp, whose best/ is its shards."""
     patience: int = 5
     """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
     min_delta: float = 0.0
@@ -256,6 +260,9 @@ class TrainConfig:
                      "sample_tokens", "loss_chunk", "eval_answers", "generation_temperature"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
+        if self.best_weights_only and self.parallel == "fsdp":
+            raise ConfigError("--best-weights-only does not combine with --parallel fsdp (its best/ "
+                              "holds the optimizer's shards with the weights'); drop one of them")
         need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
              "0.9,0.999")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)

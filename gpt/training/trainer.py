@@ -385,5 +385,6 @@ def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -
     if run.dist.sharded:  # every rank writes its shards
         save_sharded(run.model, run.optimizer, state, directories, run.dist, final=final)
     elif run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
-        run.saver.save(run.model, state, directories)
+        lean = [run.run_dir / "best"] if run.cfg.best_weights_only else []
+        run.saver.save(run.model, state, directories, without_optimizer=lean)
     run.last_saved = run.state.step if last else run.last_saved

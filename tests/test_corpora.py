@@ -202,7 +202,7 @@ def test_hf_without_datasets_says_how_to_install_it(tmp_path: Path, monkeypatch:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(UserError) as excinfo:
         load_tokens("hf:roneneldan/TinyStories", data_dir=tmp_path)
-    assert "pip install -e '.[hf]'" in one_line_error(excinfo)
+    assert 'pip install -e ".[hf]"' in one_line_error(excinfo)
 
 
 def test_hf_record_without_text_names_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from gpt.base.errors import UserError, run_cli
 from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_checkpoint
 from gpt.cli.generate import main as generate_main
+from gpt.data.buckets import BucketBatchSampler
 from gpt.data.windows import ResumableSampler, build_loaders, eval_picks
 from gpt.model.loss import count_targets
 from gpt.model.sampling import generate
 from gpt.model.tokenizer import get_tokenizer
 from gpt.training import distributed, trainer
 from gpt.training.distributed import init_distributed
-from gpt.training.record_data import BucketBatchSampler
 from gpt.training.resume import check_resume_settings
 from gpt.training.settings import TrainConfig
 from gpt.training.sharded_checkpoint import SHARDED_DIR, SafeReader

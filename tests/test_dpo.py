@@ -208,7 +208,7 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
     result = train(dpo_run(tmp_path, pairs_file, init_dir, max_steps=6, lr=1e-2))
     out = capsys.readouterr().out
     logged = rows(result.run_dir)
-    assert list(logged[0]) == [*METRICS_COLUMNS[:5], *DPO_COLUMNS, *METRICS_COLUMNS[6:]]
+    assert list(logged[0]) == [*METRICS_COLUMNS[:5], *DPO_COLUMNS, *METRICS_COLUMNS[6:], "val_exact_match"]
     assert [row["step"] for row in logged] == ["0", "3", "6"]
     first = logged[0]  # policy = reference: the loss is log 2, the rewards 0 (up to the batches' rounding)
     assert float(first["val_loss"]) == pytest.approx(math.log(2), abs=1e-5)
@@ -369,7 +369,7 @@ def test_bad_dpo_input_is_one_line_and_writes_nothing(tmp_path, init_dir, capsys
 
 def test_a_reference_without_dpo_is_refused(tmp_path, capsys) -> None:
     err = cli_error(["--reference", "gpt2", "--out", str(tmp_path / "runs")], capsys)
-    assert "--reference is the reference model of --objective dpo" in err
+    assert "--reference is a setting of --objective dpo" in err
 
 
 # ---- under torchrun -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 
 import gpt.cli.export
 from gpt.checkpoints.checkpoint import save_model
+from gpt.checkpoints.load import DEFAULT_TEMPERATURE
 from gpt.cli.export import EXPORT_FILES, RUN_LOCATION, cli, export
 from gpt.cli.generate import main as generate_main
 from gpt.cli.train import parse_args
@@ -127,9 +128,10 @@ def test_generation_config_samples_as_generate_py_does(exported: Path, offline: 
 
     config = GenerationConfig.from_pretrained(str(exported))
     defaults = generate_py_defaults(monkeypatch)
+    assert defaults["temperature"] is None  # the model's own: for a text run, DEFAULT_TEMPERATURE
     assert (config.temperature, config.top_k, config.max_new_tokens) == (
-        defaults["temperature"], defaults["top_k"], defaults["max_new_tokens"])
-    assert config.do_sample == (defaults["temperature"] > 0)
+        DEFAULT_TEMPERATURE, defaults["top_k"], defaults["max_new_tokens"])
+    assert config.do_sample
     assert config.eos_token_id == config.bos_token_id == config.pad_token_id == ENDOFTEXT_ID
 
 

@@ -58,6 +58,7 @@ def test_token_plot_colours_each_token_by_its_loss_on_the_colour_bar_scale(tmp_p
     boxes = ax.patches
     assert to_rgba(boxes[0].get_facecolor()) == to_rgba("white")  # nothing predicts the first token
     assert bar.get_xlim() == (0.0, 9.0)  # the colour bar runs from 0 to the highest loss
+    assert "the first token is white: nothing before it predicts it" in bar.get_xlabel()
     for box, loss in zip(boxes[1:], losses, strict=True):
         assert box.get_facecolor() == pytest.approx(colormaps["YlOrRd"](loss / 9.0))
     # Each box is as wide as its token, side by side; the newline starts the next line.

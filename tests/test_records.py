@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from gpt import InstructionDataset, UserError, load_records, pad_collate
+from gpt.data.buckets import BUCKET_BATCHES, BucketBatchSampler
 from gpt.data.records import ALPACA_HEAD, Record, encode_record, format_prompt
 from gpt.model.loss import IGNORE_INDEX
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.training.record_data import BUCKET_BATCHES, BucketBatchSampler
 
 TOK = get_tokenizer()
 EOS = ENDOFTEXT_ID

@@ -291,8 +291,8 @@ def test_unresolvable_hub_fails_at_once_when_the_cache_misses(tmp_path: Path,
 def test_missing_huggingface_hub_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"huggingface_hub is not installed .*gpt\[hf\].*huggingface\.co/"
-                                        r"openai-community/gpt2-xl"):
+    with pytest.raises(UserError, match=r'huggingface_hub is not installed .*pip install -e "\.\[hf\]"'
+                                        r".*huggingface\.co/openai-community/gpt2-xl"):
         load_pretrained("gpt2-xl")
 
 

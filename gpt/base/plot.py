@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -26,41 +27,37 @@ from gpt.base.atomic import atomic_file
 def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
                 path: Path, *, tokens_per_epoch: int, best_index: int | None = None,
                 log_scale: bool = False, title: str | None = None, loss_name: str = "cross-entropy loss",
-                accuracy: Sequence[float] | None = None,
-                panels: Mapping[str, Sequence[float]] | None = None) -> Figure:
+                accuracy: Sequence[float] | None = None, accuracy_name: str = "reward accuracy",
+                panels: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Figure:
     """Write the loss curves to `path` (PNG), replacing it atomically; return the figure (to show it
     in a notebook, or inspect it).
 
     `epochs[i]` is how far training was (in epochs, fractional) when `train_losses[i]` and
     `val_losses[i]` were measured; the top axis shows the same positions in tokens seen, which grow
     by `tokens_per_epoch` per epoch. `best_index` marks the point with the best validation loss.
-    `loss_name` labels the loss axis; `accuracy` (a DPO run's reward accuracy, in [0, 1]) is drawn
-    against a second axis on the right. `panels` (benchmark accuracies by name, in [0, 1]) are drawn
-    in a panel below, against the same epochs.
+    `loss_name` labels the loss axis; `accuracy` (a share in [0, 1]: a DPO run's reward accuracy, a
+    fine-tuning run's exact match), called `accuracy_name`, is drawn against a second axis on the
+    right. `panels` are drawn below the losses, on the same epochs: {axis label: {curve label:
+    values}} (a DPO run's log-probabilities of the chosen and the rejected responses).
     """
-    fig = Figure(figsize=(8, 6.8 if panels else 4.8))
-    # Fixed margins that fit the labels of both x axes and a title: half the time of an automatic
-    # ("constrained") layout, which matters when the plot is redrawn at every evaluation.
-    fig.subplots_adjust(left=0.08, right=0.97 if accuracy is None else 0.91,
-                        bottom=0.08 if panels else 0.11, top=0.86 if panels else 0.82)
+    panels = panels or {}
+    height = 4.8 + PANEL_HEIGHT * len(panels)
+    fig = Figure(figsize=(8, height))
+    # Fixed margins (in inches, as a 4.8-inch plot's) that fit the labels of both x axes and a title:
+    # half the time of an automatic ("constrained") layout, which matters when the plot is redrawn at
+    # every evaluation.
+    fig.subplots_adjust(left=0.1 if panels else 0.08, right=0.97 if accuracy is None else 0.91,
+                        bottom=0.53 / height, top=1 - 0.86 / height, hspace=0.12 * (1 + len(panels)))
     FigureCanvasAgg(fig)
-    if panels:
-        ax, below = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
-        for name, values in panels.items():
-            below.plot(epochs, values, marker=".", label=name)
-        below.set_ylim(-0.03, 1.03)
-        below.set_ylabel("accuracy")
-        below.set_xlabel("epochs")
-        below.grid(True, alpha=0.3)
-        below.legend(loc="upper left", fontsize="small")
-    else:
-        ax = fig.add_subplot()
+    ax, *below = fig.subplots(1 + len(panels), 1, sharex=True, squeeze=False,
+                              height_ratios=[3.41] + [PANEL_HEIGHT - 0.6] * len(panels))[:, 0]
     ax.plot(epochs, train_losses, marker=".", label="train loss")
     ax.plot(epochs, val_losses, marker=".", linestyle="--", label="validation loss")
     if best_index is not None:
         ax.plot(epochs[best_index], val_losses[best_index], marker="*", markersize=16, color="tab:red",
                 linestyle="none", label=f"best validation loss {val_losses[best_index]:.3f}")
-    ax.set_xlabel("" if panels else "epochs")
+    (below[-1] if below else ax).set_xlabel("epochs")
+    _draw_panels(below, epochs, panels)
     ax.set_ylabel(f"{loss_name} (log scale)" if log_scale else loss_name)
     if log_scale:
         ax.set_yscale("log")
@@ -71,9 +68,9 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
     if accuracy is not None:
         right = ax.twinx()
         handles += right.plot(epochs, accuracy, marker=".", linestyle=":", color="tab:green",
-                              label="validation reward accuracy")
+                              label=f"validation {accuracy_name}")
         right.set_ylim(-0.03, 1.03)
-        right.set_ylabel("reward accuracy")
+        right.set_ylabel(accuracy_name)
     ax.legend(handles=handles, loc="upper right")
     def to_tokens(epochs: ArrayLike) -> np.ndarray:
         return np.asarray(epochs) * tokens_per_epoch
@@ -89,6 +86,21 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
     with atomic_file(Path(path)) as out:
         fig.savefig(out, format="png", dpi=100)
     return fig
+
+
+PANEL_HEIGHT = 2.2
+"""Inches a panel under the losses adds to `plot_losses`' picture."""
+
+
+def _draw_panels(axes: Sequence[Axes], epochs: Sequence[float],
+                 panels: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
+    """Each of `panels` ({axis label: {curve label: values}}) on its own axes, below the losses."""
+    for panel_ax, (name, curves) in zip(axes, panels.items(), strict=True):
+        for label, values in curves.items():
+            panel_ax.plot(epochs, values, marker=".", label=label)
+        panel_ax.set_ylabel(name)
+        panel_ax.grid(True, alpha=0.3)
+        panel_ax.legend(loc="best", fontsize="small")
 
 
 COLUMNS = 80
@@ -132,7 +144,8 @@ def plot_token_losses(tokens: Sequence[str], losses: Sequence[float], path: Path
                 ha="left", color="white" if dark else "black")
     bar_ax = fig.add_axes((0.2 / width, 0.45 / height, COLUMNS * CHAR_WIDTH / width, 0.15 / height))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, orientation="horizontal",
-                 label="loss of the token = -log p(token | the text before it), nats")
+                 label="loss of the token = -log p(token | the text before it), nats; the first "
+                       "token is white: nothing before it predicts it")
     if title:
         fig.suptitle(title, y=1 - 0.1 / height, va="top")
     with atomic_file(Path(path)) as out:

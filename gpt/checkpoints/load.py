@@ -3,8 +3,8 @@
 `add_model_flags` defines --checkpoint / --init, --device, --dtype (and, for decoding, --quantize)
 once, with one help text, for `generate`, `evaluate` and `explain`; `load_from_flags` loads what
 they name. `load_model` is the same loader for Python (`gpt.load_model`). `find_checkpoint` is where
-a command finds its weights without --checkpoint (the latest run), and `run_template` the prompt
-template a fine-tuned run saved with them.
+a command finds its weights without --checkpoint (the latest run), `run_template` the prompt
+template a fine-tuned run saved with them and `generation_defaults` its sampling defaults.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import torch
 from gpt.base.device import DTYPES, decoding_dtype, pick_device
 from gpt.base.errors import UserError
 from gpt.checkpoints.checkpoint import (
+    TRAIN_STATE_FILE,
     latest_checkpoint,
     load_checkpoint,
+    load_train_state,
     require_model_checkpoint,
 )
 from gpt.checkpoints.weights import load_pretrained
@@ -67,6 +69,22 @@ def find_checkpoint(path: Path | None, runs_dir: Path = RUNS_DIR) -> Path:
                             "train.py`, or start from GPT-2 weights with `--init gpt2`")
         return found
     return require_model_checkpoint(path, "--checkpoint")
+
+
+DEFAULT_TEMPERATURE = 0.8
+"""The temperature text is sampled with unless the model's run saved another default."""
+
+
+def generation_defaults(checkpoint: Path) -> dict[str, float]:
+    """The sampling settings a model is run with unless the command says otherwise: a fine-tuned
+    run's saved ones (its `generation_temperature`, greedy unless set at training time, as Hugging
+    Face's generation_config), else `DEFAULT_TEMPERATURE` for text."""
+    if not (checkpoint / TRAIN_STATE_FILE).is_file():
+        return {"temperature": DEFAULT_TEMPERATURE}
+    config = load_train_state(checkpoint)["train_config"]
+    if config.get("prompt_template") is None:
+        return {"temperature": DEFAULT_TEMPERATURE}
+    return {"temperature": float(config.get("generation_temperature", 0.0))}
 
 
 def load_from_flags(checkpoint: Path | None, init: str | None, device: torch.device,

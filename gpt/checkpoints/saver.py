@@ -15,7 +15,7 @@ one. A kill in the middle of a write leaves the previous checkpoint whole (`gpt.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +39,12 @@ def cpu_copy(value: Any) -> Any:
     return value
 
 
+def without_optimizer_state(train_state: dict[str, Any]) -> dict[str, Any]:
+    """`train_state` without its "optimizer" entry, marked `"without_optimizer": True` so that resuming
+    from it can say why it cannot (`--best-weights-only`: best/ a third of a full checkpoint's size)."""
+    return {**{k: v for k, v in train_state.items() if k != "optimizer"}, "without_optimizer": True}
+
+
 class CheckpointSaver:
     """Writes training checkpoints one at a time: in a background thread (`background`), or at once."""
 
@@ -47,18 +53,22 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, model: GPT, train_state: dict[str, Any], directories: Sequence[Path]) -> None:
-        """Write the checkpoint of `model` and `train_state` (see `gpt.checkpoints.checkpoint.save_checkpoint`)
-        into each of `directories` in turn; in the background mode this returns once the copy is taken.
+    def save(self, model: GPT, train_state: dict[str, Any], directories: Sequence[Path], *,
+             without_optimizer: Collection[Path] = ()) -> None:
+        """Write the checkpoint of `model` and `train_state` (see
+        `gpt.checkpoints.checkpoint.save_checkpoint`) into each of `directories` in turn; in the
+        background mode this returns once the copy is taken.
+        Those of `directories` in `without_optimizer` get `without_optimizer_state(train_state)`.
         """
         self.wait()
         if not directories:
             return
         tensors = stored_state(model)
         if not self.background:
-            self._write(tensors, model.config, train_state, directories)
+            self._write(tensors, model.config, train_state, directories, without_optimizer)
             return
-        args = (cpu_copy(tensors), model.config, cpu_copy(train_state), list(directories))
+        args = (cpu_copy(tensors), model.config, cpu_copy(train_state), list(directories),
+                set(without_optimizer))
         # Not a daemon: should the main thread end without `wait`, the process still finishes the write.
         self._thread = threading.Thread(target=self._write_catching, args=args, name="checkpoint-saver")
         self._thread.start()
@@ -75,9 +85,10 @@ class CheckpointSaver:
 
     @staticmethod
     def _write(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state: dict[str, Any],
-               directories: Sequence[Path]) -> None:
+               directories: Sequence[Path], without_optimizer: Collection[Path]) -> None:
         for directory in directories:
-            write_checkpoint(tensors, cfg, train_state, directory)
+            state = without_optimizer_state(train_state) if directory in without_optimizer else train_state
+            write_checkpoint(tensors, cfg, state, directory)
 
     def _write_catching(self, *args: Any) -> None:
         try:

@@ -390,7 +390,7 @@ def _download(name: str) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise UserError(f"cannot download {repo}: huggingface_hub is not installed "
-                        f"(pip install 'gpt[hf]'); or {fix}") from None
+                        f"(pip install -e \".[hf]\"); or {fix}") from None
     unreachable = hub_unreachable()
     try:  # offline, only huggingface_hub's local cache can answer
         files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=unreachable is not None))

@@ -7,9 +7,10 @@ laid out as a model repository on the Hugging Face hub:
     generation_config.json            <|endoftext|> as BOS, EOS and padding; generate.py's sampling defaults
     vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe
                                       (see gpt.model.tokenizer)
-    tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two
-      special_tokens_map.json
+    tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two; for a
+      special_tokens_map.json         fine-tuned run, its prompt template as a chat_template
     README.md                         the model card: the model, its training data, settings, steps,
+                                      a fine-tuned run's prompt template with an example,
                                       validation loss and perplexity, the command that reproduces it
 
 The card's training facts come from the checkpoint's `train_state.pt` (the settings and counters
@@ -38,8 +39,10 @@ from gpt.checkpoints.checkpoint import (
     load_checkpoint,
     require_model_checkpoint,
 )
+from gpt.checkpoints.load import DEFAULT_TEMPERATURE
 from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, save_hf
 from gpt.data.corpora import CORPORA, HF_PREFIX
+from gpt.data.records import format_prompt, is_record_file
 from gpt.eval.perplexity import perplexity
 from gpt.model.config import GPTConfig
 from gpt.model.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, bpe_files
@@ -53,9 +56,11 @@ CARD_FILE = "README.md"
 EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES, CARD_FILE}
 
 GPT2_VOCAB_SIZE = ENDOFTEXT_ID + 1  # the tokenizer's ids; <|endoftext|> is the last
-# What `generate.py` samples with when given no flags (its --temperature, --top-k, --max-new-tokens),
-# so that `pipeline(...)(prompt)` samples alike; tests/test_export.py checks they still agree.
-SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 100}
+# What `generate.py` samples a text run with when given no flags (its --temperature, --top-k,
+# --max-new-tokens), so that `pipeline(...)(prompt)` samples alike (a fine-tuned run's own default:
+# `sampling_defaults`); tests/test_export.py checks they still agree.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": 50,
+                     "max_new_tokens": 100}
 EVALUATION_COLUMNS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss")  # the card shows
 # Where the run directory went: no setting of the model, and reused it would collide with that run.
 RUN_LOCATION = ("out", "run_name")
@@ -76,22 +81,69 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf writes "
                         "its weights alone")
-    card = model_card(model.config, model.num_parameters(), read_training(checkpoint))
+    training = read_training(checkpoint)
+    template = training.settings.get("prompt_template") if training else None
+    card = model_card(model.config, model.num_parameters(), training)
     vocab_bpe, encoder_json = bpe_files()
     with atomic_directory(out_dir) as tmp:
         save_hf(model, tmp)  # replaces the empty `tmp` with config.json + model.safetensors
         write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID,
-                                                  "pad_token_id": ENDOFTEXT_ID, **SAMPLING_DEFAULTS})
+                                                  "pad_token_id": ENDOFTEXT_ID,
+                                                  **sampling_defaults(training)})
         shutil.copyfile(encoder_json, tmp / "vocab.json")  # the same files, under transformers' names
         shutil.copyfile(vocab_bpe, tmp / "merges.txt")
         write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "GPT2Tokenizer", **SPECIAL_TOKENS, "add_prefix_space": False,
             "model_max_length": model.config.context_length, "errors": "replace",
             # transformers would otherwise "clean up" " ," into ",": not what the model wrote.
-            "clean_up_tokenization_spaces": False})
+            "clean_up_tokenization_spaces": False,
+            **({"chat_template": chat_template(template)} if template else {})})
         write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS)
         (tmp / CARD_FILE).write_text(card)
     return checkpoint
+
+
+CONTENT = "\x00content\x00"
+"""A stand-in for a message's text, to split a rendered prompt template around."""
+
+
+def sampling_defaults(training: Training | None) -> dict[str, Any]:
+    """generation_config.json's sampling: a fine-tuned run's own default (greedy unless it was
+    trained with --generation-temperature, as `gpt.checkpoints.load.generation_defaults`), else
+    `SAMPLING_DEFAULTS`: what generate.py does with the checkpoint."""
+    if training is None or not training.settings.get("prompt_template"):
+        return SAMPLING_DEFAULTS
+    temperature = float(training.settings.get("generation_temperature", 0.0))
+    sampled = {"do_sample": True, "temperature": temperature, "top_k": SAMPLING_DEFAULTS["top_k"]}
+    return {**(sampled if temperature else {"do_sample": False}),
+            "max_new_tokens": SAMPLING_DEFAULTS["max_new_tokens"]}
+
+
+def chat_template(template: str) -> str:
+    """The Jinja chat template that lays out the last message's content as the run's prompt
+    `template` does (`gpt.data.records.format_prompt`, without an input): what transformers'
+    apply_chat_template, and so `pipeline` given chat messages, feeds the model."""
+    before, after = format_prompt(template, CONTENT).split(CONTENT)
+    # JSON strings are Jinja string literals too: the template's text, newlines included, verbatim.
+    return (f"{{{{ {json.dumps(before)} }}}}{{{{ messages[-1]['content'] }}}}"
+            f"{{{{ {json.dumps(after)} }}}}")
+
+
+def template_section(template: str) -> list[str]:
+    """The card's account of a fine-tuned model's prompt template, with an example to run."""
+    question = "What is the capital of France?"
+    return ["## Prompt template", "",
+            f"Fine-tuned on records laid out with the prompt template `{template}`: the model answers "
+            "a prompt in that layout, and stops at `<|endoftext|>`. For the question "
+            f"{json.dumps(question)} it reads", "", "```", format_prompt(template, question) + "|", "```",
+            "", "(up to the `|`). The tokenizer's `chat_template` lays out the last chat message the same "
+            "way, so either of these gives the answer `generate.py` gives (greedy, as "
+            "`generation_config.json` says):", "", "```python", "from transformers import pipeline", "",
+            'generator = pipeline("text-generation", model="path/to/this/directory")',
+            f"prompt = {json.dumps(format_prompt(template, question))}",
+            'print(generator(prompt, return_full_text=False)[0]["generated_text"])',
+            f'messages = [{{"role": "user", "content": {json.dumps(question)}}}]',
+            'print(generator(messages)[0]["generated_text"][-1]["content"])', "```", ""]
 
 
 # ---- what the run recorded --------------------------------------------------------------------
@@ -164,15 +216,26 @@ def model_card(cfg: GPTConfig, parameters: int, training: Training | None) -> st
     lines += training_section(training) if training else [
         "unknown: the checkpoint was saved without its training state (train_state.pt), so its data, "
         "settings, steps and validation loss are not recorded."]
+    template = settings.get("prompt_template")
+    if template:
+        lines += ["", *template_section(template)]
     lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
               'generator = pipeline("text-generation", model="path/to/this/directory")',
               'print(generator("Every effort moves you")[0]["generated_text"])', "```", "",
-              "`generation_config.json` samples as `generate.py` does by default: temperature "
-              f"{SAMPLING_DEFAULTS['temperature']}, top-k {SAMPLING_DEFAULTS['top_k']}, "
-              f"{SAMPLING_DEFAULTS['max_new_tokens']} new tokens; pass `do_sample=False` for greedy text.",
+              sampling_line(sampling_defaults(training)),
               "", "License: MIT, as this framework and GPT-2's weights; the training text may carry "
               "terms of its own."]
     return "\n".join(lines) + "\n"
+
+
+def sampling_line(sampling: dict[str, Any]) -> str:
+    """The card's sentence on generation_config.json's sampling."""
+    if not sampling["do_sample"]:
+        return ("`generation_config.json` decodes greedily, as `generate.py` answers with this "
+                f"fine-tuned run by default, {sampling['max_new_tokens']} new tokens at most.")
+    return ("`generation_config.json` samples as `generate.py` does by default: temperature "
+            f"{sampling['temperature']}, top-k {sampling['top_k']}, {sampling['max_new_tokens']} new "
+            "tokens; pass `do_sample=False` for greedy text.")
 
 
 def training_section(training: Training) -> list[str]:
@@ -212,7 +275,7 @@ def describe_data(source: str) -> str:
         return f"`{source}`, {CORPORA[source]}"
     if source.startswith(HF_PREFIX):
         return f"the Hugging Face dataset `{source.removeprefix(HF_PREFIX)}` (name[:config]:split)"
-    return f"`{source}` (local text)"
+    return f"`{source}` (local {'records' if is_record_file(source) else 'text'})"
 
 
 def train_command(settings: dict[str, Any]) -> str:

@@ -21,14 +21,19 @@ import torch
 
 from gpt.base.device import configure_device, decoding_dtype, flag_fixable_errors, pick_device
 from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
-from gpt.checkpoints.checkpoint import TRAIN_STATE_FILE
-from gpt.checkpoints.load import add_model_flags, find_checkpoint, load_from_flags
+from gpt.checkpoints.load import (
+    DEFAULT_TEMPERATURE,
+    add_model_flags,
+    find_checkpoint,
+    generation_defaults,
+    load_from_flags,
+)
 from gpt.data.records import format_prompt
 from gpt.model.model import GPT
 from gpt.model.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_for_decoding
 from gpt.model.sampling import check_sampling_args, check_seed, compile_for_decoding, stream
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.training.resume import read_resume_state, saved_settings
+from gpt.training.resume import run_template
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,9 @@ class GenerationOptions:
     """The text to continue; for a fine-tuned run, the question (only the answer is printed)."""
     max_new_tokens: int = 100
     """Tokens to add to each prompt."""
-    temperature: float = 0.8
-    """Sampling temperature; 0 is greedy decoding."""
+    temperature: float | None = None
+    """Sampling temperature; 0 is greedy decoding. None: the model's default (`generation_defaults`:
+    a fine-tuned run's saved one, greedy unless set at training time; 0.8 for text)."""
     top_k: int | None = 50
     """Sample only among the k most likely tokens (None: all of them)."""
     top_p: float | None = None
@@ -74,7 +80,8 @@ class GenerationOptions:
         if self.num_samples < 1:
             raise UserError(f"--num-samples must be >= 1, got {self.num_samples}")
         # What `stream` checks, here so that a typo fails before the model is loaded.
-        check_sampling_args(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        check_sampling_args(self.max_new_tokens, temperature, self.top_k, self.top_p)
         check_seed(self.seed)
         check_scheme(self.quantize)
 
@@ -95,7 +102,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                         help="tokens to add (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="sampling temperature; 0 = greedy (default %(default)s)")
+                        help="sampling temperature; 0 = greedy (default: the model's, which "
+                             "generate.py names: greedy for a fine-tuned run unless it was trained "
+                             f"with --generation-temperature, {DEFAULT_TEMPERATURE} for text)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k,
                         help="sample only among the k most likely tokens (default %(default)s)")
     parser.add_argument("--top-p", type=float, default=defaults.top_p,
@@ -156,6 +165,7 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
             print(f"{SCHEMES[o.quantize]} ({time.perf_counter() - started:.1f} s)", file=err)
         if o.compile:
             model = compile_for_decoding(model)
+        temperature = sampling_temperature(o, err)
         tokenizer = get_tokenizer()
         eos_id = ENDOFTEXT_ID if model.config.vocab_size > ENDOFTEXT_ID else None
         generator = torch.Generator(device=torch_device)
@@ -163,14 +173,14 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
             generator.seed()
         else:
             generator.manual_seed(o.seed)
-        for text in (line.rstrip("\n") for line in inp) if o.interactive else [o.prompt]:
+        for text in prompts(o, inp, err):
             full = text if template is None else format_prompt(template, text)
             idx = torch.tensor([encode_prompt(full, tokenizer, model, err)], device=torch_device)
             for i in range(o.num_samples):
                 if o.num_samples > 1:
                     out.write(f"--- sample {i + 1} of {o.num_samples} ---\n")
                 out.write(text if template is None else "")  # an answer is printed without its question
-                new = stream(model, idx, o.max_new_tokens, temperature=o.temperature,
+                new = stream(model, idx, o.max_new_tokens, temperature=temperature,
                              top_k=o.top_k, top_p=o.top_p, eos_id=eos_id, use_cache=not o.no_cache,
                              generator=generator)
                 try:
@@ -180,16 +190,47 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
                     out.flush()
 
 
-def run_template(checkpoint: Path) -> str | None:
-    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
-    with the run's settings, read with the checks --resume applies), or None: a pretraining run's,
-    or weights without a training state."""
-    if not (checkpoint / TRAIN_STATE_FILE).is_file():
-        return None
-    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt template "
-                              f"(then {TRAIN_STATE_FILE} is not read), or use another checkpoint")
-    template: str | None = saved_settings(saved)["prompt_template"]
-    return template
+def sampling_temperature(options: GenerationOptions, err: TextIO) -> float:
+    """--temperature, else the model's default (`generation_defaults`); one line to `err` says which
+    is used and where it comes from."""
+    if options.temperature is not None:
+        temperature, source = options.temperature, "--temperature"
+    elif options.init is not None:
+        temperature, source = DEFAULT_TEMPERATURE, "the default for text"
+    else:
+        checkpoint = find_checkpoint(options.checkpoint)
+        temperature = generation_defaults(checkpoint)["temperature"]
+        source = ("the fine-tuned run's default" if run_template(checkpoint) is not None
+                  else "the default for text")
+    how = "greedy (temperature 0)" if temperature == 0 else f"temperature {temperature:g}"
+    other = (f"--temperature {DEFAULT_TEMPERATURE} samples" if temperature == 0
+             else "--temperature 0 is greedy")
+    print(f"decoding: {how}, {source}; {other}", file=err)
+    return temperature
+
+
+INTERACTIVE_HINT = "type a question and press Enter for its answer (an empty line is skipped; Ctrl-D ends)"
+
+
+def prompts(options: GenerationOptions, inp: TextIO, err: TextIO) -> Iterator[str]:
+    """The prompts to answer: `options.prompt`, or with `interactive` one per non-empty line of
+    `inp`; on a terminal a one-line hint first and a "> " prompt (to `err`) before each line."""
+    if not options.interactive:
+        yield options.prompt
+        return
+    terminal = inp.isatty()
+    if terminal:
+        print(INTERACTIVE_HINT, file=err)
+    while True:
+        if terminal:
+            err.write("> ")
+            err.flush()
+        line = inp.readline()
+        if not line:
+            return
+        text = line.rstrip("\n")
+        if text.strip():  # an empty line is not a question to answer
+            yield text
 
 
 def encode_prompt(prompt: str, tokenizer: tiktoken.Encoding, model: GPT, err: TextIO) -> list[int]:

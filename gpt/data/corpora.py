@@ -237,7 +237,7 @@ def _hf_source(source: str) -> Source:
             import datasets
         except ImportError:
             raise DataError(
-                f"{source!r} needs the optional 'datasets' package; install it with: pip install -e '.[hf]'"
+                f"{source!r} needs the optional 'datasets' package; install it with: pip install -e \".[hf]\""
             ) from None
         # A dataset directory on disk needs no hub.
         if not Path(name).exists() and (reason := hub_unreachable()) is not None:

@@ -30,22 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from gpt.base.device import autocast, eval_mode
 from gpt.base.errors import UserError
 from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
 from gpt.data.records import is_record_file
+from gpt.eval.answers import val_exact_match
 from gpt.model.config import ConfigError, GPTConfig
 from gpt.model.loss import IGNORE_INDEX, at_least_float32
 from gpt.model.model import GPT
 from gpt.model.tokenizer import get_tokenizer
+from gpt.objectives.lm import ANSWER_COLUMN
 from gpt.objectives.teacher import load_frozen
 from gpt.training import metrics
 from gpt.training.distributed import Dist
-from gpt.training.record_data import RecordData, dataset_loaders, split_records
+from gpt.training.record_data import RecordData, dataset_loaders, resolve_template, split_records
 from gpt.training.run import Prepared, Run, register
 from gpt.training.settings import TrainConfig
 
+CHOSEN_FALL_WARNING = 5.0
+"""Nats the validation chosen responses' mean log-probability may fall below its first evaluation's
+before the run warns (about 150 times less likely): DPO widens the margin by pushing the rejected
+responses down, and may push the chosen ones down with them until the model answers nothing well."""
 DPO_COLUMNS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_logp", "val_rejected_logp")
 """A DPO run's columns in place of val_perplexity, all of the validation pairs: the share whose chosen
 response has the higher implicit reward, the mean reward margin (chosen minus rejected), and the
@@ -73,15 +80,25 @@ def dpo_losses(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, 
     return -F.logsigmoid(chosen - rejected), rewards
 
 
+def chosen_nll(policy: Tensor, targets: Tensor) -> Tensor:
+    """The mean negative log-likelihood per token of the chosen responses (the first half of
+    `pair_collate`'s rows), from their summed log-probabilities `policy` (2B,): RPO's added term,
+    as TRL's rpo_alpha computes it (cross-entropy over the chosen responses' tokens)."""
+    chosen_tokens = (targets.chunk(2)[0] != IGNORE_INDEX).sum()
+    return -policy.chunk(2)[0].sum() / chosen_tokens
+
+
 def pair_loss(beta: float, model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
-              reference: Tensor, *, chunk_size: int = 0) -> Tensor:
+              reference: Tensor, *, chunk_size: int = 0, rpo_alpha: float = 0.0) -> Tensor:
     """The mean DPO loss of one batch of pairs (`pair_collate`'s), chosen and rejected responses read
-    in one forward pass: what a DPO run's steps call (`prepare_dpo` binds `beta` and `model`).
+    in one forward pass: what a DPO run's steps call (`prepare_dpo` binds `beta` and `model`), plus
+    `rpo_alpha` x the chosen responses' `chosen_nll` (RPO, Pang et al. 2024; 0: plain DPO).
     `chunk_size` must be 0: the whole logits are needed (`gpt.objectives.lm.Objective.check_loss_chunk`)."""
     if chunk_size:
         raise ValueError("pair_loss: DPO needs whole logits; chunk_size must be 0")
-    losses, _ = dpo_losses(sequence_logps(model(inputs), targets), reference, beta)
-    return losses.mean()
+    policy = sequence_logps(model(inputs), targets)
+    losses, _ = dpo_losses(policy, reference, beta)
+    return losses.mean() + rpo_alpha * chosen_nll(policy, targets) if rpo_alpha else losses.mean()
 
 
 def count_pairs(batches: Iterable[Sequence[Tensor]]) -> int:
@@ -133,15 +150,19 @@ def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch
 
 
 def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset],
-                dtype: torch.dtype) -> Callable[..., Tensor]:
+                dtype: torch.dtype, measure: Callable[[GPT], None] | None = None,
+                ) -> Callable[..., Tensor]:
     """The loss a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)` (`pair_loss`
     bound to `model`; `gpt.training.distributed.Dist.wrap` compiles it, or puts it under DDP), once the
     reference (`load_reference`) has been run over every pair (`cache_reference`) and let go: from
     here on a step runs `model` alone. Under torchrun every rank caches every pair's numbers: the same
-    on all ranks, whichever pairs each one's batches hold."""
+    on all ranks, whichever pairs each one's batches hold. `measure(reference)` is called before
+    the reference is let go (to measure the starting point)."""
     reference = load_reference(cfg, model.config, next(model.parameters()).device)
     cache_reference(reference, pairs, cfg.batch_size, dtype)
-    return partial(pair_loss, cfg.dpo_beta, model)
+    if measure is not None:
+        measure(reference)
+    return partial(pair_loss, cfg.dpo_beta, model, rpo_alpha=cfg.rpo_alpha)
 
 
 # ---- the metrics --------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ def preference_loaders(cfg: TrainConfig, context_length: int,
     are (`gpt.training.record_data`): each batch is `pair_collate`'s (inputs, targets, reference) of
     --batch-size pairs, 2 x --batch-size rows; under torchrun (`dist`), this rank's shares."""
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_pairs)
-    template = cfg.prompt_template or train[0].kind
+    template = resolve_template(cfg, train[0].kind, warn=dist.is_main)
     tokenizer = get_tokenizer()
     datasets = {name: PreferenceDataset(pairs, tokenizer, template, max_length=context_length)
                 for name, pairs in (("train", train), ("val", val))}
@@ -201,6 +222,21 @@ def preference_loaders(cfg: TrainConfig, context_length: int,
                          (datasets["train"], datasets["val"]), what="preference pairs",
                          rows_per_example=2)
     return train_loader, eval_loaders, records
+
+
+def warn_chosen_fall(logged: Sequence[dict[str, float]], row: dict[str, float], rpo_alpha: float) -> None:
+    """Print one warning line when `row`'s mean chosen log-probability is more than
+    `CHOSEN_FALL_WARNING` nats below the first `logged` row's and the previous row's was not (once
+    per crossing, not at every evaluation)."""
+    chosen = DPO_COLUMNS[2]
+    if not logged:
+        return
+    fall, before = (logged[0][chosen] - value[chosen] for value in (row, logged[-1]))
+    if fall > CHOSEN_FALL_WARNING >= before:
+        fix = "raise --rpo-alpha" if rpo_alpha else "add --rpo-alpha 1"
+        tqdm.write(f"warning: the chosen responses' log-probability fell by {fall:.1f} nats since step "
+                   f"{logged[0]['step']:.0f} ({logged[0][chosen]:.2f} -> {row[chosen]:.2f}): DPO is "
+                   f"pushing the chosen answers down too, a collapse; {fix}, or lower --lr")
 
 
 class DPO:
@@ -214,6 +250,8 @@ class DPO:
         prompts, whole logits."""
         if not (cfg.dpo_beta > 0 and math.isfinite(cfg.dpo_beta)):
             raise ConfigError(f"--dpo-beta must be above 0, got {cfg.dpo_beta!r}; e.g. --dpo-beta 0.1")
+        if not (cfg.rpo_alpha >= 0 and math.isfinite(cfg.rpo_alpha)):
+            raise ConfigError(f"--rpo-alpha must be 0 or more, got {cfg.rpo_alpha!r}; e.g. --rpo-alpha 1")
         if cfg.loss_chunk:
             raise ConfigError("--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
                               "train with --objective dpo")
@@ -228,36 +266,79 @@ class DPO:
                               "drop --no-mask-prompt")
 
     def check_unused(self, cfg: TrainConfig) -> None:
-        if cfg.reference is not None and cfg.objective != "grpo":  # GRPO's KL term has one too
-            raise ConfigError("--reference is the reference model of --objective dpo (or grpo); add "
-                              "--objective dpo, or drop --reference")
+        for flag, value in (("--reference", cfg.reference if cfg.objective != "grpo" else None),
+                            ("--rpo-alpha", cfg.rpo_alpha or None)):
+            if value is not None:  # GRPO's KL term has a --reference too
+                raise ConfigError(f"{flag} is a setting of --objective dpo; add --objective dpo, or "
+                                  f"drop {flag}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
                 compile: bool) -> Prepared:
         """The pairs, then the reference run over them (`prepare_dpo`)."""
         train_loader, eval_loaders, records = preference_loaders(cfg, context_length, dist)
-        loss = prepare_dpo(cfg, model, records.datasets, dtype)
-        return Prepared(train_loader, eval_loaders, records, torch.compile(loss) if compile else loss)
+        start: dict[str, float] = {}
+        loss = prepare_dpo(cfg, model, records.datasets, dtype,
+                           measure=lambda reference: start.update(self.measure_start(
+                               cfg, reference, records, dtype)))
+        return Prepared(train_loader, eval_loaders, records, torch.compile(loss) if compile else loss,
+                        start=start)
+
+    def measure_start(self, cfg: TrainConfig, reference: GPT, records: RecordData,
+                      dtype: torch.dtype) -> dict[str, float]:
+        """The reference's exact match of the validation chosen answers (with --eval-answers): the
+        score a later evaluation must keep to become best/ (`may_be_best`)."""
+        if not cfg.eval_answers:
+            return {}
+        return {ANSWER_COLUMN: val_exact_match(reference, records.val_records, records.template,
+                                               limit=cfg.eval_answers, dtype=dtype)}
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         return count_pairs(batches)
 
     def columns(self, cfg: TrainConfig, records: RecordData | None) -> tuple[str, ...]:
-        return metrics.columns(val=DPO_COLUMNS)
+        """`DPO_COLUMNS`, and with --eval-answers the greedy answers' exact match of the validation
+        chosen responses (`ANSWER_COLUMN`), as in fine-tuning."""
+        return metrics.columns(val=DPO_COLUMNS, extra=(ANSWER_COLUMN,) if cfg.eval_answers else ())
 
     def evaluate(self, run: Run) -> dict[str, float]:
-        return evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype,
-                            run.dist.sum_values)
+        """`evaluate_dpo`, the exact match of the chosen answers, and a warning line (rank 0) when
+        the chosen log-probability has just fallen more than `CHOSEN_FALL_WARNING` below the first
+        evaluation's."""
+        row = evaluate_dpo(run.model, run.eval_loaders, run.cfg.dpo_beta, run.dtype,
+                           run.dist.sum_values)
+        if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
+            row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records,
+                                                 run.records.template, limit=run.cfg.eval_answers,
+                                                 dtype=run.dtype)
+        if run.dist.is_main:
+            warn_chosen_fall(run.metrics.rows(), row, run.cfg.rpo_alpha)
+        return row
 
     def accuracy_column(self, columns: Sequence[str]) -> str | None:
         return DPO_COLUMNS[0]
 
+    def plot_panels(self, columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """The chosen and rejected log-probabilities below the losses (a collapse shows there: both
+        fall), and the exact match of the chosen answers when the run measures it."""
+        panels: dict[str, tuple[str, ...]] = {"mean log-probability": DPO_COLUMNS[2:]}
+        if ANSWER_COLUMN in columns:
+            panels["exact match"] = (ANSWER_COLUMN,)
+        return panels
+
+    def may_be_best(self, run: Run, row: dict[str, float]) -> bool:
+        """An evaluation whose chosen answers are answered exactly less often than by the
+        reference (the model training started from, unless --reference) never becomes best/: a
+        lower DPO loss then comes from a model that lost answers it gave."""
+        start = run.start.get(ANSWER_COLUMN)
+        return start is None or row[ANSWER_COLUMN] >= start
+
     def describe_row(self, row: dict[str, float]) -> str:
         accuracy, margin, chosen, rejected = DPO_COLUMNS
+        extra = [f"exact {row[ANSWER_COLUMN]:.0%}"] if ANSWER_COLUMN in row else []
         return metrics.format_row(row, val_note=(
             f"reward accuracy {row[accuracy]:.0%}, margin {row[margin]:.3f}, log p chosen "
-            f"{row[chosen]:.2f}, rejected {row[rejected]:.2f}"))
+            f"{row[chosen]:.2f}, rejected {row[rejected]:.2f}"), extra=extra)
 
     def best_line(self, best: float) -> str:
         return f"DPO loss {best:.4f}"

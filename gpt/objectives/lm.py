@@ -245,7 +245,8 @@ class LanguageModeling:
         return row
 
     def accuracy_column(self, columns: Sequence[str]) -> str | None:
-        return None
+        """The exact match of a run on records, drawn on loss.png's second axis."""
+        return ANSWER_COLUMN if ANSWER_COLUMN in columns else None
 
     def describe_row(self, row: dict[str, float]) -> str:
         train = f" (objective {row[OBJECTIVE_COLUMN]:.3f})" if OBJECTIVE_COLUMN in row else ""

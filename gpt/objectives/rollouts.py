@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from gpt.base.device import eval_mode
 from gpt.base.errors import UserError
+from gpt.data.buckets import BucketBatchSampler
 from gpt.data.records import Record, check_template, format_prompt
 from gpt.data.windows import rank_share
 from gpt.model.loss import IGNORE_INDEX
@@ -30,7 +31,6 @@ from gpt.model.model import GPT
 from gpt.model.sampling import DecodeSession, nucleus
 from gpt.model.tokenizer import ENDOFTEXT_ID
 from gpt.objectives.rewards import PromptRecord
-from gpt.training.record_data import BucketBatchSampler
 
 Place = tuple[int, int, int]
 """Where a batch is in the data order: (epoch, batch of the epoch, update of the batch); -1s for the

@@ -19,11 +19,11 @@ import sys
 from gpt.base.device import configure_device, decoding_dtype, flag_fixable_errors, pick_device
 from gpt.base.errors import ArgumentParser, UserError, command_name, run_cli
 from gpt.checkpoints.load import add_model_flags, find_checkpoint, load_from_flags
-from gpt.cli.generate import run_template
 from gpt.model.quantize import check_int8_supported, check_scheme, prepare_for_decoding
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from gpt.serve.engine import Engine
 from gpt.serve.protocol import Served
+from gpt.training.resume import run_template
 
 INSTALL = 'pip install -e ".[serve]"'
 API_KEY_ENV = "GPT_SERVE_API_KEY"

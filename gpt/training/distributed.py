@@ -12,7 +12,7 @@
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; a plain `python train.py` sets none of them, and then
 nothing here does anything (`Dist()` with one rank: every all-reduce returns its input). Each rank
 trains on a disjoint slice of every global batch of `batch_size x world_size` windows, cut from the one
-seeded order all ranks share (`gpt.data.windows.ResumableSampler`, or `gpt.training.record_data.BucketBatchSampler`
+seeded order all ranks share (`gpt.data.windows.ResumableSampler`, or `gpt.data.buckets.BucketBatchSampler`
 for records), so the global batches are those a single process with `--batch-size batch_size x
 world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
 (`gpt.model.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -39,15 +39,16 @@ class MetricsLog:
 
     def __init__(self, path: Path, columns: tuple[str, ...] = METRICS_COLUMNS, *,
                  loss_name: str = "cross-entropy loss", accuracy: str | None = None,
-                 panels: Sequence[str] = ()) -> None:
+                 panels: Mapping[str, Sequence[str]] | None = None) -> None:
         self.path = Path(path)
         self.columns = columns
         self.loss_name = loss_name
         """The loss axis of the plot (the objective's `loss_name`)."""
         self.accuracy = accuracy
         """The column the plot draws on a second axis, or None (`Objective.accuracy_column`)."""
-        self.panels = tuple(panels)
-        """Columns the plot draws in a panel below (the benchmark tasks' accuracies)."""
+        self.panels = dict(panels or {})
+        """Columns the plot draws in panels below the losses, by the panel's axis label
+        (`Objective.plot_panels`)."""
 
     def append(self, row: dict[str, float]) -> None:
         """Add one evaluation's row (with the header line first if the file is new)."""
@@ -94,17 +95,21 @@ class MetricsLog:
     def plot(self, path: Path, *, tokens_per_epoch: int, best_step: int, log_scale: bool = False,
              title: str | None = None) -> Figure:
         """Draw the train and validation losses of every row to `path` (`gpt.base.plot.plot_losses`),
-        marking the row of `best_step`, and the `accuracy` column on a second axis; return the
+        marking the row of `best_step`, the `accuracy` column on a second axis (named as the
+        column, without val_) and the `panels` below, each curve named by its column; return the
         figure."""
         rows = self.rows()
         best_index = max((i for i, row in enumerate(rows) if row["step"] == best_step), default=None)
         accuracy = self.accuracy
+        panels = {name: {column: [row[column] for row in rows] for column in columns}
+                  for name, columns in self.panels.items()}
         return plot_losses([row["epoch"] for row in rows], [row["train_loss"] for row in rows],
                            [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
                            best_index=best_index, log_scale=log_scale, title=title,
                            loss_name=self.loss_name,
                            accuracy=[row[accuracy] for row in rows] if accuracy else None,
-                           panels={name: [row[name] for row in rows] for name in self.panels})
+                           accuracy_name=(accuracy or "").removeprefix("val_").replace("_", " "),
+                           panels=panels)
 
 
 def format_row(row: dict[str, float], val_note: str | None = None, train_note: str = "",

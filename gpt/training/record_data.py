@@ -2,7 +2,8 @@
 
 `text_loaders` gives a run on text its loaders (`gpt.data.windows`). `record_loaders` is
 `gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds out the
-last --val-fraction of the records after a seeded shuffle), encodes them (`gpt.data.records`), and
+last --val-fraction of the records after a seeded shuffle), lays them out with the run's template
+(`resolve_template`: kept from a fine-tuned --init), encodes them (`gpt.data.records`), and
 returns the shuffled training loader and the fixed evaluation loaders; `dataset_loaders` does the
 same for any encoded datasets (an objective's, such as DPO's pairs). Batches are padded to
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
@@ -15,9 +16,9 @@ ranks together train on the batches of one process with `--batch-size batch_size
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,74 +26,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import find_model_checkpoint
+from gpt.data.buckets import BucketBatchSampler
 from gpt.data.records import InstructionDataset, Record, load_records, pad_collate
-from gpt.data.windows import build_loaders, eval_picks, prepare_data, rank_share
+from gpt.data.windows import build_loaders, eval_picks, prepare_data
 from gpt.model.tokenizer import get_tokenizer
 from gpt.training.distributed import Dist
+from gpt.training.resume import run_template
 
 if TYPE_CHECKING:
     from gpt.training.settings import TrainConfig
-
-BUCKET_BATCHES = 16
-"""Batches' worth of shuffled records sorted by length together: more means less padding but batches
-of more alike lengths (a less random order)."""
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable.
-
-    `batch_size` is the global batch's: with `world_size` ranks, rank `rank` hands out its share of
-    each; the one short batch (the records left over), if it has fewer records than there are ranks
-    (one would get none), is left out."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.position = 0  # global batches of this epoch already handed out
-        self.num_batches = math.ceil(len(self.lengths) / batch_size)
-        if 0 < len(self.lengths) % batch_size < world_size:
-            self.num_batches -= 1
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """Every global batch of `epoch`, in order."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        chunk = self.batch_size * BUCKET_BATCHES
-        batches = []
-        for start in range(0, len(order), chunk):
-            part = sorted(order[start:start + chunk], key=self.lengths.__getitem__)
-            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return [batch for batch in batches if len(batch) >= self.world_size]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches(self.epoch)
-        while self.position < self.num_batches:
-            self.position += 1
-            yield list(rank_share(batches[self.position - 1], self.rank, self.world_size))
-        self.epoch += 1
-        self.position = 0
-
-    def __len__(self) -> int:
-        return self.num_batches - self.position
-
-    def padded_tokens(self, epoch: int = 0) -> int:
-        """Input tokens of `epoch`'s batches, padding included (what the steps of an epoch read)."""
-        return sum(len(batch) * max(self.lengths[i] for i in batch) for batch in self.batches(epoch))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-
 
 @dataclass
 class RecordData:
@@ -156,16 +102,39 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
     return records[:-n_val], records[-n_val:]
 
 
+def init_template(init: str) -> str | None:
+    """The prompt template of the fine-tuned run `init` (--init) names, or None: GPT-2 weights, a
+    pretraining run, weights without a training state."""
+    if init == "scratch" or not Path(init).is_dir():
+        return None
+    checkpoint = find_model_checkpoint(Path(init))
+    return None if checkpoint is None else run_template(checkpoint)
+
+
+def resolve_template(cfg: TrainConfig, first_kind: str, *, warn: bool = True) -> str:
+    """The prompt template of a run on records: --prompt-template; else the template of the run
+    --init was fine-tuned in (a model answers in the layout it learnt: switching it silently
+    gives a model that seems to have forgotten); else the default of the first training record's
+    kind (`first_kind`). With `warn`, one line names a template that differs from the --init run's."""
+    inherited = init_template(cfg.init)
+    template = cfg.prompt_template or inherited or first_kind
+    if warn and inherited is not None and template != inherited:
+        print(f"warning: --init {cfg.init} was fine-tuned with prompt template {inherited!r} and this "
+              f"run lays its records out with {template!r} (--prompt-template); drop --prompt-template "
+              "to keep the model's", file=sys.stderr)
+    return template
+
+
 def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
                    ) -> tuple[Batches, dict[str, Batches], RecordData]:
     """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
     --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
 
-    No --prompt-template takes the default of the first training record's kind. Raises `UserError` if
-    a split keeps no record that fits `context_length`. Under torchrun (`dist`), this rank's shares.
+    The template is `resolve_template`'s. Raises `UserError` if a split keeps no record that fits
+    `context_length`. Under torchrun (`dist`), this rank's shares.
     """
     train, val = split_records(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, load_records)
-    template = cfg.prompt_template or train[0].kind
+    template = resolve_template(cfg, train[0].kind, warn=dist is None or dist.is_main)
     tokenizer = get_tokenizer()
     datasets = {name: InstructionDataset(records, tokenizer, template, mask_prompt=cfg.mask_prompt,
                                          max_length=context_length)

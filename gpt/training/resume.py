@@ -26,7 +26,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from gpt.checkpoints.checkpoint import (
     load_train_state,
     read_torch_file,
 )
+from gpt.data.buckets import BucketBatchSampler
 from gpt.data.windows import ResumableSampler
 from gpt.model.config import read_json_object
 from gpt.training.settings import (
@@ -54,9 +55,6 @@ from gpt.training.settings import (
     current_names,
     flag,
 )
-
-if TYPE_CHECKING:  # gpt.training.record_data imports gpt.training.distributed, which imports this module
-    from gpt.training.record_data import BucketBatchSampler
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
@@ -169,6 +167,11 @@ def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]
     what generate.py and the export read a run's settings and counters through (`fix`: what a user
     of theirs does about a damaged file)."""
     saved = load_train_state(checkpoint, fix)
+    if saved.get("without_optimizer") is True:
+        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the optimizer "
+                        "state (AdamW's moments), so the run cannot go on exactly from it; resume from "
+                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with --init "
+                        f"{checkpoint}")
     problem = _state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "
@@ -400,3 +403,15 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
     state.load_state_dict(saved["state"])
     set_rng_state(saved["rng"], device)
     return state
+
+
+def run_template(checkpoint: Path) -> str | None:
+    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
+    with the run's settings, read with the checks --resume applies), or None: a pretraining run's,
+    or weights without a training state."""
+    if not (checkpoint / TRAIN_STATE_FILE).is_file():
+        return None
+    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt template "
+                              f"(then {TRAIN_STATE_FILE} is not read), or use another checkpoint")
+    template: str | None = saved_settings(saved)["prompt_template"]
+    return template

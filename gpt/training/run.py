@@ -14,10 +14,15 @@ registry (`get_objective`), and the objective answers every question the loop ha
     best_line(best)              how the summary names the best validation score
 
 and, as attributes, the names its plot gives the loss axis and an accuracy on the second axis.
+Two members are optional (an objective without them keeps the defaults, `plot_panels` and
+`may_be_best` below):
+
+    plot_panels(columns)         columns loss.png draws below the losses; default none
+    may_be_best(run, row)        whether an evaluation may become best/; default every one
 `gpt.objectives` holds the built-in ones (cross-entropy and its variants, DPO) and registers them
 when imported (`import gpt` does); an objective of one's own is a class with these methods, given to
 `register`. Every objective's evaluate returns "train_loss" and "val_loss": early stopping and
-best/ follow the validation loss, lower being better.
+best/ follow the validation loss, lower being better, among the evaluations `may_be_best` lets in.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from gpt.data.buckets import BucketBatchSampler
 from gpt.data.windows import ResumableSampler
 from gpt.eval.tasks import EvalTask
 from gpt.model.config import ConfigError
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist
 from gpt.training.metrics import MetricsLog
-from gpt.training.record_data import BucketBatchSampler, RecordData
+from gpt.training.record_data import RecordData
 from gpt.training.resume import TrainState
 
 if TYPE_CHECKING:
@@ -59,6 +65,9 @@ class Prepared:
     loss: Callable[..., Tensor]
     """What each micro-batch's step calls, `loss(*batch, chunk_size=cfg.loss_chunk)`: its mean loss,
     through the model's forward (so that DDP and FSDP see it)."""
+    start: dict[str, float] = field(default_factory=dict)
+    """Measurements of the model training starts from that the objective compares later
+    evaluations with (its `may_be_best`); the same on every rank."""
 
 
 class Objective(Protocol):
@@ -99,6 +108,24 @@ class Objective(Protocol):
 
     def best_line(self, best: float) -> str:
         """The best validation score in words, for the summary ("loss 1.2345 (perplexity 3.4)")."""
+
+
+def plot_panels(objective: Objective, columns: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The columns loss.png draws in panels below the losses, by the panel's axis label: the
+    objective's optional `plot_panels(columns)` ({"log-probability": ("val_chosen_logp", ...)}),
+    else none."""
+    panels: Callable[[Sequence[str]], dict[str, tuple[str, ...]]] | None = getattr(
+        objective, "plot_panels", None)
+    return panels(columns) if panels else {}
+
+
+def may_be_best(objective: Objective, run: Run, row: dict[str, float]) -> bool:
+    """Whether the evaluation `row` may become best/ when its validation loss is the lowest: the
+    objective's optional `may_be_best(run, row)` (a guard against a loss that improves while the
+    model gets worse), else True. An evaluation kept out counts as one without improvement, for
+    early stopping too."""
+    guard: Callable[[Run, dict[str, float]], bool] | None = getattr(objective, "may_be_best", None)
+    return guard(run, row) if guard else True
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -155,6 +182,8 @@ class Run:
     dist: Dist = field(default_factory=Dist)  # this rank among torchrun's (`gpt.training.distributed`)
     tensorboard: TensorBoardLog | None = None
     """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
+    start: dict[str, float] = field(default_factory=dict)
+    """The objective's measurements of the starting model (`Prepared.start`)."""
     last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
 
     @property

@@ -155,6 +155,10 @@ class TrainConfig:
     at the step, so training goes on meanwhile (the same files, one save at a time; the price is
     memory for the copy: --no-async-save writes while training waits). See BENCHMARKS.md. Under
     --parallel fsdp every rank writes its own shards at the step, whatever this says."""
+    best_weights_only: bool = False
+    """Keep best/ without the optimizer state (AdamW's two moments, twice the weights' size): its
+    weights and a train_state.pt without the optimizer, so it cannot be resumed (last/ can); for
+    the disk use, see docs/training.md. Not with --parallel fsdp, whose best/ is its shards."""
     patience: int = 5
     """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
     min_delta: float = 0.0
@@ -175,6 +179,10 @@ class TrainConfig:
     eval_task_limit: int = 200
     """With --eval-task: how many records of each task's file are scored (its first ones, the same at
     every evaluation)."""
+    generation_temperature: float = 0.0
+    """Records only: the sampling temperature generate.py answers with by default, saved with the
+    run as its generation default (Hugging Face's generation_config): 0, greedy, gives the answer
+    the run's val_exact_match measures; --temperature at generation time wins."""
     tensorboard: bool = False
     """Also write each evaluation's metrics as TensorBoard event files into the run directory, for
     `tensorboard --logdir runs` (needs pip install -e ".[tb]")."""
@@ -188,6 +196,11 @@ class TrainConfig:
     dpo_beta: float = 0.1
     """With --objective dpo: beta, the scale of the implicit reward beta x (log p - log p_ref) of a
     response; a larger beta keeps the model closer to the reference."""
+    rpo_alpha: float = 0.0
+    """With --objective dpo: add this x the chosen responses' cross-entropy (per token) to the DPO
+    loss (RPO; TRL's rpo_alpha). DPO alone may push both responses down, the chosen one too, until
+    the model answers nothing well; 1 keeps the chosen answers likely. Default 0: plain DPO, the
+    paper's loss (the run warns when the chosen log-probability falls)."""
     reference: str | None = None
     """With --objective dpo, or grpo with --kl-beta: the frozen reference model (same forms as --init),
     of the same shape and vocabulary as the trained one; default the --init weights."""
@@ -289,9 +302,12 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
         need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
         for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
-                     "sample_tokens", "loss_chunk", "eval_answers"):
+                     "sample_tokens", "loss_chunk", "eval_answers", "generation_temperature"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
         need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
+        if self.best_weights_only and self.parallel == "fsdp":
+            raise ConfigError("--best-weights-only does not combine with --parallel fsdp (its best/ "
+                              "holds the optimizer's shards with the weights'); drop one of them")
         need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
              "0.9,0.999")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)

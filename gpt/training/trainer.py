@@ -61,7 +61,7 @@ from gpt.training.optim import build_optimizer, lr_at
 from gpt.training.record_data import RecordData
 from gpt.training.report import log_evaluation, print_header, print_sample, print_summary
 from gpt.training.resume import checkpoint_state, restore
-from gpt.training.run import OBJECTIVES, Objective, Run, get_objective
+from gpt.training.run import OBJECTIVES, Objective, Run, get_objective, may_be_best, plot_panels
 from gpt.training.run_dir import OpenedRun, open_run_dir
 from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 from gpt.training.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
@@ -153,8 +153,8 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
         * dist.world_size * context_length,
         metrics=metrics_log(objective, cfg, records, run_dir, tasks), records=records, dist=dist,
-        tasks=tasks,
-        saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
+        tasks=tasks, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
+        start=prepared.start,
     )
     if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
         load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
@@ -180,8 +180,9 @@ def metrics_log(objective: Objective, cfg: TrainConfig, records: RecordData | No
     plot's lower panel) per benchmark task."""
     columns = objective.columns(cfg, records)
     scored = tuple(task.column for task in tasks)
+    panels = {**plot_panels(objective, columns), **({"task accuracy": scored} if scored else {})}
     return MetricsLog(run_dir / METRICS_FILE, columns + scored, loss_name=objective.loss_name,
-                      accuracy=objective.accuracy_column(columns), panels=scored)
+                      accuracy=objective.accuracy_column(columns), panels=panels)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -356,7 +357,9 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
                                             all_reduce=run.dist.sum_values)
     check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
-    improved = state.keep_score(losses["val_loss"], run.cfg.min_delta)
+    # An evaluation the objective keeps out of best/ scores as no improvement (an infinite loss).
+    eligible = may_be_best(run.objective, run, losses)
+    improved = state.keep_score(losses["val_loss"] if eligible else math.inf, run.cfg.min_delta)
     values = {"step": state.step, "epoch": state.tokens_seen / run.tokens_per_epoch,
               "tokens_seen": state.tokens_seen, **losses, "lr": stats.lr if stats else math.nan,
               "grad_norm": stats.grad_norm if stats else math.nan, "tokens_per_s": tokens_per_s}
@@ -395,5 +398,6 @@ def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -
     if run.dist.sharded:  # every rank writes its shards
         save_sharded(run.model, run.optimizer, state, directories, run.dist, final=final)
     elif run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights
-        run.saver.save(run.model, state, directories)
+        lean = [run.run_dir / "best"] if run.cfg.best_weights_only else []
+        run.saver.save(run.model, state, directories, without_optimizer=lean)
     run.last_saved = run.state.step if last else run.last_saved

@@ -167,11 +167,6 @@ def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]
     what generate.py and the export read a run's settings and counters through (`fix`: what a user
     of theirs does about a damaged file)."""
     saved = load_train_state(checkpoint, fix)
-    if saved.get("without_optimizer") is True:
-        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the optimizer "
-                        "state (AdamW's moments), so the run cannot go on exactly from it; resume from "
-                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with --init "
-                        f"{checkpoint}")
     problem = _state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "
@@ -219,6 +214,7 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
     """
     run_dir = checkpoint.parent
     if checkpoint != resolve_directory(run_dir / "last"):  # best/ itself, or a checkpoint elsewhere
+        require_optimizer_state(checkpoint, saved)
         return SettledBest(checkpoint, saved)
     best_dir, state = resolve_directory(run_dir / "best"), saved["state"]
     kept = _best_on_disk(best_dir)
@@ -227,8 +223,9 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
     said = (f"{checkpoint} names step {state['best_step']} (validation loss {state['best_val_loss']:.4f}) "
             "as the best, but " + (f"{best_dir} holds step {kept[0]} ({kept[1]:.4f})" if kept[1] < math.inf
                                    else f"there is no {best_dir}"))
-    if kept[0] > state["step"] and chosen:
-        return SettledBest(best_dir, read_resume_state(best_dir),
+    best_saved = read_resume_state(best_dir) if kept[0] > state["step"] and chosen else None
+    if best_saved is not None and not best_saved.get("without_optimizer"):
+        return SettledBest(best_dir, best_saved,
                            f"{said}: best/ was saved later (--save-freq skipped last/ there, or the run "
                            f"stopped between the two writes); resuming from {best_dir}, the newest "
                            "checkpoint of the run")
@@ -239,6 +236,15 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
     counted = f"{best_dir}'s" if kept[1] < math.inf else "none"
     return SettledBest(checkpoint, {**saved, "state": counters},
                        f"{said}: the resumed run counts {counted} as the best so far")
+
+
+def require_optimizer_state(checkpoint: Path, saved: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint saved without AdamW's state (--best-weights-only)."""
+    if saved.get("without_optimizer") is True:
+        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the optimizer "
+                        "state (AdamW's moments), so the run cannot go on exactly from it; resume from "
+                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with --init "
+                        f"{checkpoint}")
 
 
 def copy_best(checkpoint: Path) -> None:
@@ -265,7 +271,9 @@ def _best_on_disk(best_dir: Path) -> tuple[int, float]:
 def _state_problem(saved: dict[str, Any]) -> str | None:
     """What is missing or of the wrong type in a loaded train state (see the module docstring), or None."""
     kind: type
-    optimizer = () if is_sharded(saved) else (("optimizer", dict),)
+    # An FSDP checkpoint keeps AdamW's state in its shards; --best-weights-only's best/ has none.
+    optimizer = () if is_sharded(saved) or saved.get("without_optimizer") is True else (
+        ("optimizer", dict),)
     for key, kind in (("train_config", dict), ("state", dict), *optimizer, ("scaler", dict),
                       ("sampler", dict), ("num_windows", int), ("rng", dict)):
         if not isinstance(saved.get(key), kind):
@@ -284,8 +292,9 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
     if is_sharded(saved):
         if not isinstance(saved.get("optimizer_groups", []), list):
             return "its 'optimizer_groups' is not a list"
-    elif not (isinstance(saved["optimizer"].get("state"), dict)
-              and isinstance(saved["optimizer"].get("param_groups"), list)):
+    elif saved.get("without_optimizer") is not True and not (
+            isinstance(saved["optimizer"].get("state"), dict)
+            and isinstance(saved["optimizer"].get("param_groups"), list)):
         return "the optimizer state lacks its 'state' or 'param_groups'"
     rng, numpy = saved["rng"], saved["rng"].get("numpy")
     try:  # on throwaway generators: the global ones are set last, by `restore`

@@ -31,7 +31,7 @@ from gpt.quantize import SCHEMES, check_int8_supported, check_scheme, prepare_fo
 from gpt.records import format_prompt
 from gpt.sampling import check_sampling_args, compile_for_decoding, stream
 from gpt.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt.weights import load_pretrained
+from gpt.weights import cast, load_pretrained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +172,7 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
         found = find_checkpoint(checkpoint)
         model, source = load_model(found, "cpu"), str(found)
     # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
-    model = model.to(dtype=dtype).to(device)
+    model = cast(model, dtype).to(device)  # row-major copies (what the int8 kernel reads)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
           f"{str(dtype).removeprefix('torch.')}", file=err)
     return model

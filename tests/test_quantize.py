@@ -1,16 +1,21 @@
 """Decoding weights: int8 against bf16 on a trained model and a dequantized reference; prepacked bf16
 against plain bf16; the state dict; `generate.py --quantize`."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError
+from gpt.checkpoints.checkpoint import load_checkpoint as load_model
 from gpt.checkpoints.checkpoint import save_model
+from gpt.checkpoints.weights import cast, load_pretrained
+from gpt.cli.export import export
 from gpt.cli.generate import main as generate_main
 from gpt.model.config import GPTConfig
 from gpt.model.loss import lm_loss
@@ -210,3 +215,125 @@ def test_generate_quantize_flag_end_to_end(tmp_path: Path, monkeypatch: pytest.M
         assert status == 2 and out == ""
         assert err.startswith("error: ") and err.count("\n") == 1
         assert named in err
+
+
+# ---- every way a model is loaded: our checkpoint, a HF directory, OpenAI's files, an export ------
+
+
+OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"  # written by TensorFlow, emb_dim 16
+
+
+def model_source(how: str, tmp_path: Path) -> tuple[list[str], Callable[[], GPT]]:
+    """generate.py's flags for a model saved the `how` way, and a loader giving it in float32."""
+    torch.manual_seed(0)
+    if how == "openai":
+        return ["--init", str(OPENAI_TINY)], lambda: load_pretrained(OPENAI_TINY)
+    directory = tmp_path / how
+    if how.startswith("hf"):  # written by transformers itself: Conv1D weights (in, out)
+        hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2))
+        (hf.half() if how == "hf_float16" else hf).save_pretrained(directory)
+        return ["--init", str(directory)], lambda: load_pretrained(directory)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    save_model(GPT(GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)),
+               checkpoint)
+    if how == "checkpoint":
+        return ["--checkpoint", str(checkpoint)], lambda: load_model(checkpoint)
+    export(checkpoint, directory)  # our weights in HF's layout, read back as HF's are
+    return ["--init", str(directory)], lambda: load_pretrained(directory)
+
+
+# hf_float16: a file in half precision, which the import copies to float32 (row-major, then).
+LOADS = ["checkpoint", "hf", "hf_float16", "openai", "export"]
+
+
+@pytest.mark.parametrize("how", LOADS)
+def test_int8_and_prepacked_decoding_work_whichever_way_the_model_was_loaded(
+        tmp_path: Path, how: str) -> None:
+    """A HF or OpenAI import keeps each Conv1D weight as a transposed view of the file, and a plain
+    `.to(bfloat16)` keeps that layout; the int8 kernel used to refuse it ("expect B to be
+    contiguous"). Cast by `cast` (what generate.py does) or by `.to`: int8 logits point the way bf16
+    logits do, and prepacked decoding steps are plain bf16's, bit for bit."""
+    _, load = model_source(how, tmp_path)
+    plain = load().to(torch.bfloat16).eval()
+    assert plain.blocks[0].mlp.fc.weight.is_contiguous() == (how in ("checkpoint", "hf_float16"))
+    assert all(p.is_contiguous() for p in cast(load(), torch.bfloat16).parameters())
+    cfg = plain.config
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=generator)
+    with torch.inference_mode():
+        reference = plain(tokens).float()
+    for bf16 in (cast(load(), torch.bfloat16), load().to(torch.bfloat16)):
+        int8 = quantize_int8(bf16.eval())
+        with torch.inference_mode():
+            quantized = int8(tokens).float()
+        assert F.cosine_similarity(quantized, reference, dim=-1).min() >= 0.999
+        assert not torch.equal(quantized, reference)  # the weights really are int8
+    if not can_prepack(plain):
+        return
+    for bf16 in (cast(load(), torch.bfloat16), load().to(torch.bfloat16)):
+        packed = prepack(bf16.eval())
+        with torch.inference_mode():
+            cache, packed_cache = plain.new_kv_cache(2), packed.new_kv_cache(2)
+            for n in range(8):
+                step = tokens[:, n:n + 1]
+                assert torch.equal(packed(step, packed_cache), plain(step, cache)), n
+
+
+@pytest.mark.parametrize("how", LOADS)
+def test_generate_decodes_in_int8_whichever_way_the_model_was_loaded(
+        tmp_path: Path, how: str, run_command) -> None:
+    """`generate.py --init HF_DIR --dtype bfloat16 --quantize int8` used to end in a traceback."""
+    source, _ = model_source(how, tmp_path)
+    flags = ["--dtype", "bfloat16", "--quantize", "int8", "--prompt", "!", "--max-new-tokens", "5",
+             "--temperature", "0", "--device", "cpu"]
+    status, out, err = run_command(generate_main, [*source, *flags])
+    assert status == 0, err
+    assert out.startswith("!") and "int8 weights in every linear layer" in err
+
+
+def error_line(err: str) -> str:
+    """The one `error: ` line a failed command printed, after what it printed while loading."""
+    lines = err.splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    return lines[-1]
+
+
+def failing(message: str) -> Callable[..., Tensor]:
+    def kernel(*args, **kwargs) -> Tensor:
+        raise RuntimeError(message)
+
+    return kernel
+
+
+def test_a_failing_int8_kernel_is_one_line_naming_quantize_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_command) -> None:
+    source, _ = model_source("checkpoint", tmp_path)
+    flags = [*source, "--dtype", "bfloat16", "--quantize", "int8", "--max-new-tokens", "2"]
+    kernel = failing("_weight_int8pack_mm_cpu : no.\nmore")  # only the first line is shown
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", kernel)
+    status, _, err = run_command(generate_main, flags)
+    assert status == 2
+    assert error_line(err) == ("error: torch's int8 kernel failed on this machine (RuntimeError: "
+                               "_weight_int8pack_mm_cpu : no.); use --quantize none")
+    # Out of memory keeps its own advice.
+    out_of_memory = failing("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", out_of_memory)
+    status, _, err = run_command(generate_main, flags)
+    assert status == 2 and error_line(err).startswith("error: out of memory (")
+
+
+@pytest.mark.skipif(not can_prepack(GPT(CFG).to(torch.bfloat16)),
+                    reason="needs a CPU with native bf16")
+@pytest.mark.parametrize("op", ["_reorder_linear_weight", "_linear_pointwise"])
+def test_a_failing_prepacked_kernel_is_one_line_naming_what_avoids_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_command, op: str) -> None:
+    source, _ = model_source("checkpoint", tmp_path)
+    monkeypatch.setattr(torch.ops.mkldnn, op, failing("mkldnn says no"))
+    flags = [*source, "--max-new-tokens", "2"]
+    status, _, err = run_command(generate_main, [*flags, "--dtype", "bfloat16"])
+    assert status == 2
+    assert error_line(err).endswith("(RuntimeError: mkldnn says no); use --quantize none with "
+                                    "--dtype float32, whose weights are not prepacked")
+    status, _, err = run_command(generate_main, [*flags, "--dtype", "float32"])
+    assert status == 0, err  # the advice works

@@ -24,7 +24,7 @@ from gpt.checkpoints.checkpoint import (
     load_train_state,
     require_model_checkpoint,
 )
-from gpt.checkpoints.weights import load_pretrained
+from gpt.checkpoints.weights import cast, load_pretrained
 from gpt.model.model import GPT
 
 RUNS_DIR = Path("runs")
@@ -97,7 +97,7 @@ def load_from_flags(checkpoint: Path | None, init: str | None, device: torch.dev
         found = find_checkpoint(checkpoint)
         model, source = load_checkpoint(found, "cpu"), str(found)
     # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
-    model = model.to(dtype=dtype).to(device)
+    model = cast(model, dtype).to(device)  # row-major copies (what the int8 kernel reads)
     if err is not None:
         print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "
               f"{str(dtype).removeprefix('torch.')}", file=err)

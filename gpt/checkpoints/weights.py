@@ -27,7 +27,8 @@ training writes to private pages and never to the file). A Conv1D kernel becomes
 view (`w.t()`), not a transposed copy: `F.linear` multiplies by a transposed weight about as fast as
 by a contiguous one, and a copy would keep both the file's pages and the copy resident (peak memory
 measured in BENCHMARKS.md). Weights are float32, what the model computes in; cast afterwards for
-half precision.
+half precision, with `cast`: a copy made anyway is then row-major, the layout some kernels require
+(`torch._weight_int8pack_mm` refuses any other).
 """
 
 from __future__ import annotations
@@ -163,7 +164,9 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
                             f"{stored} for this config")
         if conv1d:
             tensor = (tensor[0] if fmt == "openai" else tensor).t()  # a view, not a copy: see the top
-        ours_state[ours] = tensor.float()
+        # A file in another dtype is copied anyway: row-major then, as `cast` makes its copies.
+        ours_state[ours] = tensor if tensor.dtype == torch.float32 else tensor.to(
+            torch.float32, memory_format=torch.contiguous_format)
         used.add(theirs)
     if not cfg.qkv_bias:
         for i in range(cfg.n_layers):
@@ -429,6 +432,22 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
         raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; known "
                         f"models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
     return _load_dir(_download(name), overrides)
+
+
+def cast(model: GPT, dtype: torch.dtype) -> GPT:
+    """`model.to(dtype)` in place, except that each tensor it copies is laid out row-major.
+
+    `Module.to` keeps a tensor's strides, so an imported Conv1D weight (a transposed view, see the
+    top) would become a transposed copy. A copy costs the same either way, and the int8 kernel
+    refuses any layout but row-major. Tensors already in `dtype` are left as they are (views of the
+    file). Returns the model.
+    """
+    def convert(tensor: Tensor) -> Tensor:
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        return tensor.to(dtype, memory_format=torch.contiguous_format)
+
+    return model._apply(convert)
 
 
 # ---- saving -----------------------------------------------------------------------------------

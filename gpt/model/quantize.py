@@ -28,15 +28,21 @@ The kernel is `torch._weight_int8pack_mm` (gpt-fast's CPU and Apple-GPU path), c
   memory is the bottleneck (more cores, or other processes reading memory).
 
 Each scale is rounded to the compute dtype *before* the weights are divided by it, so the kernel
-multiplies by exactly the scale the int8 values were made for. GPT-2's LM head shares its tensor with
-the token embedding: quantizing the head makes an int8 copy and leaves the embedding's table as it
-is (lookups read one row per token, so a step still reads only the int8 head).
+multiplies by exactly the scale the int8 values were made for. The kernel reads its weight as a
+row-major block and refuses any other layout, so the int8 weight is laid out that way whatever the
+layer's weight was (an imported GPT-2 checkpoint's are transposed views, see `gpt.weights`).
+GPT-2's LM head shares its tensor with the token embedding: quantizing the head makes an int8 copy
+and leaves the embedding's table as it is (lookups read one row per token, so a step still reads
+only the int8 head).
 
 Prepacked bf16: `F.linear` hands oneDNN the plain (out, in) matrix on every call; reordered once into
 the blocked layout oneDNN's product reads fastest for a one-row input (what inductor's weight freezing
 does under `--compile`, without the compile), the same product runs faster and gives the same bits
 for one row (a decoding step); for more rows (the prompt) it may round differently in the last bit.
 Only for bfloat16 on a CPU with native bf16 (in float32 it was no faster and not bit-identical).
+
+Should either kernel still fail (a torch build or CPU it has not met), the failure is a one-line
+`UserError` naming the setting that avoids it, not a traceback.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gpt.base.device import has_native_bf16
-from gpt.base.errors import UserError
+from gpt.base.device import has_native_bf16, user_error_for
+from gpt.base.errors import UserError, describe
 from gpt.model.model import GPT
 
 SCHEMES = {
@@ -59,6 +65,8 @@ SCHEMES = {
 INT8_KERNEL = "aten::_weight_int8pack_mm"
 ROW_ALIGNMENT = 32  # bytes: the kernel's aligned vector loads (torch allocates on 64)
 K_MULTIPLE = 16  # the kernel reads 16 values per step with no tail loop
+# `--quantize none` still prepacks bf16 (the "none" of SCHEMES); weights in another dtype never are.
+PACKED_FIX = "use --quantize none with --dtype float32, whose weights are not prepacked"
 
 
 def check_scheme(name: str) -> None:
@@ -82,12 +90,21 @@ def check_int8_supported(device: torch.device, dtype: torch.dtype) -> None:
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(q, scales): `weight` (out, in) ~ q * scales[:, None], q int8 in [-127, 127], scales in
-    `weight`'s dtype, one per row, each the row's largest magnitude / 127 (rounded first)."""
+    `weight`'s dtype, one per row, each the row's largest magnitude / 127 (rounded first). `q` is
+    row-major (contiguous), as the int8 kernel reads it, whatever the layout of `weight`."""
     w = weight.detach().float()
     tiny = torch.finfo(weight.dtype).tiny  # an all-zero row (vocabulary padding): q = 0, any scale
     scales = (w.abs().amax(dim=1) / 127).clamp(min=tiny).to(weight.dtype)
     q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scales
+    return q.contiguous(), scales
+
+
+def kernel_error(exc: RuntimeError, kernel: str, fix: str) -> RuntimeError | UserError:
+    """What to raise for `exc`, raised by `kernel`: a one-line `UserError` naming `fix`, except for
+    running out of memory, which stays as it is for the caller's own advice (`flag_fixable_errors`)."""
+    if user_error_for(exc, "") is not None:
+        return exc
+    return UserError(f"torch's {kernel} failed on this machine ({describe(exc)}); {fix}")
 
 
 class Int8Linear(nn.Module):
@@ -115,7 +132,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (N, in)
         if not rows.is_contiguous() or rows.data_ptr() % ROW_ALIGNMENT:
             rows = rows.clone(memory_format=torch.contiguous_format)  # a fresh, aligned block
-        y = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (N, out)
+        try:
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (N, out)
+        except RuntimeError as exc:
+            raise kernel_error(exc, "int8 kernel", "use --quantize none") from None
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -131,11 +151,17 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for 1 row
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1 row
+        except RuntimeError as exc:
+            raise kernel_error(exc, "bf16 weight prepacking", PACKED_FIX) from None
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        except RuntimeError as exc:
+            raise kernel_error(exc, "prepacked bf16 kernel", PACKED_FIX) from None
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.packed.to_dense()

@@ -300,39 +300,89 @@ def test_resume_continues_a_dpo_run_exactly(tmp_path, pairs_file, init_dir, monk
 # ---- learning a preferred style -----------------------------------------------------------------
 
 
-def test_after_fine_tuning_dpo_makes_a_tiny_model_answer_in_the_chosen_style(tmp_path, capsys) -> None:
-    names = words(100, seed=3)
-    sft_names, dpo_names, held_out = names[:50], names[50:80], names[80:]
-    # Fine-tuning: most answers are the bare "Yes.", so greedy answers start out in the rejected style.
-    sft_rows = [{"prompt": row["prompt"], "response": row["chosen"] if i % 4 == 0 else row["rejected"]}
-                for i, row in enumerate(style_pairs(sft_names))]
+def prompt_ids(name: str) -> list[int]:
+    return TOKENIZER.encode(format_prompt("plain", f"Is {name} a word?"))
+
+
+def same_length_words(n: int, seed: int) -> list[str]:
+    """`n` of `words` whose prompts are all 7 tokens long, so every answer starts at the same
+    position: a prompt one token longer puts its answer at a position fine-tuning never trained
+    (measured: the model's answers to such prompts are anyone's guess)."""
+    found = [w for w in words(len(SYLLABLES) ** 2, seed) if len(prompt_ids(w)) == 7]
+    assert len(found) >= n
+    return found[:n]
+
+
+def first_token_probability(model: GPT, name: str, text: str) -> float:
+    """p(the first token of `text` | the templated prompt about `name`)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids(name)]))[0, -1].double()
+    return torch.softmax(logits, dim=-1)[TOKENIZER.encode(text)[0]].item()
+
+
+def test_after_fine_tuning_dpo_makes_a_tiny_model_prefer_the_chosen_style(tmp_path, capsys) -> None:
+    """Each held-out prompt's log-probability margin log p(chosen) - log p(rejected) goes from about
+    log(1/3) to far above 0, and the rejected style's share of answers from 3/4 to almost none.
+
+    Chosen "Certainly." and rejected "Yes." differ only in their first token, so the margin is that
+    token's log-odds. Fine-tuning gives every prompt each answer once in the chosen style and three
+    times in the rejected one: the model learns p(chosen) = 1/4 for any name, held-out ones too.
+    What greedy decoding answers after DPO is not asserted: DPO moves only the chosen/rejected
+    log-ratio, and at the first position the softmax normalizer cancels from it, so the other
+    50,255 logits there are free to drift. Measured over 12 seeds (of the words and of training):
+    every margin after DPO >= 3.3 and p(rejected) <= 0.04, but the greedy answer "Certainly." to all
+    40 prompts in 7 of them and to 0 to 4 in the others ("." or end-of-text first).
+    """
+    chosen, rejected = "Certainly.", "Yes."
+    names = same_length_words(12 + 30 + 40, seed=3)
+    sft_names, dpo_names, held_out = names[:12], names[12:42], names[42:]
+
+    def pairs(names_: list[str]) -> list[dict[str, str]]:
+        return [{"prompt": f"Is {w} a word?", "chosen": chosen, "rejected": rejected}
+                for w in names_]
+
+    def margins(model: GPT) -> list[float]:
+        return [hand_logp(model, prompt, chosen) - hand_logp(model, prompt, rejected)
+                for prompt in (f"Is {w} a word?" for w in held_out)]
+
+    def rejected_share(model: GPT) -> list[float]:
+        return [first_token_probability(model, w, rejected) for w in held_out]
+
+    sft_rows = [{"prompt": row["prompt"], "response": row["chosen"] if k == 0 else row["rejected"]}
+                for row in pairs(sft_names) for k in range(4)]
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     common = dict(preset="tiny", context_length=None, drop_rate=0.0, eval_answers=0, warmup_steps=5)
     sft = train(tiny(tmp_path, data=str(sft_data), val_data=str(sft_data), batch_size=10, epochs=20,
                      lr=1e-2, min_lr=1e-3, eval_freq=1000, run_name="sft", **common))
     sft_model = load_checkpoint(sft.run_dir / "best")
-    before = [answer(sft_model, f"Is {w} a word? ", 8) for w in held_out]
-    assert not any(given.startswith("It") for given in before), before
+    before = margins(sft_model)  # measured over 12 seeds: -1.26 to -0.98 (log(1/3) = -1.10)
+    assert all(-1.6 < m < -0.6 for m in before), before
+    assert all(p > 0.6 for p in rejected_share(sft_model))  # measured: >= 0.73
+    answers = {answer(sft_model, format_prompt("plain", f"Is {w} a word?"), 8) for w in held_out}
+    assert answers == {rejected}  # p(rejected) about 3/4, p(chosen) about 1/4: greedy says "Yes."
 
-    train_data = write_jsonl(tmp_path / "pairs.jsonl", style_pairs(dpo_names))
-    val_data = write_jsonl(tmp_path / "held_out.jsonl", style_pairs(held_out))
+    train_data = write_jsonl(tmp_path / "pairs.jsonl", pairs(dpo_names))
+    val_data = write_jsonl(tmp_path / "held_out.jsonl", pairs(held_out))
     result = train(tiny(tmp_path, data=str(train_data), val_data=str(val_data),
-                        init=str(sft.run_dir / "best"), objective="dpo", dpo_beta=0.1, batch_size=6,
-                        epochs=4, lr=1e-3, min_lr=1e-4, eval_freq=1000, eval_iters=4, run_name="dpo",
-                        **common))
+                        init=str(sft.run_dir / "best"), objective="dpo", dpo_beta=1.0,
+                        batch_size=6, epochs=6, lr=2e-3, min_lr=2e-4, eval_freq=1000, eval_iters=7,
+                        run_name="dpo", **common))
     last = rows(result.run_dir)[-1]
-    assert float(last["val_reward_accuracy"]) >= 0.9, last
+    assert float(last["val_reward_accuracy"]) == 1.0, last
     dpo_model = load_checkpoint(result.run_dir / "last")
-    after = [answer(dpo_model, f"Is {w} a word? ", 8) for w in held_out]
-    assert all(given.startswith("It is") for given in after), after
-    # generate.py answers like any fine-tuned run: the template applied, stopped at end-of-text.
+    after = margins(dpo_model)  # measured over 12 seeds: the smallest 3.3 to 15.2
+    assert all(m > 2.0 for m in after), after
+    assert all(p < 0.15 for p in rejected_share(dpo_model))  # measured: <= 0.04
+    # generate.py answers like any fine-tuned run: the template applied, stopped at end-of-text (the
+    # same greedy decoding as `answer`, so the same text whatever the model has learned).
+    given = answer(dpo_model, format_prompt("plain", f"Is {held_out[0]} a word?"), 8)
     capsys.readouterr()
     out = io.StringIO()
     options = GenerationOptions(prompt=f"Is {held_out[0]} a word?", max_new_tokens=8,
                                 temperature=0.0, top_k=None, checkpoint=result.run_dir / "last",
                                 device="cpu", dtype="float32")
     run_generation(options, out=out, err=io.StringIO())
-    assert out.getvalue() == after[0] + "\n"
+    assert out.getvalue() == given + "\n"
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------

@@ -155,9 +155,13 @@ def test_init_from_a_pretraining_run_starts_from_its_weights(tmp_path, qa_file) 
 def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path, capsys) -> None:
     records = capitals(50)
     data = write_jsonl(tmp_path / "capitals.jsonl", records)
+    # Memorising the 50 pairs comes after a plateau of uneven length: with 30 epochs at lr 3e-3,
+    # 3 of 11 runs (other seeds, other record sets) ended at an exact match of 0.34 to 0.68. These
+    # settings reached 1.0 in 9 of 9, those 3 among them; the smallest logit margin of a reference
+    # token over any other, over all 50 records, was 0.58 to 2.67 (records 0-3 below are right).
     cfg = tiny(tmp_path, data=str(data), val_data=str(data), context_length=None, drop_rate=0.0,
-               emb_dim=128, n_heads=4, batch_size=10, epochs=30, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-               eval_freq=1000, eval_iters=5, eval_answers=50)
+               emb_dim=128, n_heads=4, batch_size=10, epochs=40, lr=1.5e-3, min_lr=1.5e-4,
+               warmup_steps=5, eval_freq=1000, eval_iters=5, eval_answers=50)
     result = train(cfg)
     last = list(csv.DictReader(io.StringIO((result.run_dir / "metrics.csv").read_text())))[-1]
     assert float(last["val_exact_match"]) >= 0.9

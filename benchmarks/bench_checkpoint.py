@@ -1,12 +1,14 @@
-"""What writing a training checkpoint costs the training loop, per save: blocking against background.
+"""What writing a training checkpoint costs the training loop, per save: blocking against
+background.
 
     python benchmarks/bench_checkpoint.py [--presets mini gpt2-small] [--saves 3] [--dir DIR]
 
 For each preset: a model (the book's untied head for gpt2-small, as recipes/book-ch5.toml trains it)
 and AdamW state after one real step, so the checkpoint holds what a training run's last/ holds
-(weights and both moments). Then `--saves` saves of last/ through `gpt.checkpoints.saver.CheckpointSaver`, each
-followed by the same fixed number of real training steps of that model (batch 2, context 256, as the
-book's run; as many as take `--work` seconds alone). What a save costs is the loop's extra time:
+(weights and both moments). Then `--saves` saves of last/ through
+`gpt.checkpoints.saver.CheckpointSaver`, each followed by the same fixed number of real training
+steps of that model (batch 2, context 256, as the book's run; as many as take `--work` seconds
+alone). What a save costs is the loop's extra time:
 
     cost per save = (time of saves + steps) - (time of the same steps without saves), / saves
 
@@ -54,7 +56,8 @@ def trained(preset: str) -> tuple[GPT, torch.optim.Optimizer, Callable[[], None]
     return model, optimizer, step
 
 
-def time_saves(model: GPT, optimizer: torch.optim.Optimizer, step: Callable[[], None], directory: Path, *,
+def time_saves(model: GPT, optimizer: torch.optim.Optimizer, step: Callable[[], None],
+               directory: Path, *,
                background: bool | None, saves: int, steps: int) -> tuple[float, list[float]]:
     """(total seconds, seconds each save call stood still) of `saves` rounds of a save followed by
     `steps` training steps; `background=None` runs the rounds without saving."""
@@ -64,7 +67,8 @@ def time_saves(model: GPT, optimizer: torch.optim.Optimizer, step: Callable[[], 
         for i in range(saves):
             start = time.perf_counter()
             if background is not None:
-                saver.save(model, {"optimizer": optimizer.state_dict(), "step": i}, [directory / "last"])
+                saver.save(model, {"optimizer": optimizer.state_dict(), "step": i},
+                           [directory / "last"])
             stalls.append(time.perf_counter() - start)
             for _ in range(steps):
                 step()
@@ -78,9 +82,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["mini", "gpt2-small"])
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--work", type=float, default=10.0,
-                        help="about how many seconds of training steps between saves (the book's run "
+                        help="about how many seconds of training steps between saves (the book's "
+                             "run "
                              "evaluates, and saves, every 5 steps)")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp "
+                                                               "dir)")
     args = parser.parse_args()
     print(f"# bench_checkpoint: {args.saves} saves, {args.work:g} s of work between; "
           f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}; "
@@ -107,7 +113,8 @@ def main() -> None:
         for mode in ("blocking", "background"):
             total, stalls = rows[mode]
             cost = (total - rows["no save"][0]) / args.saves
-            print(f"| {mode} | {cost:.2f} | {', '.join(f'{s:.2f}' for s in stalls)} | {cost / base:.2f}x |")
+            print(f"| {mode} | {cost:.2f} | {', '.join(f'{s:.2f}' for s in stalls)} | "
+                  f"{cost / base:.2f}x |")
 
 if __name__ == "__main__":
     main()

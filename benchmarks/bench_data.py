@@ -4,9 +4,9 @@
     python benchmarks/bench_data.py --sizes 10,100   # a quicker run
 
 Each text is the built-in `default` corpus repeated to the size asked for, written to a temporary
-directory (deleted afterwards, with its token cache). Every measurement runs in a fresh subprocess so
-its peak RSS (`ru_maxrss`) is its own: the targets are >= 10 MB/s on a 2-core machine and a peak RSS
-that stays within +10% from 10 MB to 1 GB, i.e. memory that does not grow with the corpus.
+directory (deleted afterwards, with its token cache). Every measurement runs in a fresh subprocess
+so its peak RSS (`ru_maxrss`) is its own: the targets are >= 10 MB/s on a 2-core machine and a peak
+RSS that stays within +10% from 10 MB to 1 GB, i.e. memory that does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def rss_mb() -> dict[str, float]:
     (pages of mapped files, such as a token memmap: shared page cache the kernel can drop)."""
     with open("/proc/self/status") as status:
         fields = dict(line.split(":", 1) for line in status)
-    return {kind: int(fields[f"Rss{kind.capitalize()}"].split()[0]) * 1024 / MB for kind in ("anon", "file")}
+    return {kind: int(fields[f"Rss{kind.capitalize()}"].split()[0]) * 1024 / MB for kind in ("anon",
+                                                                                             "file")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,18 +50,21 @@ def child_tokenize(path: Path, data_dir: Path) -> dict[str, Any]:
     cpu_start = time.process_time()
     tokens = load_tokens(str(path), data_dir=data_dir)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "tokens": len(tokens),
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start,
+            "tokens": len(tokens),
             "baseline_mb": baseline, "peak_mb": peak_rss_bytes() / MB}
 
 
-def child_dataset(path: Path, tokens: int, context: int, stride: int, batches: int) -> dict[str, Any]:
+def child_dataset(path: Path, tokens: int, context: int, stride: int, batches: int) -> dict[str,
+                                                                                            Any]:
     import numpy as np
 
     from gpt.data.windows import create_dataloader
 
     ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(tokens,))
     before = rss_mb()
-    loader = create_dataloader(ids, batch_size=8, context_length=context, stride=stride, shuffle=True)
+    loader = create_dataloader(ids, batch_size=8, context_length=context, stride=stride,
+                               shuffle=True)
     built = rss_mb()
     iterator = iter(loader)  # draws the epoch's shuffled order
     for _ in range(batches):
@@ -72,7 +76,8 @@ def child_dataset(path: Path, tokens: int, context: int, stride: int, batches: i
 
 def run_child(*args: str) -> dict[str, Any]:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
+                            text=True,
                             env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{result.stderr}")
@@ -84,7 +89,8 @@ def run_child(*args: str) -> dict[str, Any]:
 
 
 def make_text(path: Path, size: int) -> int:
-    """Write the default corpus repeated to `size` bytes (cut at a newline); returns the bytes written."""
+    """Write the default corpus repeated to `size` bytes (cut at a newline); returns the bytes
+    written."""
     from pydoc_data.topics import topics
 
     base = "\n\n".join(topics[key] for key in sorted(topics)).encode() + b"\n\n"
@@ -106,7 +112,8 @@ def machine() -> str:
     import tiktoken
     import torch
     return (f"{cpu}, {cores} cores, {memory:.0f} GiB RAM; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {numpy.__version__}, tiktoken {tiktoken.__version__}")
+            f"torch {torch.__version__}, numpy {numpy.__version__}, tiktoken "
+            f"{tiktoken.__version__}")
 
 
 def load() -> str:
@@ -117,8 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,1000", help="text sizes in MB, comma separated")
-    parser.add_argument("--context", type=int, default=256, help="context length L for the dataset rows")
-    parser.add_argument("--batches", type=int, default=200, help="batches drawn in each dataset run")
+    parser.add_argument("--context", type=int, default=256, help="context length L for the dataset "
+                                                                 "rows")
+    parser.add_argument("--batches", type=int, default=200, help="batches drawn in each dataset "
+                                                                 "run")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,7 +154,8 @@ def main() -> None:
             row = run_child("tokenize", str(text), str(data_dir))
             rows.append(row)
             print(f"| {n_bytes / MB:.0f} MB | {row['tokens']:,} | {row['seconds']:.1f} | "
-                  f"{n_bytes / MB / row['seconds']:.1f} | {row['cpu_seconds'] / row['seconds']:.2f} | "
+                  f"{n_bytes / MB / row['seconds']:.1f} | "
+                  f"{row['cpu_seconds'] / row['seconds']:.2f} | "
                   f"{n_bytes / MB / row['cpu_seconds']:.1f} | "
                   f"{row['peak_mb']:.0f} MB | {row['baseline_mb']:.0f} MB | {before} |", flush=True)
             text.unlink()
@@ -159,17 +169,22 @@ def main() -> None:
         tokens = cache.stat().st_size // 2
         L = args.context
         print(f"Dataset over the {max(sizes)} MB token cache ({tokens:,} tokens, "
-              f"{cache.stat().st_size / MB:.0f} MB on disk), context {L}, batch 8, {args.batches} shuffled "
+              f"{cache.stat().st_size / MB:.0f} MB on disk), context {L}, batch 8, {args.batches} "
+              f"shuffled "
               "batches drawn:\n")
-        print("| stride | windows | dataset | dataset + shuffled sampler | token pages mapped (page cache) | "
+        print("| stride | windows | dataset | dataset + shuffled sampler | token pages mapped "
+              "(page cache) | "
               "the book's eager lists of tensors |")
         print("|---:|---:|---:|---:|---:|---:|")
         for stride in (1, L):
-            row = run_child("dataset", str(cache), str(tokens), str(L), str(stride), str(args.batches))
+            row = run_child("dataset", str(cache), str(tokens), str(L), str(stride),
+                            str(args.batches))
             eager = row["windows"] * 2 * L * 8 / MB  # x and y as int64 per window
             print(f"| {stride} | {row['windows']:,} | {row['dataset_mb']:+.1f} MB | "
-                  f"{row['loader_mb']:+.1f} MB | {row['file_mb']:+.1f} MB | {eager:,.0f} MB |", flush=True)
-        print("\nDataset and sampler columns: growth of anonymous RSS (the process's own memory). The "
+                  f"{row['loader_mb']:+.1f} MB | {row['file_mb']:+.1f} MB | {eager:,.0f} MB |",
+                  flush=True)
+        print("\nDataset and sampler columns: growth of anonymous RSS (the process's own memory). "
+              "The "
               "sampler's shuffled order costs 4 bytes a window.")
 
 

@@ -1,24 +1,32 @@
 """Data-parallel training speed and memory: N ranks under torchrun (DDP, FSDP) against one process.
 
-Each case is a fresh `torchrun --standalone` launch of this script in `--worker` mode, which runs the
-project's own `setup` + `train_step` (as `bench_train.py` does for one process) on synthetic batches of
-`--batch-size` windows per rank, and reports from rank 0: tokens/s over all ranks, and every rank's
-peak memory (CUDA: the allocator's peak; CPU: the process's peak resident memory). The cases:
+Each case is a fresh `torchrun --standalone` launch of this script in `--worker` mode, which runs
+the project's own `setup` + `train_step` (as `bench_train.py` does for one process) on synthetic
+batches of `--batch-size` windows per rank, and reports from rank 0: tokens/s over all ranks, and
+every rank's peak memory (CUDA: the allocator's peak; CPU: the process's peak resident memory). The
+cases:
 
     1 process x T threads        the baseline one rank is compared with
     1 process x N*T threads      (CPU only) the same cores given to one process instead of N ranks
-    ddp N ranks x T threads      --parallel ddp; scaling efficiency = its tokens/s / (N x the baseline's)
-    fsdp N ranks x T threads     --parallel fsdp: the same global batch, parameters, gradients and AdamW's
+    ddp N ranks x T threads      --parallel ddp; scaling efficiency = its tokens/s / (N x the
+                                 baseline's)
+    fsdp N ranks x T threads     --parallel fsdp: the same global batch, parameters, gradients and
+                                 AdamW's
                                  moments sharded (less memory per rank, more communication)
 
 Peak memory on a CPU is the whole process's (the Python interpreter, torch's libraries and the
 batches too), so the difference between the rows is what sharding saves; on CUDA it is what torch
 allocated on the rank's GPU.
 
-    python benchmarks/bench_ddp.py --nproc 2 --threads 1                      # 2 CPU ranks x 1 thread
+    python benchmarks/bench_ddp.py --nproc 2 --threads 1                      # 2 CPU ranks x 1
+                                                                              thread
     python benchmarks/bench_ddp.py --nproc 2 --shape gpt2-medium-1024 --batch-size 4 --device cuda
-    python benchmarks/bench_ddp.py --nproc 2 --shape gpt2-medium-256 --batch-size 2 --steps 3   # CPU, 2 ranks
-    python benchmarks/bench_ddp.py --nproc 2 --shape tiny --steps 2 --warmup 1   # a quick check it runs
+    python benchmarks/bench_ddp.py --nproc 2 --shape gpt2-medium-256 --batch-size 2 --steps 3   #
+                                                                                                CPU,
+                                                                                                2
+                                                                                                ranks
+    python benchmarks/bench_ddp.py --nproc 2 --shape tiny --steps 2 --warmup 1   # a quick check it
+                                                                                 runs
 """
 
 from __future__ import annotations
@@ -38,13 +46,15 @@ from bench_train import SHAPES as TRAIN_SHAPES
 from bench_train import batches, time_steps
 from machine import cpu_name, peak_rss_bytes
 
-SHAPES: dict[str, dict[str, Any]] = {**TRAIN_SHAPES, "tiny": {"preset": "tiny", "context_length": 32},
+SHAPES: dict[str, dict[str, Any]] = {**TRAIN_SHAPES, "tiny": {"preset": "tiny",
+                                                              "context_length": 32},
           "gpt2-medium-1024": {"preset": "gpt2-medium", "context_length": 1024}}
 RESULT = "RESULT "  # the line rank 0 prints its measurements on
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of a case (under torchrun): time the steps, then rank 0 prints every rank's numbers."""
+    """One rank of a case (under torchrun): time the steps, then rank 0 prints every rank's numbers.
+    """
     import torch.distributed as dist
 
     from gpt.training.settings import TrainConfig
@@ -52,7 +62,8 @@ def worker(args: argparse.Namespace) -> None:
 
     shape = SHAPES[args.shape]
     world = int(os.environ["WORLD_SIZE"])
-    cfg = TrainConfig(preset=shape["preset"], context_length=shape["context_length"], dtype=args.dtype,
+    cfg = TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
+                      dtype=args.dtype,
                       batch_size=args.batch_size, device=args.device, seed=0, sample_tokens=0,
                       out=args.out, run_name="bench", parallel=args.parallel)
     filler = np.zeros(2 * (shape["context_length"] + 1) * args.batch_size * world, dtype=np.uint16)
@@ -60,7 +71,8 @@ def worker(args: argparse.Namespace) -> None:
     data = batches(run.model.config.vocab_size, args.batch_size, shape["context_length"],
                    args.warmup + args.steps)
     seconds = time_steps(lambda x, y: train_step(run, [(x, y)]), data, args.warmup, run.device)
-    peak = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else peak_rss_bytes())
+    peak = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda"
+            else peak_rss_bytes())
     peaks: list[int] = [0] * world
     if dist.is_initialized():
         dist.all_gather_object(peaks, peak)
@@ -68,12 +80,15 @@ def worker(args: argparse.Namespace) -> None:
         peaks = [peak]
     if run.dist.is_main:
         tokens = args.batch_size * world * shape["context_length"]
-        print(RESULT + json.dumps({"tokens_per_s": tokens / seconds, "peak_bytes": peaks}), flush=True)
+        print(RESULT + json.dumps({"tokens_per_s": tokens / seconds, "peak_bytes": peaks}),
+              flush=True)
 
 
 def launch(args: argparse.Namespace, nproc: int, threads: int, parallel: str, out: str) -> dict:
-    """One case: `nproc` ranks of `threads` threads each, with `--parallel parallel`; the worker's result."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """One case: `nproc` ranks of `threads` threads each, with `--parallel parallel`; the worker's
+    result."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}",
                __file__, "--worker", "--parallel", parallel, "--shape", args.shape,
                "--batch-size", str(args.batch_size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
@@ -82,7 +97,8 @@ def launch(args: argparse.Namespace, nproc: int, threads: int, parallel: str, ou
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
     if result.returncode != 0 or not lines:
-        sys.exit(f"error: {nproc} rank(s) failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        sys.exit(f"error: {nproc} rank(s) failed (exit "
+                 f"{result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
@@ -104,12 +120,14 @@ def main() -> None:
         worker(args)
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    print(f"{args.shape}, {args.batch_size} windows per rank, {args.dtype}, {args.steps} steps on {device}")
+    print(f"{args.shape}, {args.batch_size} windows per rank, {args.dtype}, {args.steps} steps on "
+          f"{device}")
     cases = [(f"1 process x {args.threads} threads", 1, args.threads, "ddp")]
     if args.device == "cpu":
         threads = args.nproc * args.threads
         cases.append((f"1 process x {threads} threads", 1, threads, "ddp"))
-    cases += [(f"{parallel} {args.nproc} ranks x {args.threads} threads", args.nproc, args.threads, parallel)
+    cases += [(f"{parallel} {args.nproc} ranks x {args.threads} threads", args.nproc, args.threads,
+               parallel)
               for parallel in ("ddp", "fsdp")]
     print(f"{'case':<32} {'tokens/s':>10} {'efficiency':>10}  peak memory per rank (MiB)")
     baseline = None

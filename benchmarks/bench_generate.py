@@ -1,21 +1,25 @@
-"""Decoding speed: new tokens/s of `gpt.model.sampling.generate` next to Hugging Face `generate`, same weights.
+"""Decoding speed: new tokens/s of `gpt.model.sampling.generate` next to Hugging Face `generate`,
+same weights.
 
 GPT-2 small shapes (or another `--preset`) with random weights (no download), a 32-token prompt,
 top-k 50 sampling, batch 1, with and without the KV cache, and with the cache with both compiled
 the same way (`compile_for_decoding`: inductor with frozen weights; for HF, its `forward`), compile
 times shown, in each dtype and thread count. Both
-implementations get the same weights (converted with `gpt.checkpoints.weights.gpt_to_hf_state_dict`), dtype and
-threads, in one process, timed alternately; each figure is the best of `--repeats` runs. On a shared
-machine the absolute numbers move with the load, and with 2+ threads so does the ratio. A second
-table shows what bounds a cached step: the memory's read bandwidth against the speed of the weight
-products alone (see `memory_floor`). A third times our decoding with each weight format of
-`gpt.model.quantize` (bf16 as loaded, prepacked, int8 with and without the LM head) against HF's bf16,
-and its share of the read floor. With `--perplexity-checkpoint`, a fourth compares the perplexity of
-a trained checkpoint in each format (`perplexity_table`).
+implementations get the same weights (converted with
+`gpt.checkpoints.weights.gpt_to_hf_state_dict`), dtype and threads, in one process, timed
+alternately; each figure is the best of `--repeats` runs. On a shared machine the absolute numbers
+move with the load, and with 2+ threads so does the ratio. A second table shows what bounds a cached
+step: the memory's read bandwidth against the speed of the weight products alone (see
+`memory_floor`). A third times our decoding with each weight format of `gpt.model.quantize` (bf16 as
+loaded, prepacked, int8 with and without the LM head) against HF's bf16, and its share of the read
+floor. With `--perplexity-checkpoint`, a fourth compares the perplexity of a trained checkpoint in
+each format (`perplexity_table`).
 
-    python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in docs/benchmarks.md)
+    python benchmarks/bench_generate.py --threads 2,1     # the full table (recorded in
+                                                          docs/benchmarks.md)
     python benchmarks/bench_generate.py --new-tokens 20 --dtypes float32 --no-uncached
-    python benchmarks/bench_generate.py --only formats --threads 2          # the weight formats only
+    python benchmarks/bench_generate.py --only formats --threads 2          # the weight formats
+                                                                            only
     python benchmarks/bench_generate.py --only perplexity --perplexity-checkpoint runs/NAME
 """
 
@@ -101,7 +105,8 @@ def _time_alternately(ours: GPT, hf: GPT2LMHeadModel, use_cache: bool, prompt_to
             best[run] = min(best[run], time.perf_counter() - start)
             made = out.size(1) - prompt_tokens
             assert made == new_tokens, f"{run.__name__} made {made} tokens, not {new_tokens}"
-    return new_tokens / best[run_ours], new_tokens / best[run_hf], warm_up[run_ours], warm_up[run_hf]
+    return (new_tokens / best[run_ours], new_tokens / best[run_hf], warm_up[run_ours],
+            warm_up[run_hf])
 
 
 def best_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -120,13 +125,15 @@ class Floor(NamedTuple):
     products: float  # the model's weight products, eager, as a decode step runs them
     split: float  # the same, each split into two row blocks of one torch.bmm (a probe)
     frozen: float  # the same products compiled with frozen (pre-packed) weights (nan: not run)
-    prepacked: float  # the same through `gpt.model.quantize.PackedLinear` (nan: not bf16 on such a CPU)
+    # the same through `gpt.model.quantize.PackedLinear` (nan: not bf16 on such a CPU)
+    prepacked: float
     int8_ms: float  # ms per token of the same products through `Int8Linear` (nan: not bf16)
     weight_bytes: int
 
 
 class WeightProducts(torch.nn.Module):
-    """Every linear layer of a model (the same modules, not copies) applied to one token's vector."""
+    """Every linear layer of a model (the same modules, not copies) applied to one token's vector.
+    """
 
     def __init__(self, layers: list[torch.nn.Module]) -> None:
         super().__init__()
@@ -159,7 +166,8 @@ def memory_floor(ours: GPT, dtype: torch.dtype, repeats: int, compiled: bool) ->
     products = WeightProducts(layers).eval()
 
     rows = [m.weight[: m.weight.size(0) // 2 * 2] for m in layers]  # an even number of rows
-    blocks = [(w.view(2, w.size(0) // 2, w.size(1)).transpose(1, 2), inputs[w.size(1)].expand(2, 1, -1))
+    blocks = [(w.view(2, w.size(0) // 2, w.size(1)).transpose(1, 2), inputs[w.size(1)].expand(2, 1,
+                                                                                              -1))
               for w in rows]
 
     def split_products() -> None:
@@ -211,7 +219,8 @@ def read_bytes_per_token(model: GPT) -> int:
 def formats_table(ours: GPT, hf: GPT2LMHeadModel, threads: int, prompt_tokens: int, new_tokens: int,
                   repeats: int) -> list[str]:
     """Rows: our cached bf16 decoding with each weight format of `FORMATS`, timed alternately with
-    HF's bf16 eager `generate`, and each one's share of the floor its bytes set at the read bandwidth."""
+    HF's bf16 eager `generate`, and each one's share of the floor its bytes set at the read
+    bandwidth."""
     dtype = torch.bfloat16
     read = read_bandwidth(dtype, repeats=5)
     baseline = None
@@ -220,11 +229,13 @@ def formats_table(ours: GPT, hf: GPT2LMHeadModel, threads: int, prompt_tokens: i
         model = prepare_for_decoding(copy.deepcopy(ours).to(dtype), scheme, pack=pack)
         if pack and not can_prepack(model):
             continue  # not a CPU with native bf16: prepacking is not available
-        mine, theirs, _, _ = measure(model, hf, dtype, True, False, prompt_tokens, new_tokens, repeats)
+        mine, theirs, _, _ = measure(model, hf, dtype, True, False, prompt_tokens, new_tokens,
+                                     repeats)
         baseline = baseline or mine
         nbytes = read_bytes_per_token(model)
         floor_ms = nbytes / read / 1e6
-        rows.append(f"| {threads} | {name} | {nbytes / 1e6:.0f} MB | {mine:.1f} | {1000 / mine:.2f} ms | "
+        rows.append(f"| {threads} | {name} | {nbytes / 1e6:.0f} MB | {mine:.1f} | "
+                    f"{1000 / mine:.2f} ms | "
                     f"{mine / baseline:.2f}x | {mine / theirs:.2f}x | {floor_ms:.2f} ms | "
                     f"{floor_ms * mine / 1000:.0%} |")
         print(rows[-1], flush=True)
@@ -232,8 +243,9 @@ def formats_table(ours: GPT, hf: GPT2LMHeadModel, threads: int, prompt_tokens: i
 
 
 def perplexity_table(checkpoint: Path, data: str, batch_size: int) -> None:
-    """Print the validation perplexity of a trained checkpoint in float32, bf16 and each weight format,
-    over the non-overlapping windows of `data`'s validation split (as `python train.py` splits it)."""
+    """Print the validation perplexity of a trained checkpoint in float32, bf16 and each weight
+    format, over the non-overlapping windows of `data`'s validation split (as `python train.py`
+    splits it)."""
     from torch.utils.data import DataLoader
 
     from gpt.checkpoints.checkpoint import find_model_checkpoint, load_checkpoint
@@ -254,30 +266,37 @@ def perplexity_table(checkpoint: Path, data: str, batch_size: int) -> None:
         losses[name] = evaluate_loss(model, loader)  # in the model's own dtype: no autocast
     bf16 = perplexity(losses["bf16 as loaded"])
     for name, loss in losses.items():
-        print(f"| {name} | {loss:.4f} | {perplexity(loss):.2f} | {perplexity(loss) / bf16 - 1:+.2%} |")
+        print(f"| {name} | {loss:.4f} | {perplexity(loss):.2f} | "
+              f"{perplexity(loss) / bf16 - 1:+.2%} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-small", help="model shape (a GPTConfig preset)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=200, help="tokens per run with the KV cache")
+    parser.add_argument("--new-tokens", type=int, default=200, help="tokens per run with the KV "
+                                                                    "cache")
     parser.add_argument("--uncached-new-tokens", type=int, default=20,
-                        help="tokens per run without the cache (each costs a forward over the whole "
-                             "sequence; HF in bfloat16 on a CPU without native bf16 needs seconds each)")
+                        help="tokens per run without the cache (each costs a forward over the "
+                             "whole "
+                             "sequence; HF in bfloat16 on a CPU without native bf16 needs seconds "
+                             "each)")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated, of: " + ", ".join(DTYPES))
     parser.add_argument("--no-uncached", action="store_true", help="skip the runs without cache")
     parser.add_argument("--no-compiled", action="store_true",
-                        help="skip the runs with both models compiled with frozen weights (~1 min each)")
+                        help="skip the runs with both models compiled with frozen weights (~1 min "
+                             "each)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
-                        help="comma-separated torch thread counts, each used by both (default: torch's)")
+                        help="comma-separated torch thread counts, each used by both (default: "
+                             "torch's)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["peers", "formats", "perplexity"], default=None,
                         help="one table only: gpt next to HF (with the floor), the weight formats, "
                              "or the perplexities")
     parser.add_argument("--perplexity-checkpoint", type=Path, default=None, metavar="RUN_DIR",
-                        help="a trained run (or checkpoint) whose perplexity to compare in each format")
+                        help="a trained run (or checkpoint) whose perplexity to compare in each "
+                             "format")
     parser.add_argument("--perplexity-data", default="default",
                         help="the text it was trained on (its validation split is used)")
     args = parser.parse_args()
@@ -287,11 +306,15 @@ def main() -> None:
     rows = ["| threads | dtype | KV cache | compiled (warm-up gpt, HF) | new tokens | gpt tokens/s "
             "| HF tokens/s | gpt / HF |",
             "|---:|---|---|---|---:|---:|---:|---:|"]
-    floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products GB/s "
-                  "| products' time per token | floor at read bandwidth | split in two (probe) GB/s "
-                  "| compiled, frozen weights GB/s | prepacked GB/s | int8 products' time per token |",
+    floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products "
+                  "GB/s "
+                  "| products' time per token | floor at read bandwidth | split in two (probe) "
+                  "GB/s "
+                  "| compiled, frozen weights GB/s | prepacked GB/s | int8 products' time per "
+                  "token |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    format_rows = ["| threads | weights | read per token | gpt tokens/s | ms/token | vs bf16 as loaded "
+    format_rows = ["| threads | weights | read per token | gpt tokens/s | ms/token | vs bf16 as "
+                   "loaded "
                    "| vs HF bf16 eager | floor at read bandwidth | share of the floor |",
                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     settings = [(True, False, args.new_tokens)]
@@ -301,33 +324,42 @@ def main() -> None:
         torch.set_num_threads(threads)
         for name in args.dtypes.split(",") if "peers" in tables else []:
             for use_cache, compiled, new_tokens in settings:
-                mine, theirs, warm_ours, warm_hf = measure(ours, hf, DTYPES[name], use_cache, compiled,
-                                                           args.prompt_tokens, new_tokens, args.repeats)
+                mine, theirs, warm_ours, warm_hf = measure(ours, hf, DTYPES[name], use_cache,
+                                                           compiled,
+                                                           args.prompt_tokens, new_tokens,
+                                                           args.repeats)
                 how = f"both ({warm_ours:.0f} s, {warm_hf:.0f} s)" if compiled else "no"
-                rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {how} | {new_tokens} | "
+                rows.append(f"| {threads} | {name} | {'on' if use_cache else 'off'} | {how} | "
+                            f"{new_tokens} | "
                             f"{mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
                 print(rows[-1], flush=True)
             floor = memory_floor(ours, DTYPES[name], repeats=5, compiled=not args.no_compiled)
             floor_rows.append(
                 f"| {threads} | {name} | {floor.weight_bytes / 1e6:.0f} MB | {floor.read:.1f} | "
                 f"{floor.products:.1f} | {floor.weight_bytes / floor.products / 1e6:.1f} ms | "
-                f"{floor.weight_bytes / floor.read / 1e6:.1f} ms | {floor.split:.1f} | {floor.frozen:.1f} | "
+                f"{floor.weight_bytes / floor.read / 1e6:.1f} ms | {floor.split:.1f} | "
+                f"{floor.frozen:.1f} | "
                 f"{floor.prepacked:.1f} | {floor.int8_ms:.1f} ms |")
             print(floor_rows[-1], flush=True)
         if "formats" in tables:
-            format_rows += formats_table(ours, hf, threads, args.prompt_tokens, args.new_tokens, args.repeats)
+            format_rows += formats_table(ours, hf, threads, args.prompt_tokens, args.new_tokens,
+                                         args.repeats)
     print(
         f"\n# {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M parameters), "
-        f"random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, temperature 1, best of "
+        f"{transformers.__version__}; preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M "
+        f"parameters), "
+        f"random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, temperature 1, "
+        f"best of "
         f"{args.repeats}\n")
     if "peers" in tables:
         print("\n".join(rows))
-        print("\nWhat bounds a cached step: every weight read once per token (the LM head included)\n")
+        print("\nWhat bounds a cached step: every weight read once per token (the LM head "
+              "included)\n")
         print("\n".join(floor_rows))
     if "formats" in tables:
-        print("\nWeight formats (gpt.model.quantize), bf16 activations, KV cache on, each timed alternately "
+        print("\nWeight formats (gpt.model.quantize), bf16 activations, KV cache on, each timed "
+              "alternately "
               "with HF bf16 eager\n")
         print("\n".join(format_rows))
     if "perplexity" in tables and args.perplexity_checkpoint is not None:

@@ -1,12 +1,13 @@
-"""Peak memory of loading a GPT-2 medium-shaped checkpoint: `load_pretrained` against the alternatives.
+"""Peak memory of loading a GPT-2 medium-shaped checkpoint: `load_pretrained` against the
+alternatives.
 
     python benchmarks/bench_load.py [--preset gpt2-medium]
 
 Writes a random checkpoint of the preset's shape with `save_hf` into a temporary directory, then
 loads it in a fresh subprocess per method and reads the subprocess's peak resident set size
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which counts the pages of memory-mapped files that were
-touched) after loading, and again after one forward pass, which reads every weight. Prints a Markdown
-table; the ratio is peak RSS over the checkpoint file's size, imports (torch) included.
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which counts the pages of memory-mapped files that
+were touched) after loading, and again after one forward pass, which reads every weight. Prints a
+Markdown table; the ratio is peak RSS over the checkpoint file's size, imports (torch) included.
 
 Linux keeps a process's peak RSS across `exec`, so the parent stays plain Python (no torch) and the
 checkpoint is written by a subprocess too: otherwise every child would start at the parent's peak.
@@ -44,7 +45,8 @@ def make(preset: str, directory: Path) -> None:
 
 
 def child(method: str, directory: Path) -> None:
-    """Load `directory` by `method`; print peak RSS after imports, after loading, after a forward pass."""
+    """Load `directory` by `method`; print peak RSS after imports, after loading, after a forward
+    pass."""
     import torch
     from safetensors.torch import load_file
 
@@ -95,7 +97,8 @@ def main() -> None:
         size_mib = (directory / "model.safetensors").stat().st_size / 2**20
         print(f"{args.preset}, model.safetensors {size_mib:.0f} MiB; torch {torch_version}, "
               f"{cpu_name()}, Python {platform.python_version()}\n")
-        print("| method | RSS after imports | peak RSS, loaded | peak RSS, after forward | ratio | time |")
+        print("| method | RSS after imports | peak RSS, loaded | peak RSS, after forward | ratio | "
+              "time |")
         print("|---|---|---|---|---|---|")
         for label, method in METHODS.items():
             out = run("--child", method, str(directory))

@@ -2,7 +2,8 @@
 
 One run measures, for the same model shape, weights, batch and data:
 
-- `gpt` rows: the real loop (`gpt.training.trainer.setup` + `train_step`: forward, loss, backward, clip,
+- `gpt` rows: the real loop (`gpt.training.trainer.setup` + `train_step`: forward, loss, backward,
+clip,
   AdamW) in the default settings of `python train.py`, in float32, and with one speed option
   changed at a time (the measurements behind each default);
 - `HF` rows: `transformers.GPT2LMHeadModel` with the same weights, in a plain PyTorch loop (its
@@ -21,8 +22,9 @@ name; `--gpu-peak-tflops` for another card), the usual reference for GPU trainin
 (`GRID`) at the same tokens per step, to show how the cost grows with the work.
 
     python benchmarks/bench_train.py                              # the CPU bench config
-    python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 1 --cases "gpt default,HF float32"
-    python benchmarks/bench_train.py --grid                       # mini, gpt2-small, gpt2-medium x 256, 1024
+    python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 1 --cases "gpt default,HF
+    float32" python benchmarks/bench_train.py --grid                       # mini, gpt2-small,
+                                                                           gpt2-medium x 256, 1024
     python benchmarks/bench_train.py --shape gpt2-small-1024 --batch-size 16 --device cuda
 """
 
@@ -54,14 +56,16 @@ SHAPES = {
     "gpt2-medium-1024": {"preset": "gpt2-medium", "context_length": 1024},
 }
 # --grid: (model, context) -> the shape measured; mini's position table holds 256 positions only.
-GRID = {("mini", 256): "mini", ("gpt2-small", 256): "gpt2-small-256", ("gpt2-small", 1024): "gpt2-small-1024",
+GRID = {("mini", 256): "mini", ("gpt2-small", 256): "gpt2-small-256", ("gpt2-small",
+                                                                       1024): "gpt2-small-1024",
         ("gpt2-medium", 256): "gpt2-medium-256", ("gpt2-medium", 1024): "gpt2-medium-1024"}
 # Published dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in this order against
 # torch.cuda.get_device_name(): the more specific names first.
 GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2)]
-# Each case: who runs it and the settings that differ from `python train.py`'s defaults (gpt rows are
-# named by that flag).
+                   ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090",
+                                                                                     165.2)]
+# Each case: who runs it and the settings that differ from `python train.py`'s defaults (gpt rows
+# are named by that flag).
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt default": ("gpt", {}),
     "gpt --dtype float32": ("gpt", {"dtype": "float32"}),
@@ -73,14 +77,17 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "HF float32": ("hf", {"dtype": "float32"}),
     "HF bf16 autocast": ("hf", {"dtype": "bfloat16"}),
     # The allocator setting is not ours to keep: it speeds up any PyTorch CPU loop, the peer's too.
-    "HF bf16 autocast + keep freed memory": ("hf", {"dtype": "bfloat16", "keep_freed_memory": True}),
+    "HF bf16 autocast + keep freed memory": ("hf", {"dtype": "bfloat16",
+                                                    "keep_freed_memory": True}),
 }
 PEER = "HF float32"
 LLM_C_H100_TOKENS_PER_S = 450_000  # llm.c's figure for GPT-2 small training on one H100
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int, rounds: int = 5) -> float:
-    """The best of `rounds` timings of `repeats` n x n matmuls: a 2-core VM's single round moves by 2x."""
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int,
+                  rounds: int = 5) -> float:
+    """The best of `rounds` timings of `repeats` n x n matmuls: a 2-core VM's single round moves by
+    2x."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
@@ -104,11 +111,13 @@ def synchronize(device: torch.device) -> None:
 def batches(vocab_size: int, batch_size: int, context_length: int, count: int,
             ) -> list[tuple[torch.Tensor, ...]]:
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (count, batch_size, context_length + 1), generator=generator)
+    tokens = torch.randint(0, vocab_size, (count, batch_size, context_length + 1),
+                           generator=generator)
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int, device: torch.device) -> float:
+def time_steps(step: Any, data: list[tuple[torch.Tensor, ...]], warmup: int,
+               device: torch.device) -> float:
     """Seconds per step over data[warmup:], after `warmup` untimed steps."""
     for x, y in data[:warmup]:
         step(x, y)
@@ -126,7 +135,8 @@ def train_config(args: argparse.Namespace, out: Path, **settings: Any) -> Any:
 
     shape = SHAPES[args.shape]
     return TrainConfig(preset=shape["preset"], context_length=shape["context_length"],
-                       batch_size=args.batch_size, device=args.device, seed=0, out=str(out), run_name="gpt",
+                       batch_size=args.batch_size, device=args.device, seed=0, out=str(out),
+                       run_name="gpt",
                        sample_tokens=0, **settings)
 
 
@@ -155,7 +165,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
     shape, defaults = SHAPES[args.shape], train_config(args, out)
     if settings.get("keep_freed_memory"):
         keep_freed_memory()
-    seed_everything(defaults.seed)  # then the model `setup` builds for the gpt rows: the same weights
+    # then the model `setup` builds for the gpt rows: the same weights
+    seed_everything(defaults.seed)
     ours = build_model(defaults)
     hf = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     # Not strict: a tied head is stored once, as wte, which HF's head shares.
@@ -176,8 +187,10 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
         torch.nn.utils.clip_grad_norm_(hf.parameters(), defaults.grad_clip)
         optimizer.step()
 
-    data = batches(ours.config.vocab_size, args.batch_size, shape["context_length"], args.warmup + args.steps)
-    return time_steps(step, data, args.warmup, device), ours.num_parameters() - ours.pos_emb.weight.numel()
+    data = batches(ours.config.vocab_size, args.batch_size, shape["context_length"], args.warmup
+                   + args.steps)
+    return (time_steps(step, data, args.warmup, device),
+            ours.num_parameters() - ours.pos_emb.weight.numel())
 
 
 def worker(case: str, args: argparse.Namespace) -> None:
@@ -194,7 +207,8 @@ def worker(case: str, args: argparse.Namespace) -> None:
 
 def measure(case: str, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--worker", case, "--shape", args.shape, "--batch-size",
-               str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
+               str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device",
                args.device]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -207,20 +221,24 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="mini")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per case")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile "
+                                                              "happens here)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the "
+                                                                 "cases")
     parser.add_argument("--grid", action="store_true",
                         help="instead: `gpt default` for every model size and context in GRID")
     parser.add_argument("--grid-tokens", type=int, default=2048,
                         help="tokens per step in --grid (batch = this / context)")
-    parser.add_argument("--grid-models", default="mini,gpt2-small,gpt2-medium", help="comma-separated")
+    parser.add_argument("--grid-models", default="mini,gpt2-small,gpt2-medium",
+                        help="comma-separated")
     parser.add_argument("--gpu-peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak, for a card not in GPU_PEAK_TFLOPS")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
+        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no "
+                     "CUDA)")
     if args.worker:
         worker(args.worker, args)
         return
@@ -244,18 +262,21 @@ def main() -> None:
         results = {case: measure_case(case, args) for case in args.cases.split(",")}
     peak, peak_name = max(ceilings), "the best bf16 ceiling"  # GFLOP/s that MFU is a fraction of
     if device.type == "cuda":
-        peak = 1000 * (args.gpu_peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name()) or math.nan)
+        peak = 1000 * (args.gpu_peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name())
+                       or math.nan)
         peak_name = "the GPU's bf16 peak"
     print(f"# {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{datetime.date.today()}")
-    print(f"# matmul ceiling measured ({n}^3, best of 5 rounds): float32 {float32_ceiling:.0f} GFLOP/s; "
+    print(f"# matmul ceiling measured ({n}^3, best of 5 rounds): float32 {float32_ceiling:.0f} "
+          f"GFLOP/s; "
           f"bfloat16 before and after each case {', '.join(f'{c:.0f}' for c in ceilings)} GFLOP/s")
     print(f"# MFU is of {peak_name}, {peak:.0f} GFLOP/s\n")
     if args.grid:
         print_grid(args, rows, peak)
         return
     shape = SHAPES[args.shape]
-    print(f"# bench_train: {args.shape}, batch {args.batch_size} x {shape['context_length']} tokens, "
+    print(f"# bench_train: {args.shape}, batch {args.batch_size} x {shape['context_length']} "
+          f"tokens, "
           f"{args.steps} timed steps after {args.warmup}\n")
     print(f"| case | ms/step | tokens/s | vs {PEER} | model TFLOP/s | MFU | peak memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -281,7 +302,8 @@ def throughput(result: dict[str, float], shape: str, batch_size: int) -> tuple[f
     return tokens_per_s, flops_per_token * tokens_per_s / 1e9
 
 
-def grid(args: argparse.Namespace, measure_case: Any) -> list[tuple[str, int, str, int, dict[str, float]]]:
+def grid(args: argparse.Namespace, measure_case: Any) -> list[tuple[str, int, str, int, dict[str,
+                                                                                             float]]]:
     """`gpt default` for each (model, context) of GRID, `--grid-tokens` tokens per step."""
     rows = []
     for (model, context), shape in GRID.items():
@@ -296,7 +318,8 @@ def print_grid(args: argparse.Namespace, rows: list[tuple[str, int, str, int, di
                peak: float) -> None:
     print(f"# bench_train --grid: gpt default, {args.grid_tokens} tokens per step, "
           f"{args.steps} timed steps after {args.warmup}\n")
-    print("| model | parameters | context | batch | ms/step | tokens/s | model TFLOP/s | MFU | peak memory |")
+    print("| model | parameters | context | batch | ms/step | tokens/s | model TFLOP/s | MFU | "
+          "peak memory |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, context, shape, batch_size, r in rows:
         tokens_per_s, achieved = throughput(r, shape, batch_size)

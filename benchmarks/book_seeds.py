@@ -1,24 +1,27 @@
 """The book's chapter-5 curve (recipes/book-ch5.toml) over several seeds, and what moves it.
 
     OMP_NUM_THREADS=1 python benchmarks/book_seeds.py PATH/the-verdict.txt --keep DIR    # 5 seeds
-    OMP_NUM_THREADS=1 python benchmarks/book_seeds.py PATH/the-verdict.txt --keep DIR --variant decay-all \
+    OMP_NUM_THREADS=1 python benchmarks/book_seeds.py PATH/the-verdict.txt --keep DIR --variant
+    decay-all \
         --seeds 123
-    python benchmarks/book_seeds.py PATH/the-verdict.txt --keep DIR --table-only    # print, train nothing
+    python benchmarks/book_seeds.py PATH/the-verdict.txt --keep DIR --table-only    # print, train
+                                                                                    nothing
 
 Trains the recipe once per seed (and variant) and prints, per variant, the training loss, the
-validation loss and the validation loss on the book's split (below) at steps 20, 25, ..., 85 for each
-seed beside the book's printed log, with their mean, min and max over the seeds: the spread of our
-recipe. Then, for each variant other than `tokens`, its difference from `tokens` run by run (same
-seed), against the spread between seeds.
+validation loss and the validation loss on the book's split (below) at steps 20, 25, ..., 85 for
+each seed beside the book's printed log, with their mean, min and max over the seeds: the spread of
+our recipe. Then, for each variant other than `tokens`, its difference from `tokens` run by run
+(same seed), against the spread between seeds.
 
 The two of the book's differences this measures:
     the split  The book cuts the text at 90% of its *characters* and tokenizes each part alone; we
-               hold out the last 10% of the *tokens*. The book's training part ends 19 tokens earlier
-               (4612 tokens, ours 4631), but both make the same 18 windows of 257 tokens, token for
-               token (checked at the start of every run): a run with the book's split trains exactly
-               as ours does. Only the validation windows differ (the book's start 20 tokens earlier),
-               so every run also evaluates the book's validation windows, on the same weights, at
-               every evaluation (column `val (book split)`, kept in book_split_val.csv).
+               hold out the last 10% of the *tokens*. The book's training part ends 19 tokens
+               earlier (4612 tokens, ours 4631), but both make the same 18 windows of 257 tokens,
+               token for token (checked at the start of every run): a run with the book's split
+               trains exactly as ours does. Only the validation windows differ (the book's start 20
+               tokens earlier), so every run also evaluates the book's validation windows, on the
+               same weights, at every evaluation (column `val (book split)`, kept in
+               book_split_val.csv).
     decay-all  The book's optimizer, `AdamW(model.parameters(), weight_decay=0.1)`: weight decay on
                every parameter (biases and LayerNorms too), where ours decays matrices only
                (`gpt.training.optim.param_groups`). Variant `tokens` is the recipe as it is.
@@ -60,7 +63,8 @@ BOOK_SPLIT_FILE = "book_split_val.csv"
 
 def book_log() -> dict[int, tuple[float, float]]:
     """The book's printed (train, val) by step, from recipes/book_ch5_table.py."""
-    spec = importlib.util.spec_from_file_location("book_ch5_table", ROOT / "recipes" / "book_ch5_table.py")
+    spec = importlib.util.spec_from_file_location("book_ch5_table",
+                                                  ROOT / "recipes" / "book_ch5_table.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,7 +72,8 @@ def book_log() -> dict[int, tuple[float, float]]:
 
 
 def book_split_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The book's split: `text[:int(0.9 * len(text))]` trains, the rest validates, each tokenized alone.
+    """The book's split: `text[:int(0.9 * len(text))]` trains, the rest validates, each tokenized
+    alone.
 
     Raises if its training windows differ from ours (the last 10% of the tokens held out): the
     validation windows are then the only difference a run with the book's split would make."""
@@ -85,15 +90,19 @@ def book_split_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
     same = len(windows[0]) == len(windows[1]) and all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*windows, strict=True))
     if not same:
-        raise SystemExit("the book's split gives other training windows than ours: this benchmark's "
-                         "shortcut (evaluating the book's validation windows in our runs) does not hold")
+        raise SystemExit("the book's split gives other training windows than ours: this "
+                         "benchmark's "
+                         "shortcut (evaluating the book's validation windows in our runs) does not "
+                         "hold")
     return train, val
 
 
 def decay_every_parameter(model: torch.nn.Module, *, lr: float, weight_decay: float,
                           betas: tuple[float, float]) -> torch.optim.AdamW:
-    """The book's optimizer: `AdamW(model.parameters(), lr, weight_decay)`, every parameter decayed."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
+    """The book's optimizer: `AdamW(model.parameters(), lr, weight_decay)`, every parameter decayed.
+    """
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
+                             fused=True)
 
 
 def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, book_val: np.ndarray,
@@ -105,11 +114,16 @@ def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, b
     from gpt.training.settings import TrainConfig, read_toml
 
     name = f"{variant}-seed{seed}"
-    cfg = TrainConfig.from_dict({**read_toml(RECIPE), "data": str(text), "seed": seed, "max_steps": max_steps,
-                                 "sample_tokens": 0, "async_save": False, "out": str(keep), "run_name": name,
-                                 "data_dir": str(keep / "data"), **({"preset": preset} if preset else {})})
-    # The recipe's evaluation batches of the book's validation windows (the "train" ones are unused).
-    book_loader = build_loaders(book_val, book_val, batch_size=cfg.batch_size, context_length=256, stride=256,
+    cfg = TrainConfig.from_dict({**read_toml(RECIPE), "data": str(text), "seed": seed,
+                                 "max_steps": max_steps,
+                                 "sample_tokens": 0, "async_save": False, "out": str(keep),
+                                 "run_name": name,
+                                 "data_dir": str(keep / "data"), **({"preset": preset} if preset
+                                                                    else {})})
+    # The recipe's evaluation batches of the book's validation windows (the "train" ones are
+    # unused).
+    book_loader = build_loaders(book_val, book_val, batch_size=cfg.batch_size, context_length=256,
+                                stride=256,
                                 eval_batches=cfg.eval_iters, seed=seed)[1]["val"]
     rows: list[tuple[int, float]] = []
     evaluate = trainer.evaluate
@@ -155,7 +169,8 @@ def cell(value: float) -> str:
 
 
 def spread_table(variant: str, runs: dict[int, Run], which: int) -> None:
-    """Loss `which` (an index of `KINDS`) of each seed's run by step, the book's, and mean/min/max."""
+    """Loss `which` (an index of `KINDS`) of each seed's run by step, the book's, and mean/min/max.
+    """
     book = book_log()
     seeds = sorted(runs)
     if all(math.isnan(row[which]) for run in runs.values() for row in run.values()):
@@ -173,7 +188,8 @@ def spread_table(variant: str, runs: dict[int, Run], which: int) -> None:
 
 
 def split_table(runs: dict[str, dict[int, Run]]) -> None:
-    """The book's split against ours: validation loss on the book's windows minus ours, same weights."""
+    """The book's split against ours: validation loss on the book's windows minus ours, same
+    weights."""
     names = [(variant, seed) for variant in VARIANTS for seed in sorted(runs[variant])
              if any(not math.isnan(row[2]) for row in runs[variant][seed].values())]
     if not names:
@@ -183,7 +199,8 @@ def split_table(runs: dict[str, dict[int, Run]]) -> None:
     print("|---:|" + "---:|" * len(names))
     for step in STEPS:
         rows = [runs[v][s].get(step, (math.nan,) * 3) for v, s in names]
-        print(f"| {step} | " + " | ".join(f"{row[2] - row[1]:+.3f}" if not math.isnan(row[2]) else "-"
+        print(f"| {step} | " + " | ".join(f"{row[2] - row[1]:+.3f}" if not math.isnan(row[2])
+                                          else "-"
                                          for row in rows) + " |")
 
 
@@ -192,11 +209,13 @@ def difference_table(variant: str, base: dict[int, Run], other: dict[int, Run]) 
     seeds = sorted(set(base) & set(other))
     if not seeds:
         return
-    print(f"\n{variant} minus tokens, same seed: train / val (seed range: max - min over the tokens seeds)")
+    print(f"\n{variant} minus tokens, same seed: train / val (seed range: max - min over the "
+          f"tokens seeds)")
     print("| step | " + " | ".join(f"seed {s}" for s in seeds) + " | seed range train / val |")
     print("|---:|" + "---:|" * (len(seeds) + 1))
     for step in STEPS:
-        cells = [f"{other[s][step][0] - base[s][step][0]:+.3f} / {other[s][step][1] - base[s][step][1]:+.3f}"
+        cells = [f"{other[s][step][0] - base[s][step][0]:+.3f} / "
+                 f"{other[s][step][1] - base[s][step][1]:+.3f}"
                  if step in base[s] and step in other[s] else "-" for s in seeds]
         rows = [base[s][step] for s in base if step in base[s]]
         span = (f"{max(r[0] for r in rows) - min(r[0] for r in rows):.3f} / "
@@ -206,20 +225,25 @@ def difference_table(variant: str, base: dict[int, Run], other: dict[int, Run]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("text", type=Path, help="the-verdict.txt (the book's text; not in this repository)")
+    parser.add_argument("text", type=Path, help="the-verdict.txt (the book's text; not in this "
+                                                "repository)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[123, 1, 2, 3, 4])
     parser.add_argument("--variant", choices=VARIANTS, nargs="+", default=["tokens"])
-    parser.add_argument("--keep", type=Path, required=True, help="directory for the runs' metrics.csv")
+    parser.add_argument("--keep", type=Path, required=True, help="directory for the runs' "
+                                                                 "metrics.csv")
     parser.add_argument("--max-steps", type=int, default=85)
-    parser.add_argument("--preset", help="another model size than the recipe's gpt2-small (mini: a quick "
+    parser.add_argument("--preset", help="another model size than the recipe's gpt2-small (mini: a "
+                                         "quick "
                         "check of this script, not the book's model); give it its own --keep")
-    parser.add_argument("--table-only", action="store_true", help="train nothing: tables of the kept runs")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: tables of the "
+                                                                  "kept runs")
     args = parser.parse_args()
     if not args.text.is_file():
         parser.error(f"{args.text} is not a file; give the path of the-verdict.txt")
     keep = args.keep.resolve()
     if keep.is_relative_to(ROOT):
-        parser.error("--keep must be outside the repository (the token cache holds the book's text)")
+        parser.error("--keep must be outside the repository (the token cache holds the book's "
+                     "text)")
     if args.table_only:
         print(f"# the runs kept in {keep}")
     else:

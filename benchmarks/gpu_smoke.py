@@ -1,17 +1,21 @@
-"""GPU smoke test: train, evaluate, resume, generate and export on a GPU, in each dtype it may train in.
+"""GPU smoke test: train, evaluate, resume, generate and export on a GPU, in each dtype it may train
+in.
 
 For each device (cuda and mps where present, or the one `--device` names) and each dtype (CUDA: bf16
 and float16, the two `--dtype auto` chooses between, both forced whatever this GPU has, and float32;
-MPS: float32 and, from macOS 14, bf16; CPU: float32 and bf16) it trains a small model a few steps and
-checks the invariants the CPU tests check:
+MPS: float32 and, from macOS 14, bf16; CPU: float32 and bf16) it trains a small model a few steps
+and checks the invariants the CPU tests check:
 
     train      the losses are finite and fall
-    resume     a run stopped by Ctrl-C halfway and resumed logs the same step losses as a straight run
+    resume     a run stopped by Ctrl-C halfway and resumed logs the same step losses as a straight
+               run
     fp16 resume  (bfloat16 rows) a bf16 run stopped halfway resumes with --dtype float16, its loss
                scaler starting afresh (a bf16 run saves none): finite losses for the remaining steps
-    evaluate   the loss of the saved weights on this device, in this dtype, with --loss-chunk, is the
+    evaluate   the loss of the saved weights on this device, in this dtype, with --loss-chunk, is
+               the
                CPU float32 loss
-    chunked    the chunked LM head's gradient (--loss-chunk) under a float16-style loss scale of 2**16:
+    chunked    the chunked LM head's gradient (--loss-chunk) under a float16-style loss scale of
+               2**16:
                no more all-zero head rows than unchunked, and as close to the float32 gradient
     generate   greedy decoding with the KV cache gives the tokens decoding without it gives
     export     the Hugging Face export computes our float32 logits (skipped without transformers)
@@ -44,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# ---- the project's API: every call into `gpt` is in this section, to retarget after a refactor ----
+# ---- the project's API: every call into `gpt` is in this section, to retarget after a refactor ---
 from gpt import trainer
 from gpt.base.device import autocast, pick_device
 from gpt.base.errors import describe
@@ -65,7 +69,8 @@ def train_run(out: Path, name: str, device: str, dtype: str, args: argparse.Name
     Ctrl-C (a real SIGINT, handled by the trainer) after that step."""
     cfg = TrainConfig(
         preset=args.preset, context_length=args.context_length, batch_size=args.batch_size,
-        drop_rate=0.1, max_steps=args.steps, epochs=1000, eval_freq=max(1, args.steps // 2), eval_iters=2,
+        drop_rate=0.1, max_steps=args.steps, epochs=1000, eval_freq=max(1, args.steps // 2),
+        eval_iters=2,
         warmup_steps=1, sample_tokens=0, loss_chunk=args.loss_chunk, dtype=dtype, device=device,
         out=str(out), run_name=name, seed=123)
     original = trainer.train_step
@@ -103,7 +108,8 @@ def chunked_head_grad(model: GPT, x: torch.Tensor, y: torch.Tensor, chunk: int, 
     multiplied by `scale` as a GradScaler does, and divided again after."""
     with torch.no_grad():
         hidden = model.hidden_states(x)
-    hidden, weight = hidden.detach().requires_grad_(), model.lm_head.weight.detach().clone().requires_grad_()
+    hidden, weight = (hidden.detach().requires_grad_(),
+                      model.lm_head.weight.detach().clone().requires_grad_())
     with autocast(x.device, dtype):
         loss = head_loss(hidden, weight, y, chunk, model.config.vocab_size)
     (loss * scale).backward()
@@ -119,17 +125,18 @@ def export_hf(model: GPT, directory: Path) -> None:
     save_hf(model, directory)
 
 
-# ---- the checks -----------------------------------------------------------------------------------
+# ---- the checks ----------------------------------------------------------------------------------
 
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-"""Relative differences allowed where a GPU or a lower precision makes results inexact (float32: room
-for TF32 and for non-deterministic kernels)."""
+"""Relative differences allowed where a GPU or a lower precision makes results inexact (float32:
+room for TF32 and for non-deterministic kernels)."""
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_SCALE = 2.0**16  # GradScaler's initial scale
 
 
 def pattern_tokens(n: int, offset: int = 0) -> np.ndarray:
-    """A deterministic, learnable token stream: a cycle through 61 ids spread over the vocabulary."""
+    """A deterministic, learnable token stream: a cycle through 61 ids spread over the vocabulary.
+    """
     return ((np.arange(offset, offset + n) * 17) % 61 * 811).astype(np.uint16)
 
 
@@ -137,7 +144,8 @@ def default_dtypes(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["bfloat16", "float16", "float32"]
     if device.type == "mps":
-        return ["float32", "bfloat16"] if torch.backends.mps.is_macos_or_newer(14, 0) else ["float32"]
+        return ["float32", "bfloat16"] if torch.backends.mps.is_macos_or_newer(14,
+                                                                               0) else ["float32"]
     return ["float32", "bfloat16"]
 
 
@@ -162,16 +170,19 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
 
     half = args.steps // 2
     train_run(out, f"{name}-resumed", str(device), dtype_name, args, tokens, stop_after=half)
-    torch.manual_seed(999)  # whatever ran in between, the resumed run must restore its own generators
+    # whatever ran in between, the resumed run must restore its own generators
+    torch.manual_seed(999)
     resumed = train_run(out, f"{name}-resumed", str(device), dtype_name, args, tokens, resume=True)
     expected = {step: loss for step, loss in straight.items() if step > half}
     if resumed == expected:
         report("resume", "PASS", f"steps {half + 1}-{args.steps} exact")
     else:
         exact_required = device.type == "cpu" and dtype == torch.float32
-        worst = max((rel_diff(resumed.get(s, math.nan), v) for s, v in expected.items()), default=math.nan)
+        worst = max((rel_diff(resumed.get(s, math.nan), v) for s, v in expected.items()),
+                    default=math.nan)
         ok = resumed.keys() == expected.keys() and worst <= tol and not exact_required
-        report("resume", "PASS" if ok else "FAIL", f"max relative difference {worst:.2e} (tolerance "
+        report("resume", "PASS" if ok else "FAIL", f"max relative difference {worst:.2e} "
+                                                   f"(tolerance "
                f"{'0: exact on the CPU' if exact_required else f'{tol:g}'})")
 
     if dtype == torch.bfloat16:
@@ -179,13 +190,15 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
 
     model = saved_model(out, f"{name}-straight", device)
     here = eval_loss(model, tokens[1], args, dtype)
-    reference = eval_loss(saved_model(out, f"{name}-straight", torch.device("cpu")), tokens[1], args,
+    reference = eval_loss(saved_model(out, f"{name}-straight", torch.device("cpu")), tokens[1],
+                          args,
                           torch.float32)
     diff = rel_diff(here, reference)
     report("evaluate", "PASS" if diff <= tol else "FAIL",
            f"{here:.5f} here, {reference:.5f} CPU float32: relative difference {diff:.2e}")
 
-    x = torch.as_tensor(tokens[1][:args.batch_size * args.context_length].astype(np.int64), device=device)
+    x = torch.as_tensor(tokens[1][:args.batch_size * args.context_length].astype(np.int64),
+                        device=device)
     x = x.view(args.batch_size, args.context_length)
     y = torch.roll(x, -1)  # any targets will do: the gradient's precision is what is measured
     full = chunked_head_grad(model, x, y, 0, torch.float32, LOSS_SCALE)
@@ -195,7 +208,8 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
                   for chunk in (0, max(1, args.loss_chunk))))
     ok = zero_chunked <= zero_whole + 0.01 and err_chunked <= 2 * err_whole + 1e-5
     report("chunked", "PASS" if ok else "FAIL", f"all-zero head rows {zero_chunked:.1%} chunked, "
-           f"{zero_whole:.1%} whole; error vs float32 {err_chunked:.1e} chunked, {err_whole:.1e} whole")
+           f"{zero_whole:.1%} whole; error vs float32 {err_chunked:.1e} chunked, {err_whole:.1e} "
+           f"whole")
 
     decoder = saved_model(out, f"{name}-straight", device).to(dtype)
     prompt, new = x[:1, :4], min(24, args.context_length - 4)
@@ -209,7 +223,8 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
         gap = float(top2[0] - top2[1])
         ok = gap <= tol * max(1.0, float(top2[0].abs()))
         report("generate", "PASS" if ok else "FAIL",
-               f"cached and uncached part at token {at - prompt.size(1) + 1} of {new}; the two best logits "
+               f"cached and uncached part at token {at - prompt.size(1) + 1} of {new}; the two "
+               f"best logits "
                f"there differ by {gap:.2e} ({'a near-tie' if ok else 'not a tie'})")
 
     try:
@@ -237,7 +252,8 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
 def check_float16_resume(device: torch.device, args: argparse.Namespace, out: Path,
                          tokens: tuple[np.ndarray, np.ndarray],
                          report: Callable[[str, str, str], None]) -> None:
-    """A bf16 run stopped halfway, resumed with --dtype float16 (the scaler's state it saved is empty)."""
+    """A bf16 run stopped halfway, resumed with --dtype float16 (the scaler's state it saved is
+    empty)."""
     if device.type != "cuda":
         report("fp16 resume", "SKIP", "float16 trains on CUDA only")
         return
@@ -253,19 +269,23 @@ def check_float16_resume(device: torch.device, args: argparse.Namespace, out: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", action="append",
-                        help="cuda, cuda:N, mps or cpu (repeatable); default: cuda and mps, where present")
+                        help="cuda, cuda:N, mps or cpu (repeatable); default: cuda and mps, where "
+                             "present")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPE_NAMES),
-                        help="default: each dtype the device may train in (see the module docstring)")
+                        help="default: each dtype the device may train in (see the module "
+                             "docstring)")
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of each run (>= 2)")
     parser.add_argument("--loss-chunk", type=int, default=256,
                         help="--loss-chunk of the training runs and of the chunked check")
-    parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary "
+                                                 "directory)")
     args = parser.parse_args(argv)
     names = args.device or [kind for kind, present in (("cuda", torch.cuda.is_available()),
-                                                      ("mps", torch.backends.mps.is_available())) if present]
+                                                      ("mps",
+                                                       torch.backends.mps.is_available())) if present]  # noqa: E501
     if not names:
         print("error: no GPU here (neither cuda nor mps); run with --device cpu to check the CPU",
               file=sys.stderr)
@@ -273,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, ...]] = []
     print("device | dtype | check | result | detail")
     with contextlib.ExitStack() as stack:
-        out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_smoke-")))
+        out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_smoke-")))  # noqa: E501
         for device in map(pick_device, names):
             label = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
             for dtype_name in args.dtypes or default_dtypes(device):
                 def report(check: str, result: str, detail: str) -> None:
-                    rows.append((label, dtype_name, check, result, detail))  # noqa: B023 (used at once)
+                    rows.append((label, dtype_name, check, result, detail))  # noqa: B023 (at once)
                     print(" | ".join(rows[-1]), flush=True)
 
                 try:

@@ -1,9 +1,10 @@
 """Where a training step's time goes: the real step under torch.profiler, its ops summed by kind.
 
-Runs `gpt.training.trainer.setup` + `train_step` (forward, loss, backward, clip, fused AdamW) in the defaults
-of `python train.py` for each shape, a few untimed steps first, then profiles `--steps` steps and
-prints the share of each kind of work: matmul, attention, the LM head's softmax/cross-entropy,
-casts, LayerNorm/GELU, dropout, optimizer (with the gradient-norm clip), embedding, the rest.
+Runs `gpt.training.trainer.setup` + `train_step` (forward, loss, backward, clip, fused AdamW) in the
+defaults of `python train.py` for each shape, a few untimed steps first, then profiles `--steps`
+steps and prints the share of each kind of work: matmul, attention, the LM head's
+softmax/cross-entropy, casts, LayerNorm/GELU, dropout, optimizer (with the gradient-norm clip),
+embedding, the rest.
 
     python benchmarks/profile_train.py                  # mini (8 x 256) and gpt2-small (1 x 1024)
     python benchmarks/profile_train.py --shapes gpt2-small --steps 2 --top 30
@@ -22,9 +23,9 @@ dropout) is attention. Attention written out (`reference_attention`, which the m
 with attention dropout off CUDA) and its backward are plain ops, matched by name: batched matmuls
 and softmax are attention (nothing else in the model uses them), the causal mask's in-place add is
 other (`aten::add_`, also the gradients' accumulation), and dropout is dropout: off CUDA every
-dropout (attention's, and `gpt.model.model.Dropout` on the embeddings and the residual stream) draws its
-mask with `dropout_keep_mask` (random_, lt), applies it as a product (`mul`, with the cast of the
-mask inside it; a few small products elsewhere, such as q's scale, count here too) and scales by
+dropout (attention's, and `gpt.model.model.Dropout` on the embeddings and the residual stream) draws
+its mask with `dropout_keep_mask` (random_, lt), applies it as a product (`mul`, with the cast of
+the mask inside it; a few small products elsewhere, such as q's scale, count here too) and scales by
 1/(1-p) with a `div` (also the division of the loss by the micro-batch count, a scalar), forward and
 backward; on CUDA, `F.dropout`'s `native_dropout` and its backward. The LM head's loss (`HeadLoss`)
 is matmuls and, named `cross_entropy_blocks`, its blockwise softmax.
@@ -66,7 +67,8 @@ OTHER = "other"
 SHAPES = {
     # python train.py's default: mini, batch 8 x 256, no dropout.
     "mini": {"preset": "mini", "context_length": 256, "batch_size": 8},
-    # The real GPT-2 shape as the issue measures it: gpt2-small, batch 1 x 1024, the preset's dropout 0.1.
+    # The real GPT-2 shape as the issue measures it: gpt2-small, batch 1 x 1024, the preset's
+    # dropout 0.1.
     "gpt2-small": {"preset": "gpt2-small", "context_length": 1024, "batch_size": 1},
 }
 
@@ -96,22 +98,25 @@ class RecordMatmuls(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple[Any, list[Any]]] = []
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
         if func in MATMULS or func in OUT_VARIANTS:
-            specs = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            specs = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                     for a in args]
             self.calls.append((OUT_VARIANTS.get(func, func), specs))
         return func(*args, **(kwargs or {}))
 
 
 def product_flops(specs: list[Any]) -> int:
-    """2 m k n (times the batch for bmm) of one recorded product; addmm's first operand is the bias."""
+    """2 m k n (times the batch for bmm) of one recorded product; addmm's first operand is the bias.
+    """
     left, right = specs[-2][0], specs[-1][0]
     return 2 * left.numel() * right[-1]
 
 
 def replay_seconds(calls: list[tuple[Any, list[Any]]], device: torch.device, repeats: int) -> float:
-    """The best of `repeats` timings of all `calls`, one after another, on fresh operands laid out as
-    recorded (same strides: a transposed operand stays transposed)."""
+    """The best of `repeats` timings of all `calls`, one after another, on fresh operands laid out
+    as recorded (same strides: a transposed operand stays transposed)."""
     operands = [[torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device).normal_()
                  if isinstance(spec, tuple) else spec
                  for spec in specs] for _, specs in calls]
@@ -125,7 +130,8 @@ def replay_seconds(calls: list[tuple[Any, list[Any]]], device: torch.device, rep
     return best
 
 
-def build(shape: str, device: str, drop_rate: float | None, out: str, count: int) -> tuple[Any, list[Any]]:
+def build(shape: str, device: str, drop_rate: float | None, out: str, count: int) -> tuple[Any,
+                                                                                           list[Any]]:
     """`setup` in `python train.py`'s defaults for `shape`, and `count` random batches for it."""
     from gpt.training.settings import TrainConfig
     from gpt.training.trainer import setup
@@ -135,14 +141,18 @@ def build(shape: str, device: str, drop_rate: float | None, out: str, count: int
     cfg = TrainConfig(preset=settings["preset"], context_length=settings["context_length"],
                       batch_size=settings["batch_size"], device=device, seed=0, out=out,
                       run_name="profile", sample_tokens=0, **extra)
-    filler = np.zeros(2 * (settings["context_length"] + 1) * settings["batch_size"], dtype=np.uint16)
+    filler = np.zeros(2 * (settings["context_length"] + 1) * settings["batch_size"],
+                      dtype=np.uint16)
     run = setup(cfg, token_ids=(filler, filler))  # the loader is not used: the batches below are
-    data = batches(run.model.config.vocab_size, settings["batch_size"], settings["context_length"], count)
+    data = batches(run.model.config.vocab_size, settings["batch_size"], settings["context_length"],
+                   count)
     return run, data
 
 
-def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int) -> dict[str, float]:
-    """A step's matrix products replayed alone: their seconds, their own FLOPs, and model FLOPs/step."""
+def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int) -> dict[str,
+                                                                                         float]:
+    """A step's matrix products replayed alone: their seconds, their own FLOPs, and model
+    FLOPs/step."""
     from gpt.training.trainer import train_step
 
     with tempfile.TemporaryDirectory() as out:
@@ -162,7 +172,8 @@ def matmul_bound(shape: str, device: str, drop_rate: float | None, repeats: int)
         params = run.model.num_parameters() - run.model.pos_emb.weight.numel()
     return {"seconds": seconds, "step": step, "products": len(recorder.calls),
             "flops": sum(product_flops(specs) for _, specs in recorder.calls),
-            "model_flops": (6 * params + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim) * tokens}
+            "model_flops": (6 * params
+                            + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim) * tokens}
 
 
 def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: float | None,
@@ -188,7 +199,8 @@ def profile_steps(shape: str, steps: int, warmup: int, device: str, drop_rate: f
         own = event.self_device_time_total if on_gpu else event.self_cpu_time_total
         by_kind[kind_of(event)] += own
         by_op[event.name] += own
-    wall = (max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events()))
+    wall = (max(e.time_range.end for e in prof.events()) - min(e.time_range.start
+                                                               for e in prof.events()))
     return by_kind, by_op, wall / 1e6 / steps
 
 
@@ -201,15 +213,21 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--drop-rate", type=float, default=None,
                         help="override the presets' dropout (mini 0, gpt2-small 0.1)")
-    parser.add_argument("--top", type=int, default=15, help="also list the ops with the most own time")
-    parser.add_argument("--bound-repeats", type=int, default=5, help="replays of the matmuls, best kept")
-    parser.add_argument("--bound-only", action="store_true", help="only the matmul bound, no profile")
+    parser.add_argument("--top", type=int, default=15, help="also list the ops with the most own "
+                                                            "time")
+    parser.add_argument("--bound-repeats", type=int, default=5, help="replays of the matmuls, best "
+                                                                     "kept")
+    parser.add_argument("--bound-only", action="store_true", help="only the matmul bound, no "
+                                                                  "profile")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
+        parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no "
+                     "CUDA)")
     print(f"# profile_train: {datetime.date.today()}; {machine(torch.device(args.device))}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} profiled steps "
-          f"after {args.warmup}" + ("" if args.drop_rate is None else f"; --drop-rate {args.drop_rate}"))
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} profiled "
+          f"steps "
+          f"after {args.warmup}" + ("" if args.drop_rate is None else f"; --drop-rate "
+                                                                      f"{args.drop_rate}"))
     if args.device == "cpu":
         # A 2-core VM's speed moves by 2x within minutes: the ceiling is the best of several
         # measurements, taken around the replays.
@@ -225,7 +243,8 @@ def main() -> None:
     if args.bound_only:
         return
     for shape in args.shapes.split(","):
-        by_kind, by_op, wall = profile_steps(shape, args.steps, args.warmup, args.device, args.drop_rate)
+        by_kind, by_op, wall = profile_steps(shape, args.steps, args.warmup, args.device,
+                                             args.drop_rate)
         total = sum(by_kind.values())
         settings = SHAPES[shape]
         print(f"\n## {shape}: batch {settings['batch_size']} x {settings['context_length']}, "
@@ -233,7 +252,8 @@ def main() -> None:
         print("| kind | ms/step | share |")
         print("|---|---:|---:|")
         for kind in [k for k, _ in KINDS] + [OTHER]:
-            print(f"| {kind} | {by_kind[kind] / 1000 / args.steps:.1f} | {by_kind[kind] / total:.1%} |")
+            print(f"| {kind} | {by_kind[kind] / 1000 / args.steps:.1f} | "
+                  f"{by_kind[kind] / total:.1%} |")
         print(f"\nops with the most own time ({shape}):\n")
         print("| op | ms/step | share |")
         print("|---|---:|---:|")
@@ -246,14 +266,16 @@ def print_bound(shape: str, bound: dict[str, float], ceiling: float) -> None:
     """The matmul bound of one shape against the real step and the ceiling."""
     model_gflop = bound["model_flops"] / 1e9
     print(f"\n## {shape}: the step's {bound['products']} matrix products alone\n")
-    print(f"- {bound['flops'] / 1e9:.0f} GFLOP/step in the products, {model_gflop:.0f} by the model formula "
+    print(f"- {bound['flops'] / 1e9:.0f} GFLOP/step in the products, {model_gflop:.0f} by the "
+          f"model formula "
           f"(6 N + 12 L T C)")
     achieved = bound["flops"] / bound["seconds"] / 1e9
     print(f"- replayed alone: {bound['seconds'] * 1000:.0f} ms/step, {achieved:.0f} GFLOP/s, "
           f"{achieved / ceiling:.0%} of the ceiling")
     print(f"- the real step: {bound['step'] * 1000:.0f} ms/step (best of 6); the products are "
           f"{bound['seconds'] / bound['step']:.0%} of it")
-    print(f"- MFU: the step {model_gflop / bound['step'] / ceiling:.1%}; the most these products allow "
+    print(f"- MFU: the step {model_gflop / bound['step'] / ceiling:.1%}; the most these products "
+          f"allow "
           f"{model_gflop / bound['seconds'] / ceiling:.1%}")
 
 

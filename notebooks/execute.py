@@ -52,8 +52,8 @@ def execute(notebook: Path, workdir: Path, then: Sequence[str] = ()) -> nbformat
     """`notebook` run top to bottom in `workdir`, with its new outputs (the file is not changed).
 
     `then`: code run after the last cell in the same kernel, with the notebook's variables (a test's
-    assertions); left out of the result. Raises `nbclient.exceptions.CellExecutionError` at the first
-    cell that fails.
+    assertions); left out of the result. Raises `nbclient.exceptions.CellExecutionError` at the
+    first cell that fails.
     """
     nb = nbformat.read(notebook, as_version=4)
     cells = len(nb.cells)
@@ -67,7 +67,8 @@ def execute(notebook: Path, workdir: Path, then: Sequence[str] = ()) -> nbformat
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
             # tqdm.auto (imported by huggingface_hub) warns in any kernel without ipywidgets, with a
             # path of this machine in the message: noise, not something the notebook did.
-            "PYTHONWARNINGS": joined(",", os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"),
+            "PYTHONWARNINGS": joined(",", os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not "
+                                                                            "found"),
         }
         # No kernel directories: "python3" is then ipykernel's own spec, which runs sys.executable,
         # never a `python3` kernel installed elsewhere (~/.local/share/jupyter) for another Python.

@@ -29,7 +29,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy CPU threads wait on each other."""
+    """Tiny models gain nothing from a second thread, and on a busy CPU threads wait on each other.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -42,8 +43,8 @@ class CommandResult(NamedTuple):
     err: str
 
     def one_line_error(self) -> str:
-        """The `error: ...` line of a refused command, after checking that the command printed nothing
-        else but progress, no traceback, and exited with status 2."""
+        """The `error: ...` line of a refused command, after checking that the command printed
+        nothing else but progress, no traceback, and exited with status 2."""
         assert self.status == 2 and self.out == "", self
         assert "Traceback" not in self.err and self.err.count("error:") == 1, self.err
         line = self.err.splitlines()[-1]

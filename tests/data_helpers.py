@@ -1,5 +1,5 @@
-"""Shared by the data tests (corpora, token cache, data): the reference tokenization and the check that
-an error is one line."""
+"""Shared by the data tests (corpora, token cache, data): the reference tokenization and the check
+that an error is one line."""
 
 import pytest
 
@@ -10,7 +10,8 @@ EOT = ENDOFTEXT_ID
 
 
 def encode(text: str) -> list[int]:
-    """The reference: tiktoken on the whole text at once, special-token text treated as plain text."""
+    """The reference: tiktoken on the whole text at once, special-token text treated as plain text.
+    """
     return get_tokenizer().encode_ordinary(text)
 
 

@@ -19,7 +19,7 @@ def test_exports_are_the_package_objects() -> None:
     assert gpt.generate is sampling.generate
     assert gpt.load_pretrained is weights.load_pretrained and gpt.save_hf is weights.save_hf
     assert gpt.quantize_int8 is quantize.quantize_int8 and gpt.prepack is quantize.prepack
-    assert gpt.InstructionDataset is records.InstructionDataset and gpt.pad_collate is records.pad_collate
+    assert gpt.InstructionDataset is records.InstructionDataset and gpt.pad_collate is records.pad_collate  # noqa: E501
     assert gpt.load_records is records.load_records
     assert gpt.TrainConfig is settings.TrainConfig and gpt.train is trainer.train
     assert gpt.load_model is load.load_model
@@ -32,10 +32,13 @@ def parameters(func) -> list[str]:
 
 def test_signatures() -> None:
     assert parameters(gpt.SlidingWindowDataset) == ["token_ids", "context_length", "stride"]
-    assert parameters(gpt.create_dataloader) == ["token_ids", "batch_size", "context_length", "stride",
-                                                 "shuffle", "drop_last", "seed", "num_workers", "pin_memory"]
+    assert parameters(gpt.create_dataloader) == ["token_ids", "batch_size", "context_length",
+                                                 "stride",
+                                                 "shuffle", "drop_last", "seed", "num_workers",
+                                                 "pin_memory"]
     assert parameters(gpt.lm_loss) == ["logits", "targets", "ignore_index", "label_smoothing"]
-    assert parameters(gpt.generate) == ["model", "idx", "max_new_tokens", "temperature", "top_k", "top_p",
+    assert parameters(gpt.generate) == ["model", "idx", "max_new_tokens", "temperature", "top_k",
+                                        "top_p",
                                         "eos_id", "use_cache", "generator"]
     keyword_only = [name for name, p in inspect.signature(gpt.generate).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -39,7 +39,8 @@ def imported(path: Path, known: set[str]) -> set[str]:
 
 
 def layer(module: str) -> int | None:
-    """The index in `LAYERS` of the sub-package `module` is in; None for the top (gpt, gpt.__main__)."""
+    """The index in `LAYERS` of the sub-package `module` is in; None for the top (gpt,
+    gpt.__main__)."""
     parts = module.split(".")
     return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
 
@@ -50,7 +51,8 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_sits_in_a_documented_sub_package() -> None:
-    stray = [name for name in modules() if layer(name) is None and name not in ("gpt", "gpt.__main__")]
+    stray = [name for name in modules() if layer(name) is None and name not in ("gpt",
+                                                                                "gpt.__main__")]
     assert stray == []
 
 
@@ -62,7 +64,8 @@ def test_every_sub_package_says_what_it_holds_and_what_it_may_import() -> None:
 
 def test_imports_point_down_the_layers_only() -> None:
     upward = [(module, target) for module, targets in graph().items() for target in targets
-              if layer(module) is not None and (layer(target) is None or layer(target) > layer(module))]
+              if layer(module) is not None and (layer(target) is None
+                                                or layer(target) > layer(module))]
     assert upward == []
 
 
@@ -102,5 +105,6 @@ def test_no_module_outside_an_objective_names_it() -> None:
     """The loop, metrics, report, settings and distributed code know no objective by name."""
     others = [path for path in PACKAGE.rglob("*.py") if path != PACKAGE / "objectives" / "dpo.py"]
     assert len(others) > 30
-    named = [path.name for path in others if '"dpo"' in path.read_text() or "'dpo'" in path.read_text()]
+    named = [path.name for path in others if '"dpo"' in path.read_text()
+             or "'dpo'" in path.read_text()]
     assert named == []

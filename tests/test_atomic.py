@@ -42,7 +42,7 @@ def test_atomic_directory_replaces_a_whole_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.iterdir()) == ["b"]
 
 
-def test_resolve_directory_finds_the_old_copy_after_a_kill_between_the_renames(tmp_path: Path) -> None:
+def test_resolve_directory_finds_the_old_copy_after_a_kill_between_the_renames(tmp_path: Path) -> None:  # noqa: E501
     target = tmp_path / "best"
     target.mkdir()
     assert resolve_directory(target) == target

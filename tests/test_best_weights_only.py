@@ -1,4 +1,5 @@
-"""`--best-weights-only`: best/ without the optimizer state, refused by --resume; last/ as before."""
+"""`--best-weights-only`: best/ without the optimizer state, refused by --resume; last/ as before.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Checkpoint directories: the round trip, the one loader's checks, run-directory lookup, train state."""
+"""Checkpoint directories: the round trip, the one loader's checks, run-directory lookup, train
+state."""
 
 import json
 import os
@@ -36,7 +37,8 @@ def test_model_round_trip(tmp_path, tied: bool) -> None:
         save_model(model, directory)
     loaded = load_checkpoint(tmp_path / "best")
     assert loaded.config == model.config
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                                 strict=True):
         assert torch.equal(a, b), name
     assert (loaded.lm_head.weight is loaded.tok_emb.weight) == tied
 
@@ -45,11 +47,12 @@ def test_tied_head_is_stored_once_and_is_the_embedding_again_after_loading(tmp_p
     model = GPT(GPTConfig.preset("tiny"))
     save_model(model, tmp_path)
     stored = load_file(tmp_path / "model.safetensors")
-    assert "lm_head.weight" not in stored and set(stored) == set(model.state_dict()) - {"lm_head.weight"}
+    assert "lm_head.weight" not in stored and set(stored) == set(model.state_dict()) - {"lm_head.weight"}  # noqa: E501
     assert {k: tuple(v.shape) for k, v in stored.items()} == stored_shapes(model.config)
     loaded = load_checkpoint(tmp_path).train()
     assert loaded.lm_head.weight is loaded.tok_emb.weight
-    assert len(list(loaded.parameters())) == len(list(model.parameters()))  # the head is no extra one
+    # the head is no extra one
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))
     optimizer = torch.optim.SGD(loaded.parameters(), lr=1.0)
     loaded(torch.randint(0, 100, (1, 8))).sum().backward()
     optimizer.step()  # one update, seen through both names
@@ -82,14 +85,16 @@ def test_a_mismatched_checkpoint_is_refused_the_same_way_by_resume_and_init(tmp_
     with pytest.raises(UserError) as resumed:
         load_checkpoint(best)
     message = str(resumed.value)
-    assert message.startswith(f"{best / 'model.safetensors'} does not match its config (n_layers=1, ")
+    assert message.startswith(f"{best / 'model.safetensors'} does not match its config "
+                              f"(n_layers=1, ")
     assert "unexpected ['blocks.1.attn.proj.bias', " in message and "\n" not in message
     for path in (tmp_path / "run", best):
         with pytest.raises(UserError) as loaded:
             load_pretrained(path)
         assert str(loaded.value) == message
     # train.py --init, its `main` (test_train_cli.py runs the script itself as a process).
-    init = run_command(train_main, ["--init", str(tmp_path / "run"), "--out", str(tmp_path / "runs"),
+    init = run_command(train_main, ["--init", str(tmp_path / "run"), "--out",
+                                    str(tmp_path / "runs"),
                                     "--device", "cpu"])
     assert init.one_line_error() == f"error: {message}"
 
@@ -98,7 +103,8 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
     state = dict(GPT(GPTConfig.preset("tiny")).state_dict())
     del state["lm_head.weight"]
     state["pos_emb.weight"] = state["pos_emb.weight"][:64]
-    with pytest.raises(UserError, match=r"^somewhere: tensor 'pos_emb.weight' has shape \(64, 64\), its "
+    with pytest.raises(UserError, match=r"^somewhere: tensor 'pos_emb.weight' has shape \(64, "
+                                        r"64\), its "
                                         r"config implies \(128, 64\)"):
         model_from_state_dict(GPTConfig.preset("tiny"), state, "somewhere")
 
@@ -133,8 +139,10 @@ def test_require_model_checkpoint_says_what_the_path_should_be(tmp_path: Path) -
     assert require_model_checkpoint(tmp_path / "run") == tmp_path / "run" / "last"
     with pytest.raises(UserError) as info:
         require_model_checkpoint(tmp_path / "nowhere", "--checkpoint")
-    assert str(info.value) == (f"--checkpoint {tmp_path / 'nowhere'} is neither a checkpoint directory (with "
-                               "model.safetensors) nor a run directory (with best/ or last/); pass e.g. "
+    assert str(info.value) == (f"--checkpoint {tmp_path / 'nowhere'} is neither a checkpoint "
+                               f"directory (with "
+                               "model.safetensors) nor a run directory (with best/ or last/); pass "
+                               "e.g. "
                                "runs/<run-name>")
 
 

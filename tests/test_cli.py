@@ -73,7 +73,8 @@ def test_no_command_prints_the_table_and_an_unknown_one_is_one_line(tmp_path: Pa
     assert lines[0].startswith("usage: python -m gpt <command>")
     assert [line.split()[0] for line in lines[3:]] == list(COMMANDS)
     assert refused(python_m_gpt(tmp_path, "fly"), tmp_path) == (
-        "error: unknown command 'fly'; the commands are train, generate, evaluate, explain, export, "
+        "error: unknown command 'fly'; the commands are train, generate, evaluate, explain, "
+        "export, "
         "serve (see python -m gpt --help)")
 
 

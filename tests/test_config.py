@@ -67,25 +67,30 @@ def test_json_round_trip(tmp_path) -> None:
 def test_from_dict_rejects_unknown_fields() -> None:
     with pytest.raises(ConfigError, match="unknown GPTConfig field"):
         GPTConfig.from_dict({"emb_dim": 64, "n_head": 2})
-    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) n_head; known: vocab_size, "):
+    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) n_head; known: "
+                                          r"vocab_size, "):
         GPTConfig().replace(n_head=2)
     with pytest.raises(ConfigError, match="unknown GPTConfig field"):
         GPTConfig.preset("tiny", layers=2)
 
 
 def test_check_known_fields_names_every_unknown_one_and_the_known_ones() -> None:
-    check_known_fields({"lr": 1, "seed": 2}, ["lr", "seed", "epochs"], "setting")  # all known: no error
+    # all known: no error
+    check_known_fields({"lr": 1, "seed": 2}, ["lr", "seed", "epochs"], "setting")
     check_known_fields([], ["lr"], "setting")
     with pytest.raises(ConfigError) as info:
-        check_known_fields({"lr": 1, "sed": 2, "batchsize": 3}, ["lr", "seed", "batch_size"], "setting")
+        check_known_fields({"lr": 1, "sed": 2, "batchsize": 3}, ["lr", "seed", "batch_size"],
+                           "setting")
     assert str(info.value) == "unknown setting(s) batchsize, sed; known: lr, seed, batch_size"
     assert isinstance(info.value, ValueError)
 
 
 @pytest.mark.parametrize(("content", "message"), [
     (None, r"cannot read \S+x\.json \(FileNotFoundError: .*\); it should hold a model config$"),
-    ("{\"emb_dim\": 64,", r"cannot read \S+x\.json \(JSONDecodeError: .*\); it should hold a model config$"),
-    (b"\xff\xfe{}", r"cannot read \S+x\.json \(UnicodeDecodeError: .*\); it should hold a model config$"),
+    ("{\"emb_dim\": 64,", r"cannot read \S+x\.json \(JSONDecodeError: .*\); it should hold a model "
+                          r"config$"),
+    (b"\xff\xfe{}", r"cannot read \S+x\.json \(UnicodeDecodeError: .*\); it should hold a model "
+                    r"config$"),
     ("[1, 2]", r"x\.json holds a JSON list, not an object; it should hold a model config$"),
 ])
 def test_read_json_object_errors_are_one_line(tmp_path: Path, content: str | bytes | None,

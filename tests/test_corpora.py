@@ -1,6 +1,6 @@
 """Sources: files, directories, globs, the built-in corpus, downloads (against a local server) and
-Hugging Face streams (against a stand-in for `datasets`), read through `load_tokens` and compared with
-encoding the text directly."""
+Hugging Face streams (against a stand-in for `datasets`), read through `load_tokens` and compared
+with encoding the text directly."""
 
 import hashlib
 import http.server
@@ -88,7 +88,8 @@ class Server:
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     yield srv
     srv.httpd.shutdown()
@@ -102,7 +103,8 @@ def test_download_is_checked_cached_and_reused(tmp_path: Path, server: Server,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     server.files["/the-verdict.txt"] = VERDICT
     url = f"{server.url}/the-verdict.txt"
-    monkeypatch.setitem(DOWNLOADS, "the-verdict", Download(url, hashlib.sha256(VERDICT).hexdigest()))
+    monkeypatch.setitem(DOWNLOADS, "the-verdict", Download(url,
+                                                           hashlib.sha256(VERDICT).hexdigest()))
     tokens = load_tokens("the-verdict", data_dir=tmp_path)
     assert tokens.tolist() == encode(VERDICT.decode())
     assert (tmp_path / "the-verdict.txt").read_bytes() == VERDICT
@@ -114,7 +116,8 @@ def test_download_with_a_bad_checksum_leaves_nothing(tmp_path: Path, server: Ser
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     server.files["/input.txt"] = b"First Citizen: tampered"
     url = f"{server.url}/input.txt"
-    monkeypatch.setitem(DOWNLOADS, "tinyshakespeare", Download(url, hashlib.sha256(b"other").hexdigest()))
+    monkeypatch.setitem(DOWNLOADS, "tinyshakespeare", Download(url,
+                                                               hashlib.sha256(b"other").hexdigest()))
     with pytest.raises(UserError) as excinfo:
         load_tokens("tinyshakespeare", data_dir=tmp_path / "data")
     message = one_line_error(excinfo)
@@ -132,7 +135,8 @@ def test_download_failure_names_the_url_and_where_to_put_the_file(tmp_path: Path
         with socket.socket() as sock:  # a port that was free a moment ago: connection refused
             sock.bind(("127.0.0.1", 0))
             url = f"http://127.0.0.1:{sock.getsockname()[1]}/the-verdict.txt"
-    monkeypatch.setitem(DOWNLOADS, "the-verdict", Download(url, hashlib.sha256(VERDICT).hexdigest()))
+    monkeypatch.setitem(DOWNLOADS, "the-verdict", Download(url,
+                                                           hashlib.sha256(VERDICT).hexdigest()))
     with pytest.raises(UserError) as excinfo:
         load_tokens("the-verdict", data_dir=tmp_path)
     message = one_line_error(excinfo)
@@ -149,10 +153,12 @@ def test_a_wrong_file_in_place_of_a_corpus_is_refused(tmp_path: Path) -> None:
 # Hugging Face streaming, with a stand-in for the `datasets` package.
 
 
-def fake_datasets(records: list[dict[str, object]], calls: list[tuple[object, ...]]) -> types.ModuleType:
+def fake_datasets(records: list[dict[str, object]], calls: list[tuple[object,
+                                                                      ...]]) -> types.ModuleType:
     module = types.ModuleType("datasets")
 
-    def load_dataset(path: str, name: str | None = None, *, split: str, streaming: bool) -> Iterator[dict]:
+    def load_dataset(path: str, name: str | None = None, *, split: str,
+                     streaming: bool) -> Iterator[dict]:
         calls.append((path, name, split, streaming))
         return iter(records)
 
@@ -187,7 +193,8 @@ def test_hf_dataset_is_streamed_record_by_record(tmp_path: Path, monkeypatch: py
                                                  hub_reachable: None) -> None:
     calls: list[tuple[object, ...]] = []
     stories = ["Once upon a time there was a cat.", "", "The end. <|endoftext|> is just text here."]
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets([{"text": t} for t in stories], calls))
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets([{"text": t} for t in stories],
+                                                               calls))
     tokens = load_tokens("hf:roneneldan/TinyStories:validation", data_dir=tmp_path).tolist()
     assert tokens == [*encode(stories[0]), EOT, *encode(stories[2])]
     assert calls == [("roneneldan/TinyStories", None, "validation", True)]
@@ -198,7 +205,8 @@ def test_hf_dataset_is_streamed_record_by_record(tmp_path: Path, monkeypatch: py
     assert calls[-1] == ("wikitext", "wikitext-2-raw-v1", "train", True)
 
 
-def test_hf_without_datasets_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_without_datasets_says_how_to_install_it(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(UserError) as excinfo:
         load_tokens("hf:roneneldan/TinyStories", data_dir=tmp_path)
@@ -218,7 +226,8 @@ def test_bad_hf_spec(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("package", ["stand-in", "datasets"])
-def test_unreachable_hub_fails_at_once_without_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
                                                       connections: list[tuple[str, int]],
                                                       package: str) -> None:
     """One refused connection and a clean error; the stream (which would retry) is never opened."""

@@ -8,12 +8,19 @@ import torch
 from data_helpers import encode, one_line_error
 
 from gpt.base.errors import UserError
-from gpt.data.windows import DataError, SlidingWindowDataset, create_dataloader, prepare_data, split_tokens
+from gpt.data.windows import (
+    DataError,
+    SlidingWindowDataset,
+    create_dataloader,
+    prepare_data,
+    split_tokens,
+)
 
 
 def book_windows(ids: list[int], length: int, stride: int) -> list[tuple[list[int], list[int]]]:
     """The book's eager loop, as the reference."""
-    return [(ids[s:s + length], ids[s + 1:s + length + 1]) for s in range(0, len(ids) - length, stride)]
+    return [(ids[s:s + length], ids[s + 1:s + length + 1]) for s in range(0, len(ids) - length,
+                                                                          stride)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,7 +42,8 @@ def test_windows_match_the_book_formula(n: int, length: int, stride: int) -> Non
 
 
 @pytest.mark.parametrize("length", [256, 1024])
-@pytest.mark.parametrize("stride_of", [lambda L: 1, lambda L: L // 2, lambda L: L, lambda L: L + 37])
+@pytest.mark.parametrize("stride_of", [lambda L: 1, lambda L: L // 2, lambda L: L, lambda L: L
+                                       + 37])
 def test_gpt_sized_windows_match_the_book(length: int, stride_of) -> None:
     stride = stride_of(length)
     ids = np.random.default_rng(length).integers(0, 50257, size=3 * length + 11).astype(np.uint16)
@@ -54,7 +62,8 @@ def test_bad_window_settings_are_user_errors() -> None:
     for kwargs in ({"context_length": 0, "stride": 1}, {"context_length": 4, "stride": 0}):
         with pytest.raises(UserError, match="must be >= 1"):
             SlidingWindowDataset(np.arange(10), **kwargs)
-    with pytest.raises(ValueError, match="batch_size"):  # still a ValueError for plain Python callers
+    # still a ValueError for plain Python callers
+    with pytest.raises(ValueError, match="batch_size"):
         create_dataloader(np.arange(10), batch_size=0, context_length=2, stride=2)
 
 
@@ -65,7 +74,8 @@ def test_dataset_over_a_memmap_keeps_it_on_disk(tmp_path: Path) -> None:
     tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(len(ids),))
     train, val = split_tokens(tokens, 0.25)
     for array, offset in ((tokens, 0), (train, 0), (val, 75_000)):
-        assert isinstance(array, np.memmap) and not array.flags.owndata  # views of the file, not copies
+        # views of the file, not copies
+        assert isinstance(array, np.memmap) and not array.flags.owndata
         for stride in (1, 64):
             dataset = SlidingWindowDataset(array, 64, stride)
             assert dataset.token_ids is array  # kept, not copied or widened to int64
@@ -153,7 +163,8 @@ def test_validation_split_too_small_names_the_counts(tmp_path: Path) -> None:
     assert "validation split" in message and "has 10 tokens" in message and "+ 1 = 17" in message
     assert "between 0.17 and 0.83" in message
     for fraction in (0.17, 0.83):  # the advice works at both ends
-        train, val = prepare_data(str(path), context_length=16, data_dir=tmp_path, val_fraction=fraction)
+        train, val = prepare_data(str(path), context_length=16, data_dir=tmp_path,
+                                  val_fraction=fraction)
         assert min(len(train), len(val)) >= 17
     with pytest.raises(UserError, match=r"training split .* has 16 tokens"):
         prepare_data(str(path), context_length=16, data_dir=tmp_path, val_fraction=0.84)

@@ -59,17 +59,19 @@ def test_auto_dtype_on_cuda_is_bf16_from_ampere_and_float16_before_asked_of_the_
     assert training_dtype("auto", pick_device("cuda")) == torch.bfloat16  # the current GPU: cuda:0
     fake_gpus(monkeypatch, [(7, 0)])  # a V100
     assert training_dtype("auto", pick_device("cuda")) == torch.float16
-    assert training_dtype("bfloat16", pick_device("cuda")) == torch.bfloat16  # asked for: emulated, slow
+    # asked for: emulated, slow
+    assert training_dtype("bfloat16", pick_device("cuda")) == torch.bfloat16
     fake_gpus(monkeypatch, [(9, 0)])  # an H100
     assert training_dtype("auto", pick_device("cuda")) == torch.bfloat16
 
 
-def test_a_cuda_device_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cuda_device_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: E501
     fake_gpus(monkeypatch, [(8, 6), (8, 6)])
     assert pick_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UserError) as caught:
         pick_device("cuda:2")
-    assert str(caught.value) == ("--device cuda:2: this machine has 2 visible CUDA GPU(s), cuda:0 to cuda:1; "
+    assert str(caught.value) == ("--device cuda:2: this machine has 2 visible CUDA GPU(s), cuda:0 "
+                                 "to cuda:1; "
                                  "use one of those, or --device cuda")
 
 
@@ -82,7 +84,8 @@ def test_configure_device_makes_the_chosen_gpu_current_and_lets_float32_matmuls_
     precision = torch.get_float32_matmul_precision()
     try:
         configure_device(CPU)
-        assert current == [] and torch.get_float32_matmul_precision() == "highest"  # the CPU: untouched
+        # the CPU: untouched
+        assert current == [] and torch.get_float32_matmul_precision() == "highest"
         configure_device(pick_device("cuda:1"))
         assert current == [1]
         assert torch.get_float32_matmul_precision() == "high"  # TF32 allowed
@@ -105,7 +108,8 @@ def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch: pytest.MonkeyPatch
         else:
             with pytest.raises(UserError, match="needs macOS 14 or newer; use --dtype float32"):
                 choose("bf16", mps)
-    assert training_dtype("auto", mps) == torch.float32 and decoding_dtype("auto", mps) == torch.float16
+    assert training_dtype("auto", mps) == torch.float32 and decoding_dtype("auto",
+                                                                           mps) == torch.float16
     with pytest.raises(UserError, match="there is one Apple GPU"):
         pick_device("mps:1")
 

@@ -1,4 +1,5 @@
-"""Data-parallel training on 2 CPU ranks (gloo), DDP and FSDP, against one process with twice the batch.
+"""Data-parallel training on 2 CPU ranks (gloo), DDP and FSDP, against one process with twice the
+batch.
 
 The 2-rank runs are started with `torch.multiprocessing` from this file (`_rank_main`), each rank
 with torchrun's environment variables on a free port; rank r writes what its runs returned as JSON,
@@ -58,7 +59,8 @@ def _torchrun_env(rank: int, port: int) -> dict[str, str]:
 
 def cfg_for(out: Path, name: str, **overrides) -> TrainConfig:
     """The 2-rank runs' settings: batch 2 per rank (a one-process reference takes batch 4)."""
-    return tiny(out, **{"drop_rate": 0.0, "max_steps": STEPS, "eval_freq": 3, "run_name": name, **overrides})
+    return tiny(out, **{"drop_rate": 0.0, "max_steps": STEPS, "eval_freq": 3, "run_name": name,
+                        **overrides})
 
 
 def records_file(out: Path) -> Path:
@@ -127,13 +129,15 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
             torch.distributed.barrier()
             if rank == 0:
                 shutil.copytree(out / name, out / "fsdp_half_copy")
-            _record(out, "fsdp_resumed", rank, trainer.train(cfg, resume=out / name, token_ids=TOKENS))
+            _record(out, "fsdp_resumed", rank, trainer.train(cfg, resume=out / name,
+                                                             token_ids=TOKENS))
     resumed = trainer.train(cfg, resume=out / "dropout_stopped", token_ids=TOKENS)
     _record(out, "dropout_resumed", rank, resumed)
     diverging = trainer.setup(cfg_for(out, "nan"), token_ids=TOKENS)
     loss = diverging.loss
     if rank == 1:  # a non-finite loss on rank 1 alone, in step 2
-        diverging.loss = lambda x, y, **kw: loss(x, y, **kw) * (math.nan if diverging.state.step == 1 else 1)
+        diverging.loss = lambda x, y, **kw: loss(x, y, **kw) * (math.nan
+                                                                if diverging.state.step == 1 else 1)
     with pytest.raises(trainer.TrainingDiverged) as raised:
         trainer.fit(diverging)
     (out / f"nan.{rank}.txt").write_text(str(raised.value))
@@ -144,8 +148,8 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
 
 
 def masked_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank `rank`'s 2 micro-batches of 2 rows, with targets masked (-100) as fine-tuning records are:
-    a different number of target tokens in each micro-batch and on each rank."""
+    """Rank `rank`'s 2 micro-batches of 2 rows, with targets masked (-100) as fine-tuning records
+    are: a different number of target tokens in each micro-batch and on each rank."""
     generator = torch.Generator().manual_seed(rank)
     batches = []
     for micro in range(2):
@@ -184,21 +188,26 @@ def runs(tmp_path_factory) -> Path:
         for name, cfg in (("one", cfg_for(out, "one", batch_size=4)),
                           ("one_accum", cfg_for(out, "one_accum", batch_size=4, grad_accum=2)),
                           ("one_records", records_cfg(out, "one_records", batch_size=4)),
-                          ("one_smoothed", cfg_for(out, "one_smoothed", batch_size=4, label_smoothing=0.1))):
+                          ("one_smoothed", cfg_for(out, "one_smoothed", batch_size=4,
+                                                   label_smoothing=0.1))):
             _record(out, name, 0, trainer.train(cfg, token_ids=TOKENS))
         interrupted_train(cfg_for(out, "one_half", batch_size=4), step=3)
     mp.start_processes(_rank_main, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     # Resumed in one process by a test, while the 2-rank run resumed the original.
     shutil.copytree(out / "ddp_half", out / "ddp_half_copy")
-    shutil.copytree(out / "fsdp_half_copy", out / "fsdp_mid_run")  # its last/ as the 2 ranks left it
+    # its last/ as the 2 ranks left it
+    shutil.copytree(out / "fsdp_half_copy", out / "fsdp_mid_run")
     return out
 
 
-@pytest.mark.parametrize("ddp, one", [("ddp", "one"), ("ddp_accum", "one_accum"),  # --grad-accum 1, 2
+# --grad-accum 1, 2
+@pytest.mark.parametrize("ddp, one", [("ddp", "one"), ("ddp_accum", "one_accum"),
                                      ("fsdp", "one"), ("fsdp_accum", "one_accum"),  # sharded
-                                     ("records", "one_records"),  # masked records of unequal lengths
+                                     # masked records of unequal lengths
+                                     ("records", "one_records"),
                                      ("records_fsdp", "one_records"),
-                                     ("smoothed", "one_smoothed")])  # an objective other than cross-entropy
+                                     # an objective other than cross-entropy
+                                     ("smoothed", "one_smoothed")])
 def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> None:
     rank0, rank1 = results(runs, ddp)
     reference = losses(json.loads((runs / f"{one}.0.json").read_text()))
@@ -211,21 +220,27 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(runs, ddp, one) -> Non
     ddp_csv = np.genfromtxt(runs / ddp / "metrics.csv", delimiter=",", names=True)
     one_csv = np.genfromtxt(runs / one / "metrics.csv", delimiter=",", names=True)
     np.testing.assert_allclose(ddp_csv["val_loss"], one_csv["val_loss"], rtol=1e-5)
-    if not ddp.startswith("records"):  # a record batch is padded to its longest: per rank, or all at once
+    # a record batch is padded to its longest: per rank, or all at once
+    if not ddp.startswith("records"):
         np.testing.assert_array_equal(ddp_csv["tokens_seen"], one_csv["tokens_seen"])
     if ddp == "smoothed":  # the objective's own column, averaged over both ranks' batches too
-        np.testing.assert_allclose(ddp_csv["train_objective"], one_csv["train_objective"], rtol=1e-5)
+        np.testing.assert_allclose(ddp_csv["train_objective"], one_csv["train_objective"],
+                                   rtol=1e-5)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # FSDP's shards are read whole, into one model
-def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(runs, parallel) -> None:
-    assert [(r["stop"], r["step"]) for r in results(runs, f"{parallel}_half")] == [("interrupted", 3)] * 2
+# FSDP's shards are read whole, into one model
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(runs,
+                                                                                 parallel) -> None:
+    assert [(r["stop"], r["step"]) for r in results(runs, f"{parallel}_half")] == [("interrupted",
+                                                                                    3)] * 2
     copy = runs / f"{parallel}_half_copy"  # resumed on 2 ranks too, from the original
     with pytest.raises(UserError, match="use --batch-size 4"):  # the global batch must stay 4
         trainer.setup(cfg_for(runs, copy.name), resume=copy, token_ids=TOKENS)
     resumed = trainer.train(cfg_for(runs, copy.name, batch_size=4), resume=copy, token_ids=TOKENS)
     straight = losses(results(runs, parallel)[0])
-    assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3}, rel=1e-5)
+    assert resumed.step_losses == pytest.approx({s: v for s, v in straight.items() if s > 3},
+                                                rel=1e-5)
     assert_close_params(params(load_checkpoint(copy / "last")),
                         params(load_checkpoint(runs / "one" / "last")))
 
@@ -239,12 +254,16 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(runs) -> None:
 
 
 @pytest.mark.parametrize("straight, stopped, resumed", [
-    ("dropout_straight", "dropout_stopped", "dropout_resumed"),  # DDP with dropout: every rank's generators
-    ("fsdp", "fsdp_half", "fsdp_resumed")])  # FSDP: the weights and AdamW's moments, from every rank's shards
-def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, stopped, resumed) -> None:
+    # DDP with dropout: every rank's generators
+    ("dropout_straight", "dropout_stopped", "dropout_resumed"),
+    # FSDP: the weights and AdamW's moments, from every rank's shards
+    ("fsdp", "fsdp_half", "fsdp_resumed")])
+def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, stopped,
+                                                                resumed) -> None:
     assert [(r["stop"], r["step"]) for r in results(runs, stopped)] == [("interrupted", 3)] * 2
     straight_losses = losses(results(runs, straight)[0])
-    assert {**losses(results(runs, stopped)[0]), **losses(results(runs, resumed)[0])} == straight_losses
+    assert {**losses(results(runs, stopped)[0]), **losses(results(runs,
+                                                                  resumed)[0])} == straight_losses
     assert set(losses(results(runs, resumed)[0])) == {4, 5, 6}
     assert_same_params(params(load_checkpoint(runs / stopped / "last")),
                        params(load_checkpoint(runs / straight / "last")))
@@ -253,10 +272,12 @@ def test_two_rank_run_stopped_and_resumed_equals_a_straight_one(runs, straight, 
 def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end(runs) -> None:
     # last/ saved at step 3, mid-run: the shards of both ranks, the whole model not gathered.
     mid_run = runs / "fsdp_mid_run" / "last"
-    assert sorted(p.name for p in (mid_run / SHARDED_DIR).iterdir()) == [".metadata", "__0_0.distcp",
+    assert sorted(p.name for p in (mid_run / SHARDED_DIR).iterdir()) == [".metadata",
+                                                                         "__0_0.distcp",
                                                                           "__1_0.distcp"]
     assert not (mid_run / WEIGHTS_FILE).exists() and (mid_run / "train_state.pt").is_file()
-    for name in ("best", "last"):  # best/ always, last/ at the end: the weights of one process's run
+    # best/ always, last/ at the end: the weights of one process's run
+    for name in ("best", "last"):
         assert (runs / "fsdp" / name / SHARDED_DIR / ".metadata").is_file()
         assert_close_params(params(load_checkpoint(runs / "fsdp" / name)),
                             params(load_checkpoint(runs / "one" / name)))
@@ -264,8 +285,10 @@ def test_fsdp_checkpoints_hold_shards_and_the_whole_model_in_best_and_at_the_end
 
 def test_an_fsdp_best_checkpoint_answers_in_generate_py(runs, capsys) -> None:
     capsys.readouterr()
-    run_cli(lambda: generate_main(["--checkpoint", str(runs / "fsdp"), "--prompt", "Hello", "--temperature",
-                                   "0", "--max-new-tokens", "5", "--dtype", "float32", "--device", "cpu"]))
+    run_cli(lambda: generate_main(["--checkpoint", str(runs / "fsdp"), "--prompt", "Hello",
+                                   "--temperature",
+                                   "0", "--max-new-tokens", "5", "--dtype", "float32", "--device",
+                                   "cpu"]))
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode("Hello")])
     fsdp_best = load_checkpoint(runs / "fsdp" / "best")
@@ -285,10 +308,11 @@ def test_a_sharded_checkpoint_index_that_would_run_code_is_refused_unread(tmp_pa
     # An entry DCP would read with torch.load(weights_only=False): its class is not even built.
     index = Metadata(state_dict_metadata={"x": BytesStorageMetadata()})
     (tmp_path / ".metadata").write_bytes(pickle.dumps(index))
-    with pytest.raises(UserError, match=r"names torch\.distributed\.checkpoint\.metadata\.BytesStorage"):
+    with pytest.raises(UserError, match=r"names "
+                                        r"torch\.distributed\.checkpoint\.metadata\.BytesStorage"):
         SafeReader(tmp_path).read_metadata()
     # Classes an index may hold, but an entry that is not a tensor's.
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"x": torch.Size([2])})))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"x": torch.Size([2])})))  # noqa: E501
     with pytest.raises(UserError, match=r"is not an index of tensors \('x' is a Size\)"):
         SafeReader(tmp_path).read_metadata()
 
@@ -311,7 +335,8 @@ def test_early_stopping_fires_on_both_ranks_at_the_same_evaluation(runs) -> None
 def test_the_ranks_batches_together_are_one_process_batches_of_twice_the_size() -> None:
     dataset = range(23)  # 5 global batches of 4; the last 3 samples make no whole one
     one = list(ResumableSampler(dataset, shuffle=True, seed=5, batch_size=4))
-    ranks = [list(ResumableSampler(dataset, shuffle=True, seed=5, batch_size=2, rank=r, world_size=2))
+    ranks = [list(ResumableSampler(dataset, shuffle=True, seed=5, batch_size=2, rank=r,
+                                   world_size=2))
              for r in range(2)]
     assert len(one) == 20 and len(ranks[0]) == len(ranks[1]) == 10
     for g in range(5):  # global batch g: rank 0's slice, then rank 1's
@@ -327,11 +352,14 @@ def test_the_ranks_batches_together_are_one_process_batches_of_twice_the_size() 
 
 
 def test_the_ranks_record_batches_together_are_one_process_batches() -> None:
-    lengths = [(7 * i) % 13 + 1 for i in range(21)]  # 21 records: 5 global batches of 4, and 1 record
+    # 21 records: 5 global batches of 4, and 1 record
+    lengths = [(7 * i) % 13 + 1 for i in range(21)]
     one = list(BucketBatchSampler(lengths, 4, seed=3))
     ranks = [list(BucketBatchSampler(lengths, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
-    assert len(one) == 6 and len(ranks[0]) == len(ranks[1]) == 5  # the 1 record cannot go to 2 ranks
-    assert [a + b for a, b in zip(*ranks, strict=True)] == [batch for batch in one if len(batch) == 4]
+    # the 1 record cannot go to 2 ranks
+    assert len(one) == 6 and len(ranks[0]) == len(ranks[1]) == 5
+    assert [a + b for a, b in zip(*ranks, strict=True)] == [batch for batch in one
+                                                            if len(batch) == 4]
     # 22 records: the short global batch of 2 is shared, one record each.
     share = BucketBatchSampler([*lengths, 4], 4, seed=3, rank=1, world_size=2)
     assert sorted(len(batch) for batch in share) == [1, 2, 2, 2, 2, 2]
@@ -345,16 +373,19 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
     with pytest.raises(UserError, match=r"--parallel fsdp .* launch with torchrun"):
         init_distributed(tiny(tmp_path, parallel="fsdp"))
     # More processes than the data has windows for one global batch (23 windows, 12 x 2 > 23).
-    with pytest.raises(UserError, match=r"fewer than one batch of 12 x 2 processes; lower --batch-size \(or"):
+    with pytest.raises(UserError, match=r"fewer than one batch of 12 x 2 processes; lower "
+                                        r"--batch-size \(or"):
         build_loaders(*TOKENS, batch_size=12, context_length=16, stride=16, eval_batches=1, seed=0,
                       rank=0, world_size=2)
     # A run of global batch 3 cannot resume on 2 processes.
     saved = {"train_config": tiny(tmp_path, batch_size=3).to_dict()}
     with pytest.raises(UserError, match="use a number of processes that divides 3"):
         check_resume_settings(tiny(tmp_path, batch_size=1), saved, tmp_path, world_size=2)
-    # A one-process (or DDP) checkpoint cannot resume under FSDP: its optimizer state is not sharded.
+    # A one-process (or DDP) checkpoint cannot resume under FSDP: its optimizer state is not
+    # sharded.
     saved = {"train_config": tiny(tmp_path, batch_size=4).to_dict()}
-    with pytest.raises(UserError, match="resume it with --parallel ddp, or start an FSDP run from its"):
+    with pytest.raises(UserError, match="resume it with --parallel ddp, or start an FSDP run from "
+                                        "its"):
         check_resume_settings(tiny(tmp_path, parallel="fsdp"), saved, tmp_path, world_size=2)
     with pytest.raises(UserError, match="fewer than the 2 processes; use more validation data"):
         eval_picks(1, 2, 2, rank=0, world_size=2)
@@ -362,7 +393,8 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
         monkeypatch.setenv(name, value)
     with monkeypatch.context() as gpu:  # what --dtype auto gives on a GPU without bfloat16
         gpu.setattr(distributed, "training_dtype", lambda name, device: torch.float16)
-        with pytest.raises(UserError, match=r"fsdp does not train in float16: .* use --dtype bfloat16"):
+        with pytest.raises(UserError, match=r"fsdp does not train in float16: .* use --dtype "
+                                            r"bfloat16"):
             init_distributed(tiny(tmp_path, parallel="fsdp"))
     if not torch.cuda.is_available():  # NCCL needs CUDA: refused before any process group is made
         with pytest.raises(UserError, match="--device cuda is not available"):
@@ -372,7 +404,8 @@ def test_bad_multi_process_settings_are_one_line_errors(tmp_path, monkeypatch) -
 def test_parallel_fsdp_without_torchrun_is_one_line_on_the_command_line(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     command = [sys.executable, "-m", "gpt.cli.train", "--parallel", "fsdp", "--out", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --parallel fsdp") and result.stderr.count("\n") == 1
     assert not any(tmp_path.iterdir())  # nothing written
@@ -397,11 +430,13 @@ def test_a_rank_that_raises_ends_the_job_with_a_non_zero_exit(tmp_path) -> None:
     context = mp.get_context("spawn")
     port = _free_port()
     # Plain processes, not `spawn`'s join (which would kill rank 0 itself): rank 0 must fail alone.
-    ranks = [context.Process(target=_raising_rank, args=(rank, port, tmp_path)) for rank in range(WORLD)]
+    ranks = [context.Process(target=_raising_rank, args=(rank, port, tmp_path))
+             for rank in range(WORLD)]
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(timeout=240)  # start-up and two steps, then at most the 20 s timeout: a hang fails
+        # start-up and two steps, then at most the 20 s timeout: a hang fails
+        process.join(timeout=240)
     alive = [process.is_alive() for process in ranks]
     for process in ranks:
         process.kill()
@@ -412,7 +447,8 @@ def test_a_rank_that_raises_ends_the_job_with_a_non_zero_exit(tmp_path) -> None:
 def test_masked_targets_give_two_ranks_the_gradients_of_one_process(runs) -> None:
     """Normalised by the global count of targets: a rank with fewer weighs less, as in one batch."""
     ranks = [masked_batches(rank) for rank in range(WORLD)]
-    together = [(torch.cat([ranks[0][i][0], ranks[1][i][0]]), torch.cat([ranks[0][i][1], ranks[1][i][1]]))
+    together = [(torch.cat([ranks[0][i][0], ranks[1][i][0]]), torch.cat([ranks[0][i][1],
+                                                                         ranks[1][i][1]]))
                 for i in range(2)]  # global micro-batch i: rank 0's rows, then rank 1's
     run = trainer.setup(cfg_for(runs, "masked_one", batch_size=4, grad_accum=2), token_ids=TOKENS)
     stats = trainer.train_step(run, together)

@@ -1,5 +1,6 @@
-"""DPO through train.py: the loss against the formula by hand, the frozen reference, the metrics, learning
-a preferred style after fine-tuning, exact resume, gradient accumulation, bf16, and every bad input."""
+"""DPO through train.py: the loss against the formula by hand, the frozen reference, the metrics,
+learning a preferred style after fine-tuning, exact resume, gradient accumulation, bf16, and every
+bad input."""
 
 import csv
 import dataclasses
@@ -60,7 +61,8 @@ def words(n: int, seed: int) -> list[str]:
 
 def style_pairs(names: list[str]) -> list[dict[str, str]]:
     """Pairs whose chosen answer is a full sentence and the rejected one a bare "Yes."."""
-    return [{"prompt": f"Is {w} a word?", "chosen": "It is a word.", "rejected": "Yes."} for w in names]
+    return [{"prompt": f"Is {w} a word?", "chosen": "It is a word.", "rejected": "Yes."}
+            for w in names]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -69,7 +71,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def hand_logp(model: GPT, prompt: str, response: str) -> float:
-    """log p(response + end-of-text | plain-templated prompt), token by token, from the text alone."""
+    """log p(response + end-of-text | plain-templated prompt), token by token, from the text alone.
+    """
     prompt_ids = TOKENIZER.encode(format_prompt("plain", prompt))
     response_ids = [*TOKENIZER.encode(response), ENDOFTEXT_ID]
     tokens = torch.tensor([prompt_ids + response_ids])
@@ -101,8 +104,10 @@ def pairs_file(tmp_path: Path) -> Path:
 
 
 def dpo_run(tmp_path: Path, data: Path, init: Path, **overrides):
-    settings = dict(data=str(data), init=str(init), objective="dpo", dpo_beta=BETA, context_length=None,
-                    preset="tiny", drop_rate=0.0, batch_size=4, eval_freq=3, eval_iters=2, sample_tokens=0)
+    settings = dict(data=str(data), init=str(init), objective="dpo", dpo_beta=BETA,
+                    context_length=None,
+                    preset="tiny", drop_rate=0.0, batch_size=4, eval_freq=3, eval_iters=2,
+                    sample_tokens=0)
     return tiny(tmp_path, **{**settings, **overrides})
 
 
@@ -122,7 +127,8 @@ def test_the_loss_and_metrics_are_the_formula_by_hand_from_per_token_log_probabi
     dataset = PreferenceDataset(PAIRS, TOKENIZER, "plain")
     cache_reference(reference, [dataset], batch_size=2, dtype=torch.float32)
     by_hand = [[hand_logp(model, p.prompt, response) for model in (policy, reference)]
-               for p in PAIRS for response in (p.chosen, p.rejected)]  # chosen 0, rejected 0, chosen 1, ...
+               # chosen 0, rejected 0, chosen 1, ...
+               for p in PAIRS for response in (p.chosen, p.rejected)]
     expected = torch.tensor([[by_hand[0][1], by_hand[1][1]], [by_hand[2][1], by_hand[3][1]]])
     torch.testing.assert_close(dataset.reference, expected.float(), rtol=1e-5, atol=1e-5)
     losses, margins, wins = [], [], []
@@ -134,13 +140,16 @@ def test_the_loss_and_metrics_are_the_formula_by_hand_from_per_token_log_probabi
         wins.append(margin > 0)
     inputs, targets, ref = pair_collate([dataset[0], dataset[1]])  # padded: the masks must hold
     loss = sum(losses) / 2
-    assert pair_loss(BETA, policy, inputs, targets, ref).item() == pytest.approx(loss, rel=1e-4, abs=1e-5)
+    assert pair_loss(BETA, policy, inputs, targets, ref).item() == pytest.approx(loss, rel=1e-4,
+                                                                                 abs=1e-5)
     metrics = evaluate_pairs(policy, [(inputs, targets, ref)], BETA)
     assert metrics["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-5)
     assert metrics["margin"] == pytest.approx(sum(margins) / 2, rel=1e-4, abs=1e-5)
     assert metrics["accuracy"] == sum(wins) / 2
-    assert metrics["chosen_logp"] == pytest.approx((by_hand[0][0] + by_hand[2][0]) / 2, rel=1e-5, abs=1e-4)
-    assert metrics["rejected_logp"] == pytest.approx((by_hand[1][0] + by_hand[3][0]) / 2, rel=1e-5, abs=1e-4)
+    assert metrics["chosen_logp"] == pytest.approx((by_hand[0][0] + by_hand[2][0]) / 2, rel=1e-5,
+                                                   abs=1e-4)
+    assert metrics["rejected_logp"] == pytest.approx((by_hand[1][0] + by_hand[3][0]) / 2, rel=1e-5,
+                                                     abs=1e-4)
 
 
 def test_sequence_log_probabilities_leave_out_masked_targets() -> None:
@@ -154,17 +163,19 @@ def test_sequence_log_probabilities_leave_out_masked_targets() -> None:
 def test_at_the_start_the_loss_is_log_2_and_every_reward_is_0() -> None:
     policy = tiny_model(1)
     dataset = PreferenceDataset(PAIRS, TOKENIZER, "plain")
-    cache_reference(policy, [dataset], batch_size=2, dtype=torch.float32)  # the reference is the policy
+    # the reference is the policy
+    cache_reference(policy, [dataset], batch_size=2, dtype=torch.float32)
     inputs, targets, reference = pair_collate([dataset[0], dataset[1]])
     with torch.no_grad():
         losses, rewards = dpo_losses(sequence_logps(policy(inputs), targets), reference, BETA)
     assert torch.equal(rewards, torch.zeros(4))
     assert losses.tolist() == [pytest.approx(math.log(2), abs=1e-7)] * 2
     # With gradients on, the forward pass may take other kernels: equal up to rounding.
-    assert pair_loss(BETA, policy, inputs, targets, reference).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert pair_loss(BETA, policy, inputs, targets, reference).item() == pytest.approx(math.log(2),
+                                                                                       abs=1e-6)
 
 
-# ---- the reference --------------------------------------------------------------------------------
+# ---- the reference -------------------------------------------------------------------------------
 
 
 def test_gradients_flow_only_through_the_policy_and_the_reference_stays_bit_identical(
@@ -188,8 +199,10 @@ def test_gradients_flow_only_through_the_policy_and_the_reference_stays_bit_iden
         torch.testing.assert_close(grad, p.grad)
     run.model.zero_grad()
     trainer.fit(run)
-    # After training, the reference is what the starting weights give, bit for bit, and they are untouched.
-    assert torch.equal(train_pairs.reference, cached[0]) and torch.equal(val_pairs.reference, cached[1])
+    # After training, the reference is what the starting weights give, bit for bit, and they are
+    # untouched.
+    assert torch.equal(train_pairs.reference, cached[0]) and torch.equal(val_pairs.reference,
+                                                                         cached[1])
     frozen = load_reference(run.cfg, run.model.config, torch.device("cpu"))
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     fresh = [PreferenceDataset(d.pairs, TOKENIZER, d.template) for d in (train_pairs, val_pairs)]
@@ -197,10 +210,11 @@ def test_gradients_flow_only_through_the_policy_and_the_reference_stays_bit_iden
     assert torch.equal(fresh[0].reference, cached[0]) and torch.equal(fresh[1].reference, cached[1])
     assert hashlib.sha256((init_dir / "model.safetensors").read_bytes()).hexdigest() == init_bytes
     start = params(load_checkpoint(init_dir))
-    assert any(not torch.equal(p, start[name]) for name, p in params(run.model).items())  # the policy moved
+    # the policy moved
+    assert any(not torch.equal(p, start[name]) for name, p in params(run.model).items())
 
 
-# ---- a run: metrics, best/, early stopping, accumulation, bf16 -------------------------------------
+# ---- a run: metrics, best/, early stopping, accumulation, bf16 -----------------------------------
 
 
 def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
@@ -208,9 +222,11 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
     result = train(dpo_run(tmp_path, pairs_file, init_dir, max_steps=6, lr=1e-2))
     out = capsys.readouterr().out
     logged = rows(result.run_dir)
-    assert list(logged[0]) == [*METRICS_COLUMNS[:5], *DPO_COLUMNS, *METRICS_COLUMNS[6:], "val_exact_match"]
+    assert list(logged[0]) == [*METRICS_COLUMNS[:5], *DPO_COLUMNS, *METRICS_COLUMNS[6:],
+                               "val_exact_match"]
     assert [row["step"] for row in logged] == ["0", "3", "6"]
-    first = logged[0]  # policy = reference: the loss is log 2, the rewards 0 (up to the batches' rounding)
+    # policy = reference: the loss is log 2, the rewards 0 (up to the batches' rounding)
+    first = logged[0]
     assert float(first["val_loss"]) == pytest.approx(math.log(2), abs=1e-5)
     assert float(first["val_reward_margin"]) == pytest.approx(0.0, abs=1e-5)
     assert all(0 <= float(row["val_reward_accuracy"]) <= 1 for row in logged)
@@ -222,21 +238,23 @@ def test_a_dpo_run_logs_its_metrics_prints_them_and_keeps_the_best_checkpoint(
     best_step = int(logged[val_losses.index(min(val_losses))]["step"])
     assert result.best_step == best_step
     assert (result.run_dir / "loss.png").stat().st_size > 0
-    # best/ holds the weights of that evaluation: measured again against the same reference, the same
-    # validation DPO loss.
+    # best/ holds the weights of that evaluation: measured again against the same reference, the
+    # same validation DPO loss.
     run = setup(dpo_run(tmp_path, pairs_file, result.run_dir / "best", reference=str(init_dir),
                         run_name="again"))
     measured = evaluate_dpo(run.model, run.eval_loaders, BETA, torch.float32)
     assert measured["val_loss"] == pytest.approx(min(val_losses), rel=1e-5)
-    assert json.loads((result.run_dir / "train_config.json").read_text())["prompt_template"] == "plain"
+    assert json.loads((result.run_dir / "train_config.json").read_text())["prompt_template"] == "plain"  # noqa: E501
 
 
 def test_loss_png_draws_the_reward_accuracy_against_a_second_axis(tmp_path) -> None:
-    log = metrics_log(get_objective("dpo"), TrainConfig(objective="dpo", data="p.jsonl", init="gpt2"),
+    log = metrics_log(get_objective("dpo"), TrainConfig(objective="dpo", data="p.jsonl",
+                                                        init="gpt2"),
                       None, tmp_path)
     for step, accuracy in ((0, 0.0), (5, 0.5), (10, 0.95)):
         log.append({name: 0.5 for name in log.columns}
-                   | {"step": step, "epoch": step / 10, "tokens_seen": step, "val_reward_accuracy": accuracy})
+                   | {"step": step, "epoch": step / 10, "tokens_seen": step,
+                      "val_reward_accuracy": accuracy})
     fig = log.plot(tmp_path / "loss.png", tokens_per_epoch=100, best_step=10)
     axes = {ax.get_ylabel(): ax for ax in fig.axes}
     assert axes["DPO loss"].get_lines()[0].get_ydata().tolist() == [0.5, 0.5, 0.5]
@@ -245,8 +263,10 @@ def test_loss_png_draws_the_reward_accuracy_against_a_second_axis(tmp_path) -> N
 
 
 def test_early_stopping_watches_the_validation_dpo_loss(tmp_path, pairs_file, init_dir) -> None:
-    # A learning rate too small to move the loss by min_delta: no evaluation counts as an improvement.
-    result = train(dpo_run(tmp_path, pairs_file, init_dir, lr=1e-9, min_lr=0.0, eval_freq=1, patience=2,
+    # A learning rate too small to move the loss by min_delta: no evaluation counts as an
+    # improvement.
+    result = train(dpo_run(tmp_path, pairs_file, init_dir, lr=1e-9, min_lr=0.0, eval_freq=1,
+                           patience=2,
                            min_delta=0.01, epochs=5))
     assert result.stop_reason == "early_stop" and result.step == 2 and result.best_step == 0
 
@@ -254,7 +274,8 @@ def test_early_stopping_watches_the_validation_dpo_loss(tmp_path, pairs_file, in
 def test_grad_accumulation_over_unequal_micro_batches_matches_one_big_batch(
         tmp_path, pairs_file, init_dir) -> None:
     big = setup(dpo_run(tmp_path, pairs_file, init_dir, run_name="big"))
-    small = setup(dpo_run(tmp_path, pairs_file, init_dir, batch_size=2, grad_accum=2, run_name="small"))
+    small = setup(dpo_run(tmp_path, pairs_file, init_dir, batch_size=2, grad_accum=2,
+                          run_name="small"))
     for run in (big, small):
         run.optimizer.step = lambda *args, **kwargs: None  # keep the gradients to compare them
     items = [big.records.datasets[0][i] for i in range(4)]
@@ -269,7 +290,8 @@ def test_a_bfloat16_step_is_close_to_the_float32_step(tmp_path, pairs_file, init
     runs = [setup(dpo_run(tmp_path, pairs_file, init_dir, dtype=dtype, run_name=dtype))
             for dtype in ("float32", "bfloat16")]
     # The reference was computed in each run's precision: close, not equal.
-    torch.testing.assert_close(runs[1].records.datasets[0].reference, runs[0].records.datasets[0].reference,
+    torch.testing.assert_close(runs[1].records.datasets[0].reference,
+                               runs[0].records.datasets[0].reference,
                                rtol=2e-2, atol=0.5)
     batch = next(iter(runs[0].train_loader))
     full, half = (trainer.train_step(run, [batch]) for run in runs)
@@ -287,12 +309,14 @@ def test_resume_continues_a_dpo_run_exactly(tmp_path, pairs_file, init_dir, monk
     monkeypatch.undo()
     torch.manual_seed(999)  # the resumed run restores its own random state
     resumed = train(dataclasses.replace(cfg, prompt_template="plain"), resume=tmp_path / "run")
-    assert min(resumed.step_losses) == 6 and resumed.step == straight.step == 12  # last/ is step 5's
+    # last/ is step 5's
+    assert min(resumed.step_losses) == 6 and resumed.step == straight.step == 12
     assert resumed.step_losses == {s: straight.step_losses[s] for s in resumed.step_losses}
     assert_same_params(params(load_checkpoint(tmp_path / "straight" / "last")),
                        params(load_checkpoint(tmp_path / "run" / "last")))
     def measured(run: str) -> list[dict[str, str]]:
-        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows(tmp_path / run)]
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"}
+                for row in rows(tmp_path / run)]
 
     assert measured("run") == measured("straight")
 
@@ -389,17 +413,22 @@ def test_after_fine_tuning_dpo_makes_a_tiny_model_prefer_the_chosen_style(tmp_pa
 
 
 @pytest.mark.parametrize(("rows_", "flags", "message"), [
-    ([{"prompt": "p", "rejected": "a"}], [], "pairs.jsonl:1: a preference record needs a prompt and the"),
+    ([{"prompt": "p", "rejected": "a"}], [], "pairs.jsonl:1: a preference record needs a prompt "
+                                             "and the"),
     ([{"prompt": "p", "chosen": "a"}], [], "it has no rejected"),
-    ([{"prompt": "p", "chosen": "same", "rejected": "same"}], [], "chosen and rejected are the same text"),
+    ([{"prompt": "p", "chosen": "same", "rejected": "same"}], [], "chosen and rejected are the "
+                                                                  "same text"),
     (None, ["--dpo-beta", "0"], "--dpo-beta must be above 0, got 0.0"),
     (None, ["--dpo-beta", "-1"], "--dpo-beta must be above 0, got -1.0"),
-    (None, ["--data", "default"], "--objective dpo trains on preference records, not text ('default')"),
+    (None, ["--data", "default"], "--objective dpo trains on preference records, not text "
+                                  "('default')"),
     (None, ["--init", "scratch"], "pass --init with it"),
     (None, ["--reference", "VOCAB"], "predicts 1000 token ids and the trained model 50257"),
-    (None, ["--reference", "SHAPE"], "has another shape (layers, heads, width, context: (1, 2, 64, 128))"),
+    (None, ["--reference", "SHAPE"], "has another shape (layers, heads, width, context: (1, 2, 64, "
+                                     "128))"),
     (None, ["--loss-chunk", "8"], "drop --loss-chunk to train with --objective dpo"),
-    (None, ["--label-smoothing", "0.1"], "--objective dpo has a loss of its own and does not combine with "
+    (None, ["--label-smoothing", "0.1"], "--objective dpo has a loss of its own and does not "
+                                         "combine with "
                                          "--label-smoothing"),
     (None, ["--no-mask-prompt"], "drop --no-mask-prompt"),
     (None, ["--objective", "ppo"], "--objective must be one of lm, dpo, grpo, got 'ppo'"),
@@ -411,7 +440,8 @@ def test_bad_dpo_input_is_one_line_and_writes_nothing(tmp_path, init_dir, capsys
     saved(tiny_model(1, n_layers=1), tmp_path / "SHAPE")
     flags = [str(tmp_path / flag) if flag in ("VOCAB", "SHAPE") else flag for flag in flags]
     out = tmp_path / "runs"
-    err = cli_error(["--objective", "dpo", "--data", str(data), "--init", str(init_dir), "--device", "cpu",
+    err = cli_error(["--objective", "dpo", "--data", str(data), "--init", str(init_dir), "--device",
+                     "cpu",
                      "--out", str(out), *flags], capsys)
     assert message in err
     assert not out.exists()
@@ -422,7 +452,7 @@ def test_a_reference_without_dpo_is_refused(tmp_path, capsys) -> None:
     assert "--reference is a setting of --objective dpo" in err
 
 
-# ---- under torchrun -------------------------------------------------------------------------------
+# ---- under torchrun ------------------------------------------------------------------------------
 
 
 def _dpo_rank(rank: int, port: int, runs: dict[str, TrainConfig]) -> None:
@@ -434,10 +464,12 @@ def _dpo_rank(rank: int, port: int, runs: dict[str, TrainConfig]) -> None:
         (Path(cfg.out) / f"{name}.{rank}.json").write_text(json.dumps(result.step_losses))
 
 
-def test_two_ranks_of_dpo_equal_one_process_with_twice_the_batch(tmp_path, pairs_file, init_dir) -> None:
+def test_two_ranks_of_dpo_equal_one_process_with_twice_the_batch(tmp_path, pairs_file,
+                                                                 init_dir) -> None:
     # 18 training pairs: 4 global batches of 4 and one of 2 (a pair on each rank); 6 validation
     # pairs: batches of 4 and 2 in one process, so each rank's mean differs from the global one.
-    # A learning rate that keeps the losses well above 0, where float32 rounding is relatively small.
+    # A learning rate that keeps the losses well above 0, where float32 rounding is relatively
+    # small.
     common = dict(max_steps=6, val_fraction=0.25, eval_iters=4, lr=1e-3)
     one = train(dpo_run(tmp_path, pairs_file, init_dir, run_name="one", **common))
     runs = {parallel: dpo_run(tmp_path, pairs_file, init_dir, batch_size=2, parallel=parallel,
@@ -446,15 +478,18 @@ def test_two_ranks_of_dpo_equal_one_process_with_twice_the_batch(tmp_path, pairs
     assert len(set(one.step_losses.values())) == 6  # the weights moved: not log 2 at every step
     reference = rows(one.run_dir)
     for name in runs:
-        ranks = [{int(step): loss for step, loss in json.loads((tmp_path / f"{name}.{r}.json").read_text())
+        ranks = [{int(step): loss for step,
+                  loss in json.loads((tmp_path / f"{name}.{r}.json").read_text())
                   .items()} for r in range(2)]
         assert ranks[0] == ranks[1] and len(ranks[0]) == 6, name  # one loss, all-reduced
         assert ranks[0] == pytest.approx(one.step_losses, rel=1e-5), name
         logged = rows(tmp_path / name)
-        assert [row["step"] for row in logged] == [row["step"] for row in reference] == ["0", "3", "6"]
+        assert [row["step"] for row in logged] == [row["step"] for row in reference] == ["0", "3",
+                                                                                         "6"]
         for column in ("train_loss", "val_loss", *DPO_COLUMNS):
             assert [float(row[column]) for row in logged] == pytest.approx(
                 [float(row[column]) for row in reference], rel=1e-5, abs=1e-5), (name, column)
         two_params = params(load_checkpoint(tmp_path / name / "last"))
         for key, value in params(load_checkpoint(one.run_dir / "last")).items():
-            torch.testing.assert_close(two_params[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+            torch.testing.assert_close(two_params[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} "
+                                                                                         f"{key}")

@@ -1,4 +1,5 @@
-"""The error type of user-fixable problems and the helpers that turn exceptions into one-line messages."""
+"""The error type of user-fixable problems and the helpers that turn exceptions into one-line
+messages."""
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_a_user_error_is_a_value_error_for_library_callers() -> None:
         GPTConfig(n_layers=0)
 
 
-def test_run_cli_turns_a_user_error_into_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_cli_turns_a_user_error_into_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:  # noqa: E501
     def bad_input() -> None:
         raise UserError("--lr must be > 0, got -1; pass e.g. --lr 3e-4")
 

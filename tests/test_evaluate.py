@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sharpened(model: GPT) -> GPT:
     """`model` with its weights pushed away from the init, so that its predictions are far from
-    uniform and depend on the context (a wrong window would give another loss, not the same ~log V)."""
+    uniform and depend on the context (a wrong window would give another loss, not the same ~log
+    V)."""
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.3 * torch.randn_like(param))
@@ -39,12 +40,14 @@ def sharpened(model: GPT) -> GPT:
 
 
 def random_model(vocab_size: int = 97, context_length: int = 16) -> GPT:
-    cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=32, n_heads=2, n_layers=2,
+    cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=32, n_heads=2,
+                    n_layers=2,
                     drop_rate=0.0)
     return sharpened(GPT(cfg))
 
 
-def hf_sliding_window_nll(hf: GPT2LMHeadModel, ids: torch.Tensor, L: int, S: int) -> tuple[float, int]:
+def hf_sliding_window_nll(hf: GPT2LMHeadModel, ids: torch.Tensor, L: int, S: int) -> tuple[float,
+                                                                                           int]:
     """The procedure of Hugging Face's perplexity guide, one window at a time, with a window of L
     inputs predicting the L tokens after them: (summed nll in nats, tokens scored)."""
     total, count, prev_end = 0.0, 0, 0
@@ -55,7 +58,8 @@ def hf_sliding_window_nll(hf: GPT2LMHeadModel, ids: torch.Tensor, L: int, S: int
         targets[:len(targets) - new] = -100
         with torch.no_grad():
             logits = hf(ids[None, begin:end]).logits[0]
-        total += F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(logits.double(), targets, ignore_index=-100,
+                                 reduction="sum").item()
         count += new
         prev_end = end
         if end == len(ids) - 1:
@@ -63,7 +67,8 @@ def hf_sliding_window_nll(hf: GPT2LMHeadModel, ids: torch.Tensor, L: int, S: int
     return total, count
 
 
-@pytest.mark.parametrize(("n_tokens", "L", "S"), [(300, 4, 4), (301, 16, 16), (300, 7, 3), (37, 10, 9),
+@pytest.mark.parametrize(("n_tokens", "L", "S"), [(300, 4, 4), (301, 16, 16), (300, 7, 3), (37, 10,
+                                                                                            9),
                                                   (12, 20, 5), (2, 1, 1)])
 def test_every_token_but_the_first_is_scored_once_by_the_window_with_the_most_context(
         n_tokens: int, L: int, S: int) -> None:
@@ -76,8 +81,8 @@ def test_every_token_but_the_first_is_scored_once_by_the_window_with_the_most_co
             scored[target] = span.start
     assert sorted(scored) == list(range(1, n_tokens))
     for target, start in scored.items():
-        # The windows start at 0, S, 2S, ...; the one with the most context for a target is the first
-        # that still reaches it (start + L >= target).
+        # The windows start at 0, S, 2S, ...; the one with the most context for a target is the
+        # first that still reaches it (start + L >= target).
         assert start == min(b for b in range(0, n_tokens, S) if b + L >= target)
 
 
@@ -115,7 +120,8 @@ def test_windows_read_a_memmap_and_leave_the_model_in_its_mode(tmp_path: Path) -
     ids.tofile(tmp_path / "ids.bin")
     memmap = np.memmap(tmp_path / "ids.bin", dtype=np.uint16, mode="r")
     model.train()
-    assert sliding_window_nll(model, memmap, Windows(16, 8)) == sliding_window_nll(model, ids, Windows(16, 8))
+    assert sliding_window_nll(model, memmap, Windows(16, 8)) == sliding_window_nll(model, ids,
+                                                                                   Windows(16, 8))
     assert model.training
 
 
@@ -128,7 +134,8 @@ def test_scored_bytes_are_the_utf8_bytes_of_the_text_after_the_first_token() -> 
     assert scored_bytes(ids, tokenizer, chunk=3) == scored_bytes(ids, tokenizer)  # chunks add up
 
 
-@pytest.mark.parametrize(("L", "S", "match"), [(8, 9, "--stride must be between 1 and --context-length"),
+@pytest.mark.parametrize(("L", "S", "match"), [(8, 9, "--stride must be between 1 and "
+                                                      "--context-length"),
                                                (8, 0, "--stride must be between 1"),
                                                (0, 1, "--context-length must be at least 1")])
 def test_bad_windows_are_refused(L: int, S: int, match: str) -> None:
@@ -148,7 +155,8 @@ def test_a_text_of_one_token_cannot_be_scored() -> None:
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """tmp_path/runs/x/best: a small model with GPT-2's vocabulary (the CLI scores GPT-2 tokens)."""
     monkeypatch.chdir(tmp_path)
-    model = sharpened(GPT(GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)))
+    model = sharpened(GPT(GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1,
+                                    drop_rate=0.0)))
     with atomic_directory(tmp_path / "runs" / "x" / "best") as tmp:
         save_model(model, tmp)
     return tmp_path / "runs" / "x"
@@ -157,14 +165,16 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "story.txt"
-    path.write_text("I had always thought Jack Gisburn rather a cheap genius, though a good fellow. " * 6)
+    path.write_text("I had always thought Jack Gisburn rather a cheap genius, though a good "
+                    "fellow. " * 6)
     return path
 
 
 def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
         run_dir: Path, text_file: Path, tmp_path: Path, run_command) -> None:
     status, out, err = run_command(main, ["--checkpoint", str(run_dir), "--data", str(text_file),
-                                          "--context-length", "24", "--stride", "10", "--dtype", "float32",
+                                          "--context-length", "24", "--stride", "10", "--dtype",
+                                          "float32",
                                           "--json"])
     assert status == 0, err
     result = json.loads(out)
@@ -175,7 +185,7 @@ def test_json_reports_the_transformers_perplexity_and_bits_per_byte(
     assert result["tokens"] == tokens == len(ids) - 1
     assert result["loss"] == pytest.approx(nll / tokens, rel=1e-4)
     assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
-    text_bytes = len(text_file.read_bytes()) - len(get_tokenizer().decode_single_token_bytes(int(ids[0])))
+    text_bytes = len(text_file.read_bytes()) - len(get_tokenizer().decode_single_token_bytes(int(ids[0])))  # noqa: E501
     assert result["bytes"] == text_bytes
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / text_bytes, rel=1e-4)
 
@@ -197,10 +207,12 @@ def test_the_table_prints_the_same_numbers(run_dir: Path, text_file: Path,
 @pytest.mark.parametrize(("argv", "message"), [
     (["--checkpoint", "nowhere"], "--checkpoint nowhere is neither a checkpoint directory"),
     (["--init", "nowhere"], "'nowhere' is neither a file or directory nor a known model"),
-    (["--data", "missing.txt"], "'missing.txt' is not an existing file, directory, glob or corpus name"),
+    (["--data", "missing.txt"], "'missing.txt' is not an existing file, directory, glob or corpus "
+                                "name"),
     (["--data", "one.txt"], "the text is 1 token long; a loss needs at least two"),
     (["--stride", "33"], "--stride must be between 1 and --context-length (32)"),
-    (["--context-length", "8", "--stride", "9"], "--stride must be between 1 and --context-length (8)"),
+    (["--context-length", "8", "--stride", "9"], "--stride must be between 1 and --context-length "
+                                                 "(8)"),
     (["--stride", "0"], "--stride must be between 1 and --context-length"),
     (["--context-length", "64"], "--context-length 64 exceeds the model's context length 32"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -226,5 +238,7 @@ def test_the_module_runs_as_a_command(run_dir: Path, text_file: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, cwd=run_dir.parent.parent,
                           env={"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == ("error: --stride must be between 1 and --context-length "
-                                                    "(32), got 40; a stride above it would skip tokens")
+    assert done.stderr.strip().splitlines()[-1] == ("error: --stride must be between 1 and "
+                                                    "--context-length "
+                                                    "(32), got 40; a stride above it would skip "
+                                                    "tokens")

@@ -26,7 +26,8 @@ class Bigram(nn.Module):
 
     def __init__(self, probs: list[list[float]], shift: float = 0.0) -> None:
         super().__init__()
-        self.logits = nn.Parameter(torch.tensor(probs).log() + shift)  # (V, V): row = the token read
+        # (V, V): row = the token read
+        self.logits = nn.Parameter(torch.tensor(probs).log() + shift)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.logits[idx]  # (B, T, V)
@@ -97,10 +98,12 @@ def test_top_must_not_be_negative() -> None:
 
 @pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """tmp_path/runs/x/best: a small model with GPT-2's vocabulary; the working directory is tmp_path."""
+    """tmp_path/runs/x/best: a small model with GPT-2's vocabulary; the working directory is
+    tmp_path."""
     monkeypatch.chdir(tmp_path)
     with atomic_directory(tmp_path / "runs" / "x" / "best") as tmp:
-        save_model(GPT(GPTConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)), tmp)
+        save_model(GPT(GPTConfig(context_length=16, emb_dim=32, n_heads=2, n_layers=1,
+                                 drop_rate=0.0)), tmp)
     return tmp_path / "runs" / "x"
 
 
@@ -124,7 +127,8 @@ def test_json_has_every_position_and_the_summary(run_dir: Path, run_command) -> 
     assert [t["prob"] for t in tokens] == pytest.approx((-expected).exp().tolist(), rel=1e-5)
     assert all(len(t["top"]) == 2 and t["rank"] >= 1 for t in tokens)
     assert result["summary"]["loss"] == pytest.approx(lm_loss(logits, ids[1:]).item(), rel=1e-5)
-    assert result["summary"]["perplexity"] == pytest.approx(math.exp(result["summary"]["loss"]), rel=1e-6)
+    assert result["summary"]["perplexity"] == pytest.approx(math.exp(result["summary"]["loss"]),
+                                                            rel=1e-6)
 
 
 def test_dtype_bfloat16_scores_under_autocast_like_torch(run_dir: Path, run_command) -> None:
@@ -148,10 +152,13 @@ def test_the_table_has_a_line_per_position_the_mean_and_the_arithmetic(
     status, out, err = run_command(main, ["--file", "text.txt", "--plot", "tokens.png"])
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["pos", "input", "target"] and lines[0].endswith("top 3 predictions")
-    assert [line.split()[:3] for line in lines[1:4]] == [["0", "'Every'", "'"], ["1", "'", "effort'"],
+    assert lines[0].split()[:3] == ["pos", "input", "target"] and lines[0].endswith("top 3 "
+                                                                                    "predictions")
+    assert [line.split()[:3] for line in lines[1:4]] == [["0", "'Every'", "'"], ["1", "'",
+                                                                                 "effort'"],
                                                          ["2", "'", "moves'"]]
-    assert lines[4].startswith(f"mean loss {loss:.4f} over 3 predictions (= lm_loss of the same ids)")
+    assert lines[4].startswith(f"mean loss {loss:.4f} over 3 predictions (= lm_loss of the same "
+                               f"ids)")
     assert "position 0 by hand: after 'Every'" in out and "-log p(' effort')" in out
     assert imread(tmp_path / "tokens.png").shape[1] > 500
 
@@ -162,17 +169,20 @@ def test_a_text_longer_than_the_context_is_cut_with_a_note(run_dir: Path,
     status, out, err = run_command(main, ["--text", text, "--json"])
     assert status == 0, err
     assert len(json.loads(out)["tokens"]) == 16  # the model's context length
-    assert f"note: the text is {len(get_tokenizer().encode(text))} tokens; explaining the first 17" in err
+    assert f"note: the text is {len(get_tokenizer().encode(text))} tokens; explaining the first 17" in err  # noqa: E501
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--text", "Hello"], "the text is 1 token long; a loss needs at least two"),
     (["--text", ""], "the text is 0 tokens long; a loss needs at least two"),
     (["--file", "missing.txt"], "cannot read --file missing.txt: No such file or directory"),
-    (["--file", "latin1.txt"], "--file latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
-    (["--text", TEXT, "--checkpoint", "nowhere"], "--checkpoint nowhere is neither a checkpoint directory"),
+    (["--file", "latin1.txt"], "--file latin1.txt is not UTF-8 text (invalid continuation byte at "
+                               "byte 3)"),
+    (["--text", TEXT, "--checkpoint", "nowhere"], "--checkpoint nowhere is neither a checkpoint "
+                                                  "directory"),
     (["--text", TEXT, "--top", "-1"], "--top must be 0 or more, got -1"),
-    (["--text", TEXT, "--plot", "no/such/dir/tokens.png"], "--plot no/such/dir/tokens.png: the directory "),
+    (["--text", TEXT, "--plot", "no/such/dir/tokens.png"], "--plot no/such/dir/tokens.png: the "
+                                                           "directory "),
     (["--text", TEXT, "--file", "x.txt"], "argument --file: not allowed with argument --text"),
     ([], "one of the arguments --text --file is required; see python -m gpt explain --help"),
     (["--text", TEXT, "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),

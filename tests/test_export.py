@@ -48,8 +48,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     try:
         result = train(TrainConfig(
-            data=str(tmp / "corpus.txt"), data_dir=str(tmp / "data"), preset="tiny", context_length=32,
-            batch_size=2, max_steps=6, eval_freq=3, warmup_steps=2, sample_tokens=0, dtype="float32",
+            data=str(tmp / "corpus.txt"), data_dir=str(tmp / "data"), preset="tiny",
+            context_length=32,
+            batch_size=2, max_steps=6, eval_freq=3, warmup_steps=2, sample_tokens=0,
+            dtype="float32",
             device="cpu", out=str(tmp / "runs"), run_name="run"))
     finally:
         torch.set_num_threads(threads)
@@ -76,7 +78,8 @@ def test_export_writes_the_files_a_hub_model_repository_has(exported: Path) -> N
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_pipeline_continues_greedily_exactly_as_generate_py(run: Path, exported: Path, offline: None,
+def test_pipeline_continues_greedily_exactly_as_generate_py(run: Path, exported: Path,
+                                                            offline: None,
                                                             run_command) -> None:
     from transformers import pipeline
 
@@ -84,7 +87,8 @@ def test_pipeline_continues_greedily_exactly_as_generate_py(run: Path, exported:
     hf_text = generator(PROMPT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
     # generate.py's `main` (test_generate_cli.py runs the script itself as a process).
     status, out, err = run_command(generate_main, [
-        "--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20",
+        "--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens",
+        "20",
         "--dtype", "float32", "--device", "cpu"])
     assert status == 0, err
     assert out == hf_text + "\n"
@@ -95,7 +99,8 @@ def test_auto_tokenizer_gives_tiktokens_ids(exported: Path, offline: None) -> No
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(exported))
-    text = ("Hello, do you like tea? <|endoftext|> In the sunlit terraces\n\n  def f(x):\treturn x ** 2"
+    text = ("Hello, do you like tea? <|endoftext|> In the sunlit terraces\n\n  def f(x):\treturn x "
+            "** 2"
             "  # 3.14 café 🤖 日本語 ''' \r\n it's, they'll ,odd spacing ,")
     ids = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     assert tokenizer(text)["input_ids"] == ids
@@ -138,12 +143,14 @@ def test_generation_config_samples_as_generate_py_does(exported: Path, offline: 
 def test_model_card_tells_what_the_run_recorded(run: Path, exported: Path) -> None:
     card = (exported / "README.md").read_text()
     front, body = card.removeprefix("---\n").split("\n---\n", 1)
-    for line in ("library_name: transformers", "license: mit", "pipeline_tag: text-generation", "tags:"):
+    for line in ("library_name: transformers", "license: mit", "pipeline_tag: text-generation",
+                 "tags:"):
         assert line in front.splitlines()
     settings = json.loads((run / "train_config.json").read_text())
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    best = min(rows, key=lambda row: float(row["val_loss"]))  # best/ holds the lowest validation loss
+    # best/ holds the lowest validation loss
+    best = min(rows, key=lambda row: float(row["val_loss"]))
     val_loss = float(best["val_loss"])
     assert f"validation loss: {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})" in body
     assert f"these weights: step {int(best['step'])} " in body
@@ -234,6 +241,7 @@ def test_a_failure_while_writing_leaves_no_output(run: Path, tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gpt.cli.export.shutil, "copyfile", disk_full)
-    with pytest.raises(gpt.UserError, match="No space left on device"):  # one line (gpt.base.atomic)
+    # one line (gpt.base.atomic)
+    with pytest.raises(gpt.UserError, match="No space left on device"):
         export(run, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -15,17 +15,20 @@ from gpt.data.records import format_prompt
 from gpt.training.trainer import train
 
 QA = [{"question": f"What colour is the {thing}?", "answer": f"The {thing} is {colour}."}
-      for thing, colour in (("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("snow", "white"),
+      for thing, colour in (("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("snow",
+                                                                                     "white"),
                             ("coal", "black"), ("rose", "red"))]
 
 
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory) -> tuple[Path, Path]:
-    """(run directory, its export): a tiny model fine-tuned on six questions until it answers in their style."""
+    """(run directory, its export): a tiny model fine-tuned on six questions until it answers in
+    their style."""
     tmp = tmp_path_factory.mktemp("ft")
     data = tmp / "qa.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in QA))
-    run_dir = train(tiny(tmp, data=str(data), val_data=str(data), context_length=None, drop_rate=0.0,
+    run_dir = train(tiny(tmp, data=str(data), val_data=str(data), context_length=None,
+                         drop_rate=0.0,
                          batch_size=6, epochs=40, lr=1e-2, eval_freq=1000, eval_answers=0)).run_dir
     out = tmp / "export"
     export(run_dir, out)
@@ -38,10 +41,12 @@ def test_the_chat_template_renders_the_last_message_as_format_prompt_does(templa
 
     messages = [{"role": "user", "content": 'Why "so"?\nSay.'}]
     assert Template(chat_template(template)).render(messages=messages) == format_prompt(template,
-                                                                                         'Why "so"?\nSay.')
+                                                                                         'Why '
+                                                                                         '"so"?\nSay.')
 
 
-def test_pipeline_answers_the_template_and_chat_messages_as_generate_py(fine_tuned, monkeypatch) -> None:
+def test_pipeline_answers_the_template_and_chat_messages_as_generate_py(fine_tuned,
+                                                                        monkeypatch) -> None:
     from transformers import pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -52,7 +57,8 @@ def test_pipeline_answers_the_template_and_chat_messages_as_generate_py(fine_tun
     generator = pipeline("text-generation", model=str(exported), device="cpu")
     for row in QA[:3]:
         out = io.StringIO()
-        run_generation(GenerationOptions(prompt=row["question"], max_new_tokens=12, checkpoint=run_dir,
+        run_generation(GenerationOptions(prompt=row["question"], max_new_tokens=12,
+                                         checkpoint=run_dir,
                                          device="cpu", dtype="float32"), out=out, err=io.StringIO())
         given = out.getvalue().removesuffix("\n")
         assert given.startswith("The ") and given.endswith(".")  # an answer to compare, not junk

@@ -1,5 +1,5 @@
-"""Fine-tuning on records through train.py: the step's loss over all its targets, learning to answer,
-exact resume, --init from a pretraining run, generate.py answering, and every bad input."""
+"""Fine-tuning on records through train.py: the step's loss over all its targets, learning to
+answer, exact resume, --init from a pretraining run, generate.py answering, and every bad input."""
 
 import csv
 import dataclasses
@@ -53,15 +53,17 @@ def fine_tune(tmp_path: Path, data: Path, **overrides):
     return tiny(tmp_path, **{**settings, **overrides})
 
 
-# ---- the loss of a step is the mean over all its target tokens ------------------------------------
+# ---- the loss of a step is the mean over all its target tokens -----------------------------------
 
 
 def test_grad_accumulation_on_unequal_records_matches_one_big_batch(tmp_path) -> None:
     # Answers of 1 to 4 words: micro-batches with unequal numbers of targets.
-    rows = [{**row, "answer": " ".join([row["answer"]] * (1 + i % 4))} for i, row in enumerate(capitals(24))]
+    rows = [{**row, "answer": " ".join([row["answer"]] * (1 + i % 4))} for i,
+            row in enumerate(capitals(24))]
     qa_file = write_jsonl(tmp_path / "varied.jsonl", rows)
     big = setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, batch_size=4, run_name="big"))
-    small = setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, batch_size=2, grad_accum=2, run_name="small"))
+    small = setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, batch_size=2, grad_accum=2,
+                            run_name="small"))
     for run in (big, small):
         run.optimizer.step = lambda *args, **kwargs: None  # keep the gradients to compare them
     dataset = big.train_loader.dataset
@@ -75,14 +77,16 @@ def test_grad_accumulation_on_unequal_records_matches_one_big_batch(tmp_path) ->
     assert small_stats.loss == pytest.approx(big_stats.loss, rel=1e-6)
     for (name, a), b in zip(big.model.named_parameters(), small.model.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
-    # The mean of the two micro-batch means, what accumulation computed before: measurably different.
+    # The mean of the two micro-batch means, what accumulation computed before: measurably
+    # different.
     with torch.no_grad():
         means = [big.model.loss(x, y).item() for x, y in halves]
     assert abs(sum(means) / 2 - big_stats.loss) > 1e-3
 
 
 def test_chunked_loss_steps_like_the_full_loss_on_masked_records(tmp_path, qa_file) -> None:
-    runs = [setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, loss_chunk=chunk, run_name=f"c{chunk}"))
+    runs = [setup(fine_tune(tmp_path, qa_file, drop_rate=0.0, loss_chunk=chunk,
+                            run_name=f"c{chunk}"))
             for chunk in (0, 5)]
     for run in runs:
         run.optimizer.step = lambda *args, **kwargs: None
@@ -102,7 +106,7 @@ def test_a_step_without_targets_changes_nothing_and_is_not_nan(tmp_path, qa_file
     assert_same_params(before, params(run.model))
 
 
-# ---- a run on records ------------------------------------------------------------------------------
+# ---- a run on records ----------------------------------------------------------------------------
 
 
 def test_a_records_run_logs_exact_match_and_keeps_its_template(tmp_path, qa_file, capsys) -> None:
@@ -118,7 +122,8 @@ def test_a_records_run_logs_exact_match_and_keeps_its_template(tmp_path, qa_file
 
 
 def test_resume_with_the_bucketed_sampler_continues_exactly(tmp_path, qa_file, monkeypatch) -> None:
-    cfg = fine_tune(tmp_path, qa_file, drop_rate=0.1, batch_size=3, epochs=2, eval_freq=4, eval_answers=1)
+    cfg = fine_tune(tmp_path, qa_file, drop_rate=0.1, batch_size=3, epochs=2, eval_freq=4,
+                    eval_answers=1)
     straight = train(dataclasses.replace(cfg, run_name="straight"))
     original = trainer.train_step
 
@@ -149,7 +154,7 @@ def test_init_from_a_pretraining_run_starts_from_its_weights(tmp_path, qa_file) 
     assert_same_params(params(load_checkpoint(pretrained.run_dir / "best")), params(run.model))
 
 
-# ---- learning to answer, and generate.py answering ----------------------------------------------------
+# ---- learning to answer, and generate.py answering -----------------------------------------------
 
 
 def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path, capsys) -> None:
@@ -166,9 +171,11 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     last = list(csv.DictReader(io.StringIO((result.run_dir / "metrics.csv").read_text())))[-1]
     assert float(last["val_exact_match"]) >= 0.9
     capsys.readouterr()
-    run_cli(lambda: generate_main(["--checkpoint", str(result.run_dir), "--prompt", records[3]["question"],
+    run_cli(lambda: generate_main(["--checkpoint", str(result.run_dir), "--prompt",
+                                   records[3]["question"],
                                    "--temperature", "0", "--device", "cpu", "--dtype", "float32"]))
-    assert capsys.readouterr().out == records[3]["answer"] + "\n"  # only the answer, stopped at end-of-text
+    # only the answer, stopped at end-of-text
+    assert capsys.readouterr().out == records[3]["answer"] + "\n"
     out = io.StringIO()
     questions = "".join(record["question"] + "\n" for record in records[:3])
     greedy = GenerationOptions(prompt="", max_new_tokens=20, temperature=0.0, top_k=None,
@@ -183,7 +190,7 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     assert out.getvalue() == f"Question: {records[3]['question']}\nAnswer: {records[3]['answer']}\n"
 
 
-# ---- bad input: one line, exit 2, nothing written -----------------------------------------------------
+# ---- bad input: one line, exit 2, nothing written ------------------------------------------------
 
 
 @pytest.mark.parametrize(("content", "flags", "message"), [
@@ -193,26 +200,31 @@ def test_a_tiny_model_learns_to_answer_its_records_and_generate_answers(tmp_path
     ('{"question": "a", "answer": ""}\n', [], "qa.jsonl:1: the response is empty"),
     (None, ["--prompt-template", "Q: {question}"], "has no {prompt} field"),
     ("".join(json.dumps({"question": f"q{i}?", "answer": "word " * 20}) + "\n" for i in range(10)),
-     ["--context-length", "12"], "records are too long for even one response token in a context of 12"),
+     ["--context-length", "12"], "records are too long for even one response token in a context of "
+                                 "12"),
     (None, ["--val-fraction", "0.01"], "leaves 0 for validation"),
 ])
-def test_bad_records_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, flags, message) -> None:
+def test_bad_records_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, flags,
+                                                          message) -> None:
     data = tmp_path / "qa.jsonl"
     if content is None:
         write_jsonl(data, capitals(10))
     else:
         data.write_text(content)
     out = tmp_path / "runs"
-    err = cli_error(["--data", str(data), "--preset", "tiny", "--device", "cpu", "--out", str(out), *flags],
+    err = cli_error(["--data", str(data), "--preset", "tiny", "--device", "cpu", "--out", str(out),
+                     *flags],
                     capsys)
     assert message in err
     assert not out.exists()
 
 
 def test_a_prompt_template_with_text_data_is_refused(tmp_path, capsys) -> None:
-    err = cli_error(["--data", "default", "--prompt-template", "qa", "--out", str(tmp_path / "runs")], capsys)
+    err = cli_error(["--data", "default", "--prompt-template", "qa", "--out",
+                     str(tmp_path / "runs")], capsys)
     assert "--prompt-template must be left out for text data" in err
-    err = cli_error(["--data", "a.jsonl", "--val-data", "b.txt", "--out", str(tmp_path / "runs")], capsys)
+    err = cli_error(["--data", "a.jsonl", "--val-data", "b.txt", "--out", str(tmp_path / "runs")],
+                    capsys)
     assert "--val-data must be of the same kind as --data" in err
     assert not (tmp_path / "runs").exists()
 

@@ -1,4 +1,5 @@
-"""`generate.py`: checkpoint discovery, flag checking, streamed text, and the real script's exit codes."""
+"""`generate.py`: checkpoint discovery, flag checking, streamed text, and the real script's exit
+codes."""
 
 import importlib.util
 import io
@@ -27,7 +28,8 @@ generate_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generate_script)
 
 # GPT-2's vocabulary (the CLI speaks text), but small and untied so that greedy text varies.
-CFG = GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, tie_embeddings=False)
+CFG = GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                tie_embeddings=False)
 
 
 def save_checkpoint(directory: Path) -> GPT:
@@ -46,7 +48,8 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run generate.py's main in this process the way the script does: (exit status, stdout, stderr)."""
+    """Run generate.py's main in this process the way the script does: (exit status, stdout,
+    stderr)."""
     try:
         run_cli(lambda: generate_script.main(argv))
         status = 0
@@ -58,7 +61,8 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def test_greedy_cli_prints_the_prompt_and_the_models_continuation(
         run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
+    argv = ["--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12", "--dtype",
+            "float32"]
     status, out, err = cli(argv, capsys)
     assert status == 0, err
     model = load_checkpoint(run_dir / "best")
@@ -98,7 +102,8 @@ def test_default_checkpoint_is_the_latest_runs_best(tmp_path: Path) -> None:
 
 
 def test_no_checkpoint_anywhere_says_to_train_or_init(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
     status, _, err = cli([], capsys)
@@ -135,7 +140,8 @@ def test_bad_values_are_one_line_errors(run_dir: Path, capsys: pytest.CaptureFix
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err
 
 
-def test_long_prompt_keeps_the_last_context_tokens(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_long_prompt_keeps_the_last_context_tokens(run_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     prompt = "one two " * 40
     status, out, err = cli(["--prompt", prompt, "--max-new-tokens", "3"], capsys)
     assert status == 0
@@ -145,7 +151,8 @@ def test_long_prompt_keeps_the_last_context_tokens(run_dir: Path, capsys: pytest
 
 
 def test_init_loads_gpt2_weights_through_load_pretrained(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/ here: the weights can only come from --init
     asked = []
 
@@ -187,8 +194,8 @@ def test_text_is_written_only_in_whole_characters() -> None:
 
 
 def test_the_script_end_to_end(tmp_path: Path) -> None:
-    """The real `python generate.py`: the default checkpoint works, an error exits 2 without a traceback
-    (a bad flag's error is `main`'s, checked in this process above)."""
+    """The real `python generate.py`: the default checkpoint works, an error exits 2 without a
+    traceback (a bad flag's error is `main`'s, checked in this process above)."""
     save_checkpoint(tmp_path / "with" / "runs" / "x" / "best")
     (tmp_path / "empty" / "runs").mkdir(parents=True)
 
@@ -204,15 +211,18 @@ def test_the_script_end_to_end(tmp_path: Path) -> None:
     assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
-def test_the_root_script_only_calls_the_package_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_root_script_only_calls_the_package_command(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """`generate.py` is `gpt.cli.generate.main`; `python -m gpt.cli.generate` is the same command."""
+    """`generate.py` is `gpt.cli.generate.main`; `python -m gpt.cli.generate` is the same command.
+    """
     assert generate_script.main is main
     save_checkpoint(tmp_path / "runs" / "x" / "best")
     args = ["--seed", "5", "--max-new-tokens", "6", "--dtype", "float32"]
 
     def run(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True,
+        return subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True,
+                              text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
     as_module = run("-m", "gpt.cli.generate", *args)
@@ -252,21 +262,23 @@ def test_a_failed_compile_is_one_line_naming_the_fix(
 
         def forward(self, *args, **kwargs):
             raise torch._dynamo.exc.BackendCompilerFailed(
-                lambda *_: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+                lambda *_: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"),
+                None)
 
     monkeypatch.setattr("gpt.cli.generate.compile_for_decoding", CannotCompile)
     status, _, err = cli(["--compile", "--max-new-tokens", "5"], capsys)
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        "error: --compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
+        "error: --compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler "
+        "found); "
         "run without --compile (it needs a working C++ compiler on a CPU, and Triton on a GPU)")
 
 
 
 def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_move(
         run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """cuda:N becomes the current GPU (`configure_device`), and float32 weights never reach the device:
-    loaded on the CPU, cast there, then moved (the "meta" device stands in for a GPU)."""
+    """cuda:N becomes the current GPU (`configure_device`), and float32 weights never reach the
+    device: loaded on the CPU, cast there, then moved (the "meta" device stands in for a GPU)."""
     configured, loaded_on, moved = [], [], []
     monkeypatch.setattr("gpt.cli.generate.configure_device", configured.append)
 
@@ -296,7 +308,8 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
 def test_out_of_memory_while_generating_is_one_line_naming_the_fix(
         run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a "
+                                     "total "
                                      "capacity of 15.77 GiB of which 3.12 MiB is free.")
 
     monkeypatch.setattr("gpt.cli.generate.stream", out_of_memory)

@@ -1,6 +1,6 @@
-"""The CUDA and MPS paths, checked on the CPU: float16 with the chunked LM head, the loss scaler's state
-across dtypes, the device's random generator in a checkpoint, failures turned into one line, and the
-GPU smoke script run on the CPU. The GPU functions are mocked where a GPU would answer."""
+"""The CUDA and MPS paths, checked on the CPU: float16 with the chunked LM head, the loss scaler's
+state across dtypes, the device's random generator in a checkpoint, failures turned into one line,
+and the GPU smoke script run on the CPU. The GPU functions are mocked where a GPU would answer."""
 
 import importlib.util
 import math
@@ -45,7 +45,7 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return h.grad / LOSS_SCALE, w.grad / LOSS_SCALE
 
 
-def test_float16_chunked_head_loss_keeps_every_head_row_gradient_and_the_unchunked_precision() -> None:
+def test_float16_chunked_head_loss_keeps_every_head_row_gradient_and_the_unchunked_precision() -> None:  # noqa: E501
     """A probability near 1/V divided by the row count (1/16384/4096, below float16's smallest
     subnormal) was stored as 0 before the loss scale was applied: most of the head's rows (those of
     tokens no row targets) got an exactly zero gradient. Unchunked, float16 keeps them all."""
@@ -70,7 +70,8 @@ def test_float16_chunked_head_loss_stays_finite_and_matches_unchunked_with_large
     hidden, weight = torch.randn(512, 16), 10 * torch.randn(1000, 16)
     targets = torch.randint(0, 1000, (512,))
     expected = head_grads(hidden, weight, targets, 0, torch.float16)
-    for got, want in zip(head_grads(hidden, weight, targets, 64, torch.float16), expected, strict=True):
+    for got, want in zip(head_grads(hidden, weight, targets, 64, torch.float16), expected,
+                         strict=True):
         assert got.isfinite().all()
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-6)
 
@@ -160,30 +161,41 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(("exc", "expected"), [
     (torch.OutOfMemoryError(
-        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB of "
-        "which 1.2 GiB is free. Including non-PyTorch memory, this process has 77.9 GiB memory in use.\n"
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
+        "of "
+        "which 1.2 GiB is free. Including non-PyTorch memory, this process has 77.9 GiB memory in "
+        "use.\n"
         "If reserved but unallocated memory is large try setting "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments"),
      "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size"),
     (RuntimeError(
-        "MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, max allowed: "
-        "18.1 GB). Tried to allocate 256.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 "
+        "MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, max "
+        "allowed: "
+        "18.1 GB). Tried to allocate 256.00 MB on private pool. Use "
+        "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 "
         "to disable upper limit for memory allocations (may cause system failure)."),
-     "out of memory (MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, max "
+     "out of memory (MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, "
+     "max "
      "allowed: 18.1 GB). Tried to allocate 256.00 MB on private pool); lower --batch-size"),
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 "
+                  "bytes. "
                   "Error code 12 (Cannot allocate memory)"),
-     "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. "
+     "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 "
+     "bytes. "
      "Error code 12 (Cannot allocate memory)); lower --batch-size"),
     (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
      "out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`); "
      "lower --batch-size"),
-    (BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation. Either the "
+    (BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation. Either "
+                                               "the "
                                                "package is not installed or it is too old."), None),
-     "--compile failed (RuntimeError: Cannot find a working triton installation. Either the package is "
-     "not installed or it is too old.); run without --compile (it needs a working C++ compiler on a CPU, "
+     "--compile failed (RuntimeError: Cannot find a working triton installation. Either the "
+     "package is "
+     "not installed or it is too old.); run without --compile (it needs a working C++ compiler on "
+     "a CPU, "
      "and Triton on a GPU)"),
-    (BackendCompilerFailed(print, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB."),
+    (BackendCompilerFailed(print, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 "
+                                                         "GiB."),
                            None),  # out of memory while compiling (autotuning): still out of memory
      "out of memory (CUDA out of memory. Tried to allocate 1 GiB); lower --batch-size"),
 ])
@@ -195,18 +207,21 @@ def test_out_of_memory_and_compile_failures_become_one_line_naming_the_fix(exc: 
 
 def test_a_compiler_that_fails_inside_torch_compile_becomes_one_line() -> None:
     def broken_backend(graph, example_inputs):
-        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')")
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: "
+                           "(None, 'g++')")
 
     compiled = torch.compile(lambda x: x * 2 + 1, backend=broken_backend)
     with pytest.raises(Exception) as caught:
         compiled(torch.ones(3))
     error = user_error_for(caught.value, OOM_FIX)
     assert str(error) == ("--compile failed (RuntimeError: No working C++ compiler found in "
-                          "torch._inductor.config.cpp.cxx: (None, 'g++')); run without --compile (it needs "
+                          "torch._inductor.config.cpp.cxx: (None, 'g++')); run without --compile "
+                          "(it needs "
                           "a working C++ compiler on a CPU, and Triton on a GPU)")
 
 
-@pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("shape mismatch"), KeyError("x")])
+@pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("shape mismatch"),
+                                 KeyError("x")])
 def test_other_failures_keep_their_traceback(exc: Exception) -> None:
     assert user_error_for(exc, OOM_FIX) is None
 
@@ -220,7 +235,8 @@ def test_the_optimizer_is_fused_whatever_the_device() -> None:
 
 
 def test_torch_has_fused_adamw_on_every_device_pick_device_returns() -> None:
-    """torch >= 2.6 (pyproject) fuses AdamW on cpu, cuda and mps, so the trainer asks for it on each."""
+    """torch >= 2.6 (pyproject) fuses AdamW on cpu, cuda and mps, so the trainer asks for it on
+    each."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     assert {"cpu", "cuda", "mps"} <= set(_get_fused_kernels_supported_devices())
@@ -254,11 +270,15 @@ def test_gpu_smoke_script_passes_on_the_cpu_and_fails_a_broken_export(monkeypatc
         export(model, directory)
 
     monkeypatch.setattr(smoke, "export_hf", broken_export)
-    status = smoke.main(["--device", "cpu", "--dtypes", "float32", "--preset", "tiny", "--context-length",
+    status = smoke.main(["--device", "cpu", "--dtypes", "float32", "--preset", "tiny",
+                         "--context-length",
                          "16", "--batch-size", "2", "--steps", "4", "--loss-chunk", "8"])
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("cpu |")]
-    assert {row[2]: row[3] for row in rows} == {"train": "PASS", "resume": "PASS", "evaluate": "PASS",
-                                               "chunked": "PASS", "generate": "PASS", "export": "FAIL"}
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("cpu |")]
+    assert {row[2]: row[3] for row in rows} == {"train": "PASS", "resume": "PASS",
+                                                "evaluate": "PASS",
+                                               "chunked": "PASS", "generate": "PASS",
+                                               "export": "FAIL"}
     assert status == 1
     assert rows[1][4] == "steps 3-4 exact"  # the CPU's float32 resume is required to be exact
 
@@ -296,7 +316,8 @@ def test_only_the_generator_of_the_device_in_use_is_saved_and_an_old_all_gpus_st
     four = FakeGPUs(monkeypatch, 4)
     saved = rng_state(pick_device("cuda:2"))
     assert torch.equal(saved["device"]["state"], four.states[2])
-    old = {**rng_state(torch.device("cpu")), "cuda": torch.cuda.get_rng_state_all()}  # 4 states, by index
+    # 4 states, by index
+    old = {**rng_state(torch.device("cpu")), "cuda": torch.cuda.get_rng_state_all()}
     old.pop("device")
 
     one = FakeGPUs(monkeypatch, 1)
@@ -315,11 +336,13 @@ def test_a_gpu_checkpoint_resumed_on_the_cpu_says_dropout_starts_afresh(
     set_rng_state(rng_state(torch.device("cuda")), torch.device("cpu"))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "it was taken on cuda" in err
-    set_rng_state(rng_state(torch.device("cpu")), torch.device("cpu"))  # the CPU's own: nothing to say
+    # the CPU's own: nothing to say
+    set_rng_state(rng_state(torch.device("cpu")), torch.device("cpu"))
     assert capsys.readouterr().err == ""
 
 
-OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of "
+OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total "
+                             "capacity of "
                              "23.6 GiB of which 1.1 GiB is free.")
 
 
@@ -332,19 +355,24 @@ def test_out_of_memory_in_a_training_step_is_one_line_naming_the_flags(
     monkeypatch.setattr(trainer, "train_step", out_of_memory)
     with pytest.raises(UserError) as caught:
         trainer.train(tiny(tmp_path), token_ids=TOKENS)
-    assert str(caught.value) == ("out of memory (CUDA out of memory. Tried to allocate 3.00 GiB); lower "
-                                 "--batch-size (raising --grad-accum keeps the step's tokens), or set "
+    assert str(caught.value) == ("out of memory (CUDA out of memory. Tried to allocate 3.00 GiB); "
+                                 "lower "
+                                 "--batch-size (raising --grad-accum keeps the step's tokens), or "
+                                 "set "
                                  "--loss-chunk, or use --dtype bfloat16")
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_failed_compile_in_training_is_one_line_and_a_bug_keeps_its_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_triton(*args, **kwargs):  # what the compiled loss raises at its first call without Triton
-        raise BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation."), None)
+    # what the compiled loss raises at its first call without Triton
+    def no_triton(*args, **kwargs):
+        raise BackendCompilerFailed(print, RuntimeError("Cannot find a working triton "
+                                                        "installation."), None)
 
     monkeypatch.setattr(torch, "compile", lambda fn: no_triton)
-    with pytest.raises(UserError, match=r"^--compile failed \(RuntimeError: Cannot find a working triton "
+    with pytest.raises(UserError, match=r"^--compile failed \(RuntimeError: Cannot find a working "
+                                        r"triton "
                                         r"installation.\); run without --compile"):
         trainer.train(tiny(tmp_path, compile=True), token_ids=TOKENS)
 
@@ -362,7 +390,8 @@ def float16_run(tmp_path: Path, init_scale: float) -> trainer.Run:
 
 
 def overflow_gradients(run: trainer.Run) -> None:
-    """Make the next backward pass's gradient infinite (a finite loss), as a float16 overflow does."""
+    """Make the next backward pass's gradient infinite (a finite loss), as a float16 overflow does.
+    """
     def hook(module, inputs, hidden):
         handle.remove()
         hidden.register_hook(lambda grad: grad * math.inf)
@@ -385,13 +414,15 @@ def test_a_float16_overflow_skips_the_step_says_so_and_training_goes_on(
     assert run.state.step == 2 and run.scaler.get_scale() == 512.0
     third = trainer.train_step(run, next(batches))
     assert math.isfinite(third.grad_norm)
-    assert capsys.readouterr().out.splitlines() == ["step 2 skipped (float16 overflow, loss scale now 512)"]
+    assert capsys.readouterr().out.splitlines() == ["step 2 skipped (float16 overflow, loss scale "
+                                                    "now 512)"]
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_collapsed_float16_loss_scale_stops_training_with_the_fix(tmp_path: Path) -> None:
     run = float16_run(tmp_path, init_scale=1.0)
     overflow_gradients(run)
-    with pytest.raises(TrainingDiverged, match=r"loss scale fell to 0.5 \(step 1\); use --dtype bfloat16 or "
+    with pytest.raises(TrainingDiverged, match=r"loss scale fell to 0.5 \(step 1\); use --dtype "
+                                               r"bfloat16 or "
                                                r"float32, or lower --lr$"):
         trainer.train_step(run, next(trainer.micro_batch_groups(run.train_loader, 1)))

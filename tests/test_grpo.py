@@ -1,6 +1,7 @@
-"""GRPO's parts against references: the clipped loss and the group advantages against their formulas,
-the policy gradient against REINFORCE by hand, the rollouts against the project's one-row decoding, the
-rewards, and every bad input of --objective grpo. Whole runs: tests/test_grpo_runs.py."""
+"""GRPO's parts against references: the clipped loss and the group advantages against their
+formulas, the policy gradient against REINFORCE by hand, the rollouts against the project's one-row
+decoding, the rewards, and every bad input of --objective grpo. Whole runs:
+tests/test_grpo_runs.py."""
 
 import json
 import math
@@ -37,12 +38,14 @@ TOKENIZER = get_tokenizer()
 
 
 def catalogue(log_probs, old_log_probs, advantages, clip) -> float:
-    """The loss catalogue's formula, in NumPy: -mean(min(ratio * A, clip(ratio, 1 - c, 1 + c) * A))."""
+    """The loss catalogue's formula, in NumPy: -mean(min(ratio * A, clip(ratio, 1 - c, 1 + c) * A)).
+    """
     ratio = np.exp(log_probs - old_log_probs)
-    return float(-np.mean(np.minimum(ratio * advantages, np.clip(ratio, 1 - clip, 1 + clip) * advantages)))
+    return float(-np.mean(np.minimum(ratio * advantages, np.clip(ratio, 1 - clip, 1
+                                                                 + clip) * advantages)))
 
 
-# ---- the formulas ---------------------------------------------------------------------------------
+# ---- the formulas --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("spread", "clipped"), [(0.02, False), (1.0, True)])
@@ -54,7 +57,8 @@ def test_ppo_clip_loss_is_the_catalogues_formula_with_and_without_clipping(sprea
     ratio = (new - old).exp()
     assert bool(((ratio - 1).abs() > 0.2).any()) == clipped  # the case the parameter names
     loss = ppo_clip_loss(new, old, advantages, 0.2)
-    assert float(loss) == pytest.approx(catalogue(new.numpy(), old.numpy(), advantages.numpy(), 0.2),
+    assert float(loss) == pytest.approx(catalogue(new.numpy(), old.numpy(), advantages.numpy(),
+                                                  0.2),
                                         rel=1e-12)
     if not clipped:  # then it is the plain surrogate -mean(ratio * A)
         assert float(loss) == pytest.approx(float(-(ratio * advantages).mean()), rel=1e-12)
@@ -70,7 +74,8 @@ def test_ppo_clip_loss_gradients_pass_gradcheck() -> None:
     new = (old + 0.4 * torch.randn(4, 6, generator=generator, dtype=torch.float64)).requires_grad_()
     advantages = torch.randn(4, 1, generator=generator, dtype=torch.float64)
     ratio = (new - old).exp().detach()
-    assert ((ratio - 0.8).abs() > 1e-3).all() and ((ratio - 1.2).abs() > 1e-3).all()  # off the kinks
+    # off the kinks
+    assert ((ratio - 0.8).abs() > 1e-3).all() and ((ratio - 1.2).abs() > 1e-3).all()
     assert ((ratio < 0.8) | (ratio > 1.2)).any()  # and some terms clipped: their gradient is 0
     assert torch.autograd.gradcheck(lambda lp: ppo_clip_loss(lp, old, advantages, 0.2), (new,))
 
@@ -84,9 +89,11 @@ def test_group_advantages_are_each_reward_against_its_group() -> None:
         mean, std = statistics.fmean(group), statistics.stdev(group)
         expected += [0.0 if std == 0 else (r - mean) / (std + 1e-4) for r in group]
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
-    assert torch.equal(got[4:8], torch.zeros(4, dtype=torch.float64))  # equal rewards: zeros, not NaN
+    # equal rewards: zeros, not NaN
+    assert torch.equal(got[4:8], torch.zeros(4, dtype=torch.float64))
     unscaled = group_advantages(torch.tensor(rewards), 4, scale=False)
-    assert unscaled.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.5, -0.5, -0.5, 1.5])
+    assert unscaled.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.5, -0.5, -0.5,
+                                               1.5])
     assert torch.equal(group_advantages(torch.full((8,), 0.3), 8), torch.zeros(8))
 
 
@@ -112,13 +119,16 @@ def batch_of(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     padded = torch.full((len(ids), max(map(len, ids))), ENDOFTEXT_ID)
     for row, tokens in enumerate(ids):
         padded[row, :len(tokens)] = torch.tensor(tokens)
-    return padded, torch.tensor([len(t) for t in ids]), torch.arange(len(ids)), torch.tensor([0, 0, 0])
+    return padded, torch.tensor([len(t) for t in ids]), torch.arange(len(ids)), torch.tensor([0, 0,
+                                                                                              0])
 
 
 def step_for(model: GPT, prompts: list[str], **settings) -> GRPOStep:
-    cfg = tiny(Path("unused"), objective="grpo", reward=("regex:[kx]",), group_size=4, rollout_tokens=5,
+    cfg = tiny(Path("unused"), objective="grpo", reward=("regex:[kx]",), group_size=4,
+               rollout_tokens=5,
                **settings)
-    records = [PromptRecord(Record(p, ""), {"prompt": p}, f"record {i}") for i, p in enumerate(prompts)]
+    records = [PromptRecord(Record(p, ""), {"prompt": p}, f"record {i}") for i,
+               p in enumerate(prompts)]
     return GRPOStep(cfg, model, None, parse_rewards(cfg.reward), records, RolloutState())
 
 
@@ -151,14 +161,15 @@ def test_with_one_update_the_gradient_is_reinforce_with_the_group_mean_as_baseli
     reinforce.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None
-        torch.testing.assert_close(grads[name], param.grad.to(grads[name].dtype), rtol=1e-4, atol=1e-7,
+        torch.testing.assert_close(grads[name], param.grad.to(grads[name].dtype), rtol=1e-4,
+                                   atol=1e-7,
                                    msg=name)
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
 
 
-def test_rows_of_unequal_prompts_decode_as_each_alone_would_greedily_and_stop_at_end_of_text() -> None:
+def test_rows_of_unequal_prompts_decode_as_each_alone_would_greedily_and_stop_at_end_of_text() -> None:  # noqa: E501
     model = tiny_model(5).eval()
     prompts = ["A", "The quick brown fox jumps", "Hello there"]
     padded, lengths, _, _ = batch_of(prompts)
@@ -183,14 +194,17 @@ def test_a_rows_samples_depend_on_its_own_random_numbers_not_on_the_batch() -> N
     uniforms = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
     together, new = decode_rows(model, padded, lengths, 8, temperature=1.0, uniforms=uniforms)
     for row in range(2):
-        alone, count = decode_rows(model, padded[row:row + 1, :lengths[row]], lengths[row:row + 1], 8,
+        alone, count = decode_rows(model, padded[row:row + 1, :lengths[row]], lengths[row:row + 1],
+                                   8,
                                    temperature=1.0, uniforms=uniforms[row:row + 1])
         end = int(lengths[row] + count[0])
-        assert int(new[row]) == int(count[0]) and together[row, :end].tolist() == alone[0, :end].tolist()
+        assert int(new[row]) == int(count[0]) and together[row, :end].tolist() == alone[0,
+                                                                                        :end].tolist()
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, 10, 0.8)])
-def test_draw_picks_each_token_with_the_filtered_softmax_probability(temperature, top_k, top_p) -> None:
+def test_draw_picks_each_token_with_the_filtered_softmax_probability(temperature, top_k,
+                                                                     top_p) -> None:
     logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(2)) * 2
     n = 20_000
     uniforms = (torch.arange(n) + 0.5) / n  # evenly spread: counts equal probabilities to 1/n
@@ -216,16 +230,18 @@ def test_only_completion_tokens_are_targets() -> None:
     assert targets.tolist() == [[-100, -100, 4, 5, 0], [7, 0, -100, -100, -100]]
 
 
-def test_with_two_updates_and_two_micro_batches_each_step_holds_two_batches_then_repeats_them() -> None:
-    sampler = RolloutBatchSampler([3] * 10, 2, seed=0, updates=2, grad_accum=2, state=RolloutState())
-    assert len(sampler) == 8  # 5 batches of 2: the fifth cannot fill a step of two, so 4 x 2 updates
+def test_with_two_updates_and_two_micro_batches_each_step_holds_two_batches_then_repeats_them() -> None:  # noqa: E501
+    sampler = RolloutBatchSampler([3] * 10, 2, seed=0, updates=2, grad_accum=2,
+                                  state=RolloutState())
+    # 5 batches of 2: the fifth cannot fill a step of two, so 4 x 2 updates
+    assert len(sampler) == 8
     places = [(batch, update) for batch, update in (sampler.locate(p) for p in range(8))]
     assert places == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1)]
     handed = [items[0][2:] for items in sampler]
     assert handed == places and sampler.epoch == 1
 
 
-# ---- rewards --------------------------------------------------------------------------------------
+# ---- rewards -------------------------------------------------------------------------------------
 
 
 def prompt(response: str = "", **fields) -> PromptRecord:
@@ -236,14 +252,16 @@ def prompt(response: str = "", **fields) -> PromptRecord:
 @pytest.mark.parametrize(("spec", "completion", "reference", "expected"), [
     ("exact", "  It is\n 5 ", "It is 5", 1.0), ("exact", "It is 5.", "It is 5", 0.0),
     ("contains", "I think it is 5, yes", "it is 5", 1.0), ("contains", "it's 5", "it is 5", 0.0),
-    ("number", "3 + 2 is 5", "5", 1.0), ("number", "5 or 6", "5", 0.0), ("number", "1,000.0", "1000", 1.0),
-    ("number", "no number", "5", 0.0), ("regex:^[0-9]+$", "42", "", 1.0), ("regex:^[0-9]+$", "42!", "", 0.0),
+    ("number", "3 + 2 is 5", "5", 1.0), ("number", "5 or 6", "5", 0.0), ("number", "1,000.0",
+                                                                         "1000", 1.0),
+    ("number", "no number", "5", 0.0), ("regex:^[0-9]+$", "42", "", 1.0), ("regex:^[0-9]+$", "42!",
+                                                                           "", 0.0),
 ])
 def test_the_built_in_rewards(spec, completion, reference, expected) -> None:
     assert score([parse_reward(spec)], prompt(reference), completion) == expected
 
 
-def test_rewards_are_summed_and_a_python_function_gets_prompt_completion_and_record(tmp_path) -> None:
+def test_rewards_are_summed_and_a_python_function_gets_prompt_completion_and_record(tmp_path) -> None:  # noqa: E501
     (tmp_path / "mine.py").write_text("def length(prompt, completion, record):\n"
                                       "    return len(completion) / 10 + record['bonus']\n")
     rewards = parse_rewards([f"{tmp_path / 'mine.py'}:length", "number"])
@@ -251,7 +269,8 @@ def test_rewards_are_summed_and_a_python_function_gets_prompt_completion_and_rec
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("    return 1 / 0\n", "--reward FILE:f raised ZeroDivisionError: division by zero on q.jsonl:1"),
+    ("    return 1 / 0\n", "--reward FILE:f raised ZeroDivisionError: division by zero on "
+                           "q.jsonl:1"),
     ("    return 'high'\n", "--reward FILE:f returned 'high' on q.jsonl:1, not a finite number"),
     ("    return float('nan')\n", "returned nan on q.jsonl:1"),
 ])
@@ -290,13 +309,18 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--data", "RECORDS:{\"text\": \"x\"}"], "p2.jsonl:1: no prompt in this record (found {text})"),
+    (["--data", "RECORDS:{\"text\": \"x\"}"], "p2.jsonl:1: no prompt in this record (found "
+                                              "{text})"),
     (["--data", "RECORDS:{\"prompt\": \"x\"}"], "no reference answer, which --reward number "
-                                                 "compares completions with; add it as \"response\" or "
+                                                 "compares completions with; add it as "
+                                                 "\"response\" or "
                                                  "\"completion\""),
-    (["--data", "RECORDS:{\"question\": \"x\", \"answer\": \"none\"}"], "has no number for --reward number"),
-    (["--data", "default"], "--objective grpo samples answers to prompt records, not text ('default')"),
-    (["--reward", "exactly"], "--reward 'exactly' is none of exact, contains, number, regex:PATTERN or"),
+    (["--data", "RECORDS:{\"question\": \"x\", \"answer\": \"none\"}"], "has no number for "
+                                                                        "--reward number"),
+    (["--data", "default"], "--objective grpo samples answers to prompt records, not text "
+                            "('default')"),
+    (["--reward", "exactly"], "--reward 'exactly' is none of exact, contains, number, "
+                              "regex:PATTERN or"),
     (["--reward", "regex:(unclosed"], "--reward regex:(unclosed: not a regular expression"),
     (["--reward", "missing.py:f"], "--reward missing.py:f: there is no file missing.py"),
     (["--reward", "FILE:nothing"], "has no function nothing (no such name)"),
@@ -305,13 +329,15 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     (["--clip-ratio", "0"], "--clip-ratio must be in (0, 1), got 0.0"),
     (["--clip-ratio", "1"], "--clip-ratio must be in (0, 1), got 1.0"),
     (["--kl-beta", "-0.1"], "--kl-beta must be 0 or more, got -0.1"),
-    (["--rollout-tokens", "128"], "--rollout-tokens 128 leaves no room for a prompt in the context of 128"),
+    (["--rollout-tokens", "128"], "--rollout-tokens 128 leaves no room for a prompt in the context "
+                                  "of 128"),
     (["--rollout-temperature", "0"], "--rollout-temperature must be above 0"),
     (["--rollout-top-p", "1.5"], "--rollout-top-p must be in (0, 1]"),
     (["--updates-per-rollout", "0"], "--updates-per-rollout must be at least 1"),
     (["--loss-aggregation", "mean"], "--loss-aggregation must be token or sequence"),
     (["--scale-rewards", "std"], "--scale-rewards must be group or none"),
-    (["--reference", "gpt2"], "--reference is the model of the KL term, which --kl-beta 0 leaves out"),
+    (["--reference", "gpt2"], "--reference is the model of the KL term, which --kl-beta 0 leaves "
+                              "out"),
     (["--kl-beta", "0.1", "--init", "scratch"], "--init scratch has none"),
     (["--loss-chunk", "8"], "--objective grpo: drop --loss-chunk"),
     (["--compile"], "--objective grpo: drop --compile"),
@@ -325,7 +351,8 @@ def test_bad_grpo_input_is_one_line_and_writes_nothing(tmp_path, prompts_file, c
             return write(tmp_path, "p2.jsonl", (value.removeprefix("RECORDS:") + "\n") * 10)
         return value.replace("FILE", write(tmp_path, "r.py", "x = 1\n"))
 
-    base = ["--objective", "grpo", "--data", str(prompts_file), "--reward", "number", "--preset", "tiny",
+    base = ["--objective", "grpo", "--data", str(prompts_file), "--reward", "number", "--preset",
+            "tiny",
             "--device", "cpu", "--out", str(tmp_path / "runs")]
     flags = [resolve(flag) for flag in flags]
     if "--no-reward" in flags:
@@ -337,7 +364,7 @@ def test_bad_grpo_input_is_one_line_and_writes_nothing(tmp_path, prompts_file, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_reward_is_a_repeatable_flag_a_toml_list_and_a_json_list_read_back_as_a_tuple(tmp_path) -> None:
+def test_reward_is_a_repeatable_flag_a_toml_list_and_a_json_list_read_back_as_a_tuple(tmp_path) -> None:  # noqa: E501
     cfg, _ = parse_args(["--objective", "grpo", "--reward", "exact", "--reward", "regex:[0-9]"])
     assert cfg.reward == ("exact", "regex:[0-9]")
     (tmp_path / "grpo.toml").write_text('objective = "grpo"\nreward = ["number", "contains"]\n')

@@ -53,7 +53,8 @@ def hashes(directory: Path) -> dict[str, str]:
 
 def command(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python ARGS` run from `cwd` with the repository importable, one thread, no GPU."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300, check=False)
 
@@ -68,9 +69,9 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def error_line(main, argv: list[str], capsys) -> str:
-    """The `error: ...` line of a command's `main(argv)` run in this process as its console script runs
-    it (`run_cli`): exit status 2, one line on stderr after progress bars, if any, and no traceback.
-    Cheaper than `command` (no new interpreter)."""
+    """The `error: ...` line of a command's `main(argv)` run in this process as its console script
+    runs it (`run_cli`): exit status 2, one line on stderr after progress bars, if any, and no
+    traceback. Cheaper than `command` (no new interpreter)."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     err = capsys.readouterr().err
@@ -123,7 +124,8 @@ def test_a_kill_between_the_best_and_last_writes_resumes_from_best_as_if_never_s
     """Killed after best/, before last/, at step 4 (last/ still at step 2) or at the first save (no
     last/ yet): the run resumes from best/, the newest checkpoint, and ends as the straight run."""
     straight_dir, straight_result = straight
-    assert straight_result.best_step == 6  # every evaluation improves: best/ is written at step 4 too
+    # every evaluation improves: best/ is written at step 4 too
+    assert straight_result.best_step == 6
     cfg = small(tmp_path, async_save=async_save)
     killed_between_writes(cfg, step=step)
     run_dir = tmp_path / "run"
@@ -138,13 +140,15 @@ def test_a_kill_between_the_best_and_last_writes_resumes_from_best_as_if_never_s
         assert (f"note: {run_dir / 'last'} names step 2 (validation loss" in out
                 and f"as the best, but {run_dir / 'best'} holds step 4" in out
                 and f"resuming from {run_dir / 'best'}, the newest checkpoint of the run" in out)
-    assert resumed.step_losses == {s: loss for s, loss in straight_result.step_losses.items() if s > step}
+    assert resumed.step_losses == {s: loss for s, loss in straight_result.step_losses.items()
+                                   if s > step}
     assert (resumed.best_step, resumed.best_val_loss) == (straight_result.best_step,
                                                           straight_result.best_val_loss)
     assert f"at step {resumed.best_step}: weights in {run_dir / 'best'}" in out
     assert best_step_of(run_dir / "best") == resumed.best_step
     for name in ("best", "last"):
-        assert_same_params(params(load_checkpoint(run_dir / name)), params(load_checkpoint(straight_dir / name)))
+        assert_same_params(params(load_checkpoint(run_dir / name)),
+                           params(load_checkpoint(straight_dir / name)))
 
 
 def test_best_is_saved_before_last_so_a_full_disk_at_the_first_best_leaves_no_checkpoint(
@@ -187,9 +191,10 @@ def test_a_last_checkpoint_that_is_the_best_replaces_a_best_that_is_older_or_mis
     assert best_step_of(run_dir / "best") == resumed.best_step == straight_result.best_step
 
 
-def test_resuming_last_by_name_with_a_newer_best_counts_best_as_the_best_so_far(tmp_path, capsys) -> None:
-    """--resume RUN/last when best/ is newer (killed between the writes): last/ is resumed, as asked,
-    and the best it names is best/'s, which is on disk; best/ is not rewritten."""
+def test_resuming_last_by_name_with_a_newer_best_counts_best_as_the_best_so_far(tmp_path,
+                                                                                capsys) -> None:
+    """--resume RUN/last when best/ is newer (killed between the writes): last/ is resumed, as
+    asked, and the best it names is best/'s, which is on disk; best/ is not rewritten."""
     cfg = small(tmp_path)
     killed_between_writes(cfg, step=4)
     run_dir = tmp_path / "run"
@@ -203,13 +208,15 @@ def test_resuming_last_by_name_with_a_newer_best_counts_best_as_the_best_so_far(
     assert hashes(run_dir / "best") == best_before
 
 
-def test_a_damaged_best_checkpoint_on_resume_is_one_line_and_changes_nothing(tmp_path, straight) -> None:
+def test_a_damaged_best_checkpoint_on_resume_is_one_line_and_changes_nothing(tmp_path,
+                                                                             straight) -> None:
     run_dir = Path(shutil.copytree(straight[0], tmp_path / "runs" / "run"))
     (run_dir / "best" / "train_state.pt").write_bytes(b"garbage")
     before = hashes(run_dir)
     line = one_error_line(command([str(ROOT / "train.py"), "--resume", str(run_dir)], tmp_path))
     assert line.startswith(f"error: cannot read {run_dir / 'best' / 'train_state.pt'} safely")
-    assert line.endswith(f"move {run_dir / 'best'} aside and resume again (the run saves a new best/ "
+    assert line.endswith(f"move {run_dir / 'best'} aside and resume again (the run saves a new "
+                         f"best/ "
                          "at its next improvement)")
     assert hashes(run_dir) == before
 
@@ -222,8 +229,10 @@ def train_flags(tmp_path: Path, *more: str) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(" ".join(f"token{i % 37} and so on." for i in range(400)))
-    return ["--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--preset", "tiny", "--emb-dim",
-            "16", "--n-heads", "2", "--context-length", "16", "--batch-size", "2", "--eval-iters", "1",
+    return ["--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--preset", "tiny",
+            "--emb-dim",
+            "16", "--n-heads", "2", "--context-length", "16", "--batch-size", "2", "--eval-iters",
+            "1",
             "--dtype", "float32", "--device", "cpu", "--sample-tokens", "0", "--max-steps", "2",
             "--eval-freq", "2", "--out", str(tmp_path / "runs"), "--run-name", "run", *more]
 
@@ -240,7 +249,8 @@ def copied_run(cli_run: Path, tmp_path: Path) -> Path:
     """A copy of `cli_run`'s directory (corpus, token cache, runs/run) under `tmp_path`; its run."""
     for name in ("corpus.txt", "data", "runs"):
         source = cli_run / name
-        shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source, tmp_path)
+        shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source,
+                                                                                     tmp_path)
     return tmp_path / "runs" / "run"
 
 
@@ -278,7 +288,8 @@ def put(path: str, value):
     ("train_config.lr", None, "its settings: --lr must be float, got None"),
     ("train_config.mask_prompt", "no", "its settings: --mask-prompt must be bool, got 'no'"),
 ])
-def test_a_resumed_state_out_of_range_is_one_line_and_changes_nothing(tmp_path, capsys, cli_run, path,
+def test_a_resumed_state_out_of_range_is_one_line_and_changes_nothing(tmp_path, capsys, cli_run,
+                                                                      path,
                                                                       value, message) -> None:
     """In this process (`error_line`), but for the first case, run as `python train.py`."""
     run_dir = copied_run(cli_run, tmp_path)
@@ -286,22 +297,28 @@ def test_a_resumed_state_out_of_range_is_one_line_and_changes_nothing(tmp_path, 
         damage_state(run_dir / checkpoint, put(path, value))
     before = hashes(tmp_path)
     argv = ["--resume", str(run_dir)]
-    line = one_error_line(command([str(ROOT / "train.py"), *argv], tmp_path)) if path == "state.step" \
+    line = one_error_line(command([str(ROOT / "train.py"), *argv],
+                                  tmp_path)) if path == "state.step" \
         else error_line(train_main, argv, capsys)
-    assert line.startswith(f"error: {run_dir / 'last' / 'train_state.pt'} is not a complete training "
+    assert line.startswith(f"error: {run_dir / 'last' / 'train_state.pt'} is not a complete "
+                           f"training "
                            f"state ({message}")
     assert line.endswith("; resume from another checkpoint (best/) or start a new run")
     assert hashes(tmp_path) == before
 
 
-def test_a_data_position_inside_a_batch_is_one_line_and_changes_nothing(tmp_path, capsys, cli_run) -> None:
-    """Within the epoch but not where a batch starts: the data order would be shifted by one window."""
+def test_a_data_position_inside_a_batch_is_one_line_and_changes_nothing(tmp_path, capsys,
+                                                                        cli_run) -> None:
+    """Within the epoch but not where a batch starts: the data order would be shifted by one window.
+    """
     run_dir = copied_run(cli_run, tmp_path)
     damage_state(run_dir / "last", put("sampler.position", 3))
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
-    assert line == (f"error: {run_dir / 'last' / 'train_state.pt'}: its data-loader position 3 is not the "
-                    "start of a batch of this run's data order (a damaged file); resume from another "
+    assert line == (f"error: {run_dir / 'last' / 'train_state.pt'}: its data-loader position 3 is "
+                    f"not the "
+                    "start of a batch of this run's data order (a damaged file); resume from "
+                    "another "
                     "checkpoint (best/) or start a new run")
     assert hashes(tmp_path) == before
 
@@ -321,14 +338,16 @@ def test_a_resumed_model_config_of_the_wrong_type_is_one_line_and_changes_nothin
     config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
     before = hashes(tmp_path)
     argv = ["--resume", str(run_dir)]
-    line = one_error_line(command([str(ROOT / "train.py"), *argv], tmp_path)) if field == "tie_embeddings" \
+    line = one_error_line(command([str(ROOT / "train.py"), *argv],
+                                  tmp_path)) if field == "tie_embeddings" \
         else error_line(train_main, argv, capsys)
     assert line.startswith(f"error: {config} is not a valid model config: {message}")
     assert hashes(tmp_path) == before
 
 
 @pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
-def test_a_seed_outside_what_numpy_takes_is_one_line_and_writes_nothing(tmp_path, capsys, seed) -> None:
+def test_a_seed_outside_what_numpy_takes_is_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                        seed) -> None:
     argv = train_flags(tmp_path, "--seed", seed)
     line = one_error_line(command([str(ROOT / "train.py"), *argv], tmp_path)) if seed == "-1" \
         else error_line(train_main, argv, capsys)
@@ -343,8 +362,10 @@ def test_a_seed_outside_the_range_in_a_runs_settings_file_is_one_line(tmp_path, 
     (run_dir / "train_config.json").write_text(json.dumps({"seed": 2**32}))
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
-    assert line == (f"error: {run_dir / 'train_config.json'} does not hold a run's settings (its settings: "
-                    "--seed must be in [0, 2^32), got 4294967296; e.g. --seed 123); start a new run")
+    assert line == (f"error: {run_dir / 'train_config.json'} does not hold a run's settings (its "
+                    f"settings: "
+                    "--seed must be in [0, 2^32), got 4294967296; e.g. --seed 123); start a new "
+                    "run")
     assert hashes(tmp_path) == before
 
 
@@ -355,7 +376,8 @@ def test_a_generate_seed_past_what_torch_takes_is_one_line(tmp_path, capsys, cli
     run_dir = cli_run / "runs" / "run"
     for seed in (2**63, 2**64, -1):
         argv = ["--checkpoint", str(run_dir), "--seed", str(seed), "--max-new-tokens", "2"]
-        line = one_error_line(command([str(ROOT / "generate.py"), *argv], tmp_path)) if seed == 2**64 \
+        line = one_error_line(command([str(ROOT / "generate.py"), *argv],
+                                      tmp_path)) if seed == 2**64 \
             else error_line(generate_main, argv, capsys)
         assert line == f"error: --seed must be an integer in [0, 2^63), got {seed}; e.g. --seed 123"
 
@@ -385,7 +407,8 @@ def test_a_records_line_too_deep_or_too_long_a_number_is_one_line(tmp_path, caps
 
 @pytest.mark.parametrize("bomb", JSON_BOMBS)
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_a_preference_file_too_deep_or_too_long_a_number_is_one_line(tmp_path, bomb, suffix) -> None:
+def test_a_preference_file_too_deep_or_too_long_a_number_is_one_line(tmp_path, bomb,
+                                                                     suffix) -> None:
     """The pairs of --objective dpo are read by the same parser (`gpt.data.records.read_items`)."""
     line_text, found = JSON_BOMBS[bomb]
     line_text = line_text.replace('"answer": "x"', '"chosen": "a", "rejected": "b"')
@@ -400,7 +423,8 @@ def test_a_preference_file_too_deep_or_too_long_a_number_is_one_line(tmp_path, b
 
 @pytest.fixture(scope="module")
 def hf_dir(cli_run) -> Path:
-    """`cli_run`'s best weights as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    """`cli_run`'s best weights as a Hugging Face GPT-2 directory (config.json + model.safetensors).
+    """
     out = cli_run / "hf"
     if not out.exists():
         save_hf(load_checkpoint(cli_run / "runs" / "run" / "best"), out)
@@ -445,7 +469,7 @@ def test_a_hugging_face_config_with_a_wrong_value_is_one_line_in_every_command(
     config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
     main, argv = commands_reading("init", model_dir, tmp_path)[name]
     before = hashes(tmp_path)
-    assert error_line(main, argv, capsys) == f"error: {config} is not a valid model config: {message}"
+    assert error_line(main, argv, capsys) == f"error: {config} is not a valid model config: {message}"  # noqa: E501
     assert hashes(tmp_path) == before
 
 
@@ -454,7 +478,8 @@ def test_a_hugging_face_config_with_a_wrong_value_is_one_line_in_every_command(
     ("drop_rate", "0.1", "GPTConfig.drop_rate must be a finite number, got '0.1'"),
     ("tie_embeddings", "no", "GPTConfig.tie_embeddings must be true or false, got 'no'")])
 @pytest.mark.parametrize("name", ["generate", "evaluate", "explain", "export", "train --init"])
-def test_our_config_with_a_wrong_value_is_one_line_in_every_command(tmp_path, capsys, cli_run, field,
+def test_our_config_with_a_wrong_value_is_one_line_in_every_command(tmp_path, capsys, cli_run,
+                                                                    field,
                                                                     value, message, name) -> None:
     run_dir = copied_run(cli_run, tmp_path)
     config = run_dir / "best" / "config.json"
@@ -462,14 +487,15 @@ def test_our_config_with_a_wrong_value_is_one_line_in_every_command(tmp_path, ca
     weights = "init" if name == "train --init" else "checkpoint"
     main, argv = commands_reading(weights, run_dir / "best", tmp_path)[name.split()[0]]
     before = hashes(tmp_path)
-    assert error_line(main, argv, capsys) == f"error: {config} is not a valid model config: {message}"
+    assert error_line(main, argv, capsys) == f"error: {config} is not a valid model config: {message}"  # noqa: E501
     assert hashes(tmp_path) == before
 
 
 def test_an_absurd_model_shape_is_refused_with_its_size(tmp_path, capsys) -> None:
     argv = train_flags(tmp_path, "--emb-dim", str(10**9))
     line = error_line(train_main, argv, capsys)
-    assert line.startswith("error: GPTConfig describes a model of about 2.4e+19 parameters (9.6e+07 TB in "
+    assert line.startswith("error: GPTConfig describes a model of about 2.4e+19 parameters "
+                           "(9.6e+07 TB in "
                            "float32; emb_dim 1000000000, n_layers 2, vocab_size 50257")
     assert line.endswith("more than any machine holds (at most 1.1e+12 here); make it smaller")
     assert not (tmp_path / "runs").exists()
@@ -480,10 +506,12 @@ def test_an_absurd_model_shape_is_refused_with_its_size(tmp_path, capsys) -> Non
     (lambda state: state.pop("state"), "'state' is missing, not a dict"),
     (put("train_config.prompt_template", ["alpaca"]),
      "its settings: --prompt-template must be str or none, got ['alpaca']"),
-    (put("train_config.prompt_template", 7), "its settings: --prompt-template must be str or none, got 7"),
+    (put("train_config.prompt_template", 7), "its settings: --prompt-template must be str or none, "
+                                             "got 7"),
 ])
 @pytest.mark.parametrize("name", ["generate", "export"])
-def test_generate_and_export_check_a_training_state_as_resume_does(tmp_path, capsys, cli_run, change,
+def test_generate_and_export_check_a_training_state_as_resume_does(tmp_path, capsys, cli_run,
+                                                                   change,
                                                                    problem, name) -> None:
     run_dir = copied_run(cli_run, tmp_path)
     damage_state(run_dir / "best", change)
@@ -491,15 +519,18 @@ def test_generate_and_export_check_a_training_state_as_resume_does(tmp_path, cap
     before = hashes(tmp_path)
     line = error_line(main, argv, capsys)
     state = run_dir / "best" / "train_state.pt"
-    fix = ("pass --raw to sample without the run's prompt template (then train_state.pt is not read), or "
+    fix = ("pass --raw to sample without the run's prompt template (then train_state.pt is not "
+           "read), or "
            "use another checkpoint" if name == "generate" else
-           f"move {state} aside to export the weights without a record of their training, or export "
+           f"move {state} aside to export the weights without a record of their training, or "
+           f"export "
            "another checkpoint")
     assert line == f"error: {state} is not a complete training state ({problem}); {fix}"
     assert hashes(tmp_path) == before
 
 
-def test_the_export_of_an_older_run_without_a_newer_setting_describes_it(tmp_path, capsys, cli_run) -> None:
+def test_the_export_of_an_older_run_without_a_newer_setting_describes_it(tmp_path, capsys,
+                                                                         cli_run) -> None:
     """A setting added since the run was saved (`val_data`, say) has its default, as on resume."""
     run_dir = copied_run(cli_run, tmp_path)
     damage_state(run_dir / "best", lambda state: state["train_config"].pop("val_data"))
@@ -524,7 +555,8 @@ def test_a_damaged_metrics_file_on_resume_is_one_line_and_changes_nothing(tmp_pa
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
     assert line.startswith(f"error: {metrics} is damaged ({problem}")
-    assert line.endswith("restore it, or move it aside to resume with a new one (without the rows before "
+    assert line.endswith("restore it, or move it aside to resume with a new one (without the rows "
+                         "before "
                          "the checkpoint)")
     assert hashes(tmp_path) == before
 
@@ -557,9 +589,12 @@ def test_an_fsdp_run_resumes_in_one_process_with_parallel_ddp_as_the_error_says(
     run_dir = sharded_run(cli_run, tmp_path)
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
-    assert line == ("error: --parallel fsdp (given, or the setting of the run resumed) shards the model over "
-                    "processes that torchrun starts; launch with torchrun --nproc_per_node=N train.py ..., "
-                    "or pass --parallel ddp to train in one process (an FSDP run's checkpoint resumes in "
+    assert line == ("error: --parallel fsdp (given, or the setting of the run resumed) shards the "
+                    "model over "
+                    "processes that torchrun starts; launch with torchrun --nproc_per_node=N "
+                    "train.py ..., "
+                    "or pass --parallel ddp to train in one process (an FSDP run's checkpoint "
+                    "resumes in "
                     "one process too)")
     assert hashes(tmp_path) == before
     train_main(["--resume", str(run_dir), "--parallel", "ddp", "--max-steps", "4"])
@@ -567,7 +602,8 @@ def test_an_fsdp_run_resumes_in_one_process_with_parallel_ddp_as_the_error_says(
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_a_damaged_or_missing_fsdp_shard_is_one_line_without_unsafe_advice(tmp_path, capsys, cli_run,
+def test_a_damaged_or_missing_fsdp_shard_is_one_line_without_unsafe_advice(tmp_path, capsys,
+                                                                           cli_run,
                                                                            damage) -> None:
     """DCP raises a `CheckpointException` (a `BaseException`) whose message is whole tracebacks."""
     run_dir = sharded_run(cli_run, tmp_path)
@@ -578,9 +614,11 @@ def test_a_damaged_or_missing_fsdp_shard_is_one_line_without_unsafe_advice(tmp_p
         shard.write_bytes(shard.read_bytes()[:100])
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir), "--parallel", "ddp"], capsys)
-    assert line.startswith(f"error: cannot load the sharded checkpoint {run_dir / 'last' / 'sharded'} (")
+    assert line.startswith(f"error: cannot load the sharded checkpoint "
+                           f"{run_dir / 'last' / 'sharded'} (")
     assert ("FileNotFoundError" if damage == "missing" else "RuntimeError") in line
-    assert line.endswith("it is damaged, incomplete or was written for another model; resume from another "
+    assert line.endswith("it is damaged, incomplete or was written for another model; resume from "
+                         "another "
                          "checkpoint (best/)")
     assert "weights_only" not in line and "CheckpointException" not in line
     assert hashes(tmp_path) == before
@@ -608,7 +646,8 @@ def test_a_run_directory_or_metrics_file_this_user_may_not_read_is_one_line(
     deny(monkeypatch, method, target)
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
-    assert line == (f"error: permission denied: this user may not read or write {target}; change its "
+    assert line == (f"error: permission denied: this user may not read or write {target}; change "
+                    f"its "
                     "permissions (or its directory's), run as its owner, or use another path")
     assert hashes(tmp_path) == before
 
@@ -616,20 +655,25 @@ def test_a_run_directory_or_metrics_file_this_user_may_not_read_is_one_line(
 def test_a_run_directory_this_user_may_not_make_is_one_line(tmp_path, capsys, monkeypatch) -> None:
     deny(monkeypatch, "mkdir", tmp_path / "runs" / "run")
     line = error_line(train_main, train_flags(tmp_path), capsys)
-    assert line == (f"error: cannot create the run directory {tmp_path / 'runs' / 'run'} (Permission "
+    assert line == (f"error: cannot create the run directory {tmp_path / 'runs' / 'run'} "
+                    f"(Permission "
                     "denied); choose another --out")
 
 
-def test_a_run_name_of_bytes_that_are_not_utf8_is_one_line_before_the_directory_is_made(tmp_path) -> None:
+def test_a_run_name_of_bytes_that_are_not_utf8_is_one_line_before_the_directory_is_made(tmp_path) -> None:  # noqa: E501
     name = b"r\xe9sum\xe9"  # latin-1 bytes, not UTF-8, typed on the command line
     flags = [os.fsencode(arg) for arg in train_flags(tmp_path)]
     flags[flags.index(b"--run-name") + 1] = name
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], capture_output=True, text=True,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], capture_output=True,
+                          text=True,
                           cwd=tmp_path, env=env, timeout=300, check=False)
     run_dir = str(tmp_path / "runs" / os.fsdecode(name))  # 'r\udce9sum\udce9': lone surrogates
-    assert one_error_line(proc) == (f"error: the run directory {run_dir!a} is not UTF-8 text (it holds "
-                                    "bytes of another encoding); give --out and --run-name in UTF-8")
+    assert one_error_line(proc) == (f"error: the run directory {run_dir!a} is not UTF-8 text (it "
+                                    f"holds "
+                                    "bytes of another encoding); give --out and --run-name in "
+                                    "UTF-8")
     assert not (tmp_path / "runs").exists()
 
 
@@ -642,7 +686,8 @@ def test_an_openai_checkpoint_file_that_is_not_utf8_is_one_line(tmp_path, capsys
     before = hashes(tmp_path)
     line = error_line(generate_main, ["--init", str(model_dir)], capsys)
     assert line.startswith(f"error: cannot read {model_dir / 'checkpoint'} (UnicodeDecodeError: ")
-    assert line.endswith('it should be the text line model_checkpoint_path: "model.ckpt"; write that line '
+    assert line.endswith('it should be the text line model_checkpoint_path: "model.ckpt"; write '
+                         'that line '
                          "into it, or delete it")
     assert hashes(tmp_path) == before
 
@@ -656,24 +701,29 @@ def test_a_data_file_this_user_may_not_read_is_not_called_a_full_disk(tmp_path, 
     corpus = tmp_path / "corpus.txt"
     deny(monkeypatch, "open", corpus)
     line = error_line(train_main, flags, capsys)
-    assert line == (f"error: permission denied: this user may not read {corpus}; change its permissions "
+    assert line == (f"error: permission denied: this user may not read {corpus}; change its "
+                    f"permissions "
                     "(or its directory's), run as its owner, or use another path")
     assert not (tmp_path / "runs").exists()
 
 
-def test_weights_this_user_may_not_read_are_not_called_missing_or_truncated(tmp_path, capsys, cli_run,
+def test_weights_this_user_may_not_read_are_not_called_missing_or_truncated(tmp_path, capsys,
+                                                                            cli_run,
                                                                            monkeypatch) -> None:
     weights = cli_run / "runs" / "run" / "best" / "model.safetensors"
     real = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != weights and real(path, mode))
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != weights and real(path,
+                                                                                              mode))
     for main, argv in commands_reading("checkpoint", weights.parent, tmp_path).values():
         assert error_line(main, argv, capsys) == (
-            f"error: permission denied: this user may not read {weights}; change its permissions (or its "
+            f"error: permission denied: this user may not read {weights}; change its permissions "
+            f"(or its "
             "directory's), run as its owner, or use another path")
 
 
 def test_explain_plot_to_a_directory_says_to_name_a_file(tmp_path, capsys, cli_run) -> None:
-    line = error_line(explain_main, ["--checkpoint", str(cli_run / "runs" / "run"), "--text", "Hello",
+    line = error_line(explain_main, ["--checkpoint", str(cli_run / "runs" / "run"), "--text",
+                                     "Hello",
                                      "--plot", str(tmp_path)], capsys)
     assert line == (f"error: --plot {tmp_path} is a directory; give a file to draw to, e.g. --plot "
                     f"{tmp_path / 'losses.png'}")
@@ -684,6 +734,7 @@ def test_an_export_path_under_a_file_says_the_file_is_in_the_way(tmp_path, capsy
     before = hashes(tmp_path)
     out_dir = tmp_path / "notes.txt" / "export"
     line = error_line(export_main, [str(cli_run / "runs" / "run"), str(out_dir)], capsys)
-    assert line == (f"error: cannot write {out_dir}: {tmp_path / 'notes.txt'} is a file, not a directory; "
+    assert line == (f"error: cannot write {out_dir}: {tmp_path / 'notes.txt'} is a file, not a "
+                    f"directory; "
                     "choose a path under a directory")
     assert hashes(tmp_path) == before

@@ -14,7 +14,8 @@ from gpt.objectives.lm import CrossEntropy, distillation_kl, focal_loss
 
 
 def hand_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """-mean log softmax at the target, mixed with the uniform target for label smoothing, in float64."""
+    """-mean log softmax at the target, mixed with the uniform target for label smoothing, in
+    float64."""
     logp = torch.log_softmax(logits.double(), dim=-1).flatten(0, -2)
     targets = targets.flatten()
     keep = targets != IGNORE_INDEX
@@ -113,7 +114,8 @@ def test_head_loss_equals_cross_entropy_of_the_full_logits(chunk_size: int) -> N
 
 @pytest.mark.parametrize("block_rows", [1, 3, HeadLoss.GPU_BLOCK_ROWS])
 def test_head_loss_is_the_same_for_any_block_of_softmax_rows(monkeypatch, block_rows: int) -> None:
-    """The softmax runs `block_rows` rows at a time (8 on a CPU, 1024 on a GPU: run here on a CPU)."""
+    """The softmax runs `block_rows` rows at a time (8 on a CPU, 1024 on a GPU: run here on a CPU).
+    """
     monkeypatch.setattr(HeadLoss, "CPU_BLOCK_ROWS", block_rows)
     hidden, weight = torch.randn(3, 37, 16), torch.randn(101, 16)
     targets = torch.randint(0, 101, (3, 37))
@@ -136,7 +138,8 @@ def test_head_loss_under_bf16_autocast_is_close_to_float32(chunk_size: int) -> N
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = head_loss(h, w, targets, chunk_size=chunk_size)
     loss.backward()
-    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32  # fp32 master weights' grads
+    # fp32 master weights' grads
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert w.grad.is_contiguous()  # laid out as the weight: no transposed copy on its way to .grad
     torch.testing.assert_close(loss, expected_loss, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(h.grad, expected_dh, rtol=5e-2, atol=2e-4)
@@ -186,7 +189,7 @@ def hand_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> tor
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
-def test_label_smoothing_objective_is_torch_cross_entropy_with_label_smoothing(smoothing: float) -> None:
+def test_label_smoothing_objective_is_torch_cross_entropy_with_label_smoothing(smoothing: float) -> None:  # noqa: E501
     logits, targets = logits_and_targets()
     loss = CrossEntropy(label_smoothing=smoothing).loss(logits, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 11), targets.view(-1),
@@ -203,7 +206,8 @@ def test_focal_loss_with_gamma_0_is_cross_entropy() -> None:
 def test_focal_loss_is_the_formula_and_below_cross_entropy(gamma: float) -> None:
     logits, targets = logits_and_targets()
     loss = CrossEntropy(focal_gamma=gamma).loss(logits, targets)
-    torch.testing.assert_close(loss.double(), hand_focal(logits, targets, gamma), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.double(), hand_focal(logits, targets, gamma), rtol=1e-6,
+                               atol=1e-6)
     assert loss < lm_loss(logits, targets)  # every token's loss shrinks by its factor (1 - p)^gamma
 
 
@@ -211,10 +215,12 @@ def test_focal_loss_of_bf16_logits_is_float32() -> None:
     logits, targets = logits_and_targets(torch.bfloat16)
     loss = focal_loss(logits, targets, 2.0)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), hand_focal(logits.float(), targets, 2.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.double(), hand_focal(logits.float(), targets, 2.0), rtol=1e-6,
+                               atol=1e-6)
 
 
-@pytest.mark.parametrize(("weight", "temperature"), [(0.5, 2.0), (1.0, 1.0), (0.1, 4.0), (0.0, 3.0)])
+@pytest.mark.parametrize(("weight", "temperature"), [(0.5, 2.0), (1.0, 1.0), (0.1, 4.0), (0.0,
+                                                                                          3.0)])
 def test_distillation_is_cross_entropy_plus_t_squared_kl_div_of_the_softened_distributions(
         weight: float, temperature: float) -> None:
     logits, targets = logits_and_targets()
@@ -224,7 +230,8 @@ def test_distillation_is_cross_entropy_plus_t_squared_kl_div_of_the_softened_dis
     keep = targets.view(-1) != IGNORE_INDEX
     student_t = F.log_softmax(logits.view(-1, 11)[keep] / temperature, dim=-1)
     teacher_t = F.log_softmax(teacher.view(-1, 11)[keep] / temperature, dim=-1)
-    kl = F.kl_div(student_t, teacher_t, log_target=True, reduction="batchmean")  # mean over counted rows
+    # mean over counted rows
+    kl = F.kl_div(student_t, teacher_t, log_target=True, reduction="batchmean")
     ce = F.cross_entropy(logits.view(-1, 11), targets.view(-1))
     torch.testing.assert_close(loss, (1 - weight) * ce + weight * temperature**2 * kl)
     torch.testing.assert_close(distillation_kl(logits, teacher, targets, temperature), kl)
@@ -235,18 +242,23 @@ def test_a_student_that_is_its_own_teacher_has_zero_kl() -> None:
     assert distillation_kl(logits, logits.clone(), targets, 2.0) == 0
     only_distillation = CrossEntropy(teacher="itself", distill_weight=1.0, distill_temperature=3.0)
     assert only_distillation.loss(logits, targets, logits.clone()) == 0
-    assert distillation_kl(logits, logits + 0.5, targets, 2.0) == pytest.approx(0, abs=1e-6)  # a shift
-    assert distillation_kl(logits, 2 * logits, targets, 2.0) > 0.01  # a sharper teacher is another one
+    # a shift
+    assert distillation_kl(logits, logits + 0.5, targets, 2.0) == pytest.approx(0, abs=1e-6)
+    # a sharper teacher is another one
+    assert distillation_kl(logits, 2 * logits, targets, 2.0) > 0.01
 
 
 def test_the_hard_part_of_distillation_is_the_smoothed_or_focal_loss() -> None:
     logits, targets = logits_and_targets()
     teacher = torch.randn(3, 5, 11)
     kl = distillation_kl(logits, teacher, targets, 2.0)
-    for hard, settings in [(lm_loss(logits, targets, label_smoothing=0.2), {"label_smoothing": 0.2}),
+    for hard, settings in [(lm_loss(logits, targets, label_smoothing=0.2),
+                            {"label_smoothing": 0.2}),
                            (focal_loss(logits, targets, 2.0), {"focal_gamma": 2.0})]:
-        objective = CrossEntropy(**settings, teacher="t", distill_weight=0.25, distill_temperature=2.0)
-        torch.testing.assert_close(objective.loss(logits, targets, teacher), 0.75 * hard + 0.25 * 4 * kl)
+        objective = CrossEntropy(**settings, teacher="t", distill_weight=0.25,
+                                 distill_temperature=2.0)
+        torch.testing.assert_close(objective.loss(logits, targets, teacher), 0.75 * hard
+                                   + 0.25 * 4 * kl)
 
 
 @pytest.mark.parametrize("objective", [
@@ -276,7 +288,8 @@ def test_default_objective_is_cross_entropy_and_allows_loss_chunk() -> None:
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1), got 1.0; e.g. --label-smoothing 0.1"),
+    ({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1), got 1.0; e.g. "
+                               "--label-smoothing 0.1"),
     ({"label_smoothing": -0.1}, "--label-smoothing must be in [0, 1), got -0.1"),
     ({"label_smoothing": math.nan}, "--label-smoothing must be in [0, 1), got nan"),
     ({"focal_gamma": -1.0}, "--focal-gamma must be 0 or more, got -1.0; e.g. --focal-gamma 2"),
@@ -284,10 +297,11 @@ def test_default_objective_is_cross_entropy_and_allows_loss_chunk() -> None:
     ({"distill_temperature": 0.0}, "--distill-temperature must be above 0, got 0.0"),
     ({"distill_temperature": -2.0}, "--distill-temperature must be above 0, got -2.0"),
     ({"distill_weight": 1.5}, "--distill-weight must be in [0, 1], got 1.5"),
-    ({"label_smoothing": 0.1, "focal_gamma": 2.0}, "--label-smoothing and --focal-gamma both reshape"),
+    ({"label_smoothing": 0.1, "focal_gamma": 2.0}, "--label-smoothing and --focal-gamma both "
+                                                   "reshape"),
 ])
 def test_bad_objective_settings_are_one_line_naming_the_flag(settings: dict, message: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # noqa: E501
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: CrossEntropy(**settings))
     assert exit_info.value.code == 2
@@ -304,7 +318,8 @@ def test_loss_chunk_is_refused_with_another_objective(settings: dict, flag: str)
     objective = CrossEntropy(**settings)
     assert not objective.is_cross_entropy
     objective.check_loss_chunk(0)
-    with pytest.raises(UserError, match=f"--loss-chunk computes plain cross-entropy only; drop --loss-chunk "
+    with pytest.raises(UserError, match=f"--loss-chunk computes plain cross-entropy only; drop "
+                                        f"--loss-chunk "
                                         f"to train with {flag}$"):
         objective.check_loss_chunk(128)
 

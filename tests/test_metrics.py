@@ -1,4 +1,5 @@
-"""metrics.csv: appended row by row, read back as numbers, cut back atomically when a run resumes."""
+"""metrics.csv: appended row by row, read back as numbers, cut back atomically when a run resumes.
+"""
 
 import math
 import os
@@ -25,12 +26,14 @@ def test_rows_read_back_what_was_appended_under_a_header(tmp_path) -> None:
     log = log_of(tmp_path, (0, 4, 8))
     assert log.path.read_text().splitlines()[0] == ",".join(METRICS_COLUMNS)
     assert log.rows() == [row(0), row(4), row(8)]
-    assert [type(r["step"]) for r in log.rows()] == [int] * 3  # and tokens_seen; the rest are floats
+    # and tokens_seen; the rest are floats
+    assert [type(r["step"]) for r in log.rows()] == [int] * 3
     assert MetricsLog(tmp_path / "none.csv").rows() == []
 
 
 def test_metrics_after_the_resumed_step_are_dropped(tmp_path) -> None:
-    """A kill between logging an evaluation and saving its checkpoint: the resumed run logs it again."""
+    """A kill between logging an evaluation and saving its checkpoint: the resumed run logs it
+    again."""
     log = log_of(tmp_path, (0, 4, 8))
     kept = log.truncate(up_to_step=4)
     assert [r["step"] for r in kept] == [0, 4] and kept[1]["val_loss"] == 44
@@ -42,8 +45,9 @@ def test_metrics_after_the_resumed_step_are_dropped(tmp_path) -> None:
 
 @pytest.mark.parametrize("killed", ["before the rename", "after the rename"])
 def test_truncate_replaces_the_file_in_one_rename(tmp_path, monkeypatch, killed: str) -> None:
-    """A kill at any moment of `truncate` leaves the old file or the new one, whole: until the rename
-    the old file is untouched (so a kill before it loses nothing), and the rename is one step."""
+    """A kill at any moment of `truncate` leaves the old file or the new one, whole: until the
+    rename the old file is untouched (so a kill before it loses nothing), and the rename is one
+    step."""
     log = log_of(tmp_path, (0, 4, 8))
     old = log.path.read_bytes()
     real_replace = os.replace
@@ -88,7 +92,8 @@ def test_format_row_prints_the_step_losses_and_speed() -> None:
     line = format_row({"step": 20, "epoch": 0.25, "tokens_seen": 40960, "train_loss": 5.4321,
                        "val_loss": 5.6789, "val_perplexity": math.exp(5.6789), "lr": 1.5e-3,
                        "grad_norm": 0.875, "tokens_per_s": 12345.6})
-    assert line == ("step    20 | epoch 0.25 | tokens 40,960 | train 5.432 | val 5.679 (ppl 292.6) | "
+    assert line == ("step    20 | epoch 0.25 | tokens 40,960 | train 5.432 | val 5.679 (ppl 292.6) "
+                    "| "
                     "lr 1.50e-03 | grad norm 0.88 | 12,346 tok/s")
     first = format_row({**row(0), "lr": math.nan, "grad_norm": math.nan, "tokens_per_s": math.nan})
     assert first == "step     0 | epoch 1.00 | tokens 2 | train 3.000 | val 4.000 (ppl 5.0)"

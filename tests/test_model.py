@@ -28,12 +28,15 @@ def test_too_long_sequence_names_both_lengths() -> None:
 @pytest.mark.parametrize("pad_multiple", [1, 64])  # 64: the head has padding rows
 @pytest.mark.parametrize("chunk_size", [0, 7])
 def test_loss_is_cross_entropy_of_the_full_logits(pad_multiple: int, chunk_size: int) -> None:
-    """`GPT.loss` against `F.cross_entropy` on the logits of `forward`: same value, same gradients."""
-    model = GPT(GPTConfig.preset("tiny", vocab_size=300, drop_rate=0.0, vocab_pad_multiple=pad_multiple))
+    """`GPT.loss` against `F.cross_entropy` on the logits of `forward`: same value, same gradients.
+    """
+    model = GPT(GPTConfig.preset("tiny", vocab_size=300, drop_rate=0.0,
+                                 vocab_pad_multiple=pad_multiple))
     assert model.lm_head.weight.size(0) == (300 if pad_multiple == 1 else 320)
     idx, targets = torch.randint(0, 300, (2, 9)), torch.randint(0, 300, (2, 9))
     targets[1, :3] = IGNORE_INDEX
-    expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
     loss = model.loss(idx, targets, chunk_size=chunk_size)
     grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -61,7 +64,8 @@ def test_parameter_count_matches_a_formula() -> None:
     cfg = GPTConfig(vocab_size=1000, context_length=32, emb_dim=48, n_heads=4, n_layers=3,
                     qkv_bias=True)
     V, L, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
-    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C
+                                                                                         + C)
     expected = V * C + L * C + cfg.n_layers * per_block + 2 * C
     model = GPT(cfg)
     assert model.num_parameters() == expected
@@ -265,7 +269,8 @@ def test_init_scales_residual_projections() -> None:
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_padded_vocabulary_changes_nothing_but_the_table_size(tie: bool) -> None:
-    cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+    cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+                    drop_rate=0.0,
                     tie_embeddings=tie)
     plain, padded = GPT(cfg).eval(), GPT(cfg.replace(vocab_pad_multiple=64)).eval()
     assert padded.tok_emb.weight.shape == (128, 32) and padded.lm_head.weight.shape == (128, 32)

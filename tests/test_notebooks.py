@@ -1,4 +1,5 @@
-"""The notebooks run through a Jupyter kernel, offline, and are committed with the outputs their code prints.
+"""The notebooks run through a Jupyter kernel, offline, and are committed with the outputs their
+code prints.
 
 Each runs once (`notebooks/execute.py`, the command that saves their outputs) in a fresh directory;
 the tests then compare the run with the committed file.
@@ -16,9 +17,11 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-Executed = tuple[nbformat.NotebookNode, Path]  # the notebook with its new outputs, the directory it ran in
+# the notebook with its new outputs, the directory it ran in
+Executed = tuple[nbformat.NotebookNode, Path]
 
-_spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "notebooks" / "execute.py")
+_spec = importlib.util.spec_from_file_location("execute_notebooks",
+                                               ROOT / "notebooks" / "execute.py")
 assert _spec is not None and _spec.loader is not None
 notebook_runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(notebook_runner)
@@ -35,12 +38,14 @@ KERNEL_CHECKS = {
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Executed]:
-    """Run a notebook and its `KERNEL_CHECKS` (once per test module, however many tests look at it)."""
+    """Run a notebook and its `KERNEL_CHECKS` (once per test module, however many tests look at it).
+    """
 
     @functools.cache
     def run(notebook: Path) -> Executed:
         workdir = tmp_path_factory.mktemp(notebook.stem)
-        return notebook_runner.execute(notebook, workdir, then=KERNEL_CHECKS.get(notebook.name, ())), workdir
+        return notebook_runner.execute(notebook, workdir, then=KERNEL_CHECKS.get(notebook.name,
+                                                                                 ())), workdir
 
     return run
 
@@ -50,8 +55,8 @@ def code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 def output_kinds(cell: nbformat.NotebookNode) -> set[str]:
-    """What a cell shows: `stream:stdout`, `display_data:image/png`, ... Standard error is left out: its
-    progress bars and warnings depend on the machine, not on the code."""
+    """What a cell shows: `stream:stdout`, `display_data:image/png`, ... Standard error is left out:
+    its progress bars and warnings depend on the machine, not on the code."""
     kinds = set()
     for output in cell.outputs:
         if output.output_type == "stream":
@@ -74,7 +79,8 @@ def test_notebook_runs_through_a_kernel_and_shows_what_its_committed_outputs_sho
     assert [c.cell_type for c in rerun.cells] == [c.cell_type for c in committed.cells]
     old, new = code_cells(committed), code_cells(rerun)
     assert old, "a notebook without code cells"
-    # Saved from one top-to-bottom run in a fresh kernel, not from cells run out of order or edited after.
+    # Saved from one top-to-bottom run in a fresh kernel, not from cells run out of order or edited
+    # after.
     assert [c.execution_count for c in old] == list(range(1, len(old) + 1)), (
         f"{notebook.name} was not saved from one run; re-execute it: python notebooks/execute.py")
     for i, (before, after) in enumerate(zip(old, new, strict=True)):
@@ -92,7 +98,8 @@ def test_walkthrough_writes_its_run_and_token_cache(executed: Callable[[Path], E
     assert any((workdir / "data" / "cache").iterdir())
 
 
-def test_finetune_run_keeps_the_template_of_its_records(executed: Callable[[Path], Executed]) -> None:
+def test_finetune_run_keeps_the_template_of_its_records(executed: Callable[[Path],
+                                                                           Executed]) -> None:
     _, workdir = executed(ROOT / "notebooks" / "finetune_qa.ipynb")
     run = workdir / "runs" / "notebook"
     assert (run / "best" / "model.safetensors").is_file()
@@ -117,17 +124,21 @@ except OSError as error:
 def run_probe(tmp_path: Path, *sources: str) -> list[nbformat.NotebookNode]:
     """The code cells of a notebook made of `sources`, after `execute`."""
     path = tmp_path / "probe.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]), path)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]),
+                   path)
     return code_cells(notebook_runner.execute(path, tmp_path))
 
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> list[nbformat.NotebookNode]:
     """One kernel's run of what the two tests below look at (a kernel start each would add nothing):
-    the Python and `gpt` it imports, then a connection attempt from it and from a Python it starts."""
+    the Python and `gpt` it imports, then a connection attempt from it and from a Python it
+    starts."""
     return run_probe(
-        tmp_path_factory.mktemp("probe"), "import sys, gpt\nprint(sys.executable)\nprint(gpt.__file__)",
-        CONNECT, f"import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', {CONNECT!r}], "
+        tmp_path_factory.mktemp("probe"), "import sys, "
+                                          "gpt\nprint(sys.executable)\nprint(gpt.__file__)",
+        CONNECT, f"import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', "
+                 f"{CONNECT!r}], "
         "capture_output=True, text=True).stdout)")
 
 

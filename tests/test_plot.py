@@ -27,7 +27,8 @@ def test_writes_a_png_with_both_curves_both_axes_and_the_best_point(tmp_path) ->
 
 
 def test_log_scale(tmp_path) -> None:
-    fig = plot_losses(EPOCHS, TRAIN, VAL, tmp_path / "loss.png", tokens_per_epoch=1000, log_scale=True)
+    fig = plot_losses(EPOCHS, TRAIN, VAL, tmp_path / "loss.png", tokens_per_epoch=1000,
+                      log_scale=True)
     assert fig.axes[0].get_yscale() == "log"
     assert len(fig.axes[0].get_lines()) == 2  # no best point asked for
 
@@ -49,7 +50,8 @@ def test_a_failed_write_keeps_the_previous_png(tmp_path, monkeypatch) -> None:
 
 
 def test_token_plot_colours_each_token_by_its_loss_on_the_colour_bar_scale(tmp_path) -> None:
-    tokens, losses = ["Every", " effort", " moves", " you", ".\n", "Next"], [9.0, 0.5, 3.0, 6.0, 1.5]
+    tokens, losses = ["Every", " effort", " moves", " you", ".\n", "Next"], [9.0, 0.5, 3.0, 6.0,
+                                                                             1.5]
     fig = plot_token_losses(tokens, losses, tmp_path / "tokens.png", title="mean 4.0")
     assert imread(tmp_path / "tokens.png").shape[2] in (3, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["tokens.png"]
@@ -62,7 +64,8 @@ def test_token_plot_colours_each_token_by_its_loss_on_the_colour_bar_scale(tmp_p
     for box, loss in zip(boxes[1:], losses, strict=True):
         assert box.get_facecolor() == pytest.approx(colormaps["YlOrRd"](loss / 9.0))
     # Each box is as wide as its token, side by side; the newline starts the next line.
-    assert [(b.get_x(), b.get_width()) for b in boxes[:5]] == [(0, 5), (5, 7), (12, 6), (18, 4), (22, 2)]
+    assert [(b.get_x(), b.get_width()) for b in boxes[:5]] == [(0, 5), (5, 7), (12, 6), (18, 4),
+                                                               (22, 2)]
     assert boxes[5].get_x() == 0 and boxes[5].get_y() > boxes[4].get_y()
     assert "loss" in bar.get_xlabel()
 

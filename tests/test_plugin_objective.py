@@ -1,4 +1,5 @@
-"""An objective defined only here, in a test file, trains through `train()`: the plug-in point is real.
+"""An objective defined only here, in a test file, trains through `train()`: the plug-in point is
+real.
 
 It is cross-entropy plus PaLM's z-loss (Chowdhery et al. 2022), coefficient * logsumexp(logits)^2
 per token, which keeps the softmax's normaliser near 1. Nothing in gpt/ knows it: it is registered,
@@ -31,7 +32,8 @@ COEFFICIENT = 0.1
 def z_loss(model: GPT, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
     """Cross-entropy + COEFFICIENT * mean logsumexp(logits)^2: the formula, written out."""
     logits = model(idx).float().flatten(0, 1)
-    return F.cross_entropy(logits, targets.flatten()) + COEFFICIENT * logits.logsumexp(-1).pow(2).mean()
+    return F.cross_entropy(logits,
+                           targets.flatten()) + COEFFICIENT * logits.logsumexp(-1).pow(2).mean()
 
 
 class ZLoss:
@@ -48,7 +50,8 @@ class ZLoss:
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
                 compile: bool) -> Prepared:
         loaders = text_loaders(cfg, context_length, token_ids, dist=dist)
-        return Prepared(*loaders, None, lambda idx, targets, *, chunk_size=0: z_loss(model, idx, targets))
+        return Prepared(*loaders, None, lambda idx, targets, *, chunk_size=0: z_loss(model, idx,
+                                                                                     targets))
 
     def count(self, batches: Iterable[Sequence[Tensor]]) -> int:
         return count_targets(batches)
@@ -92,7 +95,8 @@ def test_an_objective_defined_in_a_test_file_trains_through_train(tmp_path, zlos
     with open(result.run_dir / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == [*metrics.METRICS_COLUMNS[:5], "val_log_z", *metrics.METRICS_COLUMNS[6:]]
+    assert reader.fieldnames == [*metrics.METRICS_COLUMNS[:5], "val_log_z",
+                                 *metrics.METRICS_COLUMNS[6:]]
     assert [int(row["step"]) for row in rows] == [0, 4, 8]
     # The z-loss term pulls log Z towards 0 while cross-entropy falls: both move, by a margin.
     assert abs(float(rows[-1]["val_log_z"])) < abs(float(rows[0]["val_log_z"])) - 0.5

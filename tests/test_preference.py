@@ -1,4 +1,5 @@
-"""Preference records: the accepted forms, their bad inputs, and how a pair is encoded and batched."""
+"""Preference records: the accepted forms, their bad inputs, and how a pair is encoded and batched.
+"""
 
 import json
 from pathlib import Path
@@ -33,19 +34,23 @@ def test_the_three_prompt_forms_are_read_with_their_kinds(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("row", "message"), [
-    ({"prompt": "p", "chosen": "a"}, 'p.jsonl:2: a preference record needs a prompt and the chosen and '
+    ({"prompt": "p", "chosen": "a"}, 'p.jsonl:2: a preference record needs a prompt and the chosen '
+                                     'and '
                                      'rejected responses, e.g. {"prompt"'),
     ({"prompt": "p", "rejected": "a"}, "it has no chosen"),
     ({"prompt": "p"}, "it has no chosen and no rejected"),
     ({"chosen": "a", "rejected": "b"}, "it has no prompt (or instruction, or question)"),
-    ({"prompt": "p", "chosen": "Same answer", "rejected": "Same answer "}, "p.jsonl:2: chosen and rejected "
+    ({"prompt": "p", "chosen": "Same answer", "rejected": "Same answer "}, "p.jsonl:2: chosen and "
+                                                                           "rejected "
                                                                           "are the same text"),
     ({"prompt": "p", "chosen": "a", "rejected": " "}, "p.jsonl:2: the rejected is empty"),
-    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "prompt, chosen, rejected and input must be strings"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "prompt, chosen, rejected and input must be "
+                                                    "strings"),
     (["p", "a"], "a preference record is a JSON object"),
 ])
 def test_a_bad_preference_record_is_refused_naming_its_line(tmp_path, row, message) -> None:
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"},
+                                              row])
     with pytest.raises(UserError) as info:
         load_pairs(path)
     assert message in str(info.value)
@@ -90,20 +95,23 @@ def test_each_response_is_encoded_as_fine_tuning_encodes_a_record_with_the_promp
     chosen, rejected = encode_pair(pair, TOKENIZER, "qa")
     assert chosen == encode_record(Record(pair.prompt, pair.chosen, kind="plain"), TOKENIZER, "qa")
     assert rejected == encode_record(Record(pair.prompt, pair.rejected), TOKENIZER, "qa")
-    # Counted targets are exactly the response's tokens and its end-of-text, found from the text here.
+    # Counted targets are exactly the response's tokens and its end-of-text, found from the text
+    # here.
     prompt = TOKENIZER.encode(format_prompt("qa", pair.prompt))
     for (inputs, targets), response in ((chosen, pair.chosen), (rejected, pair.rejected)):
         assert inputs[:len(prompt)] == prompt
-        assert targets == [IGNORE_INDEX] * (len(prompt) - 1) + TOKENIZER.encode(response) + [ENDOFTEXT_ID]
+        assert targets == [IGNORE_INDEX] * (len(prompt) - 1) + TOKENIZER.encode(response) + [ENDOFTEXT_ID]  # noqa: E501
 
 
 def test_a_long_prompt_is_cut_alike_for_both_responses_so_both_read_the_same_prompt() -> None:
     pair = PreferencePair("one two three four five six seven eight nine ten", "a b c d e f", "z")
     chosen, rejected = encode_pair(pair, TOKENIZER, "plain", max_length=12)
-    response = {"chosen": len(TOKENIZER.encode("a b c d e f")) + 1, "rejected": 2}  # with end-of-text
+    # with end-of-text
+    response = {"chosen": len(TOKENIZER.encode("a b c d e f")) + 1, "rejected": 2}
     prompts = [inputs[:len(inputs) - response[name] + 1]
                for name, (inputs, _) in (("chosen", chosen), ("rejected", rejected))]
-    assert prompts[0] == prompts[1] and len(chosen[0]) == 12  # the longer response fills the context
+    # the longer response fills the context
+    assert prompts[0] == prompts[1] and len(chosen[0]) == 12
     assert TOKENIZER.decode(prompts[0]).endswith("ten ")
     assert encode_pair(pair, TOKENIZER, "plain", max_length=6) is None  # no room for "a b c d e f"
 
@@ -114,12 +122,14 @@ def test_a_batch_of_pairs_is_one_padded_batch_chosen_rows_first_with_their_refer
     dataset = PreferenceDataset(pairs, TOKENIZER, "plain")
     dataset.reference = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
     inputs, targets, reference = pair_collate([dataset[0], dataset[1]])
-    rows = [dataset.examples[0][0], dataset.examples[1][0], dataset.examples[0][1], dataset.examples[1][1]]
+    rows = [dataset.examples[0][0], dataset.examples[1][0], dataset.examples[0][1],
+            dataset.examples[1][1]]
     longest = max(len(x) for x, _ in rows)
     assert inputs.shape == targets.shape == (4, longest)
     for row, (x, y) in enumerate(rows):
         assert inputs[row].tolist() == x + [ENDOFTEXT_ID] * (longest - len(x))
         assert targets[row].tolist() == y + [IGNORE_INDEX] * (longest - len(y))
-    assert reference.tolist() == [-1.0, -3.0, -2.0, -4.0]  # chosen of pair 0, 1, then rejected of 0, 1
+    # chosen of pair 0, 1, then rejected of 0, 1
+    assert reference.tolist() == [-1.0, -3.0, -2.0, -4.0]
     assert dataset.lengths() == [max(len(dataset.examples[i][0][0]), len(dataset.examples[i][1][0]))
                                  for i in range(2)]

@@ -1,5 +1,5 @@
-"""Decoding weights: int8 against bf16 on a trained model and a dequantized reference; prepacked bf16
-against plain bf16; the state dict; `generate.py --quantize`."""
+"""Decoding weights: int8 against bf16 on a trained model and a dequantized reference; prepacked
+bf16 against plain bf16; the state dict; `generate.py --quantize`."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +79,8 @@ def prompts() -> Tensor:
 
 
 @pytest.mark.parametrize("include_head", [True, False])
-def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT, include_head: bool) -> None:
+def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT,
+                                                                    include_head: bool) -> None:
     text = generated_text(2 * CONTEXT, seed=2).view(2, CONTEXT)
     int8 = quantize_int8(copy_of(trained), include_head=include_head)
     with torch.inference_mode():
@@ -90,7 +91,8 @@ def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT
 
 
 @pytest.mark.parametrize("include_head", [True, False])
-def test_int8_greedy_decoding_matches_bf16_on_a_trained_model(trained: GPT, include_head: bool) -> None:
+def test_int8_greedy_decoding_matches_bf16_on_a_trained_model(trained: GPT,
+                                                              include_head: bool) -> None:
     int8 = quantize_int8(copy_of(trained), include_head=include_head)
     expected = generate(trained, prompts(), 40)
     assert torch.equal(generate(int8, prompts(), 40), expected)
@@ -112,7 +114,8 @@ def test_int8_cached_decoding_equals_uncached(trained: GPT) -> None:
 
 def test_an_int8_layer_computes_with_its_dequantized_weight() -> None:
     """Against the formula y = x @ (q * scale).T + b in float64, for the awkward inputs too: a
-    strided view, and rows that start off the kernel's 32-byte alignment (it would crash on them)."""
+    strided view, and rows that start off the kernel's 32-byte alignment (it would crash on
+    them)."""
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
     layer = Int8Linear.from_linear(linear)
     dequantized = layer.weight.double() * layer.scales.double()[:, None]
@@ -127,7 +130,8 @@ def test_an_int8_layer_computes_with_its_dequantized_weight() -> None:
 
 
 def test_quantized_rows_are_within_half_a_step_of_the_weights() -> None:
-    weight = torch.randn(32, 64) * torch.logspace(-3, 1, 32)[:, None]  # rows of very different scales
+    # rows of very different scales
+    weight = torch.randn(32, 64) * torch.logspace(-3, 1, 32)[:, None]
     weight[5] = 0.0  # an all-zero row (vocabulary padding) must not divide by zero
     q, scales = quantize_rows(weight.to(torch.bfloat16))
     assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and q.abs().max() <= 127
@@ -151,7 +155,8 @@ def test_quantizing_the_tied_head_leaves_the_embedding_alone(trained: GPT) -> No
 
 
 @pytest.mark.parametrize("include_head", [True, False])
-def test_a_quantized_state_dict_round_trips(trained: GPT, tmp_path: Path, include_head: bool) -> None:
+def test_a_quantized_state_dict_round_trips(trained: GPT, tmp_path: Path,
+                                            include_head: bool) -> None:
     model = quantize_int8(copy_of(trained), include_head=include_head)
     torch.save(model.state_dict(), tmp_path / "int8.pt")
     fresh = quantize_int8(GPT(CFG).to(torch.bfloat16), include_head=include_head).eval()
@@ -162,10 +167,12 @@ def test_a_quantized_state_dict_round_trips(trained: GPT, tmp_path: Path, includ
 
 
 def test_the_loss_of_a_model_made_for_decoding_is_the_loss_of_its_logits(trained: GPT) -> None:
-    """`GPT.loss` (what evaluation calls) cannot chunk a head with no plain weight: full logits then."""
+    """`GPT.loss` (what evaluation calls) cannot chunk a head with no plain weight: full logits
+    then."""
     text = generated_text(2 * (CONTEXT + 1), seed=3).view(2, CONTEXT + 1)
     x, y = text[:, :-1], text[:, 1:]
-    models = [quantize_int8(copy_of(trained))] + ([prepack(copy_of(trained))] if can_prepack(trained) else [])
+    models = [quantize_int8(copy_of(trained))] + ([prepack(copy_of(trained))]
+                                                  if can_prepack(trained) else [])
     with torch.no_grad():
         for model in models:
             assert torch.equal(model.loss(x, y, chunk_size=16), lm_loss(model(x), y))
@@ -180,11 +187,14 @@ def test_int8_refuses_what_its_kernel_cannot_run() -> None:
         prepare_for_decoding(GPT(CFG).to(torch.bfloat16), "int4")
 
 
-@pytest.mark.skipif(not can_prepack(GPT(CFG).to(torch.bfloat16)), reason="needs a CPU with native bf16")
+@pytest.mark.skipif(not can_prepack(GPT(CFG).to(torch.bfloat16)), reason="needs a CPU with native "
+                                                                         "bf16")
 def test_prepacked_bf16_decodes_exactly_like_plain_bf16(trained: GPT) -> None:
     packed = prepack(copy_of(trained))
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.blocks[1].attn.qkv, PackedLinear)
-    assert torch.equal(packed.tok_emb.weight, trained.tok_emb.weight)  # the tied table stays as it was
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.blocks[1].attn.qkv,
+                                                                   PackedLinear)
+    # the tied table stays as it was
+    assert torch.equal(packed.tok_emb.weight, trained.tok_emb.weight)
     idx = prompts()
     assert torch.equal(generate(packed, idx, 40), generate(trained, idx, 40))
     with torch.inference_mode():  # one position at a time (a decoding step): the same bits
@@ -209,7 +219,8 @@ def test_generate_quantize_flag_end_to_end(tmp_path: Path, monkeypatch: pytest.M
     status, out, err = run_command(generate_main, [*greedy, "--quantize", "int8"])
     assert status == 0, err
     assert out.startswith("Every effort moves you") and "int8" in err
-    bad_flags = [(["--quantize", "int4"], "int4"), (["--quantize", "int8", "--dtype", "float32"], "bfloat16")]
+    bad_flags = [(["--quantize", "int4"], "int4"), (["--quantize", "int8", "--dtype", "float32"],
+                                                    "bfloat16")]
     for bad, named in bad_flags:
         status, out, err = run_command(generate_main, bad)
         assert status == 2 and out == ""
@@ -220,7 +231,8 @@ def test_generate_quantize_flag_end_to_end(tmp_path: Path, monkeypatch: pytest.M
 # ---- every way a model is loaded: our checkpoint, a HF directory, OpenAI's files, an export ------
 
 
-OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"  # written by TensorFlow, emb_dim 16
+# written by TensorFlow, emb_dim 16
+OPENAI_TINY = Path(__file__).parent / "fixtures" / "openai_tiny"
 
 
 def model_source(how: str, tmp_path: Path) -> tuple[list[str], Callable[[], GPT]]:

@@ -1,4 +1,5 @@
-"""The recipe files in recipes/ and the model-recipe settings they use (head, q/k/v bias, init, betas)."""
+"""The recipe files in recipes/ and the model-recipe settings they use (head, q/k/v bias, init,
+betas)."""
 
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def recipe(name: str) -> TrainConfig:
     return TrainConfig.from_dict(read_toml(RECIPES / name))
 
 
-# What each recipe says it builds: (tie_embeddings, qkv_bias, init_scheme), and its token embedding's std.
+# What each recipe says it builds: (tie_embeddings, qkv_bias, init_scheme), and its token
+# embedding's std.
 BUILDS = {
     "book-ch5.toml": (False, False, "torch", 1.0),
     "book-ch5-early-stop.toml": (False, False, "torch", 1.0),
@@ -51,8 +53,10 @@ def test_the_book_recipe_is_the_books_run() -> None:
     cfg = recipe("book-ch5.toml")
     assert (cfg.data, cfg.preset, cfg.context_length, cfg.batch_size, cfg.epochs) == (
         "the-verdict", "gpt2-small", 256, 2, 10)
-    assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip) == (4e-4, 4e-4, 0, 0.1, 0)
-    assert (cfg.eval_freq, cfg.eval_iters, cfg.patience, cfg.drop_rate, cfg.seed) == (5, 5, 0, 0.1, 123)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip) == (4e-4, 4e-4,
+                                                                                       0, 0.1, 0)
+    assert (cfg.eval_freq, cfg.eval_iters, cfg.patience, cfg.drop_rate, cfg.seed) == (5, 5, 0, 0.1,
+                                                                                      123)
     assert cfg.betas == (0.9, 0.999) and cfg.dtype == "float32"
     early = recipe("book-ch5-early-stop.toml")
     assert early.patience > 0
@@ -62,7 +66,8 @@ def test_the_book_recipe_is_the_books_run() -> None:
 def test_torch_init_is_pytorchs_module_defaults() -> None:
     """`init_scheme="torch"` leaves each module as its constructor made it: the same tensors as the
     modules built alone from the same random stream, in the model's order."""
-    cfg = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, qkv_bias=False,
+    cfg = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
+                    qkv_bias=False,
                     tie_embeddings=False, init_scheme="torch")
     torch.manual_seed(5)
     model = GPT(cfg)
@@ -97,8 +102,8 @@ def test_model_recipe_flags_and_adam_betas() -> None:
 
 
 def memorise(cfg: TrainConfig, init_scheme: str, steps: int) -> float:
-    """Train a small-vocabulary, 2-layer version of `cfg`'s model recipe on 256 random tokens (all of
-    them every 4 steps); the mean training loss of the last 4 steps."""
+    """Train a small-vocabulary, 2-layer version of `cfg`'s model recipe on 256 random tokens (all
+    of them every 4 steps); the mean training loss of the last 4 steps."""
     torch.manual_seed(cfg.seed)
     text = torch.randint(0, 1000, (8 * 32 + 1,))
     x, y = text[:-1].view(8, 32), text[1:].view(8, 32)
@@ -121,6 +126,7 @@ def memorise(cfg: TrainConfig, init_scheme: str, steps: int) -> float:
 def test_the_book_model_recipe_memorises_a_small_text_faster_than_gpt2_init() -> None:
     cfg = recipe("book-ch5.toml")
     book, gpt2 = memorise(cfg, "torch", 160), memorise(cfg, "gpt2", 160)
-    # From ln(1000) = 6.9: the book's recipe is well into memorising; GPT-2's init, same steps, is not.
+    # From ln(1000) = 6.9: the book's recipe is well into memorising; GPT-2's init, same steps, is
+    # not.
     assert book < 1.5
     assert book < 0.8 * gpt2

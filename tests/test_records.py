@@ -1,4 +1,5 @@
-"""Records: reading every accepted shape, templates, targets position by position, padding, the sampler."""
+"""Records: reading every accepted shape, templates, targets position by position, padding, the
+sampler."""
 
 import json
 from pathlib import Path
@@ -37,23 +38,28 @@ def test_load_records_reads_every_accepted_shape(tmp_path) -> None:
         {"prompt": "P2", "completion": "C"},
         {"question": "Q?", "answer": "A"},
     ])
-    (tmp_path / "blank.jsonl").write_text(jsonl.read_text().replace("\n", "\n\n"))  # blank lines skipped
+    # blank lines skipped
+    (tmp_path / "blank.jsonl").write_text(jsonl.read_text().replace("\n", "\n\n"))
     expected = [Record("Add", "3", "1 2", "alpaca"), Record("Greet", "Hi", "", "alpaca"),
-                Record("P", "R", "", "plain"), Record("P2", "C", "", "plain"), Record("Q?", "A", "", "qa")]
+                Record("P", "R", "", "plain"), Record("P2", "C", "", "plain"), Record("Q?", "A", "",
+                                                                                      "qa")]
     assert load_records(jsonl) == expected
     assert load_records(tmp_path / "blank.jsonl") == expected
-    (tmp_path / "pairs.json").write_text(json.dumps([["Q1?", "A1"], {"question": "Q2?", "answer": "A2"}]))
+    (tmp_path / "pairs.json").write_text(json.dumps([["Q1?", "A1"], {"question": "Q2?",
+                                                                     "answer": "A2"}]))
     assert load_records(tmp_path / "pairs.json") == [Record("Q1?", "A1"), Record("Q2?", "A2")]
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
-    ("bad.jsonl", '{"question": "a", "answer": "b"}\n{"question": "a",\n', "bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"question": "a", "answer": "b"}\n{"question": "a",\n', "bad.jsonl:2: not valid "
+                                                                           "JSON"),
     ("bad.json", '[\n["a", "b"],\n["c" "d"]\n]', "bad.json:3: not valid JSON"),
     ("keys.jsonl", '{"q": "a", "a": "b"}\n', "keys.jsonl:1: a record needs one of the key sets "
                                              "{instruction, output}, {prompt, response}"),
     ("empty.jsonl", "\n\n", "holds no records"),
     ("empty.json", "[]", "holds no records"),
-    ("noanswer.jsonl", '{"question": "a", "answer": "  "}\n', "noanswer.jsonl:1: the response is empty"),
+    ("noanswer.jsonl", '{"question": "a", "answer": "  "}\n', "noanswer.jsonl:1: the response is "
+                                                              "empty"),
     ("object.json", '{"question": "a", "answer": "b"}', "must hold a list of records"),
     ("number.jsonl", '{"question": "a", "answer": 3}\n', "must be strings"),
 ])
@@ -101,10 +107,11 @@ def test_a_bad_json_object_is_refused_with_the_file_loaders_message(tmp_path, en
 def test_templates_lay_out_the_prompt() -> None:
     assert format_prompt("qa", "Why?") == "Question: Why?\nAnswer: "
     assert format_prompt("plain", "Why?") == "Why? "
-    assert format_prompt("alpaca", "Add", "1 2") == ALPACA_HEAD + "Add\n\n### Input:\n1 2\n\n### Response:\n"
+    assert format_prompt("alpaca", "Add", "1 2") == ALPACA_HEAD + "Add\n\n### Input:\n1 2\n\n### Response:\n"  # noqa: E501
     assert format_prompt("alpaca", "Add") == ALPACA_HEAD + "Add\n\n### Response:\n"
     assert format_prompt("<{input}|{prompt}>", "p", "i") == "<i|p>"
-    assert format_prompt("Q: {prompt} A:", "p", "i") == "Q: p\n\ni A:"  # no {input} field: after the prompt
+    # no {input} field: after the prompt
+    assert format_prompt("Q: {prompt} A:", "p", "i") == "Q: p\n\ni A:"
     with pytest.raises(UserError, match=r"has no \{prompt\} field"):
         InstructionDataset([Record("a", "b")], TOK, "Q: {question}")
 
@@ -129,7 +136,8 @@ def test_without_masking_every_next_token_is_a_target() -> None:
 
 
 def test_masks_come_from_positions_not_token_values() -> None:
-    # The response spells the end-of-text token: it is text, and the real EOS still ends the targets.
+    # The response spells the end-of-text token: it is text, and the real EOS still ends the
+    # targets.
     inputs, targets = encode_record(Record("Hi", "a <|endoftext|> b"), TOK, "plain", max_length=64)
     assert targets.count(EOS) == 1 and targets[-1] == EOS
     assert EOS not in inputs
@@ -138,7 +146,8 @@ def test_masks_come_from_positions_not_token_values() -> None:
 def test_a_long_prompt_is_cut_from_the_left_and_the_response_kept() -> None:
     prompt, response = ids("one two three four five six seven eight "), ids("nine")
     max_length = len(response) + 3  # room for 3 prompt tokens: inputs + 1 = max_length + 1 tokens
-    inputs, targets = encode_record(Record("one two three four five six seven eight", "nine"), TOK, "plain",
+    inputs, targets = encode_record(Record("one two three four five six seven eight", "nine"), TOK,
+                                    "plain",
                                     max_length=max_length)
     kept = prompt[-3:]
     assert inputs == [*kept, *response]
@@ -158,19 +167,23 @@ def test_a_record_with_no_room_for_a_response_token_is_dropped() -> None:
 
 
 def test_pad_collate_pads_inputs_with_eos_and_targets_with_ignore() -> None:
-    batch = [(torch.tensor([5, 6, 7]), torch.tensor([M, 7, 8])), (torch.tensor([9]), torch.tensor([EOS]))]
+    batch = [(torch.tensor([5, 6, 7]), torch.tensor([M, 7, 8])), (torch.tensor([9]),
+                                                                  torch.tensor([EOS]))]
     inputs, targets = pad_collate(batch)
     assert inputs.tolist() == [[5, 6, 7], [9, EOS, EOS]]
     assert targets.tolist() == [[M, 7, 8], [EOS, M, M]]
     inputs, targets = pad_collate(batch, pad_id=0, ignore_index=-1)
-    assert inputs.tolist() == [[5, 6, 7], [9, 0, 0]] and targets.tolist() == [[M, 7, 8], [EOS, -1, -1]]
+    assert inputs.tolist() == [[5, 6, 7], [9, 0, 0]] and targets.tolist() == [[M, 7, 8], [EOS, -1,
+                                                                                          -1]]
 
 
 def test_instruction_dataset_items_are_shifted_equal_length_tensors() -> None:
-    dataset = InstructionDataset([Record("Add", "3", "1 2", "alpaca")], TOK, "alpaca", max_length=256)
+    dataset = InstructionDataset([Record("Add", "3", "1 2", "alpaca")], TOK, "alpaca",
+                                 max_length=256)
     x, y = dataset[0]
     assert x.dtype == y.dtype == torch.long and x.shape == y.shape
-    assert torch.equal(x[1:], torch.where(y[:-1] == M, x[1:], y[:-1]))  # y is x shifted where counted
+    # y is x shifted where counted
+    assert torch.equal(x[1:], torch.where(y[:-1] == M, x[1:], y[:-1]))
     assert TOK.decode(x.tolist()) == format_prompt("alpaca", "Add", "1 2") + "3"
 
 
@@ -184,10 +197,12 @@ def test_bucketed_batches_cover_every_record_once_with_alike_lengths() -> None:
     assert sorted(i for batch in batches for i in batch) == list(range(300))
     assert len(batches) == 75 and sampler.epoch == 1
     # Each batch is a run of one length-sorted chunk: its spread is far below the data's.
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
+                 for b in batches) / len(batches)
     assert spread < 100 / BUCKET_BATCHES
     assert list(sampler) != batches  # a new epoch, a new order
-    assert BucketBatchSampler(lengths, 4, seed=1).batches(0) == batches  # a function of (seed, epoch)
+    # a function of (seed, epoch)
+    assert BucketBatchSampler(lengths, 4, seed=1).batches(0) == batches
 
 
 def test_bucketed_sampler_resumes_at_the_next_batch() -> None:

@@ -93,7 +93,8 @@ def straight_run(tmp_path_factory) -> tuple[Path, trainer.TrainResult]:
 
 
 @pytest.mark.parametrize("stop_at", [5, STEPS_PER_EPOCH])  # mid-epoch; the end of an epoch
-def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, stop_at: int) -> None:
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run,
+                                  stop_at: int) -> None:
     straight_dir, straight = straight_run
     # No samples, unlike the straight run: sampling must not change the training's random stream.
     cfg = dataclasses.replace(resumable(tmp_path, "run"), sample_tokens=0)
@@ -103,7 +104,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, s
     assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
     monkeypatch.undo()
 
-    torch.manual_seed(999)  # whatever happened in between: the resumed run restores its own RNG state
+    # whatever happened in between: the resumed run restores its own RNG state
+    torch.manual_seed(999)
     resumed = train(cfg, resume=tmp_path / "run", token_ids=TOKENS)
     assert resumed.step_losses == {s: v for s, v in straight.step_losses.items() if s > stop_at}
     assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")),
@@ -111,19 +113,24 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys, straight_run, s
     # metrics.csv has each evaluation once, as the straight run logged it (tokens/s aside).
     straight_csv = (straight_dir / "metrics.csv").read_text().splitlines()
     resumed_csv = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert [line.split(",")[:6] for line in resumed_csv] == [line.split(",")[:6] for line in straight_csv]
+    assert [line.split(",")[:6] for line in resumed_csv] == [line.split(",")[:6]
+                                                             for line in straight_csv]
 
 
 def test_resume_refuses_changed_model_or_data(tmp_path) -> None:
     cfg = tiny(tmp_path, epochs=1, eval_freq=4, max_steps=4)
     train(cfg, token_ids=TOKENS)
-    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("train_config.json", "metrics.csv")}
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("train_config.json",
+                                                                       "metrics.csv")}
     with pytest.raises(UserError, match="--n-layers 3 differs from the run's None"):
-        setup(cfg.__class__(**{**cfg.to_dict(), "n_layers": 3}), resume=tmp_path / "run", token_ids=TOKENS)
+        setup(cfg.__class__(**{**cfg.to_dict(), "n_layers": 3}), resume=tmp_path / "run",
+              token_ids=TOKENS)
     with pytest.raises(UserError, match=r"training data changed .*\(23 windows then, 22 now\)"):
         setup(cfg, resume=tmp_path / "run", token_ids=(TOKENS[0][:360], TOKENS[1]))
-    with pytest.raises(UserError, match="--decode-errors 'replace' differs from the run's 'strict'"):
-        setup(dataclasses.replace(cfg, decode_errors="replace"), resume=tmp_path / "run", token_ids=TOKENS)
+    with pytest.raises(UserError, match="--decode-errors 'replace' differs from the run's "
+                                        "'strict'"):
+        setup(dataclasses.replace(cfg, decode_errors="replace"), resume=tmp_path / "run",
+              token_ids=TOKENS)
     # Refused before the run directory was written to: nothing in it changed.
     assert files == {name: (tmp_path / "run" / name).read_bytes() for name in files}
     with pytest.raises(UserError, match="already holds a run; continue it with --resume"):

@@ -18,7 +18,8 @@ from gpt.training.settings import TrainConfig
 from gpt.training.trainer import metrics_log, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}."} for a in range(4) for b in range(3)]
+QA = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}."} for a in range(4)
+      for b in range(3)]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> str:
@@ -36,13 +37,15 @@ def qa_run(tmp_path_factory) -> Path:
 
 
 def pairs_file(tmp_path: Path) -> str:
-    return write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": row["question"], "chosen": row["answer"],
+    return write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": row["question"],
+                                                   "chosen": row["answer"],
                                                   "rejected": "No."} for row in QA])
 
 
 def test_dpo_from_a_fine_tuned_run_keeps_its_template_though_the_pairs_name_another(
         qa_run, tmp_path, capsys) -> None:
-    run = setup(tiny(tmp_path, data=pairs_file(tmp_path), init=str(qa_run / "best"), objective="dpo",
+    run = setup(tiny(tmp_path, data=pairs_file(tmp_path), init=str(qa_run / "best"),
+                     objective="dpo",
                      context_length=None, run_name="kept"))
     assert run.records.template == "qa"  # the pairs' key, prompt, would have given 'plain'
     assert "warning" not in capsys.readouterr().err
@@ -50,14 +53,16 @@ def test_dpo_from_a_fine_tuned_run_keeps_its_template_though_the_pairs_name_anot
     assert saved["prompt_template"] == "qa"
 
 
-def test_a_template_other_than_the_init_runs_is_named_in_one_warning_line(qa_run, tmp_path, capsys) -> None:
+def test_a_template_other_than_the_init_runs_is_named_in_one_warning_line(qa_run, tmp_path,
+                                                                          capsys) -> None:
     responses = write_jsonl(tmp_path / "more.jsonl",
                             [{"prompt": row["question"], "response": row["answer"]} for row in QA])
     run = setup(tiny(tmp_path, data=responses, init=str(qa_run), prompt_template="plain",
                      context_length=None, run_name="switched"))
     assert run.records.template == "plain"
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"warning: --init {qa_run} was fine-tuned with prompt "
+    assert err.count("\n") == 1 and err.startswith(f"warning: --init {qa_run} was fine-tuned with "
+                                                   f"prompt "
                                                    "template 'qa'"), err
     assert "'plain'" in err
 
@@ -75,7 +80,7 @@ def test_generate_answers_a_fine_tuned_run_greedily_by_default_and_says_so(qa_ru
     out, err = generate(qa_run)
     greedy = answer(load_checkpoint(qa_run / "best"), format_prompt("qa", QA[0]["question"]), 6)
     assert out == greedy + "\n"
-    assert "decoding: greedy (temperature 0), the fine-tuned run's default; --temperature 0.8 samples" in err
+    assert "decoding: greedy (temperature 0), the fine-tuned run's default; --temperature 0.8 samples" in err  # noqa: E501
     out, err = generate(qa_run, temperature=0.9, seed=1)
     assert "decoding: temperature 0.9, --temperature" in err
 
@@ -99,7 +104,8 @@ def test_interactive_on_a_terminal_shows_a_hint_and_a_prompt_and_skips_empty_lin
     out, err = generate(qa_run, interactive=True, inp=Terminal(f"\n{question}\n   \n"))
     greedy = answer(load_checkpoint(qa_run / "best"), format_prompt("qa", question), 6)
     assert out == greedy + "\n"  # one answer: the empty lines were not questions
-    assert INTERACTIVE_HINT in err and err.count("> ") == 4  # before each of the 3 lines, and at the end
+    # before each of the 3 lines, and at the end
+    assert INTERACTIVE_HINT in err and err.count("> ") == 4
     piped_out, piped_err = generate(qa_run, interactive=True, inp=io.StringIO(f"\n{question}\n"))
     assert piped_out == out and INTERACTIVE_HINT not in piped_err and "> " not in piped_err
 
@@ -110,7 +116,8 @@ def test_loss_png_draws_a_fine_tuning_runs_exact_match_on_a_second_axis(tmp_path
     assert log.accuracy == "val_exact_match"
     for step, exact in ((0, 0.0), (5, 0.25), (10, 0.75)):
         log.append({name: 1.0 for name in log.columns}
-                   | {"step": step, "epoch": step / 10, "tokens_seen": step, "val_exact_match": exact})
+                   | {"step": step, "epoch": step / 10, "tokens_seen": step,
+                      "val_exact_match": exact})
     fig = log.plot(tmp_path / "loss.png", tokens_per_epoch=100, best_step=10)
     axes = {ax.get_ylabel(): ax for ax in fig.axes}
     assert axes["exact match"].get_lines()[0].get_ydata().tolist() == [0.0, 0.25, 0.75]

@@ -28,7 +28,8 @@ def random_model(context_length: int = 32, **overrides: object) -> GPT:
     embeddings and head spread the logits; blocks at 0.2 make tokens far back in the window (the
     cache) matter.
     """
-    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, emb_dim=32, n_heads=4, n_layers=2,
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, emb_dim=32, n_heads=4,
+                    n_layers=2,
                     **{"drop_rate": 0.0, "tie_embeddings": False, **overrides})
     model = GPT(cfg).eval()
     scale = {"tok_emb": 1.0, "lm_head": 1.0, "pos_emb": 0.5}
@@ -41,7 +42,8 @@ def random_model(context_length: int = 32, **overrides: object) -> GPT:
     return model
 
 
-def argmax_loop(model: GPT, idx: Tensor, steps: int, window_start: dict[int, int] | None = None) -> Tensor:
+def argmax_loop(model: GPT, idx: Tensor, steps: int, window_start: dict[int,
+                                                                        int] | None = None) -> Tensor:  # noqa: E501
     """Greedy decoding by full forwards. Without `window_start`: the last context_length tokens."""
     ctx = model.config.context_length
     with torch.no_grad():
@@ -54,9 +56,9 @@ def argmax_loop(model: GPT, idx: Tensor, steps: int, window_start: dict[int, int
 
 
 def cached_window_starts(prompt_len: int, total: int, ctx: int) -> dict[int, int]:
-    """What gpt/model/sampling.py documents for cached decoding: the first position the prediction after
-    n tokens reads. The prompt is cropped to ctx; when the window would exceed ctx it restarts from
-    the last ctx // 2 tokens."""
+    """What gpt/model/sampling.py documents for cached decoding: the first position the prediction
+    after n tokens reads. The prompt is cropped to ctx; when the window would exceed ctx it restarts
+    from the last ctx // 2 tokens."""
     start, starts = max(0, prompt_len - ctx), {}
     for n in range(prompt_len, total + 1):
         if n - start > ctx:
@@ -84,7 +86,8 @@ def test_near_zero_temperature_equals_greedy() -> None:
 def test_stream_yields_the_tokens_generate_returns() -> None:
     model = random_model()
     idx = torch.randint(0, VOCAB, (2, 4))
-    tokens = list(stream(model, idx, 7, temperature=1.0, generator=torch.Generator().manual_seed(3)))
+    tokens = list(stream(model, idx, 7, temperature=1.0,
+                         generator=torch.Generator().manual_seed(3)))
     assert [t.shape for t in tokens] == [(2,)] * 7
     full = generate(model, idx, 7, temperature=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(torch.stack(tokens, dim=1), full[:, 4:])
@@ -144,9 +147,12 @@ def test_sampled_frequencies_follow_softmax(temperature: float, top_k: int | Non
     kept = logits.topk(top_k).indices if top_k else torch.arange(len(logits))
     assert set(draws.tolist()) == set(kept.tolist())
     observed = torch.bincount(draws, minlength=len(logits))[kept].double()
-    assert chi_square_p_value(observed, torch.softmax(logits[kept].double() / temperature, 0)) > 1e-3
-    # The test has power: the same draws are clearly not from the distribution at another temperature.
-    assert chi_square_p_value(observed, torch.softmax(logits[kept].double() / (2 * temperature), 0)) < 1e-6
+    assert chi_square_p_value(observed, torch.softmax(logits[kept].double() / temperature,
+                                                      0)) > 1e-3
+    # The test has power: the same draws are clearly not from the distribution at another
+    # temperature.
+    assert chi_square_p_value(observed, torch.softmax(logits[kept].double() / (2 * temperature),
+                                                      0)) < 1e-6
 
 
 def test_cached_logits_equal_uncached_within_the_context() -> None:
@@ -154,7 +160,8 @@ def test_cached_logits_equal_uncached_within_the_context() -> None:
     tokens = torch.randint(0, VOCAB, (2, 24))
     cached, uncached = DecodeSession(model, use_cache=True), DecodeSession(model, use_cache=False)
     with torch.no_grad():
-        assert_close(cached.start(tokens[:, :6]), uncached.start(tokens[:, :6]), atol=1e-5, rtol=1e-5)
+        assert_close(cached.start(tokens[:, :6]), uncached.start(tokens[:, :6]), atol=1e-5,
+                     rtol=1e-5)
         for n in range(6, 24):
             expected = model(tokens[:, : n + 1])[:, -1]
             assert_close(cached.step(tokens[:, n]), expected, atol=1e-5, rtol=1e-5)
@@ -171,9 +178,11 @@ def test_past_the_context_each_session_reads_its_documented_window() -> None:
     with torch.no_grad():
         for n in range(20, 60):
             if n == 20:
-                got_cached, got_uncached = cached.start(tokens[:, :20]), uncached.start(tokens[:, :20])
+                got_cached, got_uncached = cached.start(tokens[:, :20]), uncached.start(tokens[:,
+                                                                                               :20])
             else:
-                got_cached, got_uncached = cached.step(tokens[:, n - 1]), uncached.step(tokens[:, n - 1])
+                got_cached, got_uncached = cached.step(tokens[:, n - 1]), uncached.step(tokens[:,
+                                                                                               n - 1])  # noqa: E501
             assert_close(got_cached, model(tokens[:, starts[n]:n])[:, -1], atol=1e-5, rtol=1e-5)
             assert_close(got_uncached, model(tokens[:, n - ctx:n])[:, -1], atol=1e-5, rtol=1e-5)
             differs.append(not torch.allclose(got_cached, got_uncached, atol=1e-3))
@@ -316,7 +325,8 @@ def test_a_padded_vocabulary_never_yields_a_padding_id(use_cache: bool) -> None:
 
 def test_a_compiled_model_decodes_like_the_eager_one() -> None:
     """`compile_for_decoding` (inductor, frozen weights): the same greedy tokens and, step by step,
-    the same cached logits within 1e-5 (fp32). In a subprocess: freezing is a process-wide setting."""
+    the same cached logits within 1e-5 (fp32). In a subprocess: freezing is a process-wide
+    setting."""
     script = textwrap.dedent("""
         import sys, torch
         from torch._dynamo.utils import counters

@@ -1,5 +1,5 @@
-"""Checkpoints written in the background (`gpt.checkpoints.saver`) and less often (`save_freq`): the same files,
-an exact resume, and the previous checkpoint whole after a failed or killed write."""
+"""Checkpoints written in the background (`gpt.checkpoints.saver`) and less often (`save_freq`): the
+same files, an exact resume, and the previous checkpoint whole after a failed or killed write."""
 
 import subprocess
 import sys
@@ -60,7 +60,8 @@ def save_freq_run(tmp_path, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, one_thread) -> tuple[Path, trainer.TrainResult]:
-    """The run saved at every evaluation, in the foreground, that never stops (made once, read only)."""
+    """The run saved at every evaluation, in the foreground, that never stops (made once, read
+    only)."""
     out = tmp_path_factory.mktemp("straight")
     with torch.random.fork_rng():
         result = train(save_freq_run(out, async_save=False, save_freq=1, run_name="straight"),
@@ -69,7 +70,8 @@ def straight_run(tmp_path_factory, one_thread) -> tuple[Path, trainer.TrainResul
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monkeypatch, straight_run,
+def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monkeypatch,
+                                                                 straight_run,
                                                                  async_save: bool) -> None:
     cfg = save_freq_run(tmp_path, async_save=async_save, run_name="run")
     straight_dir, straight = straight_run
@@ -88,12 +90,13 @@ def test_resume_continues_exactly_with_save_freq_and_async_saves(tmp_path, monke
     assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")),
                        params(load_checkpoint(straight_dir / "last")))
     resumed_csv, straight_csv = ([line.split(",")[:6] for line in (run_dir / "metrics.csv")
-                                  .read_text().splitlines()] for run_dir in (tmp_path / "run", straight_dir))
+                                  .read_text().splitlines()] for run_dir in (tmp_path / "run",
+                                                                             straight_dir))
     assert resumed_csv == straight_csv  # each evaluation once, as the straight run logged it
 
 
 def test_an_error_in_the_writer_thread_keeps_the_previous_checkpoint_and_is_raised(tmp_path,
-                                                                                    monkeypatch) -> None:
+                                                                                    monkeypatch) -> None:  # noqa: E501
     run = setup(tiny(tmp_path, epochs=1, async_save=True), token_ids=TOKENS)
     trainer.save_checkpoints(run, last=True, best=False)
     run.saver.wait()
@@ -148,7 +151,8 @@ KILLED_MID_WRITE = textwrap.dedent("""
 
 def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(tmp_path) -> None:
     target = tmp_path / "last"
-    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(target)], stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(target)],
+                             stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"writing\n"
     finally:

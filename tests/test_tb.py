@@ -1,4 +1,5 @@
-"""TensorBoard events: what `TensorBoardLog` writes reads back with TensorBoard's own event reader."""
+"""TensorBoard events: what `TensorBoardLog` writes reads back with TensorBoard's own event reader.
+"""
 
 import math
 import sys
@@ -20,7 +21,8 @@ ROWS = [
 def read_back(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
 
 
 def test_events_hold_every_logged_value_at_its_step(tmp_path: Path) -> None:
@@ -47,12 +49,14 @@ def test_a_resumed_log_drops_the_events_after_the_checkpoint(tmp_path: Path) -> 
                                                (40, pytest.approx(4.5))]
 
 
-def test_missing_tensorboard_says_which_extra_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_tensorboard_says_which_extra_to_install(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # noqa: E501
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: TensorBoardLog(tmp_path))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ('error: --tensorboard needs the tensorboard package; install it with '
+    assert capsys.readouterr().err == ('error: --tensorboard needs the tensorboard package; '
+                                       'install it with '
                                        'pip install -e ".[tb]"\n')
     assert list(tmp_path.iterdir()) == []  # nothing written

@@ -1,4 +1,5 @@
-"""The distillation teacher: loaded frozen from any weights, refused when it cannot teach the student."""
+"""The distillation teacher: loaded frozen from any weights, refused when it cannot teach the
+student."""
 
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.objectives.teacher import load_teacher
 
-STUDENT = GPTConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.1)
+STUDENT = GPTConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=2, n_layers=1,
+                    drop_rate=0.1)
 
 
 def saved(model: GPT, directory: Path) -> Path:
@@ -23,7 +25,8 @@ def saved(model: GPT, directory: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["run", "hf"])
-def test_a_bigger_teacher_loads_frozen_in_eval_mode_with_its_logits(tmp_path: Path, layout: str) -> None:
+def test_a_bigger_teacher_loads_frozen_in_eval_mode_with_its_logits(tmp_path: Path,
+                                                                    layout: str) -> None:
     model = GPT(STUDENT.replace(emb_dim=64, n_layers=2, context_length=32)).eval()
     if layout == "run":
         saved(model, tmp_path / "run" / "best")
@@ -40,7 +43,8 @@ def test_a_bigger_teacher_loads_frozen_in_eval_mode_with_its_logits(tmp_path: Pa
 
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
     path = saved(GPT(STUDENT.replace(vocab_size=50257)), tmp_path / "big-vocab")
-    with pytest.raises(UserError, match=r"--teacher .*big-vocab predicts 50257 token ids and the student "
+    with pytest.raises(UserError, match=r"--teacher .*big-vocab predicts 50257 token ids and the "
+                                        r"student "
                                         r"101; distillation compares them id by id"):
         load_teacher(str(path), STUDENT, context_length=16)
 
@@ -53,5 +57,6 @@ def test_a_teacher_with_a_shorter_context_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_missing_teacher_is_named(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"^--teacher nowhere: 'nowhere' is neither a file or directory"):
+    with pytest.raises(UserError, match=r"^--teacher nowhere: 'nowhere' is neither a file or "
+                                        r"directory"):
         load_teacher("nowhere", STUDENT, context_length=16)

@@ -36,12 +36,14 @@ def test_varint_decodes_the_protobuf_documentation_examples() -> None:
 
 
 def test_tensors_tile_the_data_file_as_float32() -> None:
-    """Every byte of the data file belongs to exactly one tensor: no tensor missed, none overlapping."""
+    """Every byte of the data file belongs to exactly one tensor: no tensor missed, none
+    overlapping."""
     tensors = read_tf_checkpoint(OPENAI_TINY / "model.ckpt")
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     assert sum(t.numel() * 4 for t in tensors.values()) == (OPENAI_TINY / DATA_FILE).stat().st_size
     data = np.fromfile(OPENAI_TINY / DATA_FILE, dtype="<f4")
-    starts = sorted((t.numpy().ctypes.data, t) for t in tensors.values())  # address order = file order
+    # address order = file order
+    starts = sorted((t.numpy().ctypes.data, t) for t in tensors.values())
     assert torch.equal(torch.cat([t.flatten() for _, t in starts]), torch.from_numpy(data))
 
 
@@ -56,7 +58,8 @@ def test_compressed_tf_block_is_refused(openai_dir: Path) -> None:
     """Set the index block's compression byte to snappy (1), as a writer with compression would."""
     index = bytearray((openai_dir / "model.ckpt.index").read_bytes())
     # The 48-byte footer starts with two block handles, (offset, size) varints each: the metaindex
-    # block's, then the index block's; a block's trailer (compression byte, crc) follows its last byte.
+    # block's, then the index block's; a block's trailer (compression byte, crc) follows its last
+    # byte.
     footer = bytes(index[-48:])
     _, pos = _varint(footer, 0)
     _, pos = _varint(footer, pos)
@@ -69,7 +72,8 @@ def test_compressed_tf_block_is_refused(openai_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(("file", "damage", "message"), [
-    ("model.ckpt.index", "truncate", "bad magic number: the file is truncated or not a TF checkpoint index"),
+    ("model.ckpt.index", "truncate", "bad magic number: the file is truncated or not a TF "
+                                     "checkpoint index"),
     (DATA_FILE, "truncate", r"tensor 'model/\S+' runs past the end of its data file"),
     (DATA_FILE, "delete", f"its data file {DATA_FILE} is missing"),
 ])
@@ -82,5 +86,6 @@ def test_damaged_checkpoint_is_one_line_naming_the_index(openai_dir: Path, file:
         os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(UserError, match=message) as info:
         read_tf_checkpoint(openai_dir / "model.ckpt")
-    assert str(info.value).startswith(f"cannot read TF checkpoint {openai_dir / 'model.ckpt.index'}: ")
+    assert str(info.value).startswith(f"cannot read TF checkpoint "
+                                      f"{openai_dir / 'model.ckpt.index'}: ")
     assert "\n" not in str(info.value)

@@ -18,8 +18,10 @@ from gpt.data.token_cache import load_tokens
 # ---------------------------------------------------------------------------------------------
 # Tokenization: chunking must not change a single token.
 
-FRAGMENTS = ["a", "Z", "é", "日本", "1", "42", " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n", "'s", "'ll",
-             ".", "!!", "<|endoftext|>", "\u00a0", "\u2003", "\x1c", "\x85", "😀", " the", "ok", " 7"]
+FRAGMENTS = ["a", "Z", "é", "日本", "1", "42", " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n", "'s",
+             "'ll",
+             ".", "!!", "<|endoftext|>", "\u00a0", "\u2003", "\x1c", "\x85", "😀", " the", "ok", " "
+                                                                                                "7"]
 
 
 def random_text(rng: random.Random, n: int) -> str:
@@ -94,7 +96,8 @@ def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path: Path,
     (bin_file,) = (cache / "cache").glob("*.bin")
     meta = (cache / "cache" / f"{bin_file.stem}.json").read_text()
     assert hashlib.sha256(path.read_bytes()).hexdigest() in meta
-    assert sorted(p.name for p in (cache / "cache").iterdir()) == [bin_file.name, f"{bin_file.stem}.json"]
+    assert sorted(p.name for p in (cache / "cache").iterdir()) == [bin_file.name,
+                                                                   f"{bin_file.stem}.json"]
 
 
 def test_cache_key_covers_the_tokenizer(tmp_path: Path, tokenize_calls: list[int],
@@ -125,7 +128,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, damage: str,
 
 
 def test_interrupted_tokenization_leaves_the_old_cache_whole(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: E501
     path = tmp_path / "story.txt"
     path.write_text("The first version of the story.")
     cache = tmp_path / "data"
@@ -142,7 +145,8 @@ def test_interrupted_tokenization_leaves_the_old_cache_whole(tmp_path: Path,
         load_tokens(str(path), data_dir=cache)
     assert {p.name: p.read_bytes() for p in (cache / "cache").iterdir()} == before  # no temp files
     monkeypatch.undo()
-    assert load_tokens(str(path), data_dir=cache).tolist() == encode("The second version of the story.")
+    assert load_tokens(str(path), data_dir=cache).tolist() == encode("The second version of the "
+                                                                     "story.")
 
 
 def test_unwritable_cache_is_a_user_error(tmp_path: Path) -> None:
@@ -168,7 +172,7 @@ def test_non_utf8_names_file_and_byte_offset(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(UserError) as excinfo:
         load_tokens(str(path), data_dir=tmp_path / "data")
     message = one_line_error(excinfo)
-    assert str(path) in message and f"at byte {offset} " in message and "--errors replace" in message
+    assert str(path) in message and f"at byte {offset} " in message and "--errors replace" in message  # noqa: E501
 
     replaced = load_tokens(str(path), data_dir=tmp_path / "data", errors="replace")
     assert replaced.tolist() == encode(content.decode("utf-8", "replace"))

@@ -1,6 +1,6 @@
-"""train.py end to end: real subprocesses for Ctrl-C and the exit status of bad input; the smoke run,
-divergence and the bad-input cases in-process through the same `run_cli(main)` the script runs (fast,
-and the same code path)."""
+"""train.py end to end: real subprocesses for Ctrl-C and the exit status of bad input; the smoke
+run, divergence and the bad-input cases in-process through the same `run_cli(main)` the script runs
+(fast, and the same code path)."""
 
 import importlib.util
 import os
@@ -22,13 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_flags(tmp_path: Path, corpus: Path, *more: str) -> list[str]:
     return ["--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--preset", "tiny",
-            "--context-length", "16", "--batch-size", "2", "--eval-iters", "1", "--dtype", "float32",
-            "--device", "cpu", "--sample-tokens", "4", "--out", str(tmp_path / "runs"), "--run-name", "cli",
+            "--context-length", "16", "--batch-size", "2", "--eval-iters", "1", "--dtype",
+            "float32",
+            "--device", "cpu", "--sample-tokens", "4", "--out", str(tmp_path / "runs"),
+            "--run-name", "cli",
             *more]
 
 
 def run_script(*args: str, **kwargs) -> subprocess.Popen:
-    # One thread: a tiny model gains nothing from two, and on a busy machine they wait on each other.
+    # One thread: a tiny model gains nothing from two, and on a busy machine they wait on each
+    # other.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
@@ -36,7 +39,8 @@ def run_script(*args: str, **kwargs) -> subprocess.Popen:
 
 @pytest.mark.usefixtures("one_thread")
 def test_smoke_run_writes_metrics_plot_and_both_checkpoints(tmp_path, corpus, run_command) -> None:
-    status, out, err = run_command(main, tiny_flags(tmp_path, corpus, "--max-steps", "6", "--eval-freq", "3"))
+    status, out, err = run_command(main, tiny_flags(tmp_path, corpus, "--max-steps", "6",
+                                                    "--eval-freq", "3"))
     assert status == 0, err
     run = tmp_path / "runs" / "cli"
     lines = (run / "metrics.csv").read_text().splitlines()
@@ -50,7 +54,8 @@ def test_smoke_run_writes_metrics_plot_and_both_checkpoints(tmp_path, corpus, ru
 
 
 def test_ctrl_c_saves_last_and_resume_finishes_the_run(tmp_path, corpus, capsys) -> None:
-    flags = tiny_flags(tmp_path, corpus, "--epochs", "1000", "--max-steps", "0", "--eval-freq", "50")
+    flags = tiny_flags(tmp_path, corpus, "--epochs", "1000", "--max-steps", "0", "--eval-freq",
+                       "50")
     proc = run_script(*flags)
     metrics = tmp_path / "runs" / "cli" / "metrics.csv"
     deadline = time.monotonic() + 120
@@ -71,9 +76,11 @@ def test_ctrl_c_saves_last_and_resume_finishes_the_run(tmp_path, corpus, capsys)
 
 
 def test_divergence_exits_non_zero_naming_the_step(tmp_path, corpus, capsys) -> None:
-    err = cli_error(tiny_flags(tmp_path, corpus, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "10"),
+    err = cli_error(tiny_flags(tmp_path, corpus, "--lr", "1e30", "--warmup-steps", "0",
+                               "--max-steps", "10"),
                     capsys)
-    assert err.startswith("error: the loss is nan at step 2: training stopped before that step changed")
+    assert err.startswith("error: the loss is nan at step 2: training stopped before that step "
+                          "changed")
 
 
 def test_bad_input_from_the_script_is_one_line_without_traceback(tmp_path) -> None:
@@ -111,7 +118,7 @@ def test_bad_data_and_context(tmp_path, corpus, capsys) -> None:
     assert "--context-length 129 exceeds the model's context length 128" in err
     err = cli_error(tiny_flags(tmp_path, corpus, "--data", str(tmp_path / "missing.txt")), capsys)
     assert "missing.txt" in err
-    assert not (tmp_path / "runs" / "cli").exists() or not any((tmp_path / "runs" / "cli").iterdir())
+    assert not (tmp_path / "runs" / "cli").exists() or not any((tmp_path / "runs" / "cli").iterdir())  # noqa: E501
 
 
 def test_resume_errors(tmp_path, corpus, capsys) -> None:
@@ -176,4 +183,4 @@ def test_the_root_script_only_calls_the_package_command() -> None:
                                capture_output=True, text=True, timeout=120, check=False,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert as_module.returncode == 2
-    assert as_module.stderr == "error: --batch-size must be at least 1, got 0; e.g. --batch-size 8\n"
+    assert as_module.stderr == "error: --batch-size must be at least 1, got 0; e.g. --batch-size 8\n"  # noqa: E501

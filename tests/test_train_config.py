@@ -6,7 +6,14 @@ import pytest
 
 from gpt.base.errors import UserError
 from gpt.model.config import ConfigError
-from gpt.training.settings import RENAMED, TrainConfig, build_parser, current_names, field_docs, read_toml
+from gpt.training.settings import (
+    RENAMED,
+    TrainConfig,
+    build_parser,
+    current_names,
+    field_docs,
+    read_toml,
+)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -35,10 +42,12 @@ def test_config_from_dict_refuses_unknown_keys_and_takes_ints_as_floats() -> Non
 
 
 def test_old_setting_names_are_read_as_the_new_ones() -> None:
-    """A train_config.json or TOML file written before `errors` became `decode_errors` still loads."""
+    """A train_config.json or TOML file written before `errors` became `decode_errors` still loads.
+    """
     assert RENAMED == {"errors": "decode_errors"}
     assert TrainConfig.from_dict({"errors": "replace"}).decode_errors == "replace"
-    assert current_names({"errors": "replace", "lr": 1.0}) == {"decode_errors": "replace", "lr": 1.0}
+    assert current_names({"errors": "replace", "lr": 1.0}) == {"decode_errors": "replace",
+                                                               "lr": 1.0}
     with pytest.raises(ConfigError, match="errors and decode_errors are the same setting"):
         current_names({"errors": "replace", "decode_errors": "strict"})
 
@@ -60,6 +69,7 @@ def test_every_setting_is_a_documented_flag_and_the_old_flag_is_an_alias() -> No
     assert vars(parser.parse_args(["--decode-errors", "replace", "--no-compile"])) == {
         "decode_errors": "replace", "compile": False}
     assert vars(parser.parse_args([])) == {}  # no defaults: only the flags given override
-    with pytest.raises(UserError, match=r"argument --lr: invalid float value: 'fast'; see python train\.py"):
+    with pytest.raises(UserError, match=r"argument --lr: invalid float value: 'fast'; see python "
+                                        r"train\.py"):
         parser.parse_args(["--lr", "fast"])
 

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def golden_run(tmp_path: Path) -> list[float]:
     """The first 20 step losses of a fixed tiny run on the explicit float32 CPU path, one thread.
 
-    Pinned: every setting (see `tiny`), dtype float32 (not auto, which may pick bf16), the full-logits
-    loss of `lm_loss` (what `train_step` computes today; a faster loss path must keep this one).
+    Pinned: every setting (see `tiny`), dtype float32 (not auto, which may pick bf16), the
+    full-logits loss of `lm_loss` (what `train_step` computes today; a faster loss path must keep
+    this one).
     """
     torch.set_num_threads(1)  # a matmul's summation order may depend on the thread count
     cfg = tiny(tmp_path, context_length=32, max_steps=20, eval_freq=20, eval_iters=1, seed=7)
@@ -48,12 +49,13 @@ def golden_losses(tmp_path: Path) -> list[float]:
     """`golden_run` in a fresh process whose ATen kernels are pinned to AVX2.
 
     PyTorch picks its vectorised CPU kernels by the widest instruction set the CPU has, and a
-    reduction summed in 16-float lanes (AVX-512) rounds differently from one in 8-float lanes (AVX2):
-    the same run's losses then differ in the last bit. ATEN_CPU_CAPABILITY, read when torch is
-    imported, pins the lane width (made on an AVX2-only EPYC, reproduced bit for bit on an AVX-512
-    one). It does not pin the BLAS library's own kernels, which differ by CPU vendor: an Intel Xeon
-    gives the same run with a few losses one or two float32 ulps away, so `test_golden_losses`
-    compares to GOLDEN_RTOL, far below what any change to the model, data or loop moves them by.
+    reduction summed in 16-float lanes (AVX-512) rounds differently from one in 8-float lanes
+    (AVX2): the same run's losses then differ in the last bit. ATEN_CPU_CAPABILITY, read when torch
+    is imported, pins the lane width (made on an AVX2-only EPYC, reproduced bit for bit on an
+    AVX-512 one). It does not pin the BLAS library's own kernels, which differ by CPU vendor: an
+    Intel Xeon gives the same run with a few losses one or two float32 ulps away, so
+    `test_golden_losses` compares to GOLDEN_RTOL, far below what any change to the model, data or
+    loop moves them by.
     """
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
             "from test_trainer import golden_run; print(json.dumps(golden_run(Path(sys.argv[2]))))")
@@ -102,7 +104,8 @@ def scripted_evaluation(monkeypatch, losses) -> None:
     """The cross-entropy objective's evaluations replaced by `losses(run)` = (train, validation)."""
     def evaluate(self, run) -> dict[str, float]:
         train_loss, val_loss = losses(run)
-        return {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+        return {"train_loss": train_loss, "val_loss": val_loss,
+                "val_perplexity": math.exp(val_loss)}
 
     monkeypatch.setattr(LanguageModeling, "evaluate", evaluate)
 
@@ -122,18 +125,20 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch, capsys, va
 
     scripted_evaluation(monkeypatch, fake_estimate)
     result = train(tiny(tmp_path, eval_freq=2, patience=3, min_delta=min_delta), token_ids=TOKENS)
-    assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step, best_step)
+    assert (result.stop_reason, result.step, result.best_step) == ("early_stop", last_step,
+                                                                   best_step)
     assert sorted(snapshots) == list(range(0, last_step + 1, 2))
     assert_same_params(params(load_checkpoint(tmp_path / "run" / "best")), snapshots[best_step])
     assert_same_params(params(load_checkpoint(tmp_path / "run" / "last")), snapshots[last_step])
     assert load_train_state(tmp_path / "run" / "best")["state"]["step"] == best_step
     out = capsys.readouterr().out
-    assert f"best validation loss {val_losses[best_step // 2]:.4f}" in out and f"at step {best_step}" in out
+    assert f"best validation loss {val_losses[best_step // 2]:.4f}" in out and f"at step {best_step}" in out  # noqa: E501
 
 
 def test_patience_zero_never_stops_early(tmp_path, monkeypatch) -> None:
     scripted_evaluation(monkeypatch, lambda run: (1.0, 1.0))  # a flat line
-    result = train(tiny(tmp_path, epochs=1, eval_freq=5, patience=0), token_ids=TOKENS)  # 3 flat evals
+    # 3 flat evals
+    result = train(tiny(tmp_path, epochs=1, eval_freq=5, patience=0), token_ids=TOKENS)
     assert (result.stop_reason, result.step) == ("done", STEPS_PER_EPOCH)
 
 
@@ -165,7 +170,8 @@ def test_non_finite_stops_before_the_update(tmp_path, what: str) -> None:
     after = params(run.model)
     after["adam steps"] = torch.tensor([s["step"] for s in run.optimizer.state.values()])
     assert_same_params(after, before)
-    assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4  # the last evaluation's
+    # the last evaluation's
+    assert load_train_state(tmp_path / "run" / "last")["state"]["step"] == 4
 
 
 def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
@@ -227,10 +233,12 @@ KILLER = textwrap.dedent("""
 
 
 def test_a_killed_process_leaves_a_whole_checkpoint(tmp_path) -> None:
-    """SIGKILL (no cleanup at all) at arbitrary moments of a save loop: what is left loads, whole."""
+    """SIGKILL (no cleanup at all) at arbitrary moments of a save loop: what is left loads, whole.
+    """
     target = tmp_path / "last"
     for delay in (0.5,):
-        child = subprocess.Popen([sys.executable, "-c", KILLER, str(target)], stdout=subprocess.PIPE)
+        child = subprocess.Popen([sys.executable, "-c", KILLER, str(target)],
+                                 stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"ready\n"
         try:
             child.wait(timeout=delay)
@@ -266,7 +274,8 @@ def test_run_directory_files(tmp_path) -> None:
 
 
 def test_chunked_loss_trains_like_the_full_loss(tmp_path) -> None:
-    """--loss-chunk computes the same loss and gradients in pieces: float32 runs agree to rounding."""
+    """--loss-chunk computes the same loss and gradients in pieces: float32 runs agree to rounding.
+    """
     runs = {}
     for chunk in (0, 5):
         cfg = tiny(tmp_path, loss_chunk=chunk, max_steps=8, eval_freq=8, run_name=f"chunk{chunk}")
@@ -277,7 +286,8 @@ def test_chunked_loss_trains_like_the_full_loss(tmp_path) -> None:
     assert list(full[0].step_losses) == list(chunked[0].step_losses) == list(range(1, 9))
     for step, loss in full[0].step_losses.items():
         assert chunked[0].step_losses[step] == pytest.approx(loss, rel=1e-5)
-    for (name, a), b in zip(full[1].state_dict().items(), chunked[1].state_dict().values(), strict=True):
+    for (name, a), b in zip(full[1].state_dict().items(), chunked[1].state_dict().values(),
+                            strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -302,7 +312,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path) ->
     assert load_checkpoint(tmp_path / "run" / "last").config == run.model.config
 
 
-def test_compiled_training_loss_compiles_the_transformer_and_matches_the_eager_loss_and_gradients() -> None:
+def test_compiled_training_loss_compiles_the_transformer_and_matches_the_eager_loss_and_gradients() -> None:  # noqa: E501
     model = GPT(GPTConfig.preset("tiny", vocab_size=300, drop_rate=0.0))
     x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     y[0, :5] = -100

@@ -57,8 +57,10 @@ def random_hf_gpt2(spec: dict) -> GPT2LMHeadModel:
     qkv_bias = spec.pop("qkv_bias", True)
     hf = GPT2LMHeadModel(GPT2Config(**spec, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
     with torch.no_grad():
-        for name, param in hf.named_parameters():  # HF inits biases and LayerNorms to 0/1: randomise
-            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if name.endswith("ln_1.weight") else 0))
+        # HF inits biases and LayerNorms to 0/1: randomise
+        for name, param in hf.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if name.endswith("ln_1.weight")
+                                                         else 0))
             if name.endswith("attn.c_attn.bias") and not qkv_bias:
                 param.zero_()
     return hf
@@ -78,7 +80,8 @@ def assert_same_logits(ours: GPT, hf: GPT2LMHeadModel) -> None:
 # ---- the mapping ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", TINY_CONFIGS, ids=lambda s: f"L{s['n_layer']}H{s['n_head']}C{s['n_embd']}")
+@pytest.mark.parametrize("spec", TINY_CONFIGS,
+                         ids=lambda s: f"L{s['n_layer']}H{s['n_head']}C{s['n_embd']}")
 def test_logits_match_hf(spec: dict) -> None:
     hf = random_hf_gpt2(spec)
     ours = to_ours(hf, spec["qkv_bias"])
@@ -98,15 +101,19 @@ def test_round_trip_to_hf_layout_is_exact() -> None:
         assert torch.equal(back.get(name, back["transformer.wte.weight"]), tensor), name
 
 
-def openai_shapes(n_vocab: int, n_ctx: int, n_embd: int, n_layer: int) -> dict[str, tuple[int, ...]]:
-    """Every variable of OpenAI's `gpt-2/src/model.py`, written out from that code (not from our table)."""
+def openai_shapes(n_vocab: int, n_ctx: int, n_embd: int, n_layer: int) -> dict[str, tuple[int,
+                                                                                          ...]]:
+    """Every variable of OpenAI's `gpt-2/src/model.py`, written out from that code (not from our
+    table)."""
     shapes = {"model/wte": (n_vocab, n_embd), "model/wpe": (n_ctx, n_embd),
               "model/ln_f/g": (n_embd,), "model/ln_f/b": (n_embd,)}
     for i in range(n_layer):
         for norm in ("ln_1", "ln_2"):
             shapes |= {f"model/h{i}/{norm}/g": (n_embd,), f"model/h{i}/{norm}/b": (n_embd,)}
-        for conv, n_in, n_out in (("attn/c_attn", n_embd, 3 * n_embd), ("attn/c_proj", n_embd, n_embd),
-                                  ("mlp/c_fc", n_embd, 4 * n_embd), ("mlp/c_proj", 4 * n_embd, n_embd)):
+        for conv, n_in, n_out in (("attn/c_attn", n_embd, 3 * n_embd), ("attn/c_proj", n_embd,
+                                                                        n_embd),
+                                  ("mlp/c_fc", n_embd, 4 * n_embd), ("mlp/c_proj", 4 * n_embd,
+                                                                     n_embd)):
             shapes |= {f"model/h{i}/{conv}/w": (1, n_in, n_out), f"model/h{i}/{conv}/b": (n_out,)}
     return shapes
 
@@ -114,7 +121,8 @@ def openai_shapes(n_vocab: int, n_ctx: int, n_embd: int, n_layer: int) -> dict[s
 @pytest.mark.parametrize("size", GPT2_SIZES)
 @pytest.mark.parametrize("fmt", ["hf", "openai"])
 def test_mapping_is_complete_for_every_gpt2_size(size: str, fmt: str) -> None:
-    """Every stored tensor of the real sizes is used exactly once, with the right shape; all on meta."""
+    """Every stored tensor of the real sizes is used exactly once, with the right shape; all on
+    meta."""
     n_layer, n_head, n_embd = GPT2_SIZES[size]
     cfg = GPTConfig.preset(size)
     if fmt == "hf":
@@ -126,7 +134,8 @@ def test_mapping_is_complete_for_every_gpt2_size(size: str, fmt: str) -> None:
         source = {name: torch.empty(shape, device="meta")
                   for name, shape in openai_shapes(50257, 1024, n_embd, n_layer).items()}
         stored = set(source)
-    assert cfg == config_from_hf(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd).to_dict())
+    assert cfg == config_from_hf(GPT2Config(n_layer=n_layer, n_head=n_head,
+                                            n_embd=n_embd).to_dict())
     theirs = [name for _, name, _ in key_pairs(cfg, fmt)]
     assert sorted(theirs) == sorted(stored)  # each stored tensor once, no other
     state = to_gpt_state_dict(source, cfg, fmt)
@@ -171,7 +180,8 @@ def test_lone_safetensors_file_infers_its_size(tmp_path: Path) -> None:
     hf = random_hf_gpt2(dict(n_layer=2, n_head=2, n_embd=128, n_positions=16, vocab_size=70))
     save_file(published_layout(hf), tmp_path / "gpt2.safetensors")
     ours = load_pretrained(tmp_path / "gpt2.safetensors", drop_rate=0.0)
-    assert (ours.config.n_layers, ours.config.emb_dim, ours.config.n_heads) == (2, 128, 2)  # 128 // 64
+    # 128 // 64
+    assert (ours.config.n_layers, ours.config.emb_dim, ours.config.n_heads) == (2, 128, 2)
     assert (ours.config.vocab_size, ours.config.context_length) == (70, 16)
     assert_same_logits(ours, hf)
 
@@ -179,13 +189,16 @@ def test_lone_safetensors_file_infers_its_size(tmp_path: Path) -> None:
 def test_lone_file_takes_n_heads_override(tmp_path: Path) -> None:
     hf = random_hf_gpt2(dict(n_layer=1, n_head=4, n_embd=48, n_positions=8, vocab_size=30))
     save_file(published_layout(hf), tmp_path / "model.safetensors")
-    with pytest.raises(UserError, match=r"emb_dim 48 is not a multiple of GPT-2's head size 64; pass n_h"):
+    with pytest.raises(UserError, match=r"emb_dim 48 is not a multiple of GPT-2's head size 64; "
+                                        r"pass n_h"):
         load_pretrained(tmp_path / "model.safetensors")
-    assert_same_logits(load_pretrained(tmp_path / "model.safetensors", n_heads=4, drop_rate=0.0), hf)
+    assert_same_logits(load_pretrained(tmp_path / "model.safetensors", n_heads=4, drop_rate=0.0),
+                       hf)
 
 
 def test_openai_checkpoint_matches_tensorflow_logits() -> None:
-    expected = np.load(OPENAI_TINY / "expected.npz")  # computed by TensorFlow in make_openai_fixture.py
+    # computed by TensorFlow in make_openai_fixture.py
+    expected = np.load(OPENAI_TINY / "expected.npz")
     model = load_pretrained(OPENAI_TINY)
     hparams = json.loads((OPENAI_TINY / "hparams.json").read_text())
     cfg = model.config
@@ -197,7 +210,8 @@ def test_openai_checkpoint_matches_tensorflow_logits() -> None:
 
 
 def test_loaded_weights_train_without_touching_the_file(tmp_path: Path) -> None:
-    """The parameters are views of a copy-on-write memory map: an optimizer step must not write back."""
+    """The parameters are views of a copy-on-write memory map: an optimizer step must not write
+    back."""
     hf = random_hf_gpt2(TINY_CONFIGS[0])
     hf.save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
@@ -256,7 +270,8 @@ def test_model_name_downloads_from_the_hub(tmp_path: Path, monkeypatch: pytest.M
     load_pretrained("openai-community/gpt2")
     assert asked == [("openai-community/gpt2-medium", "config.json"),
                      ("openai-community/gpt2-medium", "model.safetensors"),
-                     ("openai-community/gpt2", "config.json"), ("openai-community/gpt2", "model.safetensors")]
+                     ("openai-community/gpt2", "config.json"), ("openai-community/gpt2",
+                                                                "model.safetensors")]
 
 
 def test_offline_hub_says_what_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,35 +285,41 @@ def test_offline_hub_says_what_to_download(tmp_path: Path, monkeypatch: pytest.M
     message = str(info.value)
     assert "\n" not in message
     assert "ConnectionError: Failed to resolve 'huggingface.co'" in message
-    assert "download config.json and model.safetensors from https://huggingface.co/openai-community/gpt2 " \
-           "into a directory and pass that" in message
+    assert ("download config.json and model.safetensors from "
+            "https://huggingface.co/openai-community/gpt2 into a directory and pass that"
+            in message)
 
 
 def test_unresolvable_hub_fails_at_once_when_the_cache_misses(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: E501
     def cache_miss(repo_id: str, filename: str, local_files_only: bool) -> str:
         assert local_files_only  # never a network attempt with its long retries
         raise FileNotFoundError("not in the cache")
 
     fake_hub(monkeypatch, cache_miss, reachable=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub cannot be reached "
-                                        r"\(huggingface.co:443: refused\) and the files are not in the local "
+    with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub cannot "
+                                        r"be reached "
+                                        r"\(huggingface.co:443: refused\) and the files are not in "
+                                        r"the local "
                                         r"cache\); download config.json and model.safetensors"):
         load_pretrained("gpt2")
 
 
-def test_missing_huggingface_hub_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_huggingface_hub_is_explained(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r'huggingface_hub is not installed .*pip install -e "\.\[hf\]"'
+    with pytest.raises(UserError, match=r'huggingface_hub is not installed .*pip install -e '
+                                        r'"\.\[hf\]"'
                                         r".*huggingface\.co/openai-community/gpt2-xl"):
         load_pretrained("gpt2-xl")
 
 
 def test_unknown_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="'gpt3' is neither a file or directory nor a known model; known "
+    with pytest.raises(UserError, match="'gpt3' is neither a file or directory nor a known model; "
+                                        "known "
                                         "models: gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
         load_pretrained("gpt3")
 
@@ -310,15 +331,19 @@ def test_unknown_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.M
     {}, {"qkv_bias": False}, {"tie_embeddings": False},
     {"tie_embeddings": False, "qkv_bias": False, "init_scheme": "torch"},  # recipes/book-ch5.toml's
 ], ids=str)
-def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path, overrides: dict) -> None:
-    ours = GPT(GPTConfig.preset("tiny", vocab_size=97, context_length=16, drop_rate=0.0, **overrides)).eval()
+def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path: Path,
+                                                            overrides: dict) -> None:
+    ours = GPT(GPTConfig.preset("tiny", vocab_size=97, context_length=16, drop_rate=0.0,
+                                **overrides)).eval()
     with torch.no_grad():
         for param in ours.parameters():
             param.add_(torch.randn_like(param) * 0.1)  # biases and norms away from their 0/1 init
     save_hf(ours, tmp_path / "hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json",
+                                                                   "model.safetensors"]
     stored = load_file(tmp_path / "hf" / "model.safetensors")
-    assert ("lm_head.weight" in stored) == (not ours.config.tie_embeddings)  # a tied head is stored once
+    # a tied head is stored once
+    assert ("lm_head.weight" in stored) == (not ours.config.tie_embeddings)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.model_type == "gpt2" and hf.config.activation_function == "gelu_new"
     assert hf.config.tie_word_embeddings is ours.config.tie_embeddings
@@ -337,9 +362,11 @@ def test_save_hf_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["best", "last"])
-def test_export_command_writes_a_transformers_directory(tmp_path: Path, run_command, which: str) -> None:
+def test_export_command_writes_a_transformers_directory(tmp_path: Path, run_command,
+                                                        which: str) -> None:
     """A run's best/ is exported, or its last/ when it stopped before its first evaluation. (The
-    command's `main`, in this process; test_export.py and test_console_scripts.py start it as a process.)"""
+    command's `main`, in this process; test_export.py and test_console_scripts.py start it as a
+    process.)"""
     ours = GPT(GPTConfig.preset("tiny", drop_rate=0.0)).eval()
     (tmp_path / "run" / which).mkdir(parents=True)
     save_model(ours, tmp_path / "run" / which)
@@ -359,23 +386,27 @@ def test_a_padded_vocabulary_loads_and_exports_the_same_logits(tmp_path: Path) -
 
 
 def test_export_command_error_is_one_line(tmp_path: Path, run_command) -> None:
-    line = run_command(export_main, [str(tmp_path / "nowhere"), str(tmp_path / "out")]).one_line_error()
+    line = run_command(export_main, [str(tmp_path / "nowhere"),
+                                     str(tmp_path / "out")]).one_line_error()
     assert line == (
-        f"error: {tmp_path / 'nowhere'} is neither a checkpoint directory (with model.safetensors) nor a "
+        f"error: {tmp_path / 'nowhere'} is neither a checkpoint directory (with model.safetensors) "
+        f"nor a "
         "run directory (with best/ or last/); pass e.g. runs/<run-name>")
 
 
 def test_generate_front_continues_like_transformers(tmp_path: Path, run_command) -> None:
-    """`generate.py --init DIR` (its `main`), greedy, prints what HF's greedy `generate` makes of the
-    same weights.
+    """`generate.py --init DIR` (its `main`), greedy, prints what HF's greedy `generate` makes of
+    the same weights.
 
     float32 on both sides: the script's default (bf16) rounds the weights, and greedy decoding of a
     random model flips at near-ties.
     """
     hf = random_hf_gpt2(dict(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50257))
     hf.save_pretrained(tmp_path / "hf")
-    status, out, err = run_command(generate_main, ["--init", str(tmp_path / "hf"), "--max-new-tokens", "5",
-                                                   "--prompt", "hi", "--temperature", "0", "--dtype",
+    status, out, err = run_command(generate_main, ["--init", str(tmp_path / "hf"),
+                                                   "--max-new-tokens", "5",
+                                                   "--prompt", "hi", "--temperature", "0",
+                                                   "--dtype",
                                                    "float32", "--device", "cpu"])
     assert status == 0, err
     tokenizer = get_tokenizer()
@@ -408,14 +439,16 @@ def test_missing_tensor_is_named(hf_dir: Path) -> None:
 
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir: Path) -> None:
     edit_config(hf_dir, n_positions=64)
-    with pytest.raises(UserError, match=r"tensor 'transformer\.wpe\.weight' has shape \(32, 32\), expected "
+    with pytest.raises(UserError, match=r"tensor 'transformer\.wpe\.weight' has shape \(32, 32\), "
+                                        r"expected "
                                         r"\(64, 32\) for this config"):
         load_pretrained(hf_dir)
 
 
 def test_config_with_fewer_layers_than_the_tensors(hf_dir: Path) -> None:
     edit_config(hf_dir, n_layer=1)
-    with pytest.raises(UserError, match=r"holds tensors this config does not use \(transformer\.h\.1\."):
+    with pytest.raises(UserError, match=r"holds tensors this config does not use "
+                                        r"\(transformer\.h\.1\."):
         load_pretrained(hf_dir)
     edit_config(hf_dir, n_layer=3)
     with pytest.raises(UserError, match=r"missing tensor 'transformer\.h\.2\.ln_1\.weight'"):
@@ -429,7 +462,8 @@ def test_config_of_another_model_type(hf_dir: Path) -> None:
 
 
 def test_unknown_override_is_named(hf_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) n_head; known: vocab_size, "):
+    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) n_head; known: "
+                                          r"vocab_size, "):
         load_pretrained(hf_dir, n_head=2)
 
 
@@ -438,7 +472,8 @@ def test_unreadable_safetensors(hf_dir: Path, damage: str) -> None:
     path = hf_dir / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"<html>Not Found</html>")
-    with pytest.raises(UserError, match=r"model\.safetensors .*the file is truncated or not safetensors"):
+    with pytest.raises(UserError, match=r"model\.safetensors .*the file is truncated or not "
+                                        r"safetensors"):
         load_pretrained(hf_dir)
 
 
@@ -453,14 +488,17 @@ class _Exploit:
 def test_pickles_are_loaded_without_running_code(tmp_path: Path, zip_format: bool) -> None:
     exploit = _Exploit()
     exploit.marker = str(tmp_path / "pwned")
-    torch.save({"wte.weight": exploit}, tmp_path / "model.bin", _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(UserError, match=r"cannot read \S+model\.bin safely with torch\.load\(weights_only"):
+    torch.save({"wte.weight": exploit}, tmp_path / "model.bin",
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UserError, match=r"cannot read \S+model\.bin safely with "
+                                        r"torch\.load\(weights_only"):
         load_pretrained(tmp_path / "model.bin")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_legacy_bin_file_loads(tmp_path: Path) -> None:
-    """Files from torch < 1.6 cannot be memory-mapped; they are read whole, still with weights_only."""
+    """Files from torch < 1.6 cannot be memory-mapped; they are read whole, still with weights_only.
+    """
     hf = random_hf_gpt2(dict(n_layer=1, n_head=1, n_embd=64, n_positions=8, vocab_size=30))
     torch.save(published_layout(hf), tmp_path / "old.bin", _use_new_zipfile_serialization=False)
     assert_same_logits(load_pretrained(tmp_path / "old.bin", drop_rate=0.0), hf)
@@ -468,9 +506,12 @@ def test_legacy_bin_file_loads(tmp_path: Path) -> None:
 
 def test_directory_of_no_known_layout_says_what_was_expected(tmp_path: Path) -> None:
     (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(UserError, match=r"none of the known layouts; expected a Hugging Face GPT-2 directory "
-                                        r"\(config\.json \+ model\.safetensors or pytorch_model\.bin\), "
-                                        r"OpenAI's release \(hparams\.json, checkpoint, model\.ckpt\.index"):
+    with pytest.raises(UserError, match=r"none of the known layouts; expected a Hugging Face GPT-2 "
+                                        r"directory "
+                                        r"\(config\.json \+ model\.safetensors or "
+                                        r"pytorch_model\.bin\), "
+                                        r"OpenAI's release \(hparams\.json, checkpoint, "
+                                        r"model\.ckpt\.index"):
         load_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"expected a \.safetensors or \.bin file, or a directory"):
         load_pretrained(tmp_path / "weights.npz")
@@ -496,5 +537,6 @@ def test_damaged_openai_hparams(openai_dir: Path) -> None:
         load_pretrained(openai_dir)
     del hparams["n_ctx"]
     path.write_text(json.dumps(hparams))
-    with pytest.raises(UserError, match=r"hparams\.json lacks the field 'n_ctx'; it needs n_vocab, n_ctx"):
+    with pytest.raises(UserError, match=r"hparams\.json lacks the field 'n_ctx'; it needs n_vocab, "
+                                        r"n_ctx"):
         load_pretrained(openai_dir)

@@ -17,16 +17,18 @@ def pattern_tokens(n: int, offset: int = 0) -> np.ndarray:
     return ((np.arange(offset, offset + n) * 17) % 61 * 811).astype(np.uint16)
 
 
-# 370 tokens make 23 windows of 16 (the book's count: starts 0, 16, ..., 352): 11 batches of 2 and one
-# window that drop_last leaves out, so every epoch exercises the partial-batch path.
+# 370 tokens make 23 windows of 16 (the book's count: starts 0, 16, ..., 352): 11 batches of 2 and
+# one window that drop_last leaves out, so every epoch exercises the partial-batch path.
 TOKENS = (pattern_tokens(370), pattern_tokens(120, offset=5000))
 STEPS_PER_EPOCH = 11
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
     # Every setting the losses depend on is pinned here, so changing a default cannot change a test.
-    settings = dict(preset="tiny", drop_rate=0.1, context_length=16, batch_size=2, grad_accum=1, epochs=3,
-                    max_steps=0, lr=3e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1, grad_clip=1.0,
+    settings = dict(preset="tiny", drop_rate=0.1, context_length=16, batch_size=2, grad_accum=1,
+                    epochs=3,
+                    max_steps=0, lr=3e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1,
+                    grad_clip=1.0,
                     eval_freq=4, eval_iters=2, patience=0, sample_tokens=0, dtype="float32",
                     loss_chunk=0, device="cpu", seed=123, out=str(tmp_path), run_name="run")
     return TrainConfig(**{**settings, **overrides})

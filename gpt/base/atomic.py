@@ -1,7 +1,7 @@
 """Writing files and directories so that a kill at any moment leaves the old version or the new one
-whole, never half of one: the token cache and downloads (`gpt.data.windows`), checkpoints and exports
-(`gpt.checkpoints.checkpoint`, `gpt.checkpoints.weights`), the loss plot, the run's settings and a resumed run's metrics.csv
-(`gpt.base.plot`, `gpt.training.trainer`, `gpt.training.metrics`).
+whole, never half of one: the token cache and downloads (`gpt.data.windows`), checkpoints and
+exports (`gpt.checkpoints.checkpoint`, `gpt.checkpoints.weights`), the loss plot, the run's settings
+and a resumed run's metrics.csv (`gpt.base.plot`, `gpt.training.trainer`, `gpt.training.metrics`).
 
 A file (`atomic_file`) is written under a temporary name beside it, flushed to disk, then renamed
 over the target in one step (`os.replace`).
@@ -48,7 +48,8 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 # .<name>.tmp.<pid>.<hex>; older versions wrote .<name>.tmp and .<name>.<12 hex>.tmp, without a pid.
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.[0-9a-f]{12}\.tmp|\.tmp(?:\.(?P<pid>\d+)\.[0-9a-f]{8})?)")
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)"
+                        r"(?:\.[0-9a-f]{12}\.tmp|\.tmp(?:\.(?P<pid>\d+)\.[0-9a-f]{8})?)")
 
 
 def _fsync(path: Path) -> None:
@@ -85,8 +86,10 @@ def write_errors(target: Path) -> Iterator[None]:
         if isinstance(exc, UserError) or not _write_failed(exc):
             raise
         raise _in_the_way(Path(target), exc) or UserError(
-            f"cannot write {target} ({first_line(exc)}): the disk is full, a file-size limit (ulimit -f) was "
-            f"reached or the file system refused; {target} keeps its previous version: free space (or fix "
+            f"cannot write {target} ({first_line(exc)}): the disk is full, a file-size limit "
+            f"(ulimit -f) was "
+            f"reached or the file system refused; {target} keeps its previous version: free space "
+            f"(or fix "
             "the file system), then run again") from exc
 
 
@@ -97,10 +100,12 @@ def _in_the_way(target: Path, exc: Exception) -> UserError | None:
     if isinstance(exc, PermissionError):
         failed = Path(exc.filename) if exc.filename is not None else target
         written = failed == target.parent or target.parent in failed.parents  # else a file read
-        return permission_denied(target if written else exc.filename, "write" if written else "read")
+        return permission_denied(target if written else exc.filename, "write" if written
+                                 else "read")
     blocker = blocking_file(target)
     if blocker is not None:
-        return UserError(f"cannot write {target}: {blocker} is a file, not a directory; choose a path "
+        return UserError(f"cannot write {target}: {blocker} is a file, not a directory; choose a "
+                         f"path "
                          "under a directory")
     if isinstance(exc, IsADirectoryError):
         return UserError(f"cannot write {target}: it is a directory; give the name of a file")
@@ -113,7 +118,8 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     see a partial file, and an exception or interrupt leaves nothing behind."""
     path = Path(path)
     tmp = _temporary(path)
-    # Before write_errors: a file where a directory should be is not a full disk (the caller says what).
+    # Before write_errors: a file where a directory should be is not a full disk (the caller says
+    # what).
     path.parent.mkdir(parents=True, exist_ok=True)
     with write_errors(path):
         # os.open rather than mkstemp: mode 0o666 lets the umask decide, as for any ordinary file.
@@ -163,7 +169,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def copy_directory(source: Path, target: Path) -> None:
-    """Make `target` a copy of the directory `source` (files and folders in it), with `atomic_directory`."""
+    """Make `target` a copy of the directory `source` (files and folders in it), with
+    `atomic_directory`."""
     with atomic_directory(target) as tmp:
         for item in Path(source).iterdir():
             if item.is_dir():
@@ -173,7 +180,8 @@ def copy_directory(source: Path, target: Path) -> None:
 
 
 def temporary_of(filename: str) -> str | None:
-    """The name whose temporary `filename` is (`.loss.png.tmp.<pid>.<hex>` -> `loss.png`), or None."""
+    """The name whose temporary `filename` is (`.loss.png.tmp.<pid>.<hex>` -> `loss.png`), or None.
+    """
     found = _TEMPORARY.fullmatch(filename)
     return found["name"] if found else None
 

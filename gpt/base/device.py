@@ -1,14 +1,19 @@
 """Where and in what precision the model runs, and the process settings that make each device fast.
 
-    pick_device("auto")               cuda, then mps, then cpu; cuda:N must be one of the visible GPUs
+    pick_device("auto")               cuda, then mps, then cpu; cuda:N must be one of the visible
+                                      GPUs
     configure_device(device)          make a GPU current, let float32 matmuls use TF32 on it
     training_dtype / decoding_dtype   what `--dtype auto` means for each job (they differ: see each)
     autocast(device, dtype)           mixed precision, or nothing for float32
-    eval_mode(model)                  a block run in eval mode (no dropout), the model's mode restored after
-    load_scaler_state(scaler, state)  a saved float16 loss scale, or a fresh one where none was saved
-    skipped_step_note(scaler, step)   a float16 step the scaler skipped, as a line; a collapsed scale stops
+    eval_mode(model)                  a block run in eval mode (no dropout), the model's mode
+                                      restored after
+    load_scaler_state(scaler, state)  a saved float16 loss scale, or a fresh one where none was
+                                      saved
+    skipped_step_note(scaler, step)   a float16 step the scaler skipped, as a line; a collapsed
+                                      scale stops
     device_rng_state(device)          the random generator of the device in use, to save and restore
-    user_error_for(exc, ...)          out of memory, a failed --compile: the one-line error and its fix
+    user_error_for(exc, ...)          out of memory, a failed --compile: the one-line error and its
+                                      fix
     flag_fixable_errors(fix)          turn those into that error around a command's work
     keep_freed_memory()               stop glibc handing big freed blocks back to the kernel
 """
@@ -43,10 +48,12 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise UserError(f"--device {name} is not available on this machine; use --device auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if (device.type == "cuda" and device.index is not None
+            and device.index >= torch.cuda.device_count()):
         count = torch.cuda.device_count()  # the GPUs CUDA_VISIBLE_DEVICES lets this process see
         raise UserError(f"--device {name}: this machine has {count} visible CUDA GPU(s), cuda:0 to "
                         f"cuda:{count - 1}; use one of those, or --device cuda")
@@ -72,7 +79,8 @@ def configure_device(device: torch.device) -> None:
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matrix products in hardware, rather than emulating them (far slower).
+    """Whether `device` runs bf16 matrix products in hardware, rather than emulating them (far
+    slower).
 
     CUDA: compute capability 8.0 (Ampere) or newer, asked of `device` itself. Not
     `torch.cuda.is_bf16_supported()`: it counts emulation too, so it says yes on a T4, V100 or RTX
@@ -87,25 +95,31 @@ def has_native_bf16(device: torch.device) -> bool:
 
 
 def _refuse_unsupported(dtype: torch.dtype, device: torch.device) -> None:
-    """A UserError for an asked-for dtype that `device` cannot run (torch would fall back silently)."""
-    if dtype == torch.bfloat16 and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
-        # Before macOS 14 torch turns bfloat16 autocast off with a warning: a float32 run that says bf16.
-        raise UserError("--dtype bfloat16 on an Apple GPU needs macOS 14 or newer; use --dtype float32 "
+    """A UserError for an asked-for dtype that `device` cannot run (torch would fall back silently).
+    """
+    if (dtype == torch.bfloat16 and device.type == "mps"
+            and not torch.backends.mps.is_macos_or_newer(14, 0)):
+        # Before macOS 14 torch turns bfloat16 autocast off with a warning: a float32 run that says
+        # bf16.
+        raise UserError("--dtype bfloat16 on an Apple GPU needs macOS 14 or newer; use --dtype "
+                        "float32 "
                         "(or float16 with generate.py)")
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for training with `--dtype name` on `device`.
 
-    `auto` picks bfloat16 only where the hardware has it (`has_native_bf16`): on a CPU with AVX512-BF16
-    a bf16 matmul ran several times the float32 rate, where bf16 is emulated hundreds of times slower
-    (BENCHMARKS.md). A CUDA GPU without it gets float16, which its tensor cores run, with the loss
-    scaler; an Apple GPU float32. float16 needs the loss scaler, which the trainer runs on CUDA only.
+    `auto` picks bfloat16 only where the hardware has it (`has_native_bf16`): on a CPU with
+    AVX512-BF16 a bf16 matmul ran several times the float32 rate, where bf16 is emulated hundreds of
+    times slower (BENCHMARKS.md). A CUDA GPU without it gets float16, which its tensor cores run,
+    with the loss scaler; an Apple GPU float32. float16 needs the loss scaler, which the trainer
+    runs on CUDA only.
     """
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.float16 and device.type != "cuda":
-            raise UserError(f"--dtype {name} needs a CUDA GPU; use --dtype bfloat16 or float32 on {device}")
+            raise UserError(f"--dtype {name} needs a CUDA GPU; use --dtype bfloat16 or float32 on "
+                            f"{device}")
         _refuse_unsupported(dtype, device)
         return dtype
     if device.type == "cuda":
@@ -135,7 +149,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 class Switchable(Protocol):
-    """A model with a training mode (`torch.nn.Module` and `gpt.eval.perplexity.LanguageModel` are)."""
+    """A model with a training mode (`torch.nn.Module` and `gpt.eval.perplexity.LanguageModel` are).
+    """
 
     training: bool
 
@@ -157,9 +172,9 @@ def eval_mode(model: Switchable) -> Iterator[None]:
 def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     """Put a saved GradScaler state (`scaler.state_dict()`) into `scaler`.
 
-    A scaler that was disabled (a run in any dtype but float16) saves an empty state, which an enabled
-    one refuses: a run resumed with `--dtype float16` then starts from the initial loss scale, as a
-    new float16 run does. A disabled scaler ignores whatever it is given.
+    A scaler that was disabled (a run in any dtype but float16) saves an empty state, which an
+    enabled one refuses: a run resumed with `--dtype float16` then starts from the initial loss
+    scale, as a new float16 run does. A disabled scaler ignores whatever it is given.
     """
     if state:
         scaler.load_state_dict(state)
@@ -174,7 +189,8 @@ def skipped_step_note(scaler: torch.amp.GradScaler, step: int) -> str:
     """
     scale = scaler.get_scale()
     if scale < 1.0:
-        raise TrainingDiverged(f"float16 overflowed at every step until the loss scale fell to {scale:g} "
+        raise TrainingDiverged(f"float16 overflowed at every step until the loss scale fell to "
+                               f"{scale:g} "
                                f"(step {step}); use --dtype bfloat16 or float32, or lower --lr")
     return f"step {step} skipped (float16 overflow, loss scale now {scale:g})"
 
@@ -183,8 +199,8 @@ def device_rng_state(device: torch.device) -> dict[str, Any] | None:
     """The state of `device`'s random generator (dropout's, on a GPU), for a checkpoint; None on the
     CPU, whose generator `torch.get_rng_state()` covers.
 
-    Only the device in use: the other GPUs' generators drew nothing for this run, and a state saved for
-    each of a 4-GPU box's GPUs could not be restored by index where fewer are visible.
+    Only the device in use: the other GPUs' generators drew nothing for this run, and a state saved
+    for each of a 4-GPU box's GPUs could not be restored by index where fewer are visible.
     """
     if device.type == "cuda":
         return {"type": "cuda", "state": torch.cuda.get_rng_state(device)}
@@ -208,8 +224,8 @@ def set_device_rng_state(device: torch.device, saved: dict[str, Any] | None) -> 
     return True
 
 
-# What a RuntimeError says when an allocator gave up: CUDA's and MPS's (older torch raised those as a
-# plain RuntimeError), cuBLAS's when it cannot get its workspace, and the CPU's.
+# What a RuntimeError says when an allocator gave up: CUDA's and MPS's (older torch raised those as
+# a plain RuntimeError), cuBLAS's when it cannot get its workspace, and the CPU's.
 _OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|can't allocate memory")
 
 
@@ -223,13 +239,15 @@ def user_error_for(exc: BaseException, out_of_memory_fix: str) -> UserError | No
     itself raised.
     """
     cause = exc
-    while getattr(cause, "inner_exception", None) is not None:  # what the compiler raised, unwrapped
+    # what the compiler raised, unwrapped
+    while getattr(cause, "inner_exception", None) is not None:
         cause = cause.inner_exception  # type: ignore[attr-defined]
     if isinstance(cause, torch.OutOfMemoryError) or (
             isinstance(cause, RuntimeError) and _OUT_OF_MEMORY.search(str(cause))):
         # CUDA's message runs on for a paragraph; its first two sentences say what was asked for.
         sentences = re.split(r"(?<=\.)\s+", first_line(cause))
-        return UserError(f"out of memory ({' '.join(sentences[:2]).rstrip('.')}); {out_of_memory_fix}")
+        return UserError(f"out of memory ({' '.join(sentences[:2]).rstrip('.')}); "
+                         f"{out_of_memory_fix}")
     if any(cls.__module__.startswith(("torch._dynamo", "torch._inductor", "triton"))
            for cls in type(exc).__mro__):
         return UserError(f"--compile failed ({describe(cause)}); run without --compile (it needs a "
@@ -253,7 +271,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbe
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the kernel. True if applied.
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel. True if
+    applied.
 
     PyTorch's CPU tensors come from malloc. glibc serves a block of 32 MiB or more with a fresh
     mmap and unmaps it on free, so every step's big temporaries (a batch of logits is 8 x 256 x

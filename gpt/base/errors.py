@@ -41,7 +41,8 @@ def describe(exc: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a command-line front: a `UserError` becomes `error: <message>` on stderr and exit status 2."""
+    """Run a command-line front: a `UserError` becomes `error: <message>` on stderr and exit status
+    2."""
     try:
         main()
     except UserError as exc:

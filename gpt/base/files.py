@@ -16,7 +16,8 @@ from gpt.base.errors import UserError
 
 
 def permission_denied(path: str | os.PathLike[str] | None, doing: str) -> UserError:
-    """The one line for a permission denied on `path` (unknown: None) while `doing` it (read, write)."""
+    """The one line for a permission denied on `path` (unknown: None) while `doing` it (read,
+    write)."""
     what = f"{doing} {path}" if path is not None else f"{doing} a file it needs"
     return UserError(f"permission denied: this user may not {what}; change its permissions (or its "
                      "directory's), run as its owner, or use another path")
@@ -31,7 +32,8 @@ def check_readable(path: Path) -> None:
 
 @contextlib.contextmanager
 def permission_errors(doing: str = "read or write") -> Iterator[None]:
-    """Turn a `PermissionError` raised in the block into `permission_denied` of the file it names."""
+    """Turn a `PermissionError` raised in the block into `permission_denied` of the file it names.
+    """
     try:
         yield
     except PermissionError as exc:

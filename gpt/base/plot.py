@@ -1,8 +1,10 @@
-"""Losses as PNG pictures: the training curves (`plot_losses`) and a text coloured by loss per token.
+"""Losses as PNG pictures: the training curves (`plot_losses`) and a text coloured by loss per
+token.
 
-Drawn on matplotlib's Agg canvas through the object-oriented API (`Figure`, not `pyplot`), so it needs
-no display, changes no global backend and keeps no figure alive between calls. The file is written to
-a temporary name and renamed (`gpt.base.atomic`), so a viewer (or a kill) never sees half a PNG.
+Drawn on matplotlib's Agg canvas through the object-oriented API (`Figure`, not `pyplot`), so it
+needs no display, changes no global backend and keeps no figure alive between calls. The file is
+written to a temporary name and renamed (`gpt.base.atomic`), so a viewer (or a kill) never sees half
+a PNG.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from gpt.base.atomic import atomic_file
 
 def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
                 path: Path, *, tokens_per_epoch: int, best_index: int | None = None,
-                log_scale: bool = False, title: str | None = None, loss_name: str = "cross-entropy loss",
+                log_scale: bool = False, title: str | None = None, loss_name: str = "cross-entropy "
+                                                                                    "loss",
                 accuracy: Sequence[float] | None = None, accuracy_name: str = "reward accuracy",
                 panels: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Figure:
     """Write the loss curves to `path` (PNG), replacing it atomically; return the figure (to show it
@@ -43,18 +46,20 @@ def plot_losses(epochs: Sequence[float], train_losses: Sequence[float], val_loss
     panels = panels or {}
     height = 4.8 + PANEL_HEIGHT * len(panels)
     fig = Figure(figsize=(8, height))
-    # Fixed margins (in inches, as a 4.8-inch plot's) that fit the labels of both x axes and a title:
-    # half the time of an automatic ("constrained") layout, which matters when the plot is redrawn at
-    # every evaluation.
+    # Fixed margins (in inches, as a 4.8-inch plot's) that fit the labels of both x axes and a
+    # title: half the time of an automatic ("constrained") layout, which matters when the plot is
+    # redrawn at every evaluation.
     fig.subplots_adjust(left=0.1 if panels else 0.08, right=0.97 if accuracy is None else 0.91,
-                        bottom=0.53 / height, top=1 - 0.86 / height, hspace=0.12 * (1 + len(panels)))
+                        bottom=0.53 / height, top=1 - 0.86 / height, hspace=0.12 * (1
+                                                                                    + len(panels)))
     FigureCanvasAgg(fig)
     ax, *below = fig.subplots(1 + len(panels), 1, sharex=True, squeeze=False,
                               height_ratios=[3.41] + [PANEL_HEIGHT - 0.6] * len(panels))[:, 0]
     ax.plot(epochs, train_losses, marker=".", label="train loss")
     ax.plot(epochs, val_losses, marker=".", linestyle="--", label="validation loss")
     if best_index is not None:
-        ax.plot(epochs[best_index], val_losses[best_index], marker="*", markersize=16, color="tab:red",
+        ax.plot(epochs[best_index], val_losses[best_index], marker="*", markersize=16,
+                color="tab:red",
                 linestyle="none", label=f"best validation loss {val_losses[best_index]:.3f}")
     (below[-1] if below else ax).set_xlabel("epochs")
     _draw_panels(below, epochs, panels)
@@ -104,21 +109,23 @@ def _draw_panels(axes: Sequence[Axes], epochs: Sequence[float],
 
 
 COLUMNS = 80
-"""Characters per line of `plot_token_losses`' text; a longer token is cut short with an ellipsis."""
+"""Characters per line of `plot_token_losses`' text; a longer token is cut short with an ellipsis.
+"""
 FONT_SIZE = 11
-CHAR_WIDTH = 0.602 * FONT_SIZE / 72  # inches: the advance of a DejaVu Sans Mono character (0.602 em)
+# inches: the advance of a DejaVu Sans Mono character (0.602 em)
+CHAR_WIDTH = 0.602 * FONT_SIZE / 72
 LINE_HEIGHT = 1.6 * FONT_SIZE / 72  # inches
 
 
 def plot_token_losses(tokens: Sequence[str], losses: Sequence[float], path: Path, *,
                       title: str | None = None) -> Figure:
-    """Write `tokens` to `path` (PNG) as text, each token on a background coloured by its loss, with a
-    colour bar; return the figure.
+    """Write `tokens` to `path` (PNG) as text, each token on a background coloured by its loss, with
+    a colour bar; return the figure.
 
-    `losses[i]` is the loss of predicting `tokens[i + 1]` (so there is one loss fewer than tokens): the
-    first token, which nothing predicts, has a white background. The text is set in a monospaced font
-    on a grid of `COLUMNS` characters, so each token's box is exactly as wide as its characters; a
-    newline is drawn as ↵ and starts a new line, a tab as →.
+    `losses[i]` is the loss of predicting `tokens[i + 1]` (so there is one loss fewer than tokens):
+    the first token, which nothing predicts, has a white background. The text is set in a monospaced
+    font on a grid of `COLUMNS` characters, so each token's box is exactly as wide as its
+    characters; a newline is drawn as ↵ and starts a new line, a tab as →.
     """
     if len(losses) != len(tokens) - 1:
         raise ValueError(f"plot_token_losses: {len(tokens)} tokens take {len(tokens) - 1} losses, "
@@ -130,14 +137,16 @@ def plot_token_losses(tokens: Sequence[str], losses: Sequence[float], path: Path
     width, height = COLUMNS * CHAR_WIDTH + 0.4, text_height + bar_height + title_height
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.2 / width, bar_height / height, COLUMNS * CHAR_WIDTH / width, text_height / height))
+    ax = fig.add_axes((0.2 / width, bar_height / height, COLUMNS * CHAR_WIDTH / width,
+                       text_height / height))
     ax.set_xlim(0, COLUMNS)
     ax.set_ylim(lines, 0)  # line 0 at the top
     ax.set_axis_off()
     for i, (row, column, text) in enumerate(cells):
         color = cmap(norm(losses[i - 1])) if i else (1.0, 1.0, 1.0, 1.0)
         # A thin white edge shows where one token ends and the next begins, even in the same colour.
-        ax.add_patch(Rectangle((column, row + 0.05), len(text), 0.9, facecolor=color, edgecolor="white",
+        ax.add_patch(Rectangle((column, row + 0.05), len(text), 0.9, facecolor=color,
+                               edgecolor="white",
                                linewidth=0.8))
         dark = i > 0 and norm(losses[i - 1]) > 0.6  # dark red: white letters stay readable
         ax.text(column, row + 0.5, text, fontsize=FONT_SIZE, family="DejaVu Sans Mono", va="center",

@@ -22,8 +22,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """The global generators' states and `device`'s (`gpt.base.device.device_rng_state`), as tensors and
-    plain values (safe to load weights-only)."""
+    """The global generators' states and `device`'s (`gpt.base.device.device_rng_state`), as tensors
+    and plain values (safe to load weights-only)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
@@ -46,6 +46,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     saved = state.get("device")
     if not set_device_rng_state(device, saved) and (saved is not None or device.type != "cpu"):
         taken = f"on {saved['type']}" if saved else "on a CPU, or by an older version"
-        print(f"note: the checkpoint holds no {device.type} random state (it was taken {taken}): dropout's "
+        print(f"note: the checkpoint holds no {device.type} random state (it was taken {taken}): "
+              f"dropout's "
               "random stream starts afresh, so the losses will not repeat those of an unbroken run",
               file=sys.stderr)

@@ -4,13 +4,13 @@
 `gpt.checkpoints.weights` has converted their names) and its head tied to the embedding
 again; `load_checkpoint` reads our checkpoints with it.
 
-A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters, data-loader
-position, RNG states and training config, as plain tensors and Python containers that
+A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters,
+data-loader position, RNG states and training config, as plain tensors and Python containers that
 `torch.load(..., weights_only=True)` reads without running any code from the file.
 
 Every checkpoint directory is written with `gpt.base.atomic.atomic_directory` and read through
-`gpt.base.atomic.resolve_directory`: a kill at any moment leaves either the old checkpoint or the new one
-whole, never a mix.
+`gpt.base.atomic.resolve_directory`: a kill at any moment leaves either the old checkpoint or the
+new one whole, never a mix.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ TRAIN_STATE_FORMAT = 1  # bump when the layout of train_state.pt changes incompa
 def find_model_checkpoint(path: Path) -> Path | None:
     """The checkpoint directory holding the weights for `path`, or None if there is none.
 
-    `path` may be a checkpoint itself or a run directory, whose `best/` is preferred and whose `last/`
-    stands in when there is no `best/` yet (a run stopped before its first evaluation). The one rule
-    shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt export`.
+    `path` may be a checkpoint itself or a run directory, whose `best/` is preferred and whose
+    `last/` stands in when there is no `best/` yet (a run stopped before its first evaluation). The
+    one rule shared by `generate.py --checkpoint`, `load_pretrained` and `python -m gpt export`.
     """
     for candidate in (path, path / "best", path / "last"):
         candidate = resolve_directory(candidate)
@@ -59,13 +59,15 @@ def require_model_checkpoint(path: Path, flag: str | None = None) -> Path:
     found = find_model_checkpoint(path)
     if found is None:
         given = f"{flag} {path}" if flag else str(path)
-        raise UserError(f"{given} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor a run "
+        raise UserError(f"{given} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor a "
+                        f"run "
                         "directory (with best/ or last/); pass e.g. runs/<run-name>")
     return found
 
 
 def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Path | None:
-    """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none."""
+    """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none.
+    """
     candidates = [resolve_directory(run / which) for run in Path(runs_dir).glob("*/")]
     candidates = [c for c in candidates if (c / WEIGHTS_FILE).is_file()]
     return max(candidates, key=lambda c: (c / WEIGHTS_FILE).stat().st_mtime, default=None)
@@ -81,7 +83,8 @@ def stored_state(model: GPT) -> dict[str, Tensor]:
 
 
 def stored_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor `stored_state` gives for a `GPT(cfg)`, computed on the meta device."""
+    """Name -> shape of every tensor `stored_state` gives for a `GPT(cfg)`, computed on the meta
+    device."""
     with torch.device("meta"):
         return {name: tuple(t.shape) for name, t in stored_state(GPT(cfg)).items()}
 
@@ -91,22 +94,25 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, Tensor], where: st
 
     `state` must hold exactly the tensors of `stored_state`, with their shapes; otherwise a
     `UserError` naming `where` (the file) says what does not match. The model is built on the meta
-    device (no memory, no random init) and then *assigned* the tensors, so a memory-mapped file stays
-    the only copy of the weights; the head is then re-tied. The one loader: `load_checkpoint` reads
-    our checkpoints with it, `gpt.checkpoints.weights` the published formats once their names are
-    converted.
+    device (no memory, no random init) and then *assigned* the tensors, so a memory-mapped file
+    stays the only copy of the weights; the head is then re-tied. The one loader: `load_checkpoint`
+    reads our checkpoints with it, `gpt.checkpoints.weights` the published formats once their names
+    are converted.
     """
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {name: tuple(t.shape) for name, t in stored_state(model).items()}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    missing, unexpected = (sorted(expected.keys() - state.keys()),
+                           sorted(state.keys() - expected.keys()))
     if missing or unexpected:
         raise UserError(f"{where} does not match its config (n_layers={cfg.n_layers}, qkv_bias="
-                        f"{cfg.qkv_bias}, tie_embeddings={cfg.tie_embeddings}): missing {missing[:3]}, "
+                        f"{cfg.qkv_bias}, tie_embeddings={cfg.tie_embeddings}): missing "
+                        f"{missing[:3]}, "
                         f"unexpected {unexpected[:3]}; load it with the config it was saved with")
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
-            raise UserError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, its config implies "
+            raise UserError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, its config "
+                            f"implies "
                             f"{expected[name]}; load it with the config it was saved with")
     model.load_state_dict(state, strict=False, assign=True)  # not strict: a tied head is not stored
     model.tie_weights()
@@ -120,7 +126,8 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:  # ValueError: a header that is not JSON, say
+    # ValueError: a header that is not JSON, say
+    except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"cannot read {path} ({first_line(exc)}); the file is truncated or not "
                         "safetensors: replace it with a complete copy") from None
 
@@ -140,8 +147,8 @@ def _write_model(tensors: Mapping[str, Tensor], cfg: GPTConfig, directory: Path)
 def load_checkpoint(directory: Path, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
     """Read a checkpoint directory written by `save_model` into a new `GPT` on `device`.
 
-    `overrides` replace fields of its `config.json` (e.g. `drop_rate=0.0`); the weights must still fit.
-    What `--resume`, `--init` of a checkpoint, every command and `gpt.load_model` read with
+    `overrides` replace fields of its `config.json` (e.g. `drop_rate=0.0`); the weights must still
+    fit. What `--resume`, `--init` of a checkpoint, every command and `gpt.load_model` read with
     (`gpt.load_model` is the public loader: it also takes GPT-2 weights, a device and a dtype).
     """
     directory = resolve_directory(directory)
@@ -156,8 +163,8 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu", **overr
 def save_checkpoint(model: GPT, train_state: dict[str, Any], directory: Path) -> None:
     """Atomically write a training checkpoint: the model (`save_model`) and `train_state.pt`.
 
-    `train_state` must hold only tensors and plain Python values (dict, list, tuple, str, int, float,
-    bool, None), so that `load_train_state` can read it with `weights_only=True`.
+    `train_state` must hold only tensors and plain Python values (dict, list, tuple, str, int,
+    float, bool, None), so that `load_train_state` can read it with `weights_only=True`.
     """
     write_checkpoint(stored_state(model), model.config, train_state, directory)
 
@@ -170,7 +177,8 @@ def write_checkpoint(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state:
         write_checkpoint_files(tensors, cfg, train_state, tmp)
 
 
-def write_checkpoint_files(tensors: Mapping[str, Tensor] | None, cfg: GPTConfig, train_state: dict[str, Any],
+def write_checkpoint_files(tensors: Mapping[str, Tensor] | None, cfg: GPTConfig,
+                           train_state: dict[str, Any],
                            directory: Path) -> None:
     """The files of `write_checkpoint`, into `directory` as it is (not atomic by itself); without
     `tensors`, no `model.safetensors` (an FSDP checkpoint's shards hold the weights instead:
@@ -183,23 +191,26 @@ def write_checkpoint_files(tensors: Mapping[str, Tensor] | None, cfg: GPTConfig,
 
 
 def read_torch_file(path: Path, fix: str, **load_args: Any) -> Any:
-    """What `torch.load(path, weights_only=True)` reads, on the CPU: the file is data, never code, even
-    if someone hands us a malicious one. The one place a `.pt`/`.bin` file is read; when it cannot be,
-    a `UserError` names the file and `fix`."""
+    """What `torch.load(path, weights_only=True)` reads, on the CPU: the file is data, never code,
+    even if someone hands us a malicious one. The one place a `.pt`/`.bin` file is read; when it
+    cannot be, a `UserError` names the file and `fix`."""
     check_readable(Path(path))  # not a damaged file: one this user may not read
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **load_args)
-    except Exception as exc:  # a damaged file makes the unpickler raise almost anything (KeyError, ...)
+    # a damaged file makes the unpickler raise almost anything (KeyError, ...)
+    except Exception as exc:
         # The unpickler's own message advises weights_only=False, which would run the file's code.
         reason = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) else describe(exc)
-        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True) ({reason}): the file "
-                        "is truncated, not a PyTorch file, or holds objects other than tensors and plain "
+        raise UserError(f"cannot read {path} safely with torch.load(weights_only=True) ({reason}): "
+                        f"the file "
+                        "is truncated, not a PyTorch file, or holds objects other than tensors and "
+                        "plain "
                         f"values (refused unread); {fix}") from None
 
 
 RESUME_FIX = "resume from another checkpoint (best/) or start a new run"
-"""What to do about a damaged train_state.pt when resuming; a reader for another purpose (generate.py's
-prompt template, the export's model card) passes its own."""
+"""What to do about a damaged train_state.pt when resuming; a reader for another purpose
+(generate.py's prompt template, the export's model card) passes its own."""
 
 
 def load_train_state(directory: Path, fix: str = RESUME_FIX) -> dict[str, Any]:

@@ -4,8 +4,8 @@ A checkpoint of GPT-2 small (the weights and AdamW's two moments) is over a giga
 to disk and flushing it takes seconds in which a blocking save stops training. In the background
 mode a save first copies everything the checkpoint holds to the CPU, at the step and in the
 training thread, so the files are exactly what a blocking save at that step would write; a thread
-then writes the copy with `gpt.checkpoints.checkpoint.write_checkpoint`, atomically as ever, while the next
-steps run. The price is CPU memory for one copy of the weights and optimizer state.
+then writes the copy with `gpt.checkpoints.checkpoint.write_checkpoint`, atomically as ever, while
+the next steps run. The price is CPU memory for one copy of the weights and optimizer state.
 
 At most one save is in flight: the next save, and `wait` (called on leaving a `with` block, hence at
 the end of training, on Ctrl-C and on an error), wait for it first and raise its error, if it had
@@ -40,13 +40,15 @@ def cpu_copy(value: Any) -> Any:
 
 
 def without_optimizer_state(train_state: dict[str, Any]) -> dict[str, Any]:
-    """`train_state` without its "optimizer" entry, marked `"without_optimizer": True` so that resuming
-    from it can say why it cannot (`--best-weights-only`: best/ a third of a full checkpoint's size)."""
+    """`train_state` without its "optimizer" entry, marked `"without_optimizer": True` so that
+    resuming from it can say why it cannot (`--best-weights-only`: best/ a third of a full
+    checkpoint's size)."""
     return {**{k: v for k, v in train_state.items() if k != "optimizer"}, "without_optimizer": True}
 
 
 class CheckpointSaver:
-    """Writes training checkpoints one at a time: in a background thread (`background`), or at once."""
+    """Writes training checkpoints one at a time: in a background thread (`background`), or at once.
+    """
 
     def __init__(self, *, background: bool) -> None:
         self.background = background
@@ -69,13 +71,15 @@ class CheckpointSaver:
             return
         args = (cpu_copy(tensors), model.config, cpu_copy(train_state), list(directories),
                 set(without_optimizer))
-        # Not a daemon: should the main thread end without `wait`, the process still finishes the write.
-        self._thread = threading.Thread(target=self._write_catching, args=args, name="checkpoint-saver")
+        # Not a daemon: should the main thread end without `wait`, the process still finishes the
+        # write.
+        self._thread = threading.Thread(target=self._write_catching, args=args,
+                                        name="checkpoint-saver")
         self._thread.start()
 
     def wait(self) -> None:
-        """Return once no save is in flight; raise the error of the one that just ended, if it failed
-        (its directories then still hold their previous checkpoints)."""
+        """Return once no save is in flight; raise the error of the one that just ended, if it
+        failed (its directories then still hold their previous checkpoints)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -87,7 +91,8 @@ class CheckpointSaver:
     def _write(tensors: Mapping[str, Tensor], cfg: GPTConfig, train_state: dict[str, Any],
                directories: Sequence[Path], without_optimizer: Collection[Path]) -> None:
         for directory in directories:
-            state = without_optimizer_state(train_state) if directory in without_optimizer else train_state
+            state = (without_optimizer_state(train_state) if directory in without_optimizer
+                     else train_state)
             write_checkpoint(tensors, cfg, state, directory)
 
     def _write_catching(self, *args: Any) -> None:

@@ -28,13 +28,14 @@ _TF_DTYPES = {1: np.float32, 2: np.float64, 19: np.float16}  # TF's DataType enu
 
 
 def read_tf_checkpoint(prefix: Path) -> dict[str, Tensor]:
-    """The tensors of the TF checkpoint `prefix` (e.g. `dir/model.ckpt`), as views of its memory-mapped
-    data files. Anything unreadable (a truncated or missing file, a feature TF's GPT-2 release does
-    not use) is a one-line `UserError` naming the index file."""
+    """The tensors of the TF checkpoint `prefix` (e.g. `dir/model.ckpt`), as views of its
+    memory-mapped data files. Anything unreadable (a truncated or missing file, a feature TF's GPT-2
+    release does not use) is a one-line `UserError` naming the index file."""
     index_path = prefix.with_name(prefix.name + ".index")
     try:
         entries = _read_table(index_path.read_bytes())
-        header = dict(_proto_fields(entries.pop(b"")))  # BundleHeaderProto: num_shards=1, endianness=2
+        # BundleHeaderProto: num_shards=1, endianness=2
+        header = dict(_proto_fields(entries.pop(b"")))
         if header.get(2, 0) != 0:
             raise ValueError("it is big-endian; only little-endian checkpoints are supported")
         n_shards = int(header.get(1, 1))
@@ -46,7 +47,8 @@ def read_tf_checkpoint(prefix: Path) -> dict[str, Tensor]:
             # Copy-on-write: the tensors are writable (training) without ever writing to the file.
             shards.append(np.memmap(data_path, dtype=np.uint8, mode="c") if data_path.stat().st_size
                           else np.zeros(0, np.uint8))  # mmap refuses empty files
-        return {key.decode(): _tf_tensor(key.decode(), value, shards) for key, value in entries.items()}
+        return {key.decode(): _tf_tensor(key.decode(), value, shards) for key,
+                value in entries.items()}
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read TF checkpoint {index_path}: {exc}") from None
 
@@ -58,7 +60,8 @@ def _tf_tensor(name: str, entry: bytes, shards: list[np.ndarray]) -> Tensor:
         raise ValueError(f"tensor {name!r} is partitioned into slices, which is not supported")
     dtype = _TF_DTYPES.get(int(fields.get(1, 0)))
     if dtype is None:
-        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)!r}; expected float32, 16 or 64")
+        raise ValueError(f"tensor {name!r} has TF dtype {fields.get(1)!r}; expected float32, 16 or "
+                         f"64")
     shape_proto = fields.get(2, b"")
     if not isinstance(shape_proto, bytes):
         raise ValueError(f"tensor {name!r} has a malformed shape")
@@ -66,7 +69,8 @@ def _tf_tensor(name: str, entry: bytes, shards: list[np.ndarray]) -> Tensor:
              if field == 2 and isinstance(dim, bytes)]  # TensorShapeProto.dim=2, Dim.size=1
     shard, offset, size = (int(fields.get(f, 0)) for f in (3, 4, 5))
     if size != math.prod(shape) * np.dtype(dtype).itemsize or shard >= len(shards):
-        raise ValueError(f"the entry of tensor {name!r} is inconsistent; download the checkpoint again")
+        raise ValueError(f"the entry of tensor {name!r} is inconsistent; download the checkpoint "
+                         f"again")
     if offset + size > len(shards[shard]):
         raise ValueError(f"tensor {name!r} runs past the end of its data file, which is truncated; "
                          "download it again")
@@ -93,11 +97,14 @@ def _table_block(table: bytes, handle: bytes) -> Iterator[tuple[bytes, bytes]]:
     if offset + size + _BLOCK_TRAILER_SIZE > len(table):
         raise ValueError("a block runs past the end of the file; download it again")
     if table[offset + size] != 0:
-        raise ValueError(f"it has a compressed block (compression type {table[offset + size]}), which this "
-                         "reader does not decompress; TensorFlow writes checkpoints uncompressed, so re-save "
+        raise ValueError(f"it has a compressed block (compression type {table[offset + size]}), "
+                         f"which this "
+                         "reader does not decompress; TensorFlow writes checkpoints uncompressed, "
+                         "so re-save "
                          "it with TensorFlow's defaults")
     block = table[offset:offset + size]
-    # The block ends with its restart points (uint32s, then their count), which a scan does not need.
+    # The block ends with its restart points (uint32s, then their count), which a scan does not
+    # need.
     n_restarts = int.from_bytes(block[-4:], "little")
     end, pos, key = len(block) - 4 * (n_restarts + 1), 0, b""
     while pos < end:

@@ -10,16 +10,18 @@
 - a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
   directory, whose `best/` (else `last/`) is read: by `gpt.checkpoints.checkpoint.load_checkpoint`,
   as `--resume` reads it, with the same checks;
-- a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without `openai-community/`),
+- a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without
+`openai-community/`),
   downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
 
 All formats go through one table, `KEY_MAP`: one row per tensor, with its name in each format and
 whether it is a Conv1D kernel. OpenAI's TensorFlow code stores every linear layer as a width-1
-convolution kernel of shape (1, in, out); HF's `Conv1D` keeps the (in, out) layout; `nn.Linear` wants
-(out, in). Our attention keeps q, k and v fused in one projection, in the same order as `c_attn`, so
-no split is needed; GPT-2 has a qkv bias (`qkv_bias=True`) and a head tied to the token embedding,
-which is therefore not stored. The conversions work on tensors as the files store them, a tied head
-once; `gpt.checkpoints.checkpoint.model_from_state_dict` builds the model from them and ties the head.
+convolution kernel of shape (1, in, out); HF's `Conv1D` keeps the (in, out) layout; `nn.Linear`
+wants (out, in). Our attention keeps q, k and v fused in one projection, in the same order as
+`c_attn`, so no split is needed; GPT-2 has a qkv bias (`qkv_bias=True`) and a head tied to the token
+embedding, which is therefore not stored. The conversions work on tensors as the files store them, a
+tied head once; `gpt.checkpoints.checkpoint.model_from_state_dict` builds the model from them and
+ties the head.
 
 Memory: loading never holds two copies of the weights. The model is built on the meta device and its
 parameters are then *assigned* tensors that are views of the memory-mapped file (copy-on-write, so
@@ -74,7 +76,8 @@ class KeyRow(NamedTuple):
     ours: str
     hf: str
     openai: str | None  # None: OpenAI's release does not store it (its head is always tied)
-    conv1d: bool  # stored as a Conv1D kernel: (in, out) in HF, (1, in, out) in OpenAI; ours is (out, in)
+    # stored as a Conv1D kernel: (in, out) in HF, (1, in, out) in OpenAI; ours is (out, in)
+    conv1d: bool
 
 
 KEY_MAP: list[KeyRow] = [
@@ -82,26 +85,37 @@ KEY_MAP: list[KeyRow] = [
     KeyRow("pos_emb.weight", "transformer.wpe.weight", "model/wpe", False),
     KeyRow("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight", "model/h{i}/ln_1/g", False),
     KeyRow("blocks.{i}.norm1.bias", "transformer.h.{i}.ln_1.bias", "model/h{i}/ln_1/b", False),
-    KeyRow("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", "model/h{i}/attn/c_attn/w", True),
-    KeyRow("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias", "model/h{i}/attn/c_attn/b", False),
-    KeyRow("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", "model/h{i}/attn/c_proj/w", True),
-    KeyRow("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias", "model/h{i}/attn/c_proj/b", False),
+    KeyRow("blocks.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight",
+           "model/h{i}/attn/c_attn/w", True),
+    KeyRow("blocks.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias",
+           "model/h{i}/attn/c_attn/b", False),
+    KeyRow("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight",
+           "model/h{i}/attn/c_proj/w", True),
+    KeyRow("blocks.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias",
+           "model/h{i}/attn/c_proj/b", False),
     KeyRow("blocks.{i}.norm2.weight", "transformer.h.{i}.ln_2.weight", "model/h{i}/ln_2/g", False),
     KeyRow("blocks.{i}.norm2.bias", "transformer.h.{i}.ln_2.bias", "model/h{i}/ln_2/b", False),
-    KeyRow("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", "model/h{i}/mlp/c_fc/w", True),
-    KeyRow("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", "model/h{i}/mlp/c_fc/b", False),
-    KeyRow("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", "model/h{i}/mlp/c_proj/w", True),
-    KeyRow("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias", "model/h{i}/mlp/c_proj/b", False),
+    KeyRow("blocks.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", "model/h{i}/mlp/c_fc/w",
+           True),
+    KeyRow("blocks.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias", "model/h{i}/mlp/c_fc/b",
+           False),
+    KeyRow("blocks.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight",
+           "model/h{i}/mlp/c_proj/w", True),
+    KeyRow("blocks.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias",
+           "model/h{i}/mlp/c_proj/b", False),
     KeyRow("final_norm.weight", "transformer.ln_f.weight", "model/ln_f/g", False),
     KeyRow("final_norm.bias", "transformer.ln_f.bias", "model/ln_f/b", False),
     KeyRow("lm_head.weight", "lm_head.weight", None, False),
 ]
-# One row per token: padded to `GPTConfig.padded_vocab_size` in our model, `vocab_size` rows in files.
+# One row per token: padded to `GPTConfig.padded_vocab_size` in our model, `vocab_size` rows in
+# files.
 _VOCAB_ROWS = {"tok_emb.weight", "lm_head.weight"}
-# Optional in our model (the book trains without it); a checkpoint loaded without it must hold zeros.
+# Optional in our model (the book trains without it); a checkpoint loaded without it must hold
+# zeros.
 _QKV_BIAS = next(row for row in KEY_MAP if row.ours.endswith("attn.qkv.bias"))
 
-# Stored by HF but not weights: each block's causal-mask buffers (in older files and the published ones).
+# Stored by HF but not weights: each block's causal-mask buffers (in older files and the published
+# ones).
 _HF_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
 
 HUB_ORG = "openai-community"
@@ -143,13 +157,14 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
                       where: str = "checkpoint") -> dict[str, Tensor]:
     """Convert a state dict in `fmt` names/layout into our names, as float32 views.
 
-    The result is what our checkpoints store (`gpt.checkpoints.checkpoint.stored_state`, a tied head once) and
-    what `model_from_state_dict` builds a model from. Every tensor `cfg` needs must be present with
-    the expected shape, and every stored tensor must be used (bar HF's mask buffers and a stored copy
-    of a tied head): a checkpoint that does not match its config is an error, not a half-loaded model.
-    `where` names the checkpoint in the errors.
+    The result is what our checkpoints store (`gpt.checkpoints.checkpoint.stored_state`, a tied head
+    once) and what `model_from_state_dict` builds a model from. Every tensor `cfg` needs must be
+    present with the expected shape, and every stored tensor must be used (bar HF's mask buffers and
+    a stored copy of a tied head): a checkpoint that does not match its config is an error, not a
+    half-loaded model. `where` names the checkpoint in the errors.
     """
-    if fmt == "hf" and not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model's keys
+    # a bare GPT2Model's keys
+    if fmt == "hf" and not any(k.startswith("transformer.") for k in state):
         state = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in state.items()}
     stored_cfg = cfg.replace(vocab_pad_multiple=1)  # the files hold the real vocabulary, unpadded
     expected = stored_shapes(stored_cfg)
@@ -163,7 +178,8 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
             raise UserError(f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, expected "
                             f"{stored} for this config")
         if conv1d:
-            tensor = (tensor[0] if fmt == "openai" else tensor).t()  # a view, not a copy: see the top
+            # a view, not a copy: see the top
+            tensor = (tensor[0] if fmt == "openai" else tensor).t()
         # A file in another dtype is copied anyway: row-major then, as `cast` makes its copies.
         ours_state[ours] = tensor if tensor.dtype == torch.float32 else tensor.to(
             torch.float32, memory_format=torch.contiguous_format)
@@ -186,15 +202,18 @@ def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format =
         )
     padding = cfg.padded_vocab_size - stored_cfg.padded_vocab_size
     for name in _VOCAB_ROWS & ours_state.keys():  # zero rows up to padded_vocab_size (a copy)
-        ours_state[name] = F.pad(ours_state[name], (0, 0, 0, padding)) if padding else ours_state[name]
+        ours_state[name] = F.pad(ours_state[name], (0, 0, 0,
+                                                    padding)) if padding else ours_state[name]
     return ours_state
 
 
 def _ignorable(name: str, cfg: GPTConfig, fmt: Format) -> bool:
     """Whether a stored tensor that no parameter uses may be dropped silently."""
-    if fmt == "hf":  # a module's state dict (old .bin files) has the tied head under its own name too
+    # a module's state dict (old .bin files) has the tied head under its own name too
+    if fmt == "hf":
         return bool(_HF_BUFFER.fullmatch(name)) or (name == "lm_head.weight" and cfg.tie_embeddings)
-    return not name.startswith("model/")  # OpenAI: e.g. a `global_step` counter saved beside the model
+    # OpenAI: e.g. a `global_step` counter saved beside the model
+    return not name.startswith("model/")
 
 
 def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
@@ -214,7 +233,7 @@ def gpt_to_hf_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig) -> dict[st
     return hf_state
 
 
-# ---- configs: each applies `overrides` through GPTConfig.from_dict, which refuses unknown names ----
+# ---- configs: each applies `overrides` through GPTConfig.from_dict, which refuses unknown names --
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
@@ -240,16 +259,19 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPTConfig:
     return GPTConfig.from_dict({**fields, **overrides})
 
 
-HF_NAMES = {"context_length": "n_positions", "emb_dim": "n_embd", "n_heads": "n_head", "n_layers": "n_layer",
+HF_NAMES = {"context_length": "n_positions", "emb_dim": "n_embd", "n_heads": "n_head",
+            "n_layers": "n_layer",
             "drop_rate": "resid_pdrop", "tie_embeddings": "tie_word_embeddings",
             "layer_norm_eps": "layer_norm_epsilon"}
 """Our `GPTConfig` field -> the name of its value in a HF GPT-2 config.json (where they differ)."""
-OPENAI_NAMES = {"vocab_size": "n_vocab", "context_length": "n_ctx", "emb_dim": "n_embd", "n_heads": "n_head",
+OPENAI_NAMES = {"vocab_size": "n_vocab", "context_length": "n_ctx", "emb_dim": "n_embd",
+                "n_heads": "n_head",
                 "n_layers": "n_layer"}
 """The same for OpenAI's hparams.json."""
 
 
-def config_in_file(path: Path, names: Mapping[str, str], build: Callable[[], GPTConfig]) -> GPTConfig:
+def config_in_file(path: Path, names: Mapping[str, str], build: Callable[[],
+                                                                         GPTConfig]) -> GPTConfig:
     """`build()`, the config of the file `path` (HF's or OpenAI's), whose `ConfigError` (a string or
     null where a number belongs, say) is re-raised naming the file, and each field by `names` (ours
     -> the file's)."""
@@ -263,7 +285,8 @@ def config_in_file(path: Path, names: Mapping[str, str], build: Callable[[], GPT
 
 
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """The `config.json` of a HF `GPT2LMHeadModel` of our shape (the inverse of `config_from_hf`)."""
+    """The `config.json` of a HF `GPT2LMHeadModel` of our shape (the inverse of `config_from_hf`).
+    """
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -283,17 +306,19 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         "use_cache": True,
         "tie_word_embeddings": cfg.tie_embeddings,
         # Only a vocabulary that has <|endoftext|> can name it as BOS/EOS.
-        **({"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID} if cfg.vocab_size > ENDOFTEXT_ID
+        **({"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID}
+           if cfg.vocab_size > ENDOFTEXT_ID
            else {}),
     }
 
 
-def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping[str, Any]) -> GPTConfig:
+def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping[str,
+                                                                                 Any]) -> GPTConfig:
     """The config of a lone HF-named state dict, read off its tensor shapes.
 
     n_layers counts the `h.{i}` blocks, emb_dim and vocab_size come from `wte`, context_length from
-    `wpe`. The head count is not visible in any shape: it is emb_dim // 64, GPT-2's head size in every
-    published size, unless `n_heads=` is passed.
+    `wpe`. The head count is not visible in any shape: it is emb_dim // 64, GPT-2's head size in
+    every published size, unless `n_heads=` is passed.
     """
     def tensor(name: str) -> Tensor:
         found = state.get(f"transformer.{name}", state.get(name))
@@ -301,13 +326,16 @@ def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping
             raise UserError(f"{where} has no 2-D {name!r} tensor; is it a GPT-2 checkpoint?")
         return found
 
-    (vocab_size, emb_dim), context_length = tensor("wte.weight").shape, tensor("wpe.weight").shape[0]
+    (vocab_size, emb_dim), context_length = (tensor("wte.weight").shape,
+                                             tensor("wpe.weight").shape[0])
     blocks = {int(m[1]) for k in state if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
     if "n_heads" not in overrides and emb_dim % GPT2_HEAD_DIM:
-        raise UserError(f"cannot infer n_heads for {where}: its emb_dim {emb_dim} is not a multiple of "
+        raise UserError(f"cannot infer n_heads for {where}: its emb_dim {emb_dim} is not a "
+                        f"multiple of "
                         f"GPT-2's head size {GPT2_HEAD_DIM}; pass n_heads=")
     if not blocks:
-        raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 checkpoint?")
+        raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 "
+                        f"checkpoint?")
     fields = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
                   n_heads=emb_dim // GPT2_HEAD_DIM, n_layers=max(blocks) + 1, qkv_bias=True)
     return GPTConfig.from_dict({**fields, **overrides})
@@ -319,15 +347,17 @@ def _openai_config(path: Path, overrides: Mapping[str, Any]) -> GPTConfig:
     hparams = read_json_object(path, f"OpenAI's hparams ({needs})")
     try:
         fields = dict(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"],
-                      emb_dim=hparams["n_embd"], n_heads=hparams["n_head"], n_layers=hparams["n_layer"],
+                      emb_dim=hparams["n_embd"], n_heads=hparams["n_head"],
+                      n_layers=hparams["n_layer"],
                       qkv_bias=True, tie_embeddings=True)
     except KeyError as exc:
         raise UserError(f"{path} lacks the field {exc.args[0]!r}; it needs {needs}") from None
     return config_in_file(path, OPENAI_NAMES, lambda: GPTConfig.from_dict({**fields, **overrides}))
 
 
-# ---- readers: each returns a name -> tensor dict of memory-mapped tensors ---------------------------
-# (safetensors: `gpt.checkpoints.checkpoint.read_safetensors`; TensorFlow: `gpt.checkpoints.tf_checkpoint.read_tf_checkpoint`)
+# ---- readers: each returns a name -> tensor dict of memory-mapped tensors ------------------------
+# (safetensors: `gpt.checkpoints.checkpoint.read_safetensors`; TensorFlow:
+# `gpt.checkpoints.tf_checkpoint.read_tf_checkpoint`)
 
 
 def _read_bin(path: Path) -> dict[str, Tensor]:
@@ -335,7 +365,8 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
     # Only the zip format (torch >= 1.6) can be memory-mapped; older files are read whole.
     state = read_torch_file(path, "use a model.safetensors instead", mmap=zipfile.is_zipfile(path))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 checkpoint?")
+        raise UserError(f"{path} does not hold a state dict (name -> tensor); is it a GPT-2 "
+                        f"checkpoint?")
     return state
 
 
@@ -348,8 +379,8 @@ def _build(cfg: GPTConfig, state: Mapping[str, Tensor], fmt: Format, where: str)
 
 
 def _openai_prefix(path: Path) -> Path:
-    """The TensorFlow checkpoint of OpenAI's release in `path`: the prefix its `checkpoint` file names
-    (`model_checkpoint_path: "model.ckpt"`), or model.ckpt without that file."""
+    """The TensorFlow checkpoint of OpenAI's release in `path`: the prefix its `checkpoint` file
+    names (`model_checkpoint_path: "model.ckpt"`), or model.ckpt without that file."""
     index = path / "checkpoint"
     check_readable(index)
     try:
@@ -371,21 +402,26 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
     if (path / CONFIG_FILE).is_file() and weights is not None:
         config = read_json_object(path / CONFIG_FILE, "a model config")
         if "emb_dim" not in config:  # HF's field names (n_embd, ...), not our GPTConfig's
-            cfg = config_in_file(path / CONFIG_FILE, HF_NAMES, lambda: config_from_hf(config, **overrides))
-            state = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
+            cfg = config_in_file(path / CONFIG_FILE, HF_NAMES, lambda: config_from_hf(config,
+                                                                                      **overrides))
+            state = (read_safetensors(weights) if weights.suffix == ".safetensors"
+                     else _read_bin(weights))
             return _build(cfg, state, "hf", str(weights))
     checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
     if checkpoint is not None:
         return load_checkpoint(checkpoint, **overrides).float().eval()
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
-        f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release ({', '.join(OPENAI_FILES)}), "
-        f"or a checkpoint or run directory of this project ({CONFIG_FILE} + {WEIGHTS_FILE}, or best/)"
+        f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release "
+        f"({', '.join(OPENAI_FILES)}), "
+        f"or a checkpoint or run directory of this project ({CONFIG_FILE} + {WEIGHTS_FILE}, or "
+        f"best/)"
     )
 
 
 def _download(name: str) -> Path:
-    """The hub's `openai-community/<name>` files (config.json, model.safetensors) in its local cache."""
+    """The hub's `openai-community/<name>` files (config.json, model.safetensors) in its local
+    cache."""
     repo = f"{HUB_ORG}/{name}"
     fix = (f"download {CONFIG_FILE} and {WEIGHTS_FILE} from https://huggingface.co/{repo} into a "
            f"directory and pass that instead of the name (e.g. --init models/{name})")
@@ -396,11 +432,14 @@ def _download(name: str) -> Path:
                         f"(pip install -e \".[hf]\"); or {fix}") from None
     unreachable = hub_unreachable()
     try:  # offline, only huggingface_hub's local cache can answer
-        files = [Path(hf_hub_download(repo_id=repo, filename=f, local_files_only=unreachable is not None))
+        files = [Path(hf_hub_download(repo_id=repo, filename=f,
+                                      local_files_only=unreachable is not None))
                  for f in (CONFIG_FILE, WEIGHTS_FILE)]
-    except Exception as exc:  # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
+    # offline, hub down, proxy, ...: whatever the hub raises, the fix is the same
+    except Exception as exc:
         if unreachable is not None:
-            reason = f"the hub cannot be reached ({unreachable}) and the files are not in the local cache"
+            reason = (f"the hub cannot be reached ({unreachable}) and the files are not in the "
+                      "local cache")
         else:
             reason = describe(exc)
         raise UserError(f"cannot download {repo} ({reason}); {fix}") from None
@@ -411,10 +450,11 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
     """GPT-2 with published (or exported) weights, in eval mode, on the CPU, in float32.
 
     `name_or_path` is a path (see the module docstring for the layouts) or one of `HUB_MODELS`
-    (optionally prefixed `openai-community/`), downloaded from the Hugging Face hub; an existing path
-    wins over a name. `overrides` replace `GPTConfig` fields, e.g. `drop_rate=0.0` for fine-tuning,
-    or `n_heads=` for a lone `.safetensors` file (whose head count is taken to be emb_dim // 64).
-    Any mismatch between the config and the tensors raises a `UserError` naming the tensor.
+    (optionally prefixed `openai-community/`), downloaded from the Hugging Face hub; an existing
+    path wins over a name. `overrides` replace `GPTConfig` fields, e.g. `drop_rate=0.0` for
+    fine-tuning, or `n_heads=` for a lone `.safetensors` file (whose head count is taken to be
+    emb_dim // 64). Any mismatch between the config and the tensors raises a `UserError` naming the
+    tensor.
     """
     path = resolve_directory(Path(name_or_path))
     if path.is_dir():
@@ -425,11 +465,13 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
         elif path.suffix in (".bin", ".pt", ".pth"):
             state = _read_bin(path)
         else:
-            raise UserError(f"cannot load {path}: expected a .safetensors or .bin file, or a directory")
+            raise UserError(f"cannot load {path}: expected a .safetensors or .bin file, or a "
+                            f"directory")
         return _build(_infer_hf_config(state, str(path), overrides), state, "hf", str(path))
     name = str(name_or_path).removeprefix(f"{HUB_ORG}/")
     if name not in HUB_MODELS:
-        raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; known "
+        raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; "
+                        f"known "
                         f"models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
     return _load_dir(_download(name), overrides)
 
@@ -463,10 +505,12 @@ def save_hf(model: GPT, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir()
                              or {p.name for p in out_dir.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
-        raise UserError(f"{out_dir} exists and holds other files; save_hf replaces the whole directory, "
+        raise UserError(f"{out_dir} exists and holds other files; save_hf replaces the whole "
+                        f"directory, "
                         "so choose a new or empty one")
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     hf_state = gpt_to_hf_state_dict(state, model.config)
     with atomic_directory(out_dir) as tmp:
-        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires the format tag
+        # HF requires the format tag
+        save_file(hf_state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.config), indent=2) + "\n")

@@ -4,10 +4,12 @@ OUT_DIR then holds what `transformers.pipeline("text-generation", model=OUT_DIR)
 laid out as a model repository on the Hugging Face hub:
 
     config.json, model.safetensors    the weights, as `gpt.checkpoints.weights.save_hf` writes them
-    generation_config.json            <|endoftext|> as BOS, EOS and padding; generate.py's sampling defaults
+    generation_config.json            <|endoftext|> as BOS, EOS and padding; generate.py's sampling
+                                      defaults
     vocab.json, merges.txt            GPT-2's BPE: OpenAI's encoder.json and vocab.bpe
                                       (see gpt.model.tokenizer)
-    tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two; for a
+    tokenizer_config.json,            what transformers' GPT2Tokenizer reads besides those two; for
+                                      a
       special_tokens_map.json         fine-tuned run, its prompt template as a chat_template
     README.md                         the model card: the model, its training data, settings, steps,
                                       a fine-tuned run's prompt template with an example,
@@ -15,9 +17,9 @@ laid out as a model repository on the Hugging Face hub:
 
 The card's training facts come from the checkpoint's `train_state.pt` (the settings and counters
 saved with those weights) and the run's `metrics.csv`; a checkpoint without them says "unknown".
-Everything is checked and read first, then written to a temporary directory renamed to OUT_DIR at the
-end, so a bad RUN_DIR or a kill leaves OUT_DIR as it was. OUT_DIR must be new, empty or an earlier
-export, which is replaced whole.
+Everything is checked and read first, then written to a temporary directory renamed to OUT_DIR at
+the end, so a bad RUN_DIR or a kill leaves OUT_DIR as it was. OUT_DIR must be new, empty or an
+earlier export, which is replaced whole.
 """
 
 from __future__ import annotations
@@ -73,13 +75,15 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     the checkpoint is missing or damaged, or if `out_dir` holds files that are not an export's."""
     out_dir = Path(out_dir)
     checkpoint = require_model_checkpoint(Path(checkpoint_or_run))
-    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
+    if out_dir.exists() and (not out_dir.is_dir() or {p.name
+                                                      for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files; the export replaces the whole "
                         "directory, so give a new or empty one, or an earlier export")
     model = load_checkpoint(checkpoint)
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
-                        f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf writes "
+                        f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf "
+                        f"writes "
                         "its weights alone")
     training = read_training(checkpoint)
     template = training.settings.get("prompt_template") if training else None
@@ -87,10 +91,12 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     vocab_bpe, encoder_json = bpe_files()
     with atomic_directory(out_dir) as tmp:
         save_hf(model, tmp)  # replaces the empty `tmp` with config.json + model.safetensors
-        write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID,
+        write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": ENDOFTEXT_ID,
+                                                  "eos_token_id": ENDOFTEXT_ID,
                                                   "pad_token_id": ENDOFTEXT_ID,
                                                   **sampling_defaults(training)})
-        shutil.copyfile(encoder_json, tmp / "vocab.json")  # the same files, under transformers' names
+        # the same files, under transformers' names
+        shutil.copyfile(encoder_json, tmp / "vocab.json")
         shutil.copyfile(vocab_bpe, tmp / "merges.txt")
         write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "GPT2Tokenizer", **SPECIAL_TOKENS, "add_prefix_space": False,
@@ -133,12 +139,16 @@ def template_section(template: str) -> list[str]:
     """The card's account of a fine-tuned model's prompt template, with an example to run."""
     question = "What is the capital of France?"
     return ["## Prompt template", "",
-            f"Fine-tuned on records laid out with the prompt template `{template}`: the model answers "
+            f"Fine-tuned on records laid out with the prompt template `{template}`: the model "
+            f"answers "
             "a prompt in that layout, and stops at `<|endoftext|>`. For the question "
-            f"{json.dumps(question)} it reads", "", "```", format_prompt(template, question) + "|", "```",
-            "", "(up to the `|`). The tokenizer's `chat_template` lays out the last chat message the same "
+            f"{json.dumps(question)} it reads", "", "```", format_prompt(template, question) + "|",
+            "```",
+            "", "(up to the `|`). The tokenizer's `chat_template` lays out the last chat message "
+                "the same "
             "way, so either of these gives the answer `generate.py` gives (greedy, as "
-            "`generation_config.json` says):", "", "```python", "from transformers import pipeline", "",
+            "`generation_config.json` says):", "", "```python", "from transformers import pipeline",
+            "",
             'generator = pipeline("text-generation", model="path/to/this/directory")',
             f"prompt = {json.dumps(format_prompt(template, question))}",
             'print(generator(prompt, return_full_text=False)[0]["generated_text"])',
@@ -171,8 +181,10 @@ def read_training(checkpoint: Path) -> Training | None:
     """The record of `checkpoint`'s training, or None for weights saved without one."""
     if not (checkpoint / TRAIN_STATE_FILE).is_file():
         return None
-    saved = read_resume_state(checkpoint, fix=f"move {checkpoint / TRAIN_STATE_FILE} aside to export the "
-                              "weights without a record of their training, or export another checkpoint")
+    saved = read_resume_state(checkpoint, fix=f"move {checkpoint / TRAIN_STATE_FILE} aside to "
+                                              f"export the "
+                              "weights without a record of their training, or export another "
+                              "checkpoint")
     counters = saved["state"]
     return Training(saved_settings(saved), counters["step"], counters["tokens_seen"],
                     counters["best_val_loss"], counters["best_step"],
@@ -184,7 +196,8 @@ def read_evaluations(path: Path) -> list[dict[str, float]]:
     try:
         return [{key: row[key] for key in EVALUATION_COLUMNS} for row in MetricsLog(path).rows()]
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); restore it, or move it out of "
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); restore it, or move it "
+                        f"out of "
                         "the run directory to export without the evaluation table") from None
 
 
@@ -192,7 +205,8 @@ def read_evaluations(path: Path) -> list[dict[str, float]]:
 
 
 def model_card(cfg: GPTConfig, parameters: int, training: Training | None) -> str:
-    """README.md: YAML metadata for the hub, then what the model is, how it was trained, how to use it."""
+    """README.md: YAML metadata for the hub, then what the model is, how it was trained, how to use
+    it."""
     settings = training.settings if training else {}
     data, init = str(settings.get("data", "")), str(settings.get("init", ""))
     meta = ["library_name: transformers", "license: mit", "pipeline_tag: text-generation",
@@ -207,14 +221,16 @@ def model_card(cfg: GPTConfig, parameters: int, training: Training | None) -> st
              "exported as a Hugging Face `GPT2LMHeadModel` with GPT-2's tokenizer.", "",
              "## Model", "",
              "| | |", "|---|---|",
-             f"| architecture | GPT-2: {cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_heads} heads |",
+             f"| architecture | GPT-2: {cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_heads} "
+             f"heads |",
              f"| context length | {cfg.context_length} tokens |",
              f"| vocabulary | GPT-2's byte-pair encoding, {cfg.vocab_size:,} tokens |",
              f"| parameters | {parameters:,} (the output layer shares the token embedding) |"
              if cfg.tie_embeddings else f"| parameters | {parameters:,} |", "",
              "## Training", ""]
     lines += training_section(training) if training else [
-        "unknown: the checkpoint was saved without its training state (train_state.pt), so its data, "
+        "unknown: the checkpoint was saved without its training state (train_state.pt), so its "
+        "data, "
         "settings, steps and validation loss are not recorded."]
     template = settings.get("prompt_template")
     if template:
@@ -223,7 +239,8 @@ def model_card(cfg: GPTConfig, parameters: int, training: Training | None) -> st
               'generator = pipeline("text-generation", model="path/to/this/directory")',
               'print(generator("Every effort moves you")[0]["generated_text"])', "```", "",
               sampling_line(sampling_defaults(training)),
-              "", "License: MIT, as this framework and GPT-2's weights; the training text may carry "
+              "", "License: MIT, as this framework and GPT-2's weights; the training text may "
+                  "carry "
               "terms of its own."]
     return "\n".join(lines) + "\n"
 
@@ -234,12 +251,14 @@ def sampling_line(sampling: dict[str, Any]) -> str:
         return ("`generation_config.json` decodes greedily, as `generate.py` answers with this "
                 f"fine-tuned run by default, {sampling['max_new_tokens']} new tokens at most.")
     return ("`generation_config.json` samples as `generate.py` does by default: temperature "
-            f"{sampling['temperature']}, top-k {sampling['top_k']}, {sampling['max_new_tokens']} new "
+            f"{sampling['temperature']}, top-k {sampling['top_k']}, {sampling['max_new_tokens']} "
+            f"new "
             "tokens; pass `do_sample=False` for greedy text.")
 
 
 def training_section(training: Training) -> list[str]:
-    """The card's account of a run: data, progress, losses, settings, the command that reproduces it."""
+    """The card's account of a run: data, progress, losses, settings, the command that reproduces
+    it."""
     settings = training.settings
     validation = (f"`{settings['val_data']}`" if settings["val_data"]
                   else f"the last {settings['val_fraction']:.0%} of the training text, held out")
@@ -252,20 +271,25 @@ def training_section(training: Training) -> list[str]:
     if math.isfinite(training.best_val_loss):
         best = f"{training.best_val_loss:.4f} (perplexity {perplexity(training.best_val_loss):.1f})"
         lines.append(f"- validation loss: {best}" if training.best_step == training.step else
-                     f"- best validation loss of the run so far: {best}, at step {training.best_step} "
+                     f"- best validation loss of the run so far: {best}, at step "
+                     f"{training.best_step} "
                      "(its best/ checkpoint)")
     else:
         lines.append("- validation loss: not measured yet")
     if training.evaluations:
         lines += ["", "Evaluations (the run's metrics.csv):", "",
-                  "| step | epoch | tokens seen | train loss | validation loss | validation perplexity |",
+                  "| step | epoch | tokens seen | train loss | validation loss | validation "
+                  "perplexity |",
                   "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['step']:.0f} | {r['epoch']:.2f} | {r['tokens_seen']:,.0f} | {r['train_loss']:.4f} "
-                  f"| {r['val_loss']:.4f} | {perplexity(r['val_loss']):.1f} |" for r in training.evaluations]
+        lines += [f"| {r['step']:.0f} | {r['epoch']:.2f} | {r['tokens_seen']:,.0f} | "
+                  f"{r['train_loss']:.4f} "
+                  f"| {r['val_loss']:.4f} | {perplexity(r['val_loss']):.1f} "
+                  f"|" for r in training.evaluations]
     toml = [f"{name} = {json.dumps(value)}" for name, value in settings.items()
             if value is not None and name not in RUN_LOCATION]
     lines += ["", "Every setting (usable as `gpt-train --config settings.toml`):", "",
-              "```toml", *toml, "```", "", "Reproduce (then `gpt-export runs/<run-name> OUT_DIR`):", "",
+              "```toml", *toml, "```", "", "Reproduce (then `gpt-export runs/<run-name> OUT_DIR`):",
+              "",
               "```bash", train_command(settings), "```"]
     return lines
 
@@ -301,9 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog=command_name("python -m gpt export"),
                             description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                        help="a run directory (its best/, else its last/, is exported) or a checkpoint")
+                        help="a run directory (its best/, else its last/, is exported) or a "
+                             "checkpoint")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR",
-                        help="the directory to write: new, empty, or an earlier export (replaced whole)")
+                        help="the directory to write: new, empty, or an earlier export (replaced "
+                             "whole)")
     args = parser.parse_args(argv)
     checkpoint = export(args.run_dir, args.out_dir)
     print(f"wrote {args.out_dir} from {checkpoint}; "

@@ -1,4 +1,5 @@
-"""The `generate.py` command: sample text from a checkpoint or GPT-2 weights, streamed to the terminal.
+"""The `generate.py` command: sample text from a checkpoint or GPT-2 weights, streamed to the
+terminal.
 
 `build_parser` holds its flags (the model's, shared with the other commands, from
 `gpt.checkpoints.load`), `GenerationOptions` their values, checked, and `main(argv)` runs it: check
@@ -91,12 +92,15 @@ def build_parser() -> ArgumentParser:
     defaults = GenerationOptions()
     parser = ArgumentParser(
         prog=command_name("generate.py"),
-        description="Sample text from a trained checkpoint or from GPT-2 weights, streamed to the terminal.")
+        description="Sample text from a trained checkpoint or from GPT-2 weights, streamed to the "
+                    "terminal.")
     parser.add_argument("--prompt", default=defaults.prompt,
-                        help="text to continue; for a fine-tuned run, the question (laid out with the "
+                        help="text to continue; for a fine-tuned run, the question (laid out with "
+                             "the "
                              "run's prompt template; only the answer is printed)")
     parser.add_argument("--interactive", action="store_true",
-                        help="read one prompt per line from standard input and answer each (Ctrl-D ends)")
+                        help="read one prompt per line from standard input and answer each (Ctrl-D "
+                             "ends)")
     parser.add_argument("--raw", action="store_true",
                         help="a fine-tuned run's prompt template off: continue the prompt as it is")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
@@ -117,8 +121,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole window for every token (slow; for checking)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model with frozen weights: a one-time compilation, then "
-                             "more tokens/s on a CPU; pays for long or many samples (see BENCHMARKS.md)")
+                        help="torch.compile the model with frozen weights: a one-time compilation, "
+                             "then "
+                             "more tokens/s on a CPU; pays for long or many samples (see "
+                             "BENCHMARKS.md)")
     return parser
 
 
@@ -137,9 +143,9 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
     """Load the model `options` name, then sample (its values were checked when it was made, so a
     typo fails at once, not after loading).
 
-    A checkpoint of a run fine-tuned on records (`gpt.data.records`) answers: each prompt is laid out
-    with the run's template (unless `raw`) and only the answer is written. `interactive` reads the
-    prompts from `inp`, one per line. `out`/`err`/`inp` default to the current
+    A checkpoint of a run fine-tuned on records (`gpt.data.records`) answers: each prompt is laid
+    out with the run's template (unless `raw`) and only the answer is written. `interactive` reads
+    the prompts from `inp`, one per line. `out`/`err`/`inp` default to the current
     sys.stdout/stderr/stdin, looked up at the call. Out of memory and a failed `--compile` (at the
     first token) end in a one-line `UserError` naming the fix.
     """
@@ -155,7 +161,8 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
     # Before the model: a damaged training state is refused before the weights are read.
     answers = not o.raw and o.init is None  # a fine-tuned run answers in its template
     template = run_template(find_checkpoint(o.checkpoint)) if answers else None
-    with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a smaller "
+    with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a "
+                             "smaller "
                              "model, or --device cpu"):
         model = load_from_flags(o.checkpoint, o.init, torch_device, torch_dtype, err)
         started = time.perf_counter()
@@ -179,7 +186,8 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
             for i in range(o.num_samples):
                 if o.num_samples > 1:
                     out.write(f"--- sample {i + 1} of {o.num_samples} ---\n")
-                out.write(text if template is None else "")  # an answer is printed without its question
+                # an answer is printed without its question
+                out.write(text if template is None else "")
                 new = stream(model, idx, o.max_new_tokens, temperature=temperature,
                              top_k=o.top_k, top_p=o.top_p, eos_id=eos_id, use_cache=not o.no_cache,
                              generator=generator)
@@ -209,7 +217,8 @@ def sampling_temperature(options: GenerationOptions, err: TextIO) -> float:
     return temperature
 
 
-INTERACTIVE_HINT = "type a question and press Enter for its answer (an empty line is skipped; Ctrl-D ends)"
+INTERACTIVE_HINT = ("type a question and press Enter for its answer (an empty line is skipped; "
+                    "Ctrl-D ends)")
 
 
 def prompts(options: GenerationOptions, inp: TextIO, err: TextIO) -> Iterator[str]:
@@ -259,7 +268,8 @@ def write_text(tokens: Iterable[int], tokenizer: tiktoken.Encoding, out: TextIO)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
         # A model with a vocabulary padded past the tokenizer's may (rarely) pick an unused id.
-        piece = tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab else b"\xef\xbf\xbd"
+        piece = (tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab
+                 else b"\xef\xbf\xbd")
         text = utf8.decode(piece)
         if text:
             out.write(text)

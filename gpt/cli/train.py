@@ -1,7 +1,8 @@
 """The `train.py` command: its command line parsed (settings from four sources), then a run trained.
 
-`build_parser` (in `gpt.training.settings`, next to the settings it turns into flags) holds its flags and
-`main(argv)` runs it. `train.py` at the repository root and `python -m gpt train` only call `main`.
+`build_parser` (in `gpt.training.settings`, next to the settings it turns into flags) holds its
+flags and `main(argv)` runs it. `train.py` at the repository root and `python -m gpt train` only
+call `main`.
 """
 
 from __future__ import annotations

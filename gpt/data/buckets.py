@@ -25,7 +25,8 @@ of more alike lengths (a less random order)."""
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices of records of similar length, in an order fixed by (seed, epoch); resumable.
+    """Batches of indices of records of similar length, in an order fixed by (seed, epoch);
+    resumable.
 
     `batch_size` is the global batch's: with `world_size` ranks, rank `rank` hands out its share of
     each; the one short batch (the records left over), if it has fewer records than there are ranks
@@ -68,7 +69,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def padded_tokens(self, epoch: int = 0) -> int:
         """Input tokens of `epoch`'s batches, padding included (what the steps of an epoch read)."""
-        return sum(len(batch) * max(self.lengths[i] for i in batch) for batch in self.batches(epoch))
+        return sum(len(batch) * max(self.lengths[i] for i in batch)
+                   for batch in self.batches(epoch))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

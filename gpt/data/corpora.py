@@ -2,14 +2,15 @@
 
 A source is a text file, a directory (every `*.txt` below it, in sorted order), a glob, a corpus
 name from `CORPORA`, or a Hugging Face dataset `hf:NAME[[:CONFIG]:SPLIT]` streamed with `datasets`.
-Each file (or corpus topic, or dataset record) is one document. `resolve_source` turns the string into
-a `Source` and checks what can be checked before any reading (the file exists, the glob matches, the
-spec parses), so a bad `--data` fails at once; the documents are read only when they are iterated.
+Each file (or corpus topic, or dataset record) is one document. `resolve_source` turns the string
+into a `Source` and checks what can be checked before any reading (the file exists, the glob
+matches, the spec parses), so a bad `--data` fails at once; the documents are read only when they
+are iterated.
 
-This module knows nothing of tokens: the token cache (`gpt.data.token_cache`) hashes and tokenizes the
-documents, and decides whether it needs to read them at all. That is why the downloadable corpora
-are fetched here, once and checked by sha256, but a Hugging Face stream is opened only when the
-cache asks for its documents: a dataset tokenized before loads offline.
+This module knows nothing of tokens: the token cache (`gpt.data.token_cache`) hashes and tokenizes
+the documents, and decides whether it needs to read them at all. That is why the downloadable
+corpora are fetched here, once and checked by sha256, but a Hugging Face stream is opened only when
+the cache asks for its documents: a dataset tokenized before loads offline.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Source:
 
 
 def resolve_source(source: str, data_dir: Path) -> Source:
-    """The `Source` a string names; a downloadable corpus is fetched into `data_dir` first if missing.
+    """The `Source` a string names; a downloadable corpus is fetched into `data_dir` first if
+    missing.
 
     A corpus name wins over a file or directory of the same name (`./default` names the file).
     """
@@ -107,7 +109,8 @@ def resolve_source(source: str, data_dir: Path) -> Source:
     if any(char in source for char in "*?["):
         return _glob_source(source)
     raise DataError(
-        f"{source!r} is not an existing file, directory, glob or corpus name; check the path, or use "
+        f"{source!r} is not an existing file, directory, glob or corpus name; check the path, or "
+        f"use "
         f"one of the corpora {', '.join(CORPORA)} or {HF_PREFIX}NAME (a Hugging Face dataset)"
     )
 
@@ -118,9 +121,11 @@ def resolve_source(source: str, data_dir: Path) -> Source:
 
 def _directory_source(root: Path) -> Source:
     # Sorted by path components, so the order is the same on every machine and file system.
-    paths = sorted((p for p in root.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(root).parts)
+    paths = sorted((p for p in root.rglob("*.txt") if p.is_file()),
+                   key=lambda p: p.relative_to(root).parts)
     if not paths:
-        raise DataError(f"directory {root} holds no .txt files; put text files in it or give a file instead")
+        raise DataError(f"directory {root} holds no .txt files; put text files in it or give a "
+                        f"file instead")
     _require_some_text(paths, f"directory {root}")
     return _files_source(root.resolve().name, f"dir:{root.resolve()}", paths)
 
@@ -129,7 +134,8 @@ def _glob_source(pattern: str) -> Source:
     expanded = os.path.expanduser(pattern)
     paths = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
     if not paths:
-        raise DataError(f"no files match {pattern!r}; check the pattern (quote it so the shell keeps it)")
+        raise DataError(f"no files match {pattern!r}; check the pattern (quote it so the shell "
+                        f"keeps it)")
     _require_some_text(paths, f"glob {pattern!r}")
     return _files_source("glob", f"glob:{os.path.abspath(expanded)}", paths)
 
@@ -171,7 +177,8 @@ def _default_source() -> Source:
         for name, data in texts:
             yield name, (data,)
 
-    return Source("default", "corpus:default", documents, sum(len(d) for _, d in texts), hashable=True)
+    return Source("default", "corpus:default", documents, sum(len(d) for _, d in texts),
+                  hashable=True)
 
 
 def _fetch_corpus(name: str, data_dir: Path) -> Path:
@@ -182,7 +189,8 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
         actual = _sha256_file(path)
         if actual != spec.sha256:
             raise DataError(
-                f"{path} has sha256 {actual}, expected {spec.sha256}; delete it so {name} is downloaded "
+                f"{path} has sha256 {actual}, expected {spec.sha256}; delete it so {name} is "
+                f"downloaded "
                 f"again, or replace it with the file from {spec.url}"
             )
         return path
@@ -198,7 +206,8 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
         except OSError as exc:  # URLError, HTTPError, timeouts and resets are all OSErrors
             reason = getattr(exc, "reason", None) or exc
             raise DataError(
-                f"cannot download {name} from {spec.url} ({first_line(reason)}); check the network, or "
+                f"cannot download {name} from {spec.url} ({first_line(reason)}); check the "
+                f"network, or "
                 f"download that file by hand and save it as {path}"
             ) from None
         if digest.hexdigest() != spec.sha256:
@@ -237,12 +246,14 @@ def _hf_source(source: str) -> Source:
             import datasets
         except ImportError:
             raise DataError(
-                f"{source!r} needs the optional 'datasets' package; install it with: pip install -e \".[hf]\""
+                f"{source!r} needs the optional 'datasets' package; install it with: pip install "
+                f"-e \".[hf]\""
             ) from None
         # A dataset directory on disk needs no hub.
         if not Path(name).exists() and (reason := hub_unreachable()) is not None:
             raise DataError(
-                f"cannot open {source!r}: the Hugging Face hub cannot be reached ({reason}); check the "
+                f"cannot open {source!r}: the Hugging Face hub cannot be reached ({reason}); check "
+                f"the "
                 "network, or save the dataset's text as .txt files and pass their directory"
             )
         try:
@@ -259,15 +270,18 @@ def _hf_source(source: str) -> Source:
                 return
             except Exception as exc:  # a stream can fail at any record (network, bad shard)
                 raise DataError(
-                    f"reading {source!r} failed at record {index}: {first_line(exc)}; check the network, "
+                    f"reading {source!r} failed at record {index}: {first_line(exc)}; check the "
+                    f"network, "
                     "retry"
                 ) from None
             if "text" not in record:
                 raise DataError(
-                    f"{source!r} has no 'text' field (fields: {', '.join(map(str, record))}); use a dataset "
+                    f"{source!r} has no 'text' field (fields: {', '.join(map(str, record))}); use "
+                    f"a dataset "
                     "with a 'text' column"
                 )
-            # Lone surrogates cannot be UTF-8; "replace" keeps a malformed record from stopping the run.
+            # Lone surrogates cannot be UTF-8; "replace" keeps a malformed record from stopping the
+            # run.
             yield f"{source} record {index}", (str(record["text"]).encode("utf-8", "replace"),)
             index += 1
 
@@ -283,7 +297,8 @@ def hub_unreachable() -> str | None:
     once with a clear reason. Behind a proxy the proxy connects to the hub, so there is nothing to
     check from here.
     """
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                             "all_proxy")):
         return None
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"

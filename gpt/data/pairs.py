@@ -1,13 +1,14 @@
-"""Preference records: a prompt with a chosen and a rejected response, encoded as two fine-tuning examples.
+"""Preference records: a prompt with a chosen and a rejected response, encoded as two fine-tuning
+examples.
 
 A preference record says which of two responses to one prompt is the better: `{"prompt", "chosen",
 "rejected"}`, or Alpaca's prompt `{"instruction", "input" (optional), "chosen", "rejected"}`, or
 `{"question", "chosen", "rejected"}`, one JSON object per line of a `.jsonl` file or in a `.json`
 list; `load_pairs` reads them. Each response is encoded as a fine-tuning record would be
-(`gpt.data.records.encode_record`): the templated prompt, the response and <|endoftext|>, the prompt's
-targets -100, so that the sum of the log-probabilities of the counted targets is log p(response |
-prompt) (`gpt.objectives.dpo`). Both responses of a pair read the same prompt tokens: a prompt too long for
-the context is cut by as many tokens for both.
+(`gpt.data.records.encode_record`): the templated prompt, the response and <|endoftext|>, the
+prompt's targets -100, so that the sum of the log-probabilities of the counted targets is log
+p(response | prompt) (`gpt.objectives.dpo`). Both responses of a pair read the same prompt tokens: a
+prompt too long for the context is cut by as many tokens for both.
 
 `PreferenceDataset` holds the encoded pairs (`PreferencePair`s, or the objects of a pairs file as
 `json.load` gives them) and, once `gpt.objectives.dpo` has computed them, the reference
@@ -39,11 +40,13 @@ from gpt.data.records import (
 )
 
 PROMPT_KEYS = {"prompt": "plain", "instruction": "alpaca", "question": "qa"}
-"""A preference record's prompt key, and the template its kind gets by default (as in `gpt.data.records`)."""
+"""A preference record's prompt key, and the template its kind gets by default (as in
+`gpt.data.records`)."""
 EXAMPLE = '{"prompt": "Name a colour.", "chosen": "Blue is a colour.", "rejected": "Blue"}'
 
 Example = tuple[list[int], list[int]]  # (input_ids, target_ids), as `encode_record` makes them
-PairItem = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # chosen (in, target), rejected (...), reference
+# chosen (in, target), rejected (...), reference
+PairItem = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class PreferencePair:
     """alpaca, plain or qa: which template it gets by default (`PROMPT_KEYS`)."""
 
     def record(self, response: str) -> Record:
-        """The fine-tuning record of this prompt with `response` (the chosen or the rejected one)."""
+        """The fine-tuning record of this prompt with `response` (the chosen or the rejected one).
+        """
         return Record(self.prompt, response, self.input, self.kind)
 
 
@@ -66,8 +70,8 @@ class PreferencePair:
 
 
 def load_pairs(path: str | Path) -> list[PreferencePair]:
-    """The preference records of a `.jsonl` or `.json` file; `UserError` naming the file and line of a
-    bad one: a key missing, a value not a string or empty, or chosen the same as rejected."""
+    """The preference records of a `.jsonl` or `.json` file; `UserError` naming the file and line of
+    a bad one: a key missing, a value not a string or empty, or chosen the same as rejected."""
     return [_pair(item, where) for where, item in read_items(path, EXAMPLE)]
 
 
@@ -86,11 +90,13 @@ def _pair(item: object, where: str) -> PreferencePair:
         raise UserError(f"{where}: {prompt_key}, chosen, rejected and input must be strings")
     for key, value in zip((prompt_key, "chosen", "rejected"), values, strict=False):
         if not value.strip():
-            raise UserError(f"{where}: the {key} is empty; every preference record needs a prompt and "
+            raise UserError(f"{where}: the {key} is empty; every preference record needs a prompt "
+                            f"and "
                             "two responses")
     pair = PreferencePair(*values, kind=PROMPT_KEYS[prompt_key])
     if pair.chosen.strip() == pair.rejected.strip():
-        raise UserError(f"{where}: chosen and rejected are the same text, so neither is preferred; make "
+        raise UserError(f"{where}: chosen and rejected are the same text, so neither is preferred; "
+                        f"make "
                         "them differ, or drop the record")
     return pair
 
@@ -108,7 +114,8 @@ def encode_pair(pair: PreferencePair, tokenizer: tiktoken.Encoding, template: st
     longest = max(lengths)
     chosen, rejected = (encode_record(pair.record(response), tokenizer, template,
                                       max_length=max_length - (longest - length))
-                        for response, length in zip((pair.chosen, pair.rejected), lengths, strict=True))
+                        for response, length in zip((pair.chosen, pair.rejected), lengths,
+                                                    strict=True))
     return None if chosen is None or rejected is None else (chosen, rejected)
 
 
@@ -147,7 +154,8 @@ class PreferenceDataset(Dataset[PairItem]):
                 torch.tensor(rejected_target), self.reference[i])
 
     def lengths(self) -> list[int]:
-        """The longer input of every pair (what the bucketed sampler sorts by: the batch's padding)."""
+        """The longer input of every pair (what the bucketed sampler sorts by: the batch's padding).
+        """
         return [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in self.examples]
 
 
@@ -157,5 +165,6 @@ def pair_collate(batch: Sequence[PairItem]) -> tuple[Tensor, Tensor, Tensor]:
     reference (2B,) the reference model's log-probability of each row's response."""
     rows = [(item[0], item[1]) for item in batch] + [(item[2], item[3]) for item in batch]
     inputs, targets = pad_collate(rows)
-    reference = torch.stack([item[4] for item in batch]).t().flatten()  # (B, 2) -> chosen..., rejected...
+    # (B, 2) -> chosen..., rejected...
+    reference = torch.stack([item[4] for item in batch]).t().flatten()
     return inputs, targets, reference

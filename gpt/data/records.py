@@ -38,7 +38,8 @@ RECORD_SUFFIXES = (".json", ".jsonl")
 KEY_SETS = {("instruction", "output"): "alpaca", ("prompt", "response"): "plain",
             ("prompt", "completion"): "plain", ("question", "answer"): "qa"}
 """The accepted record keys (prompt key, response key), each with its kind's default template. An
-Alpaca record may also have an "input"; a `.json` list may hold [question, answer] pairs (kind qa)."""
+Alpaca record may also have an "input"; a `.json` list may hold [question, answer] pairs (kind
+qa)."""
 ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
                "completes the request.\n\n### Instruction:\n")
 TEMPLATES = {"plain": "{prompt} ", "qa": "Question: {prompt}\nAnswer: "}
@@ -49,7 +50,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Record:
-    """One example: what the model reads (`prompt`, and an optional `input` for it) and should answer."""
+    """One example: what the model reads (`prompt`, and an optional `input` for it) and should
+    answer."""
 
     prompt: str
     response: str
@@ -67,7 +69,8 @@ def is_record_file(data: str | None) -> bool:
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """The records of a `.jsonl` or `.json` file; `UserError` naming the file and line of a bad one."""
+    """The records of a `.jsonl` or `.json` file; `UserError` naming the file and line of a bad one.
+    """
     example = '{"question": "What is the capital of France?", "answer": "Paris"}'
     return [_record(item, where) for where, item in read_items(path, example)]
 
@@ -106,7 +109,8 @@ def iter_items(path: str | Path) -> Iterator[tuple[str, object]]:
                 return
             text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read records file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise UserError(f"cannot read records file {path}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
     data = _parse(text, path, 0) if text.strip() else []
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json records file must hold a list of records, found a "
@@ -119,7 +123,8 @@ def _parse(text: str, path: Path, line: int) -> object:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         where = f"{path}:{line or exc.lineno}"
-        raise UserError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); fix that line") from None
+        raise UserError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); fix that "
+                        f"line") from None
     except (RecursionError, ValueError) as exc:  # what json.loads raises past Python's own limits
         where = f"{path}:{line}" if line else str(path)
         found = "JSON nested deeper than Python can read" if isinstance(exc, RecursionError) else \
@@ -136,18 +141,21 @@ def _record(item: object, where: str) -> Record:
             if prompt_key in item and response_key in item:
                 values = (item[prompt_key], item[response_key], item.get("input", ""))
                 if not all(isinstance(v, str) for v in values):
-                    raise UserError(f"{where}: {prompt_key}, {response_key} and input must be strings")
+                    raise UserError(f"{where}: {prompt_key}, {response_key} and input must be "
+                                    f"strings")
                 return _checked(Record(*values, kind=kind), where)
     accepted = ", ".join("{" + ", ".join(keys) + "}" for keys in KEY_SETS)
     found = "{" + ", ".join(map(str, item)) + "}" if isinstance(item, dict) else type(item).__name__
-    raise UserError(f"{where}: a record needs one of the key sets {accepted} (Alpaca's may add \"input\"),"
+    raise UserError(f"{where}: a record needs one of the key sets {accepted} (Alpaca's may add "
+                    f"\"input\"),"
                     f" or is a [question, answer] pair in a .json list; found {found}")
 
 
 def _checked(record: Record, where: str) -> Record:
     for what in ("prompt", "response"):
         if not getattr(record, what).strip():
-            raise UserError(f"{where}: the {what} is empty; every record needs a prompt and a response")
+            raise UserError(f"{where}: the {what} is empty; every record needs a prompt and a "
+                            f"response")
     return record
 
 
@@ -155,9 +163,11 @@ def _checked(record: Record, where: str) -> Record:
 
 
 def check_template(template: str) -> str:
-    """`template` if it is a name (alpaca, plain, qa) or a string with a {prompt} field; else `UserError`."""
+    """`template` if it is a name (alpaca, plain, qa) or a string with a {prompt} field; else
+    `UserError`."""
     if template != "alpaca" and template not in TEMPLATES and "{prompt}" not in template:
-        raise UserError(f"--prompt-template {template!r} is neither alpaca, plain nor qa, and has no "
+        raise UserError(f"--prompt-template {template!r} is neither alpaca, plain nor qa, and has "
+                        f"no "
                         "{prompt} field; e.g. --prompt-template 'Q: {prompt}\\nA: '")
     return template
 
@@ -170,7 +180,8 @@ def format_prompt(template: str, prompt: str, input: str = "") -> str:
     {input} fields are filled in; an input with no field of its own follows the prompt.
     """
     if template == "alpaca":
-        return ALPACA_HEAD + prompt + (f"\n\n### Input:\n{input}" if input else "") + "\n\n### Response:\n"
+        given = f"\n\n### Input:\n{input}" if input else ""
+        return ALPACA_HEAD + prompt + given + "\n\n### Response:\n"
     text = TEMPLATES.get(template, template)
     if input and "{input}" not in text:
         prompt = f"{prompt}\n\n{input}"
@@ -180,7 +191,8 @@ def format_prompt(template: str, prompt: str, input: str = "") -> str:
 # ---- tokens and targets -------------------------------------------------------------------------
 
 
-def encode_record(record: Record, tokenizer: tiktoken.Encoding, template: str, *, mask_prompt: bool = True,
+def encode_record(record: Record, tokenizer: tiktoken.Encoding, template: str, *,
+                  mask_prompt: bool = True,
                   max_length: int = 1024) -> tuple[list[int], list[int]] | None:
     """(input_ids, target_ids) of one record, at most `max_length` each, or None if it cannot fit.
 
@@ -188,7 +200,8 @@ def encode_record(record: Record, tokenizer: tiktoken.Encoding, template: str, *
     token are always kept whole, with at least one prompt token before them (the input the first
     response token is predicted from). Text that spells "<|endoftext|>" is encoded as plain text.
     """
-    prompt = tokenizer.encode(format_prompt(template, record.prompt, record.input), disallowed_special=())
+    prompt = tokenizer.encode(format_prompt(template, record.prompt, record.input),
+                              disallowed_special=())
     response = [*tokenizer.encode(record.response, disallowed_special=()), ENDOFTEXT_ID]
     keep = max_length + 1 - len(response)  # prompt tokens that fit
     if keep < 1:
@@ -240,7 +253,8 @@ class InstructionDataset(Dataset[tuple[Tensor, Tensor]]):
 
 def pad_collate(batch: Sequence[tuple[Tensor, Tensor]], pad_id: int = ENDOFTEXT_ID,
                 ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
-    """(inputs, targets), each (B, longest): inputs padded with `pad_id`, targets with `ignore_index`."""
+    """(inputs, targets), each (B, longest): inputs padded with `pad_id`, targets with
+    `ignore_index`."""
     longest = max(len(inputs) for inputs, _ in batch)
     inputs = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), longest), ignore_index, dtype=torch.long)

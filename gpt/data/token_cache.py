@@ -1,9 +1,10 @@
-"""The token cache: a source's GPT-2 token ids, tokenized once into a uint16 memmap with a JSON sidecar.
+"""The token cache: a source's GPT-2 token ids, tokenized once into a uint16 memmap with a JSON
+sidecar.
 
-`load_tokens(source)` returns all ids of a source (see `gpt.data.corpora`) as a 1-D uint16 array. The first
-call tokenizes the text into a file under `data/cache/` and writes a sidecar describing it; later calls
-map that file (`np.memmap`) instead of tokenizing again, so the ids stay on disk until they are read.
-`<|endoftext|>` separates documents.
+`load_tokens(source)` returns all ids of a source (see `gpt.data.corpora`) as a 1-D uint16 array.
+The first call tokenizes the text into a file under `data/cache/` and writes a sidecar describing
+it; later calls map that file (`np.memmap`) instead of tokenizing again, so the ids stay on disk
+until they are read. `<|endoftext|>` separates documents.
 
 Tokenizing streams the text in pieces, cut only where the cut cannot change the tokens (see
 `_safe_pieces`), and encodes them on every core (tiktoken releases the GIL), so memory stays flat
@@ -35,10 +36,12 @@ from gpt.data.corpora import DataError, Source, resolve_source
 from gpt.model.tokenizer import ENCODER_JSON_SHA256, ENDOFTEXT_ID, VOCAB_BPE_SHA256, get_tokenizer
 
 ERRORS_MODES = ("strict", "replace")
-"""How bytes that are not UTF-8 are handled: refused, naming the file and offset, or replaced by U+FFFD."""
+"""How bytes that are not UTF-8 are handled: refused, naming the file and offset, or replaced by
+U+FFFD."""
 CACHE_FORMAT = 1  # bump when the cache layout or the document rules change: old caches are rebuilt
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits; little-endian on every machine
-PIECE_CHARS = 1 << 20  # characters per tokenizer call: big enough to amortise, small enough to stay flat
+# characters per tokenizer call: big enough to amortise, small enough to stay flat
+PIECE_CHARS = 1 << 20
 SCAN_TOKENS = 1 << 23  # tokens per read when checking a cache for out-of-range ids
 
 
@@ -47,7 +50,8 @@ SCAN_TOKENS = 1 << 23  # tokens per read when checking a cache for out-of-range 
 
 
 class _Digest:
-    """sha256 of all source bytes in order, plus a hash of the layout (each document's name and size).
+    """sha256 of all source bytes in order, plus a hash of the layout (each document's name and
+    size).
 
     The two together pin the tokens: the same bytes split into different documents get different
     `<|endoftext|>` positions, and the layout hash sees that.
@@ -60,7 +64,8 @@ class _Digest:
         self.documents = 0
 
     def read(self, name: str, blocks: Iterable[bytes]) -> Iterator[bytes]:
-        """Pass one document's blocks through, hashing them; its layout entry is added at the end."""
+        """Pass one document's blocks through, hashing them; its layout entry is added at the end.
+        """
         size = 0
         for block in blocks:
             self._content.update(block)
@@ -98,7 +103,8 @@ def _complete_utf8_prefix(data: bytes) -> int:
 
 
 class _Reader:
-    """Streams a source as (text piece, starts a document), hashing and decoding the bytes on the way."""
+    """Streams a source as (text piece, starts a document), hashing and decoding the bytes on the
+    way."""
 
     def __init__(self, errors: str, on_bytes: Callable[[int], object]) -> None:
         self.errors = errors
@@ -129,35 +135,40 @@ class _Reader:
         except UnicodeDecodeError as exc:
             if self.errors != "replace":
                 raise DataError(
-                    f"{name} is not valid UTF-8 at byte {offset + exc.start} (0x{data[exc.start]:02x}); "
-                    "convert it to UTF-8, or pass --errors replace to substitute U+FFFD for bad bytes"
+                    f"{name} is not valid UTF-8 at byte {offset + exc.start} "
+                    f"(0x{data[exc.start]:02x}); "
+                    "convert it to UTF-8, or pass --errors replace to substitute U+FFFD for bad "
+                    "bytes"
                 ) from None
             self.replaced = True
             return data.decode("utf-8", "replace")
 
 
 # A cut between a non-space character and a following space or newline. GPT-2's pre-tokenizer regex
-# (tiktoken's r50k pattern) never puts a non-space and a following space in one pre-token, and none of
-# its alternatives looks behind, so a pre-token ends there and matching restarts identically after it.
-# Before the cut, the last pre-token is non-space, and end-of-text changes nothing for those: only
-# `\s++$` and `\s+(?!\S)` look at what follows, and both start with whitespace. BPE merges never cross
-# pre-tokens, so encoding the two sides separately gives exactly the tokens of the whole.
-# Python's `\s` (str.isspace) is a superset of the regex crate's Unicode `\s`, so `[^\s]` is safe.
+# (tiktoken's r50k pattern) never puts a non-space and a following space in one pre-token, and none
+# of its alternatives looks behind, so a pre-token ends there and matching restarts identically
+# after it. Before the cut, the last pre-token is non-space, and end-of-text changes nothing for
+# those: only `\s++$` and `\s+(?!\S)` look at what follows, and both start with whitespace. BPE
+# merges never cross pre-tokens, so encoding the two sides separately gives exactly the tokens of
+# the whole. Python's `\s` (str.isspace) is a superset of the regex crate's Unicode `\s`, so `[^\s]`
+# is safe.
 _SAFE_CUT = re.compile(r"[^\s][ \n]")
 
 
 def _safe_pieces(texts: Iterable[str], target: int) -> Iterator[str]:
     """Re-cut a stream of text into non-empty pieces of about `target` characters or more, only at
-    `_SAFE_CUT` points, so that tokenizing the pieces one by one equals tokenizing their concatenation.
-    A text with no safe cut (no spaces at all) stays in one piece."""
+    `_SAFE_CUT` points, so that tokenizing the pieces one by one equals tokenizing their
+    concatenation. A text with no safe cut (no spaces at all) stays in one piece."""
     buffer = ""
-    scan_from = 0  # where to look for the next cut; text before it is known to hold none past target
+    # where to look for the next cut; text before it is known to hold none past target
+    scan_from = 0
     for text in texts:
         buffer += text
         while len(buffer) > target:
             match = _SAFE_CUT.search(buffer, max(scan_from, target - 1))
             if match is None:
-                scan_from = len(buffer) - 1  # the last character may pair with the next text's first
+                # the last character may pair with the next text's first
+                scan_from = len(buffer) - 1
                 break
             cut = match.start() + 1
             yield buffer[:cut]
@@ -176,8 +187,10 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _batches(pieces: Iterable[tuple[str, bool]], min_chars: int) -> Iterator[list[tuple[str, bool]]]:
-    """Group pieces into batches of at least `min_chars`, so many tiny documents make few thread tasks."""
+def _batches(pieces: Iterable[tuple[str, bool]], min_chars: int) -> Iterator[list[tuple[str,
+                                                                                        bool]]]:
+    """Group pieces into batches of at least `min_chars`, so many tiny documents make few thread
+    tasks."""
     batch: list[tuple[str, bool]] = []
     size = 0
     for piece in pieces:
@@ -191,8 +204,8 @@ def _batches(pieces: Iterable[tuple[str, bool]], min_chars: int) -> Iterator[lis
 
 
 def _write_tokens(pieces: Iterable[tuple[str, bool]], out: BinaryIO) -> int:
-    """Tokenize the pieces on every core, in order, into `out` as uint16; `<|endoftext|>` goes before
-    each document but the first. Returns the number of tokens written."""
+    """Tokenize the pieces on every core, in order, into `out` as uint16; `<|endoftext|>` goes
+    before each document but the first. Returns the number of tokens written."""
     encoding = get_tokenizer()
     eot = np.array([ENDOFTEXT_ID], dtype=TOKEN_DTYPE)
     written = 0
@@ -236,7 +249,8 @@ def _tokenizer_id() -> str:
 
 
 def _cache_paths(source: Source, cache_dir: Path, tokenizer: str) -> tuple[Path, Path]:
-    key = hashlib.sha256(f"{source.identity}\n{tokenizer}\n{CACHE_FORMAT}".encode()).hexdigest()[:16]
+    identity = f"{source.identity}\n{tokenizer}\n{CACHE_FORMAT}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.label)[:48] + f"-{key}"
     return cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json"
 
@@ -285,23 +299,27 @@ def _build_cache(source: Source, source_arg: str, bin_path: Path, meta_path: Pat
     """Tokenize `source` into `bin_path` and write its sidecar. A crash at any point leaves the old
     cache, no cache (rebuilt next time), or the new one whole; never a token file whose sidecar
     misdescribes it."""
-    with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.label}") as bar:
+    with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing "
+                                                                        f"{source.label}") as bar:
         reader = _Reader(errors, bar.update)
         with atomic_file(bin_path) as out:
             tokens = _write_tokens(reader.pieces(source), out)
             if tokens == 0:
                 raise DataError(f"{source_arg!r} holds no text; give a source with text in it")
             meta_path.unlink(missing_ok=True)  # the old sidecar goes before the old token file does
-    meta = {"format": CACHE_FORMAT, "source": source_arg, "identity": source.identity, "tokenizer": tokenizer,
+    meta = {"format": CACHE_FORMAT, "source": source_arg, "identity": source.identity,
+            "tokenizer": tokenizer,
             **reader.digest.summary(), "tokens": tokens, "dtype": TOKEN_DTYPE.str, "errors": errors,
             "replaced": reader.replaced, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(meta_path, meta)
     return meta
 
 
-def load_tokens(source: str, *, data_dir: Path = Path("data"), errors: str = "strict") -> np.ndarray:
-    """All tokens of a source (file, dir, glob, corpus name or hf:NAME) as a 1-D uint16 array (a memmap
-    of the cache under `data_dir/cache/`, built on first use and rebuilt when the source changes).
+def load_tokens(source: str, *, data_dir: Path = Path("data"),
+                errors: str = "strict") -> np.ndarray:
+    """All tokens of a source (file, dir, glob, corpus name or hf:NAME) as a 1-D uint16 array (a
+    memmap of the cache under `data_dir/cache/`, built on first use and rebuilt when the source
+    changes).
 
     `errors="replace"` substitutes U+FFFD for bytes that are not UTF-8 instead of refusing the file.
     """
@@ -312,7 +330,8 @@ def load_tokens(source: str, *, data_dir: Path = Path("data"), errors: str = "st
         return _load_tokens(source, data_dir, errors)
     except OSError as exc:  # an unreadable source, a read-only data_dir, a full disk
         raise DataError(
-            f"reading {source!r} or writing its token cache under {data_dir / 'cache'} failed ({exc}); "
+            f"reading {source!r} or writing its token cache under {data_dir / 'cache'} failed "
+            f"({exc}); "
             "check the permissions and free disk space, or pass another data directory"
         ) from None
 
@@ -326,7 +345,8 @@ def _load_tokens(source: str, data_dir: Path, errors: str) -> np.memmap:
         problem = _cache_problem(bin_path, meta.get("tokens"))
         if problem is None:
             return np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r", shape=(meta["tokens"],))
-        print(f"warning: token cache {bin_path} is corrupt ({problem}); rebuilding it", file=sys.stderr)
+        print(f"warning: token cache {bin_path} is corrupt ({problem}); rebuilding it",
+              file=sys.stderr)
     meta = _build_cache(resolved, source, bin_path, meta_path, tokenizer, errors)
     return np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r", shape=(meta["tokens"],))
 

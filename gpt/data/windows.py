@@ -1,14 +1,15 @@
 """Training data: token ids -> (train, validation) split -> windows -> seeded, resumable batches.
 
-Where the ids come from is two modules down: `gpt.data.corpora` says what a `--data` string names and
-reads it, `gpt.data.token_cache` tokenizes it once into a memmapped file. This module starts from those
-ids. `split_tokens` / `prepare_data` give the (train, validation) arrays, as views of the one memmap.
-`SlidingWindowDataset` cuts an array into (input, target) windows the way the book does
-(`range(0, N - L, stride)`), but lazily: it keeps the one array and slices on demand, so its memory is
-O(N) whatever the stride, and a memmap stays on disk until a window is read. `create_dataloader` wraps
-it with a sampler whose order depends only on (seed, epoch), so a checkpoint resumes at exactly the
-next batch. `build_loaders` makes a training run's loaders from the two arrays (the shuffled training
-batches and the fixed evaluation batches), and `micro_batch_groups` groups batches into optimizer steps.
+Where the ids come from is two modules down: `gpt.data.corpora` says what a `--data` string names
+and reads it, `gpt.data.token_cache` tokenizes it once into a memmapped file. This module starts
+from those ids. `split_tokens` / `prepare_data` give the (train, validation) arrays, as views of the
+one memmap. `SlidingWindowDataset` cuts an array into (input, target) windows the way the book does
+(`range(0, N - L, stride)`), but lazily: it keeps the one array and slices on demand, so its memory
+is O(N) whatever the stride, and a memmap stays on disk until a window is read. `create_dataloader`
+wraps it with a sampler whose order depends only on (seed, epoch), so a checkpoint resumes at
+exactly the next batch. `build_loaders` makes a training run's loaders from the two arrays (the
+shuffled training batches and the fixed evaluation batches), and `micro_batch_groups` groups batches
+into optimizer steps.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndar
     Both are views: a memmap's parts stay memmaps of the same file, read from disk on demand.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; e.g. 0.1")
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; "
+                        f"e.g. 0.1")
     n = len(tokens)
     n_train = n - round(n * val_fraction)
     return tokens[:n_train], tokens[n_train:]
@@ -47,8 +49,8 @@ def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndar
 def prepare_data(data: str = "default", val_data: str | None = None, *, val_fraction: float = 0.1,
                  context_length: int = 256, data_dir: Path = Path("data"), errors: str = "strict",
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids, val_ids) ready for create_dataloader, after checking each holds at least one window
-    (context_length + 1 tokens); raises UserError otherwise, naming the counts.
+    """(train_ids, val_ids) ready for create_dataloader, after checking each holds at least one
+    window (context_length + 1 tokens); raises UserError otherwise, naming the counts.
 
     Without `val_data` the validation part is the last `val_fraction` of `data`; with it, all of
     `data` trains and all of `val_data` validates.
@@ -59,12 +61,14 @@ def prepare_data(data: str = "default", val_data: str | None = None, *, val_frac
     tokens = load_tokens(data, data_dir=data_dir, errors=errors)
     fix = "use more text or a smaller context length"
     if len(tokens) < need:
-        raise DataError(f"{data!r} has {len(tokens)} tokens, but one window needs context_length + 1 = "
+        raise DataError(f"{data!r} has {len(tokens)} tokens, but one window needs context_length + "
+                        f"1 = "
                         f"{need}; {fix}")
     if val_data is not None:
         val = load_tokens(val_data, data_dir=data_dir, errors=errors)
         if len(val) < need:
-            raise DataError(f"validation source {val_data!r} has {len(val)} tokens, but one window needs "
+            raise DataError(f"validation source {val_data!r} has {len(val)} tokens, but one window "
+                            f"needs "
                             f"context_length + 1 = {need}; {fix}")
         return tokens, val
     train, val = split_tokens(tokens, val_fraction)
@@ -73,15 +77,19 @@ def prepare_data(data: str = "default", val_data: str | None = None, *, val_frac
         return train, val
     if n < 2 * need:
         raise DataError(
-            f"{data!r} has {n} tokens, too few for one training and one validation window of context_length "
+            f"{data!r} has {n} tokens, too few for one training and one validation window of "
+            f"context_length "
             f"+ 1 = {need} tokens each; {fix}, or give a separate validation source"
         )
     part, size = ("validation", len(val)) if len(val) < need else ("training", len(train))
-    # The fractions whose rounded split leaves both parts a window (three decimals, rounded inwards).
+    # The fractions whose rounded split leaves both parts a window (three decimals, rounded
+    # inwards).
     low, high = math.ceil(need / n * 1000) / 1000, math.floor((1 - need / n) * 1000) / 1000
     raise DataError(
-        f"the {part} split of {data!r} (val_fraction {val_fraction:g} of {n} tokens) has {size} tokens, but "
-        f"one window needs context_length + 1 = {need}; use a validation fraction between {low:g} and "
+        f"the {part} split of {data!r} (val_fraction {val_fraction:g} of {n} tokens) has {size} "
+        f"tokens, but "
+        f"one window needs context_length + 1 = {need}; use a validation fraction between {low:g} "
+        f"and "
         f"{high:g}, or give a separate validation source"
     )
 
@@ -101,13 +109,16 @@ class SlidingWindowDataset(Dataset[tuple[Tensor, Tensor]]):
     def __init__(self, token_ids: np.ndarray | Tensor | list[int], context_length: int,
                  stride: int) -> None:
         if context_length < 1:
-            raise DataError(f"context_length must be >= 1, got {context_length}; pass a positive one")
+            raise DataError(f"context_length must be >= 1, got {context_length}; pass a positive "
+                            f"one")
         if stride < 1:
-            raise DataError(f"stride must be >= 1, got {stride}; stride = context length: no overlap")
+            raise DataError(f"stride must be >= 1, got {stride}; stride = context length: no "
+                            f"overlap")
         if isinstance(token_ids, list):
             token_ids = np.asarray(token_ids, dtype=np.int64)
         if token_ids.ndim != 1:
-            raise DataError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}; flatten it")
+            raise DataError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}; flatten "
+                            f"it")
         self.token_ids = token_ids
         self.context_length = context_length
         self.stride = stride
@@ -130,15 +141,16 @@ class ResumableSampler(Sampler[int]):
     """Shuffles (or not) with a generator seeded by (seed, epoch); remembers how far it got.
 
     The order of epoch e depends only on `seed` and e, so a checkpoint needs just (epoch, position)
-    to resume mid-epoch at exactly the next batch: `state_dict()` / `load_state_dict()`. The shuffled
-    order is one int32 tensor, never a Python list of int objects (a pointer and a boxed int per
-    window): with stride 1 there are as many windows as tokens.
+    to resume mid-epoch at exactly the next batch: `state_dict()` / `load_state_dict()`. The
+    shuffled order is one int32 tensor, never a Python list of int objects (a pointer and a boxed
+    int per window): with stride 1 there are as many windows as tokens.
 
     With `world_size` ranks (`gpt.training.distributed`), the order is cut into global batches of
-    `batch_size x world_size` samples and rank r hands out the r-th slice of `batch_size` of each: the
-    ranks' batches together are the batches of one process with `batch_size x world_size`, and a last
-    partial global batch is left out (as a DataLoader's `drop_last` would). `position` then counts the
-    samples handed out to all ranks, so a checkpoint means the same for any number of ranks.
+    `batch_size x world_size` samples and rank r hands out the r-th slice of `batch_size` of each:
+    the ranks' batches together are the batches of one process with `batch_size x world_size`, and a
+    last partial global batch is left out (as a DataLoader's `drop_last` would). `position` then
+    counts the samples handed out to all ranks, so a checkpoint means the same for any number of
+    ranks.
     """
 
     def __init__(self, data_source: Sized, shuffle: bool, seed: int, *, batch_size: int = 1,
@@ -165,7 +177,8 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = self._order()
         while self.position < self._whole():
-            start = self.position + self.rank * self.batch_size  # this rank's slice of the global batch
+            # this rank's slice of the global batch
+            start = self.position + self.rank * self.batch_size
             self.position += self.batch_size * self.world_size
             yield from (int(index) for index in order[start:start + self.batch_size])
         self.epoch += 1
@@ -184,14 +197,15 @@ class ResumableSampler(Sampler[int]):
 def create_dataloader(token_ids: np.ndarray | Tensor | list[int], batch_size: int = 8,
                       context_length: int = 256, stride: int = 256, shuffle: bool = True,
                       drop_last: bool = True, seed: int = 0,
-                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader[tuple[Tensor, Tensor]]:
+                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader[tuple[Tensor,
+                                                                                          Tensor]]:
     """A DataLoader of (x, y) batches, each (batch_size, context_length) int64.
 
     Its sampler (`loader.sampler`, a `ResumableSampler`) carries the epoch and position for exact
     resume. With `num_workers > 0` the loader pre-fetches batches, so a sampler's position runs
     ahead of the batches consumed; a checkpoint should record the batches it trained on instead.
-    `pin_memory` (for a CUDA run only) puts the batches in page-locked memory, which copies to the GPU
-    faster and lets the copy overlap the step (`non_blocking`); elsewhere it only costs.
+    `pin_memory` (for a CUDA run only) puts the batches in page-locked memory, which copies to the
+    GPU faster and lets the copy overlap the step (`non_blocking`); elsewhere it only costs.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}; pass a positive batch size")
@@ -201,11 +215,14 @@ def create_dataloader(token_ids: np.ndarray | Tensor | list[int], batch_size: in
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
-def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int, context_length: int,
+def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int,
+                  context_length: int,
                   stride: int, eval_batches: int, seed: int, pin_memory: bool = False,
                   rank: int = 0, world_size: int = 1,
-                  ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor, Tensor]]]]:
-    """The loaders of a training run: (training batches, {"train": ..., "val": ...} evaluation batches).
+                  ) -> tuple[DataLoader[tuple[Tensor, Tensor]], dict[str, DataLoader[tuple[Tensor,
+                                                                                           Tensor]]]]:
+    """The loaders of a training run: (training batches, {"train": ..., "val": ...} evaluation
+    batches).
 
     The training loader shuffles with a seeded, resumable sampler and leaves out a last partial
     batch; it must have at least one batch. Each evaluation loader gives `eval_batches` batches of
@@ -219,8 +236,10 @@ def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int
     if len(dataset) < global_batch:
         per = f" x {world_size} processes" if world_size > 1 else ""
         fewer = " (or the processes)" if world_size > 1 else ""
-        raise DataError(f"the training data has {len(dataset)} windows of {context_length} tokens, fewer "
-                        f"than one batch of {batch_size}{per}; lower --batch-size{fewer}, --context-length "
+        raise DataError(f"the training data has {len(dataset)} windows of {context_length} tokens, "
+                        f"fewer "
+                        f"than one batch of {batch_size}{per}; lower --batch-size{fewer}, "
+                        f"--context-length "
                         "or --stride, or use more text")
     sampler = ResumableSampler(dataset, shuffle=True, seed=seed, batch_size=batch_size, rank=rank,
                                world_size=world_size)
@@ -229,49 +248,56 @@ def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int
     # masks do not depend on where a run was stopped and resumed.
     train_loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                               pin_memory=pin_memory, generator=torch.Generator())
-    eval_loaders = {name: _eval_loader(ids, batch_size, context_length, eval_batches, rank, world_size)
+    eval_loaders = {name: _eval_loader(ids, batch_size, context_length, eval_batches, rank,
+                                       world_size)
                     for name, ids in (("train", train_ids), ("val", val_ids))}
     return train_loader, eval_loaders
 
 
-def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, batches: int, rank: int,
+def _eval_loader(token_ids: np.ndarray, batch_size: int, context_length: int, batches: int,
+                 rank: int,
                  world_size: int) -> DataLoader[tuple[Tensor, Tensor]]:
     dataset = SlidingWindowDataset(token_ids, context_length, context_length)
     if len(dataset) == 0:
         raise DataError(f"{len(token_ids)} tokens make no window of {context_length} + 1 tokens to "
                         "evaluate on; use more text or a smaller --context-length")
     # Its own generator, as for the training loader.
-    return DataLoader(Subset(dataset, eval_picks(len(dataset), batch_size, batches, rank, world_size)),
+    return DataLoader(Subset(dataset, eval_picks(len(dataset), batch_size, batches, rank,
+                                                 world_size)),
                       batch_size=batch_size, generator=torch.Generator())
 
 
-def eval_picks(count: int, batch_size: int, batches: int, rank: int = 0, world_size: int = 1) -> list[int]:
+def eval_picks(count: int, batch_size: int, batches: int, rank: int = 0,
+               world_size: int = 1) -> list[int]:
     """The indices out of `count` (windows or records) that rank `rank` evaluates on, in batches of
-    `batch_size`: `batches` global batches of `batch_size x world_size` spread evenly over all `count`
-    (or every index, if fewer), each cut into the ranks' shares (`rank_share`). Every rank gets the
-    same number of batches, none empty (under FSDP every forward is a collective that all ranks must
-    join): a last global batch with fewer indices than ranks is left out."""
+    `batch_size`: `batches` global batches of `batch_size x world_size` spread evenly over all
+    `count` (or every index, if fewer), each cut into the ranks' shares (`rank_share`). Every rank
+    gets the same number of batches, none empty (under FSDP every forward is a collective that all
+    ranks must join): a last global batch with fewer indices than ranks is left out."""
     size = batch_size * world_size
     total = min(count, batches * size)
     if 0 < total % size < world_size:
         total -= total % size
     if total == 0:
-        raise DataError(f"{count} evaluation windows (or records) are fewer than the {world_size} processes; "
+        raise DataError(f"{count} evaluation windows (or records) are fewer than the {world_size} "
+                        f"processes; "
                         "use more validation data or fewer processes")
     picks = np.linspace(0, count - 1, total).round().astype(int).tolist()  # distinct: step >= 1
-    return [pick for start in range(0, total, size) for pick in rank_share(picks[start:start + size], rank,
+    return [pick for start in range(0, total, size) for pick in rank_share(picks[start:start
+                                                                                 + size], rank,
                                                                            world_size)]
 
 
 def rank_share(batch: Sequence[T], rank: int, world_size: int) -> Sequence[T]:
-    """Rank `rank`'s part of a global `batch`: the ranks' parts in rank order make the batch, and their
-    sizes differ by one at most (equal for a whole batch of `batch_size x world_size`)."""
+    """Rank `rank`'s part of a global `batch`: the ranks' parts in rank order make the batch, and
+    their sizes differ by one at most (equal for a whole batch of `batch_size x world_size`)."""
     return batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
 
 
 def micro_batch_groups(loader: Iterable[tuple[Tensor, Tensor]], size: int,
                        ) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """The loader's batches in groups of `size` (one optimizer step each); the last may be smaller."""
+    """The loader's batches in groups of `size` (one optimizer step each); the last may be smaller.
+    """
     group: list[tuple[Tensor, Tensor]] = []
     for batch in loader:
         group.append(batch)

@@ -1,4 +1,5 @@
-"""Answer accuracy of a fine-tuned model: greedy answers to validation prompts, compared with the references.
+"""Answer accuracy of a fine-tuned model: greedy answers to validation prompts, compared with the
+references.
 
 `answer` decodes greedily from a templated prompt until end-of-text; `val_exact_match` is the share
 of validation records whose answer equals the reference once whitespace is normalised (runs of
@@ -19,7 +20,8 @@ from gpt.model.sampling import generate
 from gpt.model.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 
-def answer(model: GPT, prompt_text: str, max_new_tokens: int, *, dtype: torch.dtype = torch.float32) -> str:
+def answer(model: GPT, prompt_text: str, max_new_tokens: int, *,
+           dtype: torch.dtype = torch.float32) -> str:
     """The greedy continuation of `prompt_text` (already templated) up to end-of-text, as text.
 
     The prompt keeps its last tokens when it is too long, leaving room for `max_new_tokens` (at most
@@ -54,7 +56,8 @@ def normalise(text: str) -> str:
 
 def val_exact_match(model: GPT, records: Sequence[Record], template: str, *, limit: int,
                     dtype: torch.dtype = torch.float32) -> float:
-    """Share of the first `limit` `records` whose greedy answer equals their response (whitespace-normalised).
+    """Share of the first `limit` `records` whose greedy answer equals their response
+    (whitespace-normalised).
 
     Each answer may run a few tokens past its reference's length: enough to see whether the model
     stops where the reference does, not more (a longer answer is wrong anyway).
@@ -64,6 +67,7 @@ def val_exact_match(model: GPT, records: Sequence[Record], template: str, *, lim
     right = 0
     for record in chosen:
         room = len(tokenizer.encode(record.response, disallowed_special=())) + 4
-        given = answer(model, format_prompt(template, record.prompt, record.input), room, dtype=dtype)
+        given = answer(model, format_prompt(template, record.prompt, record.input), room,
+                       dtype=dtype)
         right += normalise(given) == normalise(record.response)
     return right / len(chosen)

@@ -3,11 +3,11 @@
 (`--task choice` and `--task last-word` measure benchmark accuracy instead: `gpt.eval.task_cli`,
 docs/evaluation-tasks.md. What follows is the default task, perplexity.)
 
-A text longer than the model's context is scored by the standard sliding-window procedure (`Windows`):
-windows of L tokens every S tokens, each token scored once, by the window that gives it the most
-context. With S = L the windows do not overlap and a token near a window's start is predicted from
-few tokens; a smaller S gives every token after the first window at least L - S + 1 tokens of context
-(a lower, fairer loss), for about L / S times the compute.
+A text longer than the model's context is scored by the standard sliding-window procedure
+(`Windows`): windows of L tokens every S tokens, each token scored once, by the window that gives it
+the most context. With S = L the windows do not overlap and a token near a window's start is
+predicted from few tokens; a smaller S gives every token after the first window at least L - S + 1
+tokens of context (a lower, fairer loss), for about L / S times the compute.
 
 Reported: the tokens scored, the mean loss (nats per token), the perplexity exp(loss), and bits per
 byte (see `bits_per_byte`), which compares models whose tokenizers cut text differently. The text is
@@ -46,7 +46,8 @@ TokenIds = np.ndarray | Tensor
 
 
 class Span(NamedTuple):
-    """One window: it reads `inputs` tokens from `start` and scores its last `scored` predictions."""
+    """One window: it reads `inputs` tokens from `start` and scores its last `scored` predictions.
+    """
 
     start: int
     inputs: int
@@ -59,12 +60,13 @@ class Windows:
 
     The window starting at b reads t_b .. t_{b+L-1} and predicts, at each of them, the next token:
     its targets are t_{b+1} .. t_{b+L}, fewer if the text ends first. Windows start at b = 0, S,
-    2S, ... until one reaches the last token. Each scores only the targets after the previous window's
-    last one: the first window all its L, the next ones their last S, the last one what remains. So
-    every token but t_0 is scored exactly once (N - 1 in all), and every one outside the first window
-    with at least L - S + 1 tokens of context. (Hugging Face's perplexity guide does the same with
-    windows of L tokens that score L - 1 predictions; ours spans L + 1 tokens and scores L, as a
-    training window does, so S = L is exactly the trainer's non-overlapping validation windows.)
+    2S, ... until one reaches the last token. Each scores only the targets after the previous
+    window's last one: the first window all its L, the next ones their last S, the last one what
+    remains. So every token but t_0 is scored exactly once (N - 1 in all), and every one outside the
+    first window with at least L - S + 1 tokens of context. (Hugging Face's perplexity guide does
+    the same with windows of L tokens that score L - 1 predictions; ours spans L + 1 tokens and
+    scores L, as a training window does, so S = L is exactly the trainer's non-overlapping
+    validation windows.)
     """
 
     context_length: int
@@ -78,7 +80,8 @@ class Windows:
         if self.context_length < 1:
             raise UserError(f"--context-length must be at least 1, got {self.context_length}")
         if not 1 <= self.stride <= self.context_length:
-            raise UserError(f"--stride must be between 1 and --context-length ({self.context_length}), "
+            raise UserError(f"--stride must be between 1 and --context-length "
+                            f"({self.context_length}), "
                                f"got {self.stride}; a stride above it would skip tokens")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -106,9 +109,9 @@ class Windows:
             scored_until, start = end, start + self.stride
 
     def batches(self, ids: TokenIds) -> Iterator[tuple[Tensor, Tensor]]:
-        """(inputs, targets) batches of up to `batch_size` windows of one length over `ids`; a target
-        its window does not score (an earlier window did, with less context) is -100 (`lm_loss` skips
-        it). Only one batch of tokens is read from `ids` at a time."""
+        """(inputs, targets) batches of up to `batch_size` windows of one length over `ids`; a
+        target its window does not score (an earlier window did, with less context) is -100
+        (`lm_loss` skips it). Only one batch of tokens is read from `ids` at a time."""
         batch: list[Span] = []
         for span in self.spans(len(ids)):
             if batch and (len(batch) == self.batch_size or span.inputs != batch[0].inputs):
@@ -121,7 +124,8 @@ class Windows:
 def require_two_tokens(n_tokens: int) -> None:
     """A loss needs one token to read and one to predict."""
     if n_tokens < 2:
-        raise UserError(f"the text is {n_tokens} token{'s' * (n_tokens != 1)} long; a loss needs at "
+        raise UserError(f"the text is {n_tokens} token{'s' * (n_tokens != 1)} long; a loss needs "
+                        f"at "
                            "least two (one to read, one to predict)")
 
 
@@ -139,7 +143,8 @@ def _read(ids: TokenIds, start: int, stop: int) -> Tensor:
 
 
 def sliding_window_nll(model: LanguageModel, ids: TokenIds, windows: Windows, *,
-                       dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[float, int]:
+                       dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[float,
+                                                                                            int]:
     """(summed loss in nats, tokens scored) of the text `ids` under `model`, by `windows`.
 
     The loss is `evaluate_loss` over `windows.batches(ids)` (eval mode, no gradients, autocast in
@@ -154,7 +159,8 @@ def sliding_window_nll(model: LanguageModel, ids: TokenIds, windows: Windows, *,
     return evaluate_loss(model, batches, dtype=dtype) * tokens, tokens
 
 
-def _counted(batches: Iterator[tuple[Tensor, Tensor]], bar: tqdm) -> Iterator[tuple[Tensor, Tensor]]:
+def _counted(batches: Iterator[tuple[Tensor, Tensor]], bar: tqdm) -> Iterator[tuple[Tensor,
+                                                                                    Tensor]]:
     with bar:
         for x, y in batches:
             yield x, y
@@ -162,9 +168,10 @@ def _counted(batches: Iterator[tuple[Tensor, Tensor]], bar: tqdm) -> Iterator[tu
 
 
 def scored_bytes(ids: TokenIds, tokenizer: tiktoken.Encoding, chunk: int = 1 << 20) -> int:
-    """UTF-8 bytes of the text the scored tokens ids[1:] stand for (`<|endoftext|>` counts 0: it marks
-    a document boundary and is no text). Read `chunk` ids at a time."""
-    lengths = np.array([len(tokenizer.decode_single_token_bytes(i)) for i in range(tokenizer.n_vocab)])
+    """UTF-8 bytes of the text the scored tokens ids[1:] stand for (`<|endoftext|>` counts 0: it
+    marks a document boundary and is no text). Read `chunk` ids at a time."""
+    lengths = np.array([len(tokenizer.decode_single_token_bytes(i))
+                        for i in range(tokenizer.n_vocab)])
     lengths[ENDOFTEXT_ID] = 0
     return sum(int(lengths[np.asarray(ids[i:i + chunk])].sum()) for i in range(1, len(ids), chunk))
 
@@ -190,8 +197,10 @@ def build_parser() -> ArgumentParser:
     add_model_flags(parser)
     add_task_flags(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="the text to score, in any form train.py --data takes: a corpus name (default, "
-                             "the-verdict, tinyshakespeare), a text file, a directory of .txt files, a glob, "
+                        help="the text to score, in any form train.py --data takes: a corpus name "
+                             "(default, "
+                             "the-verdict, tinyshakespeare), a text file, a directory of .txt "
+                             "files, a glob, "
                              "or hf:NAME[:CONFIG]:SPLIT; with --task choice or last-word, the "
                              "task's file")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
@@ -201,10 +210,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--context-length", type=int, metavar="L",
                         help="tokens per window (default: the model's context length)")
     parser.add_argument("--stride", type=int, metavar="S",
-                        help="tokens between window starts, 1 to L (default L/2; L = no overlap, fastest)")
+                        help="tokens between window starts, 1 to L (default L/2; L = no overlap, "
+                             "fastest)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="windows (records, passages) per forward pass (default 8)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the "
+                                                            "table")
     return parser
 
 
@@ -219,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     windows = Windows.for_model(model, args.context_length, args.stride, args.batch_size)
     tokenizer = get_tokenizer()
     if model.config.vocab_size < tokenizer.n_vocab:
-        raise UserError(f"the model predicts {model.config.vocab_size} token ids, GPT-2's tokenizer has "
+        raise UserError(f"the model predicts {model.config.vocab_size} token ids, GPT-2's "
+                        f"tokenizer has "
                         f"{tokenizer.n_vocab}; score a model trained with the GPT-2 tokenizer")
     if task is not None:  # --context-length and --batch-size were checked as the windows' are
         run_task(task, model, args, dtype)
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.data}: {len(ids):,} tokens in windows of {windows.context_length} every {windows.stride}, "
+    print(f"{args.data}: {len(ids):,} tokens in windows of {windows.context_length} every "
+          f"{windows.stride}, "
           f"autocast {result['dtype']}")
     print(f"tokens scored  {tokens:,}")
     print(f"mean loss      {result['loss']:.4f} nats per token")

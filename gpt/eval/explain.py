@@ -8,8 +8,8 @@ positions is the loss `train.py` reports (`gpt.model.loss.lm_loss`), and exp(mea
 For each position this prints the input token, the target (the next token), p(target), its loss, the
 target's rank among the V predictions (1 = the model's first choice) and the top predictions; then
 the mean and the perplexity, and for the first position the same loss written the way a learner
-computes it, with the one-hot target. `--plot` draws the text coloured by loss, `--json` prints it all
-as one JSON object.
+computes it, with the one-hot target. `--plot` draws the text coloured by loss, `--json` prints it
+all as one JSON object.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class TokenLoss:
     nll: float
     """The position's loss: -log prob, in nats."""
     rank: int
-    """1 + the number of tokens the model found more likely than the target (1 = its first choice)."""
+    """1 + the number of tokens the model found more likely than the target (1 = its first choice).
+    """
     top: list[tuple[int, float]]
     """The most likely next tokens, with their probabilities, most likely first."""
 
@@ -70,7 +71,8 @@ class Explanation:
 
 def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
     """Score the 1-D token ids `ids` (on the model's device) with `model`: ids[:-1] are the inputs,
-    ids[1:] the targets. The model runs in eval mode without gradients (and is put back as it was)."""
+    ids[1:] the targets. The model runs in eval mode without gradients (and is put back as it
+    was)."""
     require_two_tokens(ids.numel())
     if top < 0:
         raise UserError(f"--top must be 0 or more, got {top}")
@@ -82,9 +84,11 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
     ranks = (logp > logp_target).sum(dim=-1) + 1
     top_logp, top_ids = logp.topk(min(top, logp.size(-1)), dim=-1)
     tokens = [
-        TokenLoss(position=i, input=int(inputs[i]), target=int(targets[i]), prob=float(logp_target[i].exp()),
+        TokenLoss(position=i, input=int(inputs[i]), target=int(targets[i]),
+                  prob=float(logp_target[i].exp()),
                   nll=-float(logp_target[i]), rank=int(ranks[i]),
-                  top=[(int(t), float(p)) for t, p in zip(top_ids[i], top_logp[i].exp(), strict=True)])
+                  top=[(int(t), float(p)) for t, p in zip(top_ids[i], top_logp[i].exp(),
+                                                          strict=True)])
         for i in range(len(targets))
     ]
     return Explanation(tokens, float(lm_loss(logits, targets)), logits[0])
@@ -93,9 +97,9 @@ def explain(model: nn.Module, ids: Tensor, top: int = 3) -> Explanation:
 def one_hot_arithmetic(logits: Tensor, target: int, names: tuple[str, str]) -> str:
     """The loss of one position computed the way a learner writes it, with the real numbers.
 
-    y is the one-hot target (1 at `target`, 0 elsewhere); the loss is -sum_k y[k] * log_softmax(z)[k],
-    and since only y[target] is not zero, that sum is log_softmax(z)[target] = -log p(target).
-    `names` = (the target token as text, the input token as text).
+    y is the one-hot target (1 at `target`, 0 elsewhere); the loss is -sum_k y[k] *
+    log_softmax(z)[k], and since only y[target] is not zero, that sum is log_softmax(z)[target] =
+    -log p(target). `names` = (the target token as text, the input token as text).
     """
     z = logits.double()
     log_norm = float(torch.logsumexp(z, dim=0))
@@ -107,14 +111,17 @@ def one_hot_arithmetic(logits: Tensor, target: int, names: tuple[str, str]) -> s
         f"  y = the one-hot vector of the target {target_name} (1 at id {target}, 0 at the other "
         f"{z.numel() - 1})",
         f"  log_softmax(z)[k] = z[k] - log(sum_j exp(z[j])) = z[k] - {log_norm:.4f}",
-        f"  sum_k y[k] * log_softmax(z)[k] = z[{target}] - {log_norm:.4f} = {float(z[target]):.4f} - "
+        f"  sum_k y[k] * log_softmax(z)[k] = z[{target}] - {log_norm:.4f} = {float(z[target]):.4f} "
+        f"- "
         f"{log_norm:.4f} = {summed:.4f}",
-        f"  loss = -({summed:.4f}) = {-summed:.4f} = -log p({target_name}) = -log {math.exp(summed):.6g}",
+        f"  loss = -({summed:.4f}) = {-summed:.4f} = -log p({target_name}) = -log "
+        f"{math.exp(summed):.6g}",
     ])
 
 
 def token_text(tokenizer: tiktoken.Encoding, token: int) -> str:
-    """A token as the text it stands for (bytes of a character split across tokens show as U+FFFD)."""
+    """A token as the text it stands for (bytes of a character split across tokens show as U+FFFD).
+    """
     return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
 
@@ -130,9 +137,12 @@ def build_parser() -> ArgumentParser:
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to explain")
     text.add_argument("--file", type=Path, help="a UTF-8 text file to explain")
-    parser.add_argument("--top", type=int, default=3, help="top predictions to show per position (default 3)")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the text coloured by loss")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--top", type=int, default=3, help="top predictions to show per position "
+                                                           "(default 3)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the text coloured by "
+                                                                      "loss")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the "
+                                                            "table")
     return parser
 
 
@@ -145,14 +155,16 @@ def read_text(args: argparse.Namespace) -> str:
     except OSError as exc:
         raise UserError(f"cannot read --file {args.file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise UserError(f"--file {args.file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UserError(f"--file {args.file} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt explain ...`: check the flags and the text, load the model, explain, print."""
     args = build_parser().parse_args(argv)
     if args.plot is not None and not args.plot.absolute().parent.is_dir():
-        raise UserError(f"--plot {args.plot}: the directory {args.plot.absolute().parent} does not exist")
+        raise UserError(f"--plot {args.plot}: the directory {args.plot.absolute().parent} does not "
+                        f"exist")
     if args.plot is not None and args.plot.is_dir():
         raise UserError(f"--plot {args.plot} is a directory; give a file to draw to, e.g. "
                         f"--plot {args.plot / 'losses.png'}")
@@ -163,9 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     model = load_from_flags(args.checkpoint, args.init, device, torch.float32, sys.stderr)
     if max(ids, default=0) >= model.config.vocab_size:
         raise UserError(f"the text has token id {max(ids)} but the model predicts only "
-                        f"{model.config.vocab_size} ids; it was not trained with the GPT-2 tokenizer")
+                        f"{model.config.vocab_size} ids; it was not trained with the GPT-2 "
+                        f"tokenizer")
     if len(ids) > model.config.context_length + 1:
-        print(f"note: the text is {len(ids)} tokens; explaining the first {model.config.context_length + 1} "
+        print(f"note: the text is {len(ids)} tokens; explaining the first "
+              f"{model.config.context_length + 1} "
               "(the model reads at most its context length)", file=sys.stderr)
         ids = ids[:model.config.context_length + 1]
     with autocast(device, dtype):
@@ -205,9 +219,11 @@ def print_table(result: Explanation, tokenizer: tiktoken.Encoding, top: int) -> 
           f"top {top} predictions")
     for t in result.tokens:
         predictions = "  ".join(f"{shown(i, 14)} {p:.3f}" for i, p in t.top)
-        print(f"{t.position:>4}  {shown(t.input, 14):<14} {shown(t.target, 14):<14} {t.prob:>10.4g} "
+        print(f"{t.position:>4}  {shown(t.input, 14):<14} {shown(t.target, 14):<14} "
+              f"{t.prob:>10.4g} "
               f"{t.nll:>7.3f} {t.rank:>6}  {predictions}")
-    print(f"mean loss {result.loss:.4f} over {len(result.tokens)} predictions (= lm_loss of the same ids), "
+    print(f"mean loss {result.loss:.4f} over {len(result.tokens)} predictions (= lm_loss of the "
+          f"same ids), "
           f"perplexity exp({result.loss:.4f}) = {perplexity(result.loss):.2f}")
     print()
 

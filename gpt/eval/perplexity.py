@@ -46,12 +46,12 @@ def evaluate_loss(model: LanguageModel, loader: Iterable[tuple[Tensor, Tensor]],
     """Mean loss over the first `max_batches` batches of `loader` (all of them if None).
 
     The model runs in eval mode (no dropout) without gradients, and is put back into the mode it was
-    in. The mean is over target tokens, so a short last batch weighs by its size, not as a full batch.
-    Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and with a
-    `chunk_size` just as sparing of memory. `loss`, called the same way, measures something else on
-    the same model (a training objective: `objective_loss`). `all_reduce` sums [loss total, token
-    count] over the ranks of a data-parallel run (`gpt.training.distributed.Dist.sum_values`), each of which
-    evaluated its own batches: the mean is then over all of them.
+    in. The mean is over target tokens, so a short last batch weighs by its size, not as a full
+    batch. Each batch's loss is `model.loss(x, y, chunk_size=chunk_size)`: the training loss, and
+    with a `chunk_size` just as sparing of memory. `loss`, called the same way, measures something
+    else on the same model (a training objective: `objective_loss`). `all_reduce` sums [loss total,
+    token count] over the ranks of a data-parallel run (`gpt.training.distributed.Dist.sum_values`),
+    each of which evaluated its own batches: the mean is then over all of them.
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass and the named presets.
 
-The field names follow Raschka's book (`emb_dim`, `n_heads`, ...); the presets are the four published
-GPT-2 sizes plus small models that train on a laptop CPU in minutes.
+The field names follow Raschka's book (`emb_dim`, `n_heads`, ...); the presets are the four
+published GPT-2 sizes plus small models that train on a laptop CPU in minutes.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def check_known_fields(names: Iterable[str], known: Iterable[str], what: str) ->
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in the file `path`; `ConfigError` (one line) if it cannot be read, is not JSON,
-    or holds something else. `what` says what the file should hold, e.g. "a model config"."""
+    """The JSON object in the file `path`; `ConfigError` (one line) if it cannot be read, is not
+    JSON, or holds something else. `what` says what the file should hold, e.g. "a model config"."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nested
+    # JSONDecodeError, UnicodeDecodeError; nested
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read {path} ({describe(exc)}); it should hold {what}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; it should hold {what}")
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; it should "
+                          f"hold {what}")
     return data
 
 
@@ -65,16 +67,19 @@ class GPTConfig:
     """Width of the residual stream (d_model)."""
 
     n_heads: int = 12
-    """Attention heads per layer; `emb_dim` must be divisible by it (head size = emb_dim / n_heads)."""
+    """Attention heads per layer; `emb_dim` must be divisible by it (head size = emb_dim / n_heads).
+    """
 
     n_layers: int = 12
     """Number of transformer blocks."""
 
     drop_rate: float = 0.1
-    """Dropout probability on embeddings, attention weights and both residual branches (0 disables)."""
+    """Dropout probability on embeddings, attention weights and both residual branches (0 disables).
+    """
 
     qkv_bias: bool = True
-    """Whether the fused query/key/value projection has a bias (GPT-2: yes; the book trains without)."""
+    """Whether the fused query/key/value projection has a bias (GPT-2: yes; the book trains
+    without)."""
 
     tie_embeddings: bool = True
     """Whether the LM head shares its weight tensor with the token embedding (GPT-2: yes)."""
@@ -83,8 +88,8 @@ class GPTConfig:
     """Epsilon of every LayerNorm (GPT-2 uses 1e-5)."""
 
     init_scheme: str = "gpt2"
-    """How a new model's weights are drawn: gpt2 (N(0, 0.02), the residual projections scaled down by
-    depth) or torch (each PyTorch module's own default, as the book's code gets them: embeddings
+    """How a new model's weights are drawn: gpt2 (N(0, 0.02), the residual projections scaled down
+    by depth) or torch (each PyTorch module's own default, as the book's code gets them: embeddings
     N(0, 1), linear layers uniform). Only construction reads it: loaded weights replace either."""
 
     vocab_pad_multiple: int = 1
@@ -93,20 +98,24 @@ class GPTConfig:
     their logits are dropped, so the model computes exactly what it would without them."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_pad_multiple"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                     "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         for name in ("drop_rate", "layer_norm_eps"):  # a number: not a string, None or a bool
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or isinstance(value,
+                                                                 bool) or not math.isfinite(value):
                 raise ConfigError(f"GPTConfig.{name} must be a finite number, got {value!r}")
         for name in ("qkv_bias", "tie_embeddings"):  # JSON's true or false: "no" is not false
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         if self.emb_dim % self.n_heads != 0:
             raise ConfigError(
-                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads "
+                f"({self.n_heads}); "
                 f"pick n_heads from {_divisors(self.emb_dim)}"
             )
         if not 0.0 <= self.drop_rate < 1.0:
@@ -119,9 +128,11 @@ class GPTConfig:
         if self.parameter_estimate() > MAX_PARAMETERS:
             raise ConfigError(
                 f"GPTConfig describes a model of about {self.parameter_estimate():.2g} parameters "
-                f"({4 * self.parameter_estimate() / 1e12:.2g} TB in float32; emb_dim {self.emb_dim}, "
+                f"({4 * self.parameter_estimate() / 1e12:.2g} TB in float32; emb_dim "
+                f"{self.emb_dim}, "
                 f"n_layers {self.n_layers}, vocab_size {self.vocab_size}, context_length "
-                f"{self.context_length}), more than any machine holds (at most {MAX_PARAMETERS:.2g} "
+                f"{self.context_length}), more than any machine holds (at most "
+                f"{MAX_PARAMETERS:.2g} "
                 "here); make it smaller")
 
     def parameter_estimate(self) -> int:
@@ -144,14 +155,17 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A named configuration, optionally with some fields replaced (`preset("gpt2", drop_rate=0)`)."""
+        """A named configuration, optionally with some fields replaced (`preset("gpt2",
+        drop_rate=0)`)."""
         key = PRESET_ALIASES.get(name, name)
         if key not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of: "
+                              f"{', '.join(preset_names())}")
         return PRESETS[key].replace(**overrides)
 
     def replace(self, **overrides: Any) -> GPTConfig:
-        """A copy with some fields changed (an unknown name is an error; checked by `__post_init__`)."""
+        """A copy with some fields changed (an unknown name is an error; checked by
+        `__post_init__`)."""
         return self.from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +173,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
-        """Build from a dict such as `config.json`; unknown keys are an error, not silently dropped."""
+        """Build from a dict such as `config.json`; unknown keys are an error, not silently dropped.
+        """
         check_known_fields(data, (f.name for f in dataclasses.fields(cls)), "GPTConfig field")
         return cls(**data)
 
@@ -168,7 +183,8 @@ class GPTConfig:
 
     @classmethod
     def load(cls, path: Path) -> GPTConfig:
-        """The config in the JSON file `path`; a `ConfigError` that names the file if it is not one."""
+        """The config in the JSON file `path`; a `ConfigError` that names the file if it is not one.
+        """
         data = read_json_object(path, "a model config (GPTConfig fields)")
         try:
             return cls.from_dict(data)
@@ -188,8 +204,8 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
     # The default of `python train.py`: 16M parameters (13M of them the embedding), small enough to
     # train on the built-in corpus on a laptop CPU in minutes. No qkv bias, as in the book's
-    # from-scratch run. No dropout: over the default run's few epochs it only slowed learning, and it
-    # costs step time; the vocabulary is padded for faster matmul shapes (both: BENCHMARKS.md).
+    # from-scratch run. No dropout: over the default run's few epochs it only slowed learning, and
+    # it costs step time; the vocabulary is padded for faster matmul shapes (both: BENCHMARKS.md).
     "mini": GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.0,
                       qkv_bias=False, vocab_pad_multiple=64),
     # For tests and smoke runs: seconds, not minutes.

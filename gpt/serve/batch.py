@@ -1,7 +1,7 @@
 """Batched decoding with a KV cache in which every row sits at its own position.
 
-`gpt.model.model.KVCache` holds one length for the whole batch: every row of a batch must start and step
-together, which is what `generate` does. A server's rows do not: a request that arrives while
+`gpt.model.model.KVCache` holds one length for the whole batch: every row of a batch must start and
+step together, which is what `generate` does. A server's rows do not: a request that arrives while
 others decode starts with its own prompt length, and rows that finish leave. `RowCache` keeps one
 length per row and `decode_step` feeds one new token to each row at that row's own position:
 

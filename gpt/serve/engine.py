@@ -14,8 +14,8 @@ So a request that arrives while others decode joins at the next step, and a step
 much for 8 rows as for one: the weights are read once per step, not once per row. A prompt is
 prefilled alone while the others wait for that step (no chunked prefill).
 
-Past the context the engine does what `gpt.model.sampling.DecodeSession` does, per row: a full row is
-emptied and re-filled from its last `context_length // 2` tokens, so a request alone gets the
+Past the context the engine does what `gpt.model.sampling.DecodeSession` does, per row: a full row
+is emptied and re-filled from its last `context_length // 2` tokens, so a request alone gets the
 tokens `generate` gives.
 
 Each step's results go to each job's `emit` callback, on the engine thread: a list of `Event`s.

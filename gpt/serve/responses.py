@@ -7,9 +7,9 @@
                                        `stream_options.include_usage` asks for it (as OpenAI does)
 
 Log-probabilities are those of the model's own distribution (softmax of the logits, before
-temperature, top-k and top-p), the numbers `python -m gpt.eval.explain` prints: chat's `logprobs.content`
-entries (token, logprob, bytes, top_logprobs) and completions' older layout (tokens,
-token_logprobs, top_logprobs as {token: logprob}, text_offset).
+temperature, top-k and top-p), the numbers `python -m gpt.eval.explain` prints: chat's
+`logprobs.content` entries (token, logprob, bytes, top_logprobs) and completions' older layout
+(tokens, token_logprobs, top_logprobs as {token: logprob}, text_offset).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""Data-parallel training over the processes `torchrun` starts: every multi-process concern in one place.
+"""Data-parallel training over the processes `torchrun` starts: every multi-process concern in one
+place.
 
-    init_distributed(cfg)        the process group from torchrun's environment, or none (one process)
-    Dist.wrap(model, loss, ...)  the loss the training steps call: under DDP, or with the model sharded
+    init_distributed(cfg)        the process group from torchrun's environment, or none (one
+                                 process)
+    Dist.wrap(model, loss, ...)  the loss the training steps call: under DDP, or with the model
+                                 sharded
     Dist.grad_sync(last)         gradients reduced on a step's last micro-batch only
-    Dist.clip_grad_norm(...)     the global gradient norm, clipped (over every rank's shards under FSDP)
+    Dist.clip_grad_norm(...)     the global gradient norm, clipped (over every rank's shards under
+                                 FSDP)
     Dist.sum / mean / any / ...  the all-reduces of the numbers every rank must agree on
     Dist.add_rank_state(state)   every rank's random generators and the world size, in a checkpoint
     Dist.restore_rngs(saved)     ... and back
@@ -11,22 +15,23 @@
 `torchrun --nproc_per_node=N train.py ...` starts N copies of train.py with RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; a plain `python train.py` sets none of them, and then
 nothing here does anything (`Dist()` with one rank: every all-reduce returns its input). Each rank
-trains on a disjoint slice of every global batch of `batch_size x world_size` windows, cut from the one
-seeded order all ranks share (`gpt.data.windows.ResumableSampler`, or `gpt.data.buckets.BucketBatchSampler`
-for records), so the global batches are those a single process with `--batch-size batch_size x
-world_size` trains on. The loss of a step is normalised by the step's global count of target tokens
-(`gpt.model.loss.count_targets`, summed over ranks; DPO's: pairs), and DDP (or FSDP) averages the gradients
-over ranks; `train_step` multiplies by the world size, so the gradient is that of the global batch's
-mean loss, as in one process. The numbers that decide what happens next (the loss, the validation
-losses, Ctrl-C) are all-reduced, so every rank decides the same and none is left waiting in a
-collective. Rank 0 alone prints and writes files; the other ranks' stdout goes nowhere.
+trains on a disjoint slice of every global batch of `batch_size x world_size` windows, cut from the
+one seeded order all ranks share (`gpt.data.windows.ResumableSampler`, or
+`gpt.data.buckets.BucketBatchSampler` for records), so the global batches are those a single process
+with `--batch-size batch_size x world_size` trains on. The loss of a step is normalised by the
+step's global count of target tokens (`gpt.model.loss.count_targets`, summed over ranks; DPO's:
+pairs), and DDP (or FSDP) averages the gradients over ranks; `train_step` multiplies by the world
+size, so the gradient is that of the global batch's mean loss, as in one process. The numbers that
+decide what happens next (the loss, the validation losses, Ctrl-C) are all-reduced, so every rank
+decides the same and none is left waiting in a collective. Rank 0 alone prints and writes files; the
+other ranks' stdout goes nowhere.
 
 `--parallel ddp` keeps a whole model on every rank (`DistributedDataParallel`). `--parallel fsdp`
 shards it (`torch.distributed.fsdp.fully_shard`, FSDP2): each block, then the rest at the root, so a
-rank holds 1/N of the parameters, gradients and AdamW moments and gathers one block's parameters at a
-time for its forward and backward. Every forward is then a collective: all ranks run the same ones,
-evaluation and samples included (`gpt.training.report`), and checkpoints are written by all ranks together
-(`gpt.training.sharded_checkpoint`).
+rank holds 1/N of the parameters, gradients and AdamW moments and gathers one block's parameters at
+a time for its forward and backward. Every forward is then a collective: all ranks run the same
+ones, evaluation and samples included (`gpt.training.report`), and checkpoints are written by all
+ranks together (`gpt.training.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -65,9 +70,11 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """This rank's device: `cuda:LOCAL_RANK` on GPUs (one GPU per rank), else the one `--device` names."""
+    """This rank's device: `cuda:LOCAL_RANK` on GPUs (one GPU per rank), else the one `--device`
+    names."""
     parallel: str = "ddp"
-    """--parallel: ddp, or fsdp (the model sharded over the ranks); only read with more than one rank."""
+    """--parallel: ddp, or fsdp (the model sharded over the ranks); only read with more than one
+    rank."""
     ddp: DistributedDataParallel | None = None
     """The wrapped model once `wrap` made it (None in one process and under FSDP)."""
     fsdp: FSDPModule | None = None
@@ -80,7 +87,8 @@ class Dist:
 
     @property
     def sharded(self) -> bool:
-        """Whether the model is sharded over the ranks (FSDP): then every forward is a collective."""
+        """Whether the model is sharded over the ranks (FSDP): then every forward is a collective.
+        """
         return self.parallel == "fsdp" and self.world_size > 1
 
     def wrap(self, model: GPT, loss: Callable[..., Tensor], *, compile: bool = False,
@@ -101,7 +109,8 @@ class Dist:
                 if compile:
                     block.compile()
                 fully_shard(block, mesh=mesh)
-            self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
+            # the rest: embeddings, final norm, (tied) head
+            self.fsdp = fully_shard(model, mesh=mesh)
             register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
             return loss  # model.loss, or via model.forward
         self.ddp = DistributedDataParallel(
@@ -112,7 +121,8 @@ class Dist:
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Around a micro-batch's backward: DDP all-reduces (FSDP reduce-scatters) gradients only on
-        the step's `last` one (the others' gradients add up locally, and one reduction carries them all)."""
+        the step's `last` one (the others' gradients add up locally, and one reduction carries them
+        all)."""
         if self.fsdp is not None:
             self.fsdp.set_requires_gradient_sync(last)
         if self.ddp is None or last:
@@ -140,13 +150,16 @@ class Dist:
         """Each of `counts` summed over ranks (a step's token counts)."""
         if self.world_size == 1:
             return counts
-        return self._all_reduce(torch.tensor(counts, dtype=torch.int64), torch_dist.ReduceOp.SUM).tolist()
+        return self._all_reduce(torch.tensor(counts, dtype=torch.int64),
+                                torch_dist.ReduceOp.SUM).tolist()
 
     def sum_values(self, values: list[float]) -> list[float]:
-        """Each of `values` summed over ranks, in float64 (an evaluation's loss total and token count)."""
+        """Each of `values` summed over ranks, in float64 (an evaluation's loss total and token
+        count)."""
         if self.world_size == 1:
             return values
-        return self._all_reduce(torch.tensor(values, dtype=torch.float64), torch_dist.ReduceOp.SUM).tolist()
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64),
+                                torch_dist.ReduceOp.SUM).tolist()
 
     def mean(self, value: Tensor) -> Tensor:
         """A scalar tensor averaged over ranks (a step's loss)."""
@@ -155,15 +168,16 @@ class Dist:
         return self._all_reduce(value.detach().clone(), torch_dist.ReduceOp.SUM) / self.world_size
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is True on any (Ctrl-C reached some ranks but not yet others)."""
+        """True on every rank if `flag` is True on any (Ctrl-C reached some ranks but not yet
+        others)."""
         if self.world_size == 1:
             return flag
         return bool(self._all_reduce(torch.tensor(int(flag)), torch_dist.ReduceOp.MAX))
 
     def add_rank_state(self, state: dict[str, Any]) -> bool:
-        """Add to `state` (a checkpoint's train state, with rank 0's generators as "rng") every rank's
-        generators ("rank_rngs", by rank) and the world size; True on rank 0, the one that writes it.
-        Every rank must call it (a collective)."""
+        """Add to `state` (a checkpoint's train state, with rank 0's generators as "rng") every
+        rank's generators ("rank_rngs", by rank) and the world size; True on rank 0, the one that
+        writes it. Every rank must call it (a collective)."""
         state["world_size"] = self.world_size
         if self.world_size > 1:
             rngs: list[Any] = [None] * self.world_size
@@ -172,9 +186,9 @@ class Dist:
         return self.is_main
 
     def restore_rngs(self, saved: dict[str, Any]) -> None:
-        """After `gpt.training.resume.restore` set rank 0's generators: this rank's own, when the checkpoint was
-        taken with as many ranks; with another count, a seed of this rank's own (dropout differs from
-        the run that was stopped, the data order does not)."""
+        """After `gpt.training.resume.restore` set rank 0's generators: this rank's own, when the
+        checkpoint was taken with as many ranks; with another count, a seed of this rank's own
+        (dropout differs from the run that was stopped, the data order does not)."""
         if self.world_size == 1:
             return
         rngs = saved.get("rank_rngs", [])
@@ -186,7 +200,8 @@ class Dist:
 
 class _Loss(nn.Module):
     """The training loss (the objective's, of `model`) as a module's forward: what DDP
-    wraps (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward used)."""
+    wraps (DDP syncs the gradients of the parameters of `model`, a submodule, that its forward
+    used)."""
 
     def __init__(self, model: GPT, loss: Callable[..., Tensor]) -> None:
         super().__init__()
@@ -206,27 +221,35 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     """
     if "WORLD_SIZE" not in os.environ:
         if cfg.parallel == "fsdp":
-            raise UserError("--parallel fsdp (given, or the setting of the run resumed) shards the model "
-                            "over processes that torchrun starts; launch with torchrun --nproc_per_node=N "
-                            "train.py ..., or pass --parallel ddp to train in one process (an FSDP run's "
+            raise UserError("--parallel fsdp (given, or the setting of the run resumed) shards the "
+                            "model "
+                            "over processes that torchrun starts; launch with torchrun "
+                            "--nproc_per_node=N "
+                            "train.py ..., or pass --parallel ddp to train in one process (an FSDP "
+                            "run's "
                             "checkpoint resumes in one process too)")
         return cfg, Dist(device=pick_device(cfg.device))
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
                         "--nproc_per_node=N train.py ..., or unset WORLD_SIZE for one process")
-    rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(cfg.device)  # --device cuda (NCCL) on a machine without CUDA: an error here
+    rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK",
+                                                                       "WORLD_SIZE"))
+    # --device cuda (NCCL) on a machine without CUDA: an error here
+    device = pick_device(cfg.device)
     if device.type == "mps":
-        raise UserError("an Apple GPU cannot be shared by several processes; use --device cpu with torchrun")
+        raise UserError("an Apple GPU cannot be shared by several processes; use --device cpu with "
+                        "torchrun")
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
+            raise UserError(f"local rank {local_rank} has no GPU: this node has "
+                            f"{torch.cuda.device_count()} "
                             "visible; use --nproc_per_node at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if cfg.parallel == "fsdp" and training_dtype(cfg.dtype, device) == torch.float16:
-        raise UserError("--parallel fsdp does not train in float16: its loss scaler would see one rank's "
+        raise UserError("--parallel fsdp does not train in float16: its loss scaler would see one "
+                        "rank's "
                         "shard of the gradients only; use --dtype bfloat16 (or float32)")
     if not torch_dist.is_initialized():  # a second run in the same process (tests) reuses the group
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,

@@ -71,15 +71,17 @@ class MetricsLog:
         text = self.path.read_text()
         if not text.endswith("\n"):
             text = text[:text.rfind("\n") + 1]
-        return [{name: int(value) if name in _INT_COLUMNS else float(value) for name, value in row.items()}
+        return [{name: int(value) if name in _INT_COLUMNS else float(value) for name,
+                 value in row.items()}
                 for row in csv.DictReader(io.StringIO(text, newline=""))]
 
     def truncate(self, up_to_step: int) -> list[dict[str, float]]:
-        """Drop the rows after `up_to_step` (and a half-written last line), from the file too; return
-        the rows kept.
+        """Drop the rows after `up_to_step` (and a half-written last line), from the file too;
+        return the rows kept.
 
-        The kept rows go to a new file that replaces the old one in one rename (`gpt.base.atomic`): a kill
-        at any moment leaves the old file or the new one, whole, never one without the kept rows.
+        The kept rows go to a new file that replaces the old one in one rename (`gpt.base.atomic`):
+        a kill at any moment leaves the old file or the new one, whole, never one without the kept
+        rows.
         """
         if not self.path.exists():
             return []
@@ -94,17 +96,19 @@ class MetricsLog:
 
     def plot(self, path: Path, *, tokens_per_epoch: int, best_step: int, log_scale: bool = False,
              title: str | None = None) -> Figure:
-        """Draw the train and validation losses of every row to `path` (`gpt.base.plot.plot_losses`),
-        marking the row of `best_step`, the `accuracy` column on a second axis (named as the
-        column, without val_) and the `panels` below, each curve named by its column; return the
-        figure."""
+        """Draw the train and validation losses of every row to `path`
+        (`gpt.base.plot.plot_losses`), marking the row of `best_step`, the `accuracy` column on a
+        second axis (named as the column, without val_) and the `panels` below, each curve named by
+        its column; return the figure."""
         rows = self.rows()
-        best_index = max((i for i, row in enumerate(rows) if row["step"] == best_step), default=None)
+        best_index = max((i for i, row in enumerate(rows) if row["step"] == best_step),
+                         default=None)
         accuracy = self.accuracy
         panels = {name: {column: [row[column] for row in rows] for column in columns}
                   for name, columns in self.panels.items()}
         return plot_losses([row["epoch"] for row in rows], [row["train_loss"] for row in rows],
-                           [row["val_loss"] for row in rows], path, tokens_per_epoch=tokens_per_epoch,
+                           [row["val_loss"] for row in rows], path,
+                           tokens_per_epoch=tokens_per_epoch,
                            best_index=best_index, log_scale=log_scale, title=title,
                            loss_name=self.loss_name,
                            accuracy=[row[accuracy] for row in rows] if accuracy else None,
@@ -118,8 +122,10 @@ def format_row(row: dict[str, float], val_note: str | None = None, train_note: s
     loss, `val_note` in brackets after the validation loss (by default its perplexity), `extra`
     parts after them."""
     about_val = f"ppl {row['val_perplexity']:.1f}" if val_note is None else val_note
-    parts = [f"step {row['step']:>5}", f"epoch {row['epoch']:.2f}", f"tokens {row['tokens_seen']:,}",
-             f"train {row['train_loss']:.3f}{train_note}", f"val {row['val_loss']:.3f} ({about_val})",
+    parts = [f"step {row['step']:>5}", f"epoch {row['epoch']:.2f}", f"tokens "
+                                                                    f"{row['tokens_seen']:,}",
+             f"train {row['train_loss']:.3f}{train_note}", f"val {row['val_loss']:.3f} "
+                                                           f"({about_val})",
              *extra]
     if not math.isnan(row["lr"]):  # the evaluation before the first step has no step to report on
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.2f}",

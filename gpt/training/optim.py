@@ -1,4 +1,5 @@
-"""The optimizer: AdamW with weight decay on matrices only, and the learning-rate schedule `lr_at`."""
+"""The optimizer: AdamW with weight decay on matrices only, and the learning-rate schedule `lr_at`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to
+    `min_lr`.
 
         step < warmup_steps:   lr * (step + 1) / warmup_steps
         then, until total:     min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,
@@ -29,11 +31,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: weight decay on every matrix (>= 2-D), none on vectors.
 
     Vectors are biases and LayerNorm gains/shifts: decaying them pulls shifts and scales towards 0,
-    which only hurts. The embedding tables are matrices and *do* decay, as in GPT-2 and nanoGPT: with
-    tied embeddings the token embedding is also the output layer's weight, the largest matrix of a
-    small model; the position embedding follows the same rule. A tied tensor is listed once.
+    which only hurts. The embedding tables are matrices and *do* decay, as in GPT-2 and nanoGPT:
+    with tied embeddings the token embedding is also the output layer's weight, the largest matrix
+    of a small model; the position embedding follows the same rule. A tied tensor is listed once.
     """
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields shared ones once
+    # parameters() yields shared ones once
+    params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
@@ -43,7 +46,7 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
     """AdamW over `param_groups` with `betas` (`TrainConfig.adam_betas`), with the fused kernel.
 
     The fused kernel updates each tensor in one pass instead of one pass per arithmetic operation:
-    much faster than the default loop on a CPU (see BENCHMARKS.md). torch (>= 2.6, pyproject.toml) has
-    it on every device `gpt.base.device.pick_device` returns: cpu, cuda and mps.
+    much faster than the default loop on a CPU (see BENCHMARKS.md). torch (>= 2.6, pyproject.toml)
+    has it on every device `gpt.base.device.pick_device` returns: cpu, cuda and mps.
     """
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)

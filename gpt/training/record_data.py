@@ -1,4 +1,5 @@
-"""A run's data: text windows, or records split, encoded, and batched by length with a resumable order.
+"""A run's data: text windows, or records split, encoded, and batched by length with a resumable
+order.
 
 `text_loaders` gives a run on text its loaders (`gpt.data.windows`). `record_loaders` is
 `gpt.data.windows.build_loaders` for records: it reads --data (and --val-data, or holds out the
@@ -8,10 +9,11 @@ returns the shuffled training loader and the fixed evaluation loaders; `dataset_
 same for any encoded datasets (an objective's, such as DPO's pairs). Batches are padded to
 their longest record, so `BucketBatchSampler` groups records of similar length: shuffle, sort
 within chunks of `BUCKET_BATCHES` batches, cut into batches, shuffle the batches. Like
-`gpt.data.windows.ResumableSampler` its order depends only on (seed, epoch) and it counts the batches handed
-out, so a checkpoint resumes at exactly the next batch. Under torchrun its batches are global ones of
-`batch_size x world_size` records, of which each rank takes its share (`gpt.data.windows.rank_share`), so the
-ranks together train on the batches of one process with `--batch-size batch_size x world_size`.
+`gpt.data.windows.ResumableSampler` its order depends only on (seed, epoch) and it counts the
+batches handed out, so a checkpoint resumes at exactly the next batch. Under torchrun its batches
+are global ones of `batch_size x world_size` records, of which each rank takes its share
+(`gpt.data.windows.rank_share`), so the ranks together train on the batches of one process with
+`--batch-size batch_size x world_size`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class RecordData:
     """What the trainer keeps of a run on records besides its loaders."""
 
     template: str
-    """The prompt template, resolved (a record kind's default when --prompt-template is not given)."""
+    """The prompt template, resolved (a record kind's default when --prompt-template is not given).
+    """
     val_records: list[Record]
     """The validation records that fit the context, for `gpt.eval.answers.val_exact_match` and the
     samples."""
@@ -64,7 +67,8 @@ class RecordData:
 
     def describe(self, kept: int, context_length: int) -> str:
         """The training records in words, for the run's first line."""
-        return (f"{kept} training {self.what} ({self.dropped} dropped: no room for a response token "
+        return (f"{kept} training {self.what} ({self.dropped} dropped: no room for a response "
+                f"token "
                 f"in {context_length}), prompt template {self.template!r}")
 
 
@@ -72,23 +76,26 @@ Batches = DataLoader[tuple[Tensor, Tensor]]
 T = TypeVar("T")
 
 
-def text_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray, np.ndarray] | None,
+def text_loaders(cfg: TrainConfig, context_length: int, token_ids: tuple[np.ndarray,
+                                                                         np.ndarray] | None,
                  *, dist: Dist, pin_memory: bool = False) -> tuple[Batches, dict[str, Batches]]:
     """A run on text's loaders: `gpt.data.windows.prepare_data` of --data (or `token_ids` = (train,
-    val) in its place), then `build_loaders`, which `pin_memory` is passed to (records are small, and
-    their batches are padded as they come). Under torchrun (`dist`), this rank's slices."""
+    val) in its place), then `build_loaders`, which `pin_memory` is passed to (records are small,
+    and their batches are padded as they come). Under torchrun (`dist`), this rank's slices."""
     train_ids, val_ids = token_ids if token_ids is not None else prepare_data(
         cfg.data, cfg.val_data, val_fraction=cfg.val_fraction, context_length=context_length,
         data_dir=Path(cfg.data_dir), errors=cfg.decode_errors)
-    return build_loaders(train_ids, val_ids, batch_size=cfg.batch_size, context_length=context_length,
-                         stride=cfg.stride or context_length, eval_batches=cfg.eval_iters, seed=cfg.seed,
+    return build_loaders(train_ids, val_ids, batch_size=cfg.batch_size,
+                         context_length=context_length,
+                         stride=cfg.stride or context_length, eval_batches=cfg.eval_iters,
+                         seed=cfg.seed,
                          pin_memory=pin_memory, rank=dist.rank, world_size=dist.world_size)
 
 
 def split_records(data: str, val_data: str | None, val_fraction: float, seed: int,
                   load: Callable[[str], list[T]]) -> tuple[list[T], list[T]]:
-    """(train, validation) records read by `load` (`load_records`, `load_pairs`): `val_data`'s, or the
-    last `val_fraction` of `data`'s after a shuffle."""
+    """(train, validation) records read by `load` (`load_records`, `load_pairs`): `val_data`'s, or
+    the last `val_fraction` of `data`'s after a shuffle."""
     records = load(data)
     if val_data is not None:
         return records, load(val_data)
@@ -96,8 +103,10 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
     random.Random(seed).shuffle(records)
     n_val = round(len(records) * val_fraction)
     if not 0 < n_val < len(records):
-        raise UserError(f"{data} has {len(records)} records: --val-fraction {val_fraction:g} leaves "
-                        f"{n_val} for validation and {len(records) - n_val} for training; each needs one, "
+        raise UserError(f"{data} has {len(records)} records: --val-fraction {val_fraction:g} "
+                        f"leaves "
+                        f"{n_val} for validation and {len(records) - n_val} for training; each "
+                        f"needs one, "
                         "so use more records, another --val-fraction, or --val-data")
     return records[:-n_val], records[-n_val:]
 
@@ -115,20 +124,24 @@ def resolve_template(cfg: TrainConfig, first_kind: str, *, warn: bool = True) ->
     """The prompt template of a run on records: --prompt-template; else the template of the run
     --init was fine-tuned in (a model answers in the layout it learnt: switching it silently
     gives a model that seems to have forgotten); else the default of the first training record's
-    kind (`first_kind`). With `warn`, one line names a template that differs from the --init run's."""
+    kind (`first_kind`). With `warn`, one line names a template that differs from the --init
+    run's."""
     inherited = init_template(cfg.init)
     template = cfg.prompt_template or inherited or first_kind
     if warn and inherited is not None and template != inherited:
-        print(f"warning: --init {cfg.init} was fine-tuned with prompt template {inherited!r} and this "
-              f"run lays its records out with {template!r} (--prompt-template); drop --prompt-template "
+        print(f"warning: --init {cfg.init} was fine-tuned with prompt template {inherited!r} and "
+              f"this "
+              f"run lays its records out with {template!r} (--prompt-template); drop "
+              f"--prompt-template "
               "to keep the model's", file=sys.stderr)
     return template
 
 
 def record_loaders(cfg: TrainConfig, context_length: int, dist: Dist | None = None,
                    ) -> tuple[Batches, dict[str, Batches], RecordData]:
-    """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run: --data,
-    --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size, --eval-iters, --seed.
+    """(training loader, {"train", "val"} evaluation loaders, `RecordData`) of a records run:
+    --data, --val-data, --val-fraction, --prompt-template, --mask-prompt, --batch-size,
+    --eval-iters, --seed.
 
     The template is `resolve_template`'s. Raises `UserError` if a split keeps no record that fits
     `context_length`. Under torchrun (`dist`), this rank's shares.
@@ -154,14 +167,18 @@ def dataset_loaders(datasets: Mapping[str, Any], cfg: TrainConfig, collate: Call
     batch_size, seed = cfg.batch_size, cfg.seed
     for name, dataset in datasets.items():
         if len(dataset) == 0:
-            raise UserError(f"all {dataset.dropped} {name} records are too long for even one response "
-                            f"token in a context of {dataset.context_length} tokens (the response and "
-                            "its end-of-text are never cut); use a larger --context-length or shorter "
+            raise UserError(f"all {dataset.dropped} {name} records are too long for even one "
+                            f"response "
+                            f"token in a context of {dataset.context_length} tokens (the response "
+                            f"and "
+                            "its end-of-text are never cut); use a larger --context-length or "
+                            "shorter "
                             "responses")
     sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
                                  rank=dist.rank, world_size=dist.world_size)
     train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=collate)
-    train_loader.generator = torch.Generator()  # as in gpt.data.windows.build_loaders: the global one untouched
+    # as in gpt.data.windows.build_loaders: the global one untouched
+    train_loader.generator = torch.Generator()
     eval_loaders = {name: _eval_loader(data, batch_size, cfg.eval_iters, collate, dist)
                     for name, data in datasets.items()}
     return train_loader, eval_loaders, sampler.padded_tokens()

@@ -1,4 +1,5 @@
-"""What a training run reports: its first line, each evaluation's row, the samples, the summary (rank 0).
+"""What a training run reports: its first line, each evaluation's row, the samples, the summary
+(rank 0).
 
 Each evaluation's row goes to metrics.csv, TensorBoard (with --tensorboard), loss.png and the
 printed line (`log_evaluation`).
@@ -29,19 +30,22 @@ def print_sample(run: Run, when: str) -> None:
 
 
 def log_evaluation(run: Run, row: dict[str, float], improved: bool) -> None:
-    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a line."""
+    """Append `row` to metrics.csv (and TensorBoard's events), redraw loss.png, print the row as a
+    line."""
     run.metrics.append(row)
     if run.tensorboard:
         run.tensorboard.log(int(row["step"]), row)
     run.metrics.plot(run.run_dir / "loss.png", tokens_per_epoch=run.tokens_per_epoch,
                      best_step=run.state.best_step, log_scale=run.cfg.log_scale,
-                     title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M parameters")
+                     title=f"{run.run_dir.name}: {run.model.num_parameters() / 1e6:.1f}M "
+                           f"parameters")
     tasks = "".join(f" | {task.column} {row[task.column]:.1%}" for task in run.tasks)
     tqdm.write(run.objective.describe_row(row) + tasks + ("  (best)" if improved else ""))
 
 
 def print_header(run: Run) -> None:
-    """The first line: the model, the device and precision, the data, the steps, the run directory."""
+    """The first line: the model, the device and precision, the data, the steps, the run directory.
+    """
     cfg, windows = run.cfg, len(run.windows)
     rows = cfg.batch_size * (run.records.rows_per_example if run.records else 1)
     tokens_per_step = rows * run.dist.world_size * cfg.grad_accum * run.windows.context_length
@@ -49,7 +53,8 @@ def print_header(run: Run) -> None:
         f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
           f"({str(run.dtype).removeprefix('torch.')}); {data}, "
-          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} tokens, "
+          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} "
+          f"tokens, "
           f"step {run.state.step} now; "
           f"run directory {run.run_dir}")
 
@@ -57,9 +62,11 @@ def print_header(run: Run) -> None:
 def print_summary(run: Run, stop: str) -> None:
     """Where the best weights are, and why training stopped if it did not run to the end."""
     state = run.state
-    print(f"best validation {run.objective.best_line(state.best_val_loss)} at step {state.best_step}: weights in {run.run_dir / 'best'}")
+    print(f"best validation {run.objective.best_line(state.best_val_loss)} at step "
+          f"{state.best_step}: weights in {run.run_dir / 'best'}")
     if stop == "early_stop":
-        print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without improvement")
+        print(f"stopped early at step {state.step}: {run.cfg.patience} evaluations without "
+              f"improvement")
     if stop == "interrupted":
         print(f"interrupted at step {state.step}; {run.run_dir / 'last'} is saved; continue with: "
               f"python train.py --resume {run.run_dir}")

@@ -2,7 +2,8 @@
 
 A run stopped at step s and resumed continues as if it had never stopped: the same batches in the
 same order, the same dropout masks, the same optimizer moments, so the same losses bit for bit. For
-that, `train_state.pt` (written by `gpt.checkpoints.checkpoint.save_checkpoint`) holds `checkpoint_state`:
+that, `train_state.pt` (written by `gpt.checkpoints.checkpoint.save_checkpoint`) holds
+`checkpoint_state`:
 
     train_config   the run's settings (those in `RESUME_FIXED` must not change on resume)
     state          the loop's counters (`TrainState`)
@@ -13,8 +14,8 @@ that, `train_state.pt` (written by `gpt.checkpoints.checkpoint.save_checkpoint`)
     rng            the CPU's global random generators and the one of the device in use (dropout
                    draws from them)
 
-An FSDP checkpoint (`gpt.training.sharded_checkpoint`) has "sharded": True, and AdamW's tensors in its
-sharded/ directory instead of "optimizer" (its param groups are "optimizer_groups").
+An FSDP checkpoint (`gpt.training.sharded_checkpoint`) has "sharded": True, and AdamW's tensors in
+its sharded/ directory instead of "optimizer" (its param groups are "optimizer_groups").
 
 Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`.
 """
@@ -56,20 +57,22 @@ from gpt.training.settings import (
     flag,
 )
 
-RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init", *MODEL_OVERRIDES,
+RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init",
+                *MODEL_OVERRIDES,
                 "context_length", "stride", "grad_accum", "seed", "prompt_template", "mask_prompt",
-                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature", "objective",
+                "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature",
+                "objective",
                 "dpo_beta", "reference", "reward", "group_size", "kl_beta", "rollout_tokens",
                 "updates_per_rollout", "eval_task", "eval_task_limit")
 """What a resumed run must keep: these fix the model, the training windows and their order, and the
-objective, so the checkpoint's weights, optimizer state and data-loader position still mean what they
-meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or
+objective, so the checkpoint's weights, optimizer state and data-loader position still mean what
+they meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or
 --init, and its log-probabilities computed again: the same numbers). So does the global batch,
 `batch_size` x the number of processes (`check_resume_settings`). `--teacher` may name another path
-(the teacher's directory moved, or the run continues on another machine: the teacher is read-only and
-in no checkpoint, and `load_teacher` checks it again), but a run with a teacher keeps one and a run
-without stays without. GRPO's rewards, group size, rollout length and updates per rollout fix what
-its steps sample and in which order, and --kl-beta whether a reference is loaded."""
+(the teacher's directory moved, or the run continues on another machine: the teacher is read-only
+and in no checkpoint, and `load_teacher` checks it again), but a run with a teacher keeps one and a
+run without stays without. GRPO's rewards, group size, rollout length and updates per rollout fix
+what its steps sample and in which order, and --kl-beta whether a reference is loaded."""
 
 
 @dataclass
@@ -108,7 +111,8 @@ class TrainState:
 
 
 def is_sharded(saved: dict[str, Any]) -> bool:
-    """Whether the train state `saved` is an FSDP checkpoint's (its weights and moments in sharded/)."""
+    """Whether the train state `saved` is an FSDP checkpoint's (its weights and moments in
+    sharded/)."""
     return saved.get("sharded") is True
 
 
@@ -154,7 +158,8 @@ def resume_config(path: Path) -> dict[str, Any]:
         settings = read_json_object(path / RUN_CONFIG_FILE, "the run's settings")
         problem = _settings_problem(settings)
         if problem is not None:
-            raise UserError(f"{path / RUN_CONFIG_FILE} does not hold a run's settings ({problem}); start a "
+            raise UserError(f"{path / RUN_CONFIG_FILE} does not hold a run's settings ({problem}); "
+                            f"start a "
                             "new run")
         return current_names(settings)
     return current_names(read_resume_state(checkpoint)["train_config"])
@@ -162,43 +167,48 @@ def resume_config(path: Path) -> dict[str, Any]:
 
 def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]:
     """`checkpoint`'s train state (`load_train_state`), checked to hold every entry that resuming
-    reads, each of the type and in the range it must have: a damaged or foreign file is refused here,
-    before the run directory is written to, not half-way through `restore` or the first step. Also
-    what generate.py and the export read a run's settings and counters through (`fix`: what a user
-    of theirs does about a damaged file)."""
+    reads, each of the type and in the range it must have: a damaged or foreign file is refused
+    here, before the run directory is written to, not half-way through `restore` or the first step.
+    Also what generate.py and the export read a run's settings and counters through (`fix`: what a
+    user of theirs does about a damaged file)."""
     saved = load_train_state(checkpoint, fix)
     problem = _state_problem(saved)
     if problem is not None:
-        raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state ({problem}); "
+        raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state "
+                        f"({problem}); "
                         f"{fix}")
     return saved
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """Every setting of the run whose (checked) train state `saved` is: a setting added since the run
-    was saved has its default."""
+    """Every setting of the run whose (checked) train state `saved` is: a setting added since the
+    run was saved has its default."""
     return {**TrainConfig().to_dict(), **current_names(saved["train_config"])}
 
 
 class SettledBest(NamedTuple):
-    """What `settle_best` found: the checkpoint to resume and its state, what to say, whether to copy."""
+    """What `settle_best` found: the checkpoint to resume and its state, what to say, whether to
+    copy."""
 
     checkpoint: Path
     saved: dict[str, Any]
     note: str | None = None
-    """What was not as the checkpoint says, and what the resumed run does about it; None if all was."""
+    """What was not as the checkpoint says, and what the resumed run does about it; None if all was.
+    """
     copy_to_best: bool = False
     """Whether best/ is to become a copy of `checkpoint` (`copy_best`), which is itself the best."""
 
 
 def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> SettledBest:
-    """Make what a resumed run says of its best weights true of best/, before it resumes `checkpoint`.
+    """Make what a resumed run says of its best weights true of best/, before it resumes
+    `checkpoint`.
 
     A run saves best/ before last/ (`gpt.training.trainer.save_checkpoints`), so the best that the
     state in last/ names is on disk whenever last/ is written; a kill between the two writes leaves
-    best/ newer than last/, and a run saved by an earlier version (which wrote last/ first, and could
-    be stopped, or meet a full disk, before its best/) can leave best/ older than last/ says, or
-    missing. For `checkpoint` = last/ (`saved` its state, checked), this reads best/'s step and loss:
+    best/ newer than last/, and a run saved by an earlier version (which wrote last/ first, and
+    could be stopped, or meet a full disk, before its best/) can leave best/ older than last/ says,
+    or missing. For `checkpoint` = last/ (`saved` its state, checked), this reads best/'s step and
+    loss:
 
     - as last/ names them: nothing to do;
     - best/ newer than last/ (a kill between the writes, or an evaluation that `save_freq` saved
@@ -220,13 +230,16 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
     kept = _best_on_disk(best_dir)
     if kept == (state["best_step"], state["best_val_loss"]):
         return SettledBest(checkpoint, saved)
-    said = (f"{checkpoint} names step {state['best_step']} (validation loss {state['best_val_loss']:.4f}) "
-            "as the best, but " + (f"{best_dir} holds step {kept[0]} ({kept[1]:.4f})" if kept[1] < math.inf
+    said = (f"{checkpoint} names step {state['best_step']} (validation loss "
+            f"{state['best_val_loss']:.4f}) "
+            "as the best, but " + (f"{best_dir} holds step {kept[0]} ({kept[1]:.4f})"
+                                   if kept[1] < math.inf
                                    else f"there is no {best_dir}"))
     best_saved = read_resume_state(best_dir) if kept[0] > state["step"] and chosen else None
     if best_saved is not None and not best_saved.get("without_optimizer"):
         return SettledBest(best_dir, best_saved,
-                           f"{said}: best/ was saved later (--save-freq skipped last/ there, or the run "
+                           f"{said}: best/ was saved later (--save-freq skipped last/ there, or "
+                           f"the run "
                            f"stopped between the two writes); resuming from {best_dir}, the newest "
                            "checkpoint of the run")
     if kept[0] <= state["step"] == state["best_step"] and (checkpoint / WEIGHTS_FILE).is_file():
@@ -241,9 +254,12 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
 def require_optimizer_state(checkpoint: Path, saved: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint saved without AdamW's state (--best-weights-only)."""
     if saved.get("without_optimizer") is True:
-        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the optimizer "
-                        "state (AdamW's moments), so the run cannot go on exactly from it; resume from "
-                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with --init "
+        raise UserError(f"--resume: {checkpoint} was saved by --best-weights-only without the "
+                        f"optimizer "
+                        "state (AdamW's moments), so the run cannot go on exactly from it; resume "
+                        "from "
+                        f"{checkpoint.parent / 'last'}, or start a new run from its weights with "
+                        f"--init "
                         f"{checkpoint}")
 
 
@@ -256,20 +272,23 @@ def _best_on_disk(best_dir: Path) -> tuple[int, float]:
     """(step, validation loss) of the checkpoint `best_dir`; (0, inf) when there is none."""
     if not best_dir.is_dir():
         return 0, math.inf
-    fix = f"move {best_dir} aside and resume again (the run saves a new best/ at its next improvement)"
+    fix = (f"move {best_dir} aside and resume again (the run saves a new best/ at its next "
+           "improvement)")
     path = best_dir / TRAIN_STATE_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing, so the run's best checkpoint cannot be checked; {fix}")
     saved = read_torch_file(path, fix, mmap=True)  # mapped: its counters are all that is read
-    problem = _state_problem(saved) if isinstance(saved, dict) and saved.get("format") == TRAIN_STATE_FORMAT \
-        else f"not a training state of format {TRAIN_STATE_FORMAT}"
+    ours = isinstance(saved, dict) and saved.get("format") == TRAIN_STATE_FORMAT
+    problem = _state_problem(saved) if ours else \
+        f"not a training state of format {TRAIN_STATE_FORMAT}"
     if problem is not None:
         raise UserError(f"{path} is not a complete training state ({problem}); {fix}")
     return saved["state"]["step"], saved["state"]["best_val_loss"]
 
 
 def _state_problem(saved: dict[str, Any]) -> str | None:
-    """What is missing or of the wrong type in a loaded train state (see the module docstring), or None."""
+    """What is missing or of the wrong type in a loaded train state (see the module docstring), or
+    None."""
     kind: type
     # An FSDP checkpoint keeps AdamW's state in its shards; --best-weights-only's best/ has none.
     optimizer = () if is_sharded(saved) or saved.get("without_optimizer") is True else (
@@ -279,7 +298,8 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
         if not isinstance(saved.get(key), kind):
             found = type(saved[key]).__name__ if key in saved else "missing"
             return f"{key!r} is {found}, not a {kind.__name__}"
-    numbers = [(f"state {f.name!r}", saved["state"].get(f.name), float if f.name == "best_val_loss" else int)
+    numbers = [(f"state {f.name!r}", saved["state"].get(f.name), float if f.name == "best_val_loss"
+                else int)
                for f in dataclasses.fields(TrainState)]
     numbers += [(f"sampler {name!r}", saved["sampler"].get(name), int)
                 for name in ("epoch", "position", "seed")]
@@ -310,7 +330,8 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
 def _range_problem(saved: dict[str, Any]) -> str | None:
     """Which counter of a train state (its types checked) is out of its range, or None: steps and
     counts are >= 0, the best step is one already taken, the best loss is a number or inf (none
-    yet), the data order's position lies within its epoch and its seed and epoch where `--seed` is."""
+    yet), the data order's position lies within its epoch and its seed and epoch where `--seed`
+    is."""
     state, sampler = saved["state"], saved["sampler"]
     bounds = [("state 'step'", state["step"], 0, None),
               ("state 'tokens_seen'", state["tokens_seen"], 0, None),
@@ -324,7 +345,8 @@ def _range_problem(saved: dict[str, Any]) -> str | None:
     for what, value, low, high in bounds:
         if not isinstance(value, int) or isinstance(value, bool) or value < low or \
                 (high is not None and value > high):
-            return f"{what} is {value!r}, not an integer in [{low}, {'...' if high is None else high}]"
+            top = "..." if high is None else high
+            return f"{what} is {value!r}, not an integer in [{low}, {top}]"
     if math.isnan(state["best_val_loss"]) or state["best_val_loss"] == -math.inf:
         return f"state 'best_val_loss' is {state['best_val_loss']!r}, not a loss (a number, or inf)"
     return None
@@ -352,17 +374,23 @@ def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: P
                f"use a number of processes that divides {then}")
         raise UserError(f"--resume: the global batch --batch-size {cfg.batch_size} x {world_size} "
                         f"process(es) differs from the run's {then} windows (in "
-                        f"{checkpoint / TRAIN_STATE_FILE}); {fix}, so that the data order carries on")
+                        f"{checkpoint / TRAIN_STATE_FILE}); {fix}, so that the data order carries "
+                        f"on")
     if cfg.parallel == "fsdp" and world_size > 1 and not is_sharded(saved):
-        raise UserError(f"--resume: {checkpoint} was written by one process or DDP, whose optimizer state "
-                        "--parallel fsdp does not read; resume it with --parallel ddp, or start an FSDP run "
+        raise UserError(f"--resume: {checkpoint} was written by one process or DDP, whose "
+                        f"optimizer state "
+                        "--parallel fsdp does not read; resume it with --parallel ddp, or start an "
+                        "FSDP run "
                         f"from its weights with --init {checkpoint}")
     if (before["teacher"] is None) != (cfg.teacher is None):
-        raise UserError(f"--resume: the run was trained {'with' if cfg.teacher is None else 'without'} "
-                        "--teacher and a resumed run keeps its objective; start a new run to change it")
+        raise UserError(f"--resume: the run was trained "
+                        f"{'with' if cfg.teacher is None else 'without'} "
+                        "--teacher and a resumed run keeps its objective; start a new run to "
+                        "change it")
     for name in RESUME_FIXED:
         value = before.get(name)
-        if (tuple(value) if isinstance(value, list) else value) != getattr(cfg, name):  # JSON: a list
+        # JSON: a list
+        if (tuple(value) if isinstance(value, list) else value) != getattr(cfg, name):
             raise UserError(
                 f"--resume: {flag(name)} {getattr(cfg, name)!r} differs from the run's "
                 f"{before.get(name)!r} (in {checkpoint / TRAIN_STATE_FILE}); a resumed run "
@@ -374,7 +402,8 @@ def _check_position(sampler: ResumableSampler | BucketBatchSampler, where: Path)
     last whole batch, or (windows) not at the start of a batch."""
     batch = sampler.batch_size * sampler.world_size if isinstance(sampler, ResumableSampler) else 1
     if len(sampler) < 0 or sampler.position % batch:
-        raise UserError(f"{where}: its data-loader position {sampler.position} is not the start of a "
+        raise UserError(f"{where}: its data-loader position {sampler.position} is not the start of "
+                        f"a "
                         "batch of this run's data order (a damaged file); resume from another "
                         "checkpoint (best/) or start a new run")
 
@@ -391,21 +420,26 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
     """
     where = checkpoint / TRAIN_STATE_FILE
     try:
-        if not is_sharded(saved):  # an FSDP checkpoint's was read with its weights (gpt.training.sharded_checkpoint)
+        # an FSDP checkpoint's was read with its weights (gpt.training.sharded_checkpoint)
+        if not is_sharded(saved):
             optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: its optimizer state does not fit the model in "
-                        f"{checkpoint / WEIGHTS_FILE} ({exc}); resume from another checkpoint") from None
+                        f"{checkpoint / WEIGHTS_FILE} ({exc}); resume from another "
+                        f"checkpoint") from None
     for param in (p for group in optimizer.param_groups for p in group["params"]):
         moment = optimizer.state.get(param, {}).get("exp_avg")
         if moment is not None and moment.shape != param.shape:
             raise UserError(f"{where}: its optimizer state has shape {tuple(moment.shape)} for a "
-                            f"parameter of shape {tuple(param.shape)} in {checkpoint / WEIGHTS_FILE}; "
+                            f"parameter of shape {tuple(param.shape)} in "
+                            f"{checkpoint / WEIGHTS_FILE}; "
                             "resume from another checkpoint")
     load_scaler_state(scaler, saved["scaler"])
     if saved["num_windows"] != num_windows:
-        raise UserError(f"the training data changed since {where} was written ({saved['num_windows']} "
-                        f"windows then, {num_windows} now); resume with the same data, or start a new run")
+        raise UserError(f"the training data changed since {where} was written "
+                        f"({saved['num_windows']} "
+                        f"windows then, {num_windows} now); resume with the same data, or start a "
+                        f"new run")
     sampler.load_state_dict(saved["sampler"])
     _check_position(sampler, where)
     state = TrainState()
@@ -415,12 +449,13 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
 
 
 def run_template(checkpoint: Path) -> str | None:
-    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training state
-    with the run's settings, read with the checks --resume applies), or None: a pretraining run's,
-    or weights without a training state."""
+    """The prompt template of the fine-tuning run that saved `checkpoint` (kept in its training
+    state with the run's settings, read with the checks --resume applies), or None: a pretraining
+    run's, or weights without a training state."""
     if not (checkpoint / TRAIN_STATE_FILE).is_file():
         return None
-    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt template "
+    saved = read_resume_state(checkpoint, fix=f"pass --raw to sample without the run's prompt "
+                                              f"template "
                               f"(then {TRAIN_STATE_FILE} is not read), or use another checkpoint")
     template: str | None = saved_settings(saved)["prompt_template"]
     return template

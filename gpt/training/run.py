@@ -5,7 +5,8 @@ registry (`get_objective`), and the objective answers every question the loop ha
 
     check(cfg)                   its own settings, before anything is written
     check_unused(cfg)            its settings given to a run of another objective: refused
-    prepare(cfg, model, ...)     what it trains on, batched (loaders and, for records, `RecordData`),
+    prepare(cfg, model, ...)     what it trains on, batched (loaders and, for records,
+                                 `RecordData`),
                                  and what a step calls on a batch: `loss(*batch, chunk_size=...)`
     count(batches)               what a step's loss is the mean over (target tokens, pairs, ...)
     columns(cfg, data)           its metrics.csv columns
@@ -82,7 +83,8 @@ class Objective(Protocol):
         """Raise `ConfigError` for a setting of `cfg` this objective cannot train with."""
 
     def check_unused(self, cfg: TrainConfig) -> None:
-        """Raise `ConfigError` if `cfg` (a run of another objective) sets one of this one's settings."""
+        """Raise `ConfigError` if `cfg` (a run of another objective) sets one of this one's
+        settings."""
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
@@ -170,7 +172,8 @@ class Run:
     tokens_per_epoch: int
     metrics: MetricsLog
     """metrics.csv: one row per evaluation (loss.png is drawn from it)."""
-    saver: CheckpointSaver  # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
+    # writes last/ and best/ (in a thread with `async_save`); `fit` waits for it
+    saver: CheckpointSaver
     lock: RunLock
     """This process's lock on `run_dir`, released when `fit` ends."""
     state: TrainState = field(default_factory=TrainState)
@@ -179,7 +182,8 @@ class Run:
     records: RecordData | None = None
     """A run on records' template, validation records and datasets (`gpt.training.record_data`);
     None for text."""
-    dist: Dist = field(default_factory=Dist)  # this rank among torchrun's (`gpt.training.distributed`)
+    # this rank among torchrun's (`gpt.training.distributed`)
+    dist: Dist = field(default_factory=Dist)
     tensorboard: TensorBoardLog | None = None
     """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
     start: dict[str, float] = field(default_factory=dict)
@@ -195,4 +199,5 @@ class Run:
     def sampler(self) -> ResumableSampler | BucketBatchSampler:
         """`train_loader`'s sampler (of batches, for records), whose position a checkpoint saves."""
         batches, windows = self.train_loader.batch_sampler, self.train_loader.sampler
-        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler, windows)
+        return batches if isinstance(batches, BucketBatchSampler) else cast(ResumableSampler,
+                                                                            windows)

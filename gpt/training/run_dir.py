@@ -1,7 +1,7 @@
 """The run directory before training: chosen, checked writable, locked for one writer, read back.
 
-`open_run_dir(cfg, resume)` is the first thing `gpt.training.trainer.setup` does, before it builds a model or
-tokenizes anything, and before anything is written:
+`open_run_dir(cfg, resume)` is the first thing `gpt.training.trainer.setup` does, before it builds a
+model or tokenizes anything, and before anything is written:
 
 1. which directory: `--resume`'s run (and its checkpoint), or `--out`/`--run-name` for a new run,
    whose name must be UTF-8 text;
@@ -12,13 +12,14 @@ tokenizes anything, and before anything is written:
    directory (two starts at once, or a `--resume` of a run still training) gets an error naming the
    first one's process id, which the holder writes into the lock file;
 4. under the lock, what the directory holds: a `--resume` reads and checks its checkpoint's training
-   state (`gpt.training.resume.read_resume_state`) and best/ against it (`settle_best`: a run stopped
-   between its writes of best/ and last/ resumes from the newer, and says what best/ holds); a new
-   run refuses a directory that holds a checkpoint or files that are not a run's. A directory with
-   the run's settings but no checkpoint (an earlier start stopped before its first save) is reused
-   by a new run, and `--resume` starts it again from step 0 with its settings: both commands work,
-   and each says so; a resumed run's metrics.csv is read through (a damaged one is refused);
-5. the temporaries that killed processes left are removed (`gpt.base.atomic.remove_stale_temporaries`).
+   state (`gpt.training.resume.read_resume_state`) and best/ against it (`settle_best`: a run
+   stopped between its writes of best/ and last/ resumes from the newer, and says what best/ holds);
+   a new run refuses a directory that holds a checkpoint or files that are not a run's. A directory
+   with the run's settings but no checkpoint (an earlier start stopped before its first save) is
+   reused by a new run, and `--resume` starts it again from step 0 with its settings: both commands
+   work, and each says so; a resumed run's metrics.csv is read through (a damaged one is refused);
+5. the temporaries that killed processes left are removed
+(`gpt.base.atomic.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from gpt.training.resume import (
 from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 
 LOCK_FILE = ".lock"
-TENSORBOARD_PREFIX = "events.out.tfevents."  # `--tensorboard`'s event files (gpt.training.tb), a run's too
+# `--tensorboard`'s event files (gpt.training.tb), a run's too
+TENSORBOARD_PREFIX = "events.out.tfevents."
 CHECKPOINTS = ("last", "best")
 RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, "loss.png", *CHECKPOINTS)
 """Everything a run writes besides its lock (and `.last.old`/`.best.old`, see `gpt.base.atomic`)."""
@@ -62,7 +64,8 @@ class RunLock:
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
-        """Make `run_dir` if needed and lock it, or raise a `UserError` saying why not and who holds it."""
+        """Make `run_dir` if needed and lock it, or raise a `UserError` saying why not and who holds
+        it."""
         made = _make_writable(run_dir)
         path = run_dir / LOCK_FILE
         while True:
@@ -72,7 +75,8 @@ class RunLock:
             except FileExistsError:  # another start made it just now: lock that one
                 continue
             except OSError as exc:
-                raise UserError(f"cannot create {path} ({exc.strerror}); choose another --out") from None
+                raise UserError(f"cannot create {path} ({exc.strerror}); choose another "
+                                f"--out") from None
             if exclusive:
                 made.insert(0, path)
             try:
@@ -80,9 +84,12 @@ class RunLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"{run_dir} is in use: process {holder} is writing it (it holds {path}); "
-                                "wait for it to end or stop it, or choose another --run-name") from None
-            with contextlib.suppress(FileNotFoundError):  # the file locked is still the one at `path`
+                raise UserError(f"{run_dir} is in use: process {holder} is writing it (it holds "
+                                f"{path}); "
+                                "wait for it to end or stop it, or choose another "
+                                "--run-name") from None
+            # the file locked is still the one at `path`
+            with contextlib.suppress(FileNotFoundError):
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:  # (not one a failed start removed)
                     break
             os.close(fd)
@@ -120,7 +127,8 @@ class OpenedRun:
     """Its training state, checked (`gpt.training.resume.read_resume_state`)."""
 
 
-def open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int = 0, world_size: int = 1) -> OpenedRun:
+def open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int = 0,
+                 world_size: int = 1) -> OpenedRun:
     """Steps 1 to 5 of the module docstring: the run directory, locked, with a resumed run's state.
 
     Under torchrun (`world_size` ranks) rank 0 alone locks, checks and writes the directory; the
@@ -130,8 +138,10 @@ def open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int = 0, world_
         return _open_run_dir(cfg, resume, rank=rank, world_size=world_size)
 
 
-def _open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int, world_size: int) -> OpenedRun:
-    _check_text(Path(cfg.out) / (cfg.run_name or "") if resume is None else Path(resume), resume is not None)
+def _open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int,
+                  world_size: int) -> OpenedRun:
+    _check_text(Path(cfg.out) / (cfg.run_name or "") if resume is None else Path(resume),
+                resume is not None)
     checkpoint = find_resume_checkpoint(Path(resume)) if resume is not None else None
     if checkpoint is not None:
         path = checkpoint.parent
@@ -165,24 +175,28 @@ def _open_run_dir(cfg: TrainConfig, resume: Path | None, *, rank: int, world_siz
 
 
 def _check_text(path: Path, resumed: bool) -> None:
-    """Refuse a run directory whose path is not text: bytes that are not UTF-8 (typed in a terminal of
-    another encoding) reach Python as lone surrogates, and the directory, once made, would break the
-    first line printed or plot titled with its name."""
+    """Refuse a run directory whose path is not text: bytes that are not UTF-8 (typed in a terminal
+    of another encoding) reach Python as lone surrogates, and the directory, once made, would break
+    the first line printed or plot titled with its name."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        fix = "rename it in UTF-8, then resume that" if resumed else "give --out and --run-name in UTF-8"
-        raise UserError(f"the run directory {str(path)!a} is not UTF-8 text (it holds bytes of another "
+        fix = ("rename it in UTF-8, then resume that" if resumed
+               else "give --out and --run-name in UTF-8")
+        raise UserError(f"the run directory {str(path)!a} is not UTF-8 text (it holds bytes of "
+                        f"another "
                         f"encoding); {fix}") from None
 
 
 def _check_metrics(path: Path) -> None:
     """Read a resumed run's metrics.csv through (it is rewritten, the rows after the checkpoint left
     out, before the first step), so that a damaged one is refused before anything is written."""
-    fix = "restore it, or move it aside to resume with a new one (without the rows before the checkpoint)"
+    fix = ("restore it, or move it aside to resume with a new one (without the rows before the "
+           "checkpoint)")
     try:
         rows = MetricsLog(path).rows()
-    except (ValueError, TypeError) as exc:  # not UTF-8; a short row (None), a word where a number belongs
+    # not UTF-8; a short row (None), a word where a number belongs
+    except (ValueError, TypeError) as exc:
         raise UserError(f"{path} is damaged ({describe(exc)}); {fix}") from None
     missing = next((key for row in rows for key in ("step", "epoch", "train_loss", "val_loss")
                     if key not in row), None)
@@ -196,15 +210,18 @@ def _make_writable(run_dir: Path) -> list[Path]:
     made = list(itertools.takewhile(lambda p: not p.exists(), (run_dir, *run_dir.parents)))
     existing = run_dir.parents[len(made) - 1] if made else run_dir
     if not existing.is_dir():
-        raise UserError(f"{existing} is a file, so the run directory {run_dir} cannot be made; choose "
+        raise UserError(f"{existing} is a file, so the run directory {run_dir} cannot be made; "
+                        f"choose "
                         "another --out or --run-name")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{existing} is not writable by this user, so the run directory {run_dir} cannot "
+        raise UserError(f"{existing} is not writable by this user, so the run directory {run_dir} "
+                        f"cannot "
                         "be written; choose another --out, or make it writable")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose another "
+        raise UserError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose "
+                        f"another "
                         "--out") from None
     return made
 
@@ -214,13 +231,17 @@ def _check_reusable(run_dir: Path, resumed: bool) -> None:
     files of a run that stopped before its first save (which are then replaced)."""
     names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
     if any(name.removeprefix(".").removesuffix(".old") in CHECKPOINTS for name in names):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or "
+                        f"choose "
                         "another --run-name")
-    foreign = sorted(name for name in names if name not in RUN_FILES and temporary_of(name) not in RUN_FILES
+    foreign = sorted(name for name in names if name not in RUN_FILES
+                     and temporary_of(name) not in RUN_FILES
                      and not name.startswith(TENSORBOARD_PREFIX))
     if foreign:
-        raise UserError(f"{run_dir} holds files that are not a run's ({', '.join(foreign[:3])}); choose "
+        raise UserError(f"{run_dir} holds files that are not a run's ({', '.join(foreign[:3])}); "
+                        f"choose "
                         "another --run-name or an empty directory")
     if names:
         print(f"{run_dir} holds a run that stopped before its first checkpoint: "
-              + ("starting it again from step 0 with its settings" if resumed else "reusing the directory"))
+              + ("starting it again from step 0 with its settings" if resumed else "reusing the "
+                                                                                   "directory"))

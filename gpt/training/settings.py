@@ -1,9 +1,10 @@
 """Training settings: `TrainConfig`, its command-line flags and TOML files of it.
 
 Every setting is a field of `TrainConfig` with a docstring under it; `build_parser` turns each field
-into a flag (`batch_size` -> `--batch-size`) whose `--help` is that docstring, so the settings, their
-documentation and their flags cannot drift apart. A TOML file (`--config`) uses the same names.
-`gpt.cli.train` puts the sources together (defaults < resumed run < TOML file < flags) and trains.
+into a flag (`batch_size` -> `--batch-size`) whose `--help` is that docstring, so the settings,
+their documentation and their flags cannot drift apart. A TOML file (`--config`) uses the same
+names. `gpt.cli.train` puts the sources together (defaults < resumed run < TOML file < flags) and
+trains.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple", "tie_embeddings",
+MODEL_OVERRIDES = ("n_layers", "emb_dim", "n_heads", "drop_rate", "vocab_pad_multiple",
+                   "tie_embeddings",
                    "qkv_bias", "init_scheme")
 """The settings that replace a field of the model's `GPTConfig` (its preset's, or its weights')."""
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -42,7 +44,8 @@ RENAMED = {"errors": "decode_errors"}
 """Old setting name -> new one: saved runs and TOML files that use an old name still load, and the
 old flag stays an alias of the new one."""
 SEED_LIMIT = 2**32
-"""--seed is in [0, SEED_LIMIT): what numpy's global generator takes (`gpt.base.rng.seed_everything`)."""
+"""--seed is in [0, SEED_LIMIT): what numpy's global generator takes
+(`gpt.base.rng.seed_everything`)."""
 RUN_CONFIG_FILE = "train_config.json"
 """A run directory's record of its settings (`TrainConfig.to_dict`), written when the run starts."""
 
@@ -59,23 +62,25 @@ class TrainConfig:
     # data
     data: str = "default"
     """Training text: a corpus name (default: Python's help topics, offline; the-verdict;
-    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; or a
-    .jsonl/.json file of question/answer or instruction records, to fine-tune on (see the README)."""
+    tinyshakespeare), a text file, a directory of .txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; or
+    a .jsonl/.json file of question/answer or instruction records, to fine-tune on (see the
+    README)."""
     val_data: str | None = None
-    """Validation text (same forms as --data); without it the last --val-fraction of --data is held out."""
+    """Validation text (same forms as --data); without it the last --val-fraction of --data is held
+    out."""
     val_fraction: float = 0.1
     """Fraction of --data (its end; of records, the last after a shuffle with --seed) held out for
     validation when --val-data is not given."""
     decode_errors: str = "strict"
-    """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or replace
-    (with U+FFFD)."""
+    """What decoding the text does with bytes that are not UTF-8: strict (refuse the file) or
+    replace (with U+FFFD)."""
     data_dir: str = "data"
     """Where downloaded corpora and token caches are kept."""
     prompt_template: str | None = None
-    """Records only (--data FILE.jsonl or .json): how a prompt is laid out before its response: alpaca
-    (instruction, input, response headings), plain (the prompt and a space), qa ("Question: ...\nAnswer:
-    "), or a string with a {prompt} field and an optional {input} one. Default: alpaca for
-    instruction/output records, plain for prompt/response and prompt/completion, qa for
+    """Records only (--data FILE.jsonl or .json): how a prompt is laid out before its response:
+    alpaca (instruction, input, response headings), plain (the prompt and a space), qa ("Question:
+    ...\nAnswer: "), or a string with a {prompt} field and an optional {input} one. Default: alpaca
+    for instruction/output records, plain for prompt/response and prompt/completion, qa for
     question/answer records and pairs. Kept with the run, so generate.py applies it."""
     mask_prompt: bool = True
     """Records only: train on the response tokens alone (targets of prompt tokens are -100);
@@ -87,7 +92,8 @@ class TrainConfig:
     gpt2-small/medium/large/xl (alias gpt2)."""
     init: str = "scratch"
     """scratch (random weights of --preset), or GPT-2 weights to start from: gpt2, gpt2-medium, ...,
-    a Hugging Face directory or file, or a checkpoint directory of an earlier run (runs/NAME/best)."""
+    a Hugging Face directory or file, or a checkpoint directory of an earlier run
+    (runs/NAME/best)."""
     n_layers: int | None = None
     """Transformer blocks (overrides the preset)."""
     emb_dim: int | None = None
@@ -100,14 +106,14 @@ class TrainConfig:
     """Pad the embedding table and LM head to a multiple of this many rows (overrides the preset's:
     64 for mini, 1 for the others); same results, faster matmuls (see BENCHMARKS.md)."""
     tie_embeddings: bool | None = None
-    """Share one matrix between the token embedding and the output head, as GPT-2 does (overrides the
-    preset's: tied); the book's from-scratch model has its own head (--no-tie-embeddings)."""
+    """Share one matrix between the token embedding and the output head, as GPT-2 does (overrides
+    the preset's: tied); the book's from-scratch model has its own head (--no-tie-embeddings)."""
     qkv_bias: bool | None = None
     """Give the query/key/value projection a bias, as GPT-2 does (overrides the preset's: none for
     mini and tiny, a bias for GPT-2)."""
     init_scheme: str | None = None
-    """Random init of a --init scratch model: gpt2 (N(0, 0.02), residual projections scaled by depth;
-    the default) or torch (PyTorch's module defaults, as in the book: embeddings N(0, 1))."""
+    """Random init of a --init scratch model: gpt2 (N(0, 0.02), residual projections scaled by
+    depth; the default) or torch (PyTorch's module defaults, as in the book: embeddings N(0, 1))."""
     context_length: int | None = None
     """Tokens per training window; at most the model's context length, which is also the default
     (256 for mini, 1024 for GPT-2)."""
@@ -119,7 +125,8 @@ class TrainConfig:
     batch_size: int = 8
     """Windows per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches whose gradients add up to one optimizer step (effective batch = batch_size x this)."""
+    """Micro-batches whose gradients add up to one optimizer step (effective batch = batch_size x
+    this)."""
     epochs: int = 3
     """Passes over the training windows."""
     max_steps: int = 0
@@ -132,13 +139,14 @@ class TrainConfig:
     warmup_steps: int = 10
     """Optimizer steps of linear warm-up from ~0 to --lr."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices (embeddings included) but not to biases or LayerNorms."""
+    """AdamW weight decay, applied to matrices (embeddings included) but not to biases or
+    LayerNorms."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     adam_betas: str = "0.9,0.95"
-    """AdamW's B1,B2: the default is GPT-3's and nanoGPT's, whose lower B2 forgets old gradient scales
-    faster and keeps steps stable at the high learning rates small models train well at; the book uses
-    PyTorch's 0.9,0.999."""
+    """AdamW's B1,B2: the default is GPT-3's and nanoGPT's, whose lower B2 forgets old gradient
+    scales faster and keeps steps stable at the high learning rates small models train well at; the
+    book uses PyTorch's 0.9,0.999."""
 
     # evaluation, early stopping, logging
     eval_freq: int = 20
@@ -162,7 +170,8 @@ class TrainConfig:
     patience: int = 5
     """Stop after this many evaluations without a validation-loss improvement (0 disables)."""
     min_delta: float = 0.0
-    """How much lower the validation loss must be than the best so far to count as an improvement."""
+    """How much lower the validation loss must be than the best so far to count as an improvement.
+    """
     sample_prompt: str = "Every effort moves you"
     """Start of the text sampled after each epoch and at the end."""
     sample_tokens: int = 30
@@ -177,8 +186,8 @@ class TrainConfig:
     loss.png: choice:FILE (multiple choice, acc_norm) or last-word:FILE; repeatable (see
     docs/evaluation-tasks.md)."""
     eval_task_limit: int = 200
-    """With --eval-task: how many records of each task's file are scored (its first ones, the same at
-    every evaluation)."""
+    """With --eval-task: how many records of each task's file are scored (its first ones, the same
+    at every evaluation)."""
     generation_temperature: float = 0.0
     """Records only: the sampling temperature generate.py answers with by default, saved with the
     run as its generation default (Hugging Face's generation_config): 0, greedy, gives the answer
@@ -202,8 +211,8 @@ class TrainConfig:
     the model answers nothing well; 1 keeps the chosen answers likely. Default 0: plain DPO, the
     paper's loss (the run warns when the chosen log-probability falls)."""
     reference: str | None = None
-    """With --objective dpo, or grpo with --kl-beta: the frozen reference model (same forms as --init),
-    of the same shape and vocabulary as the trained one; default the --init weights."""
+    """With --objective dpo, or grpo with --kl-beta: the frozen reference model (same forms as
+    --init), of the same shape and vocabulary as the trained one; default the --init weights."""
     label_smoothing: float = 0.0
     """Train against the one-hot target mixed with the uniform distribution by this much, in [0, 1)
     (0 = plain cross-entropy)."""
@@ -211,10 +220,11 @@ class TrainConfig:
     """Train with focal loss, each token's loss weighed by (1 - p)^gamma of its probability p
     (0 = plain cross-entropy)."""
     teacher: str | None = None
-    """Distil from this model (GPT-2 weights, a Hugging Face directory, a run or checkpoint directory)
-    of any size with the student's vocabulary; default none."""
+    """Distil from this model (GPT-2 weights, a Hugging Face directory, a run or checkpoint
+    directory) of any size with the student's vocabulary; default none."""
     distill_weight: float = 0.5
-    """With --teacher: the loss is (1 - this) x the hard loss + this x T^2 x KL(teacher || student)."""
+    """With --teacher: the loss is (1 - this) x the hard loss + this x T^2 x KL(teacher || student).
+    """
     distill_temperature: float = 2.0
     """With --teacher: T, both models' logits are divided by it before their softmax."""
     reward: tuple[str, ...] = ()
@@ -223,46 +233,48 @@ class TrainConfig:
     reference's), regex:PATTERN (1 when the completion matches), or FILE.py:FUNCTION, a function
     (prompt, completion, record) -> float. Kept with the run: a resumed run scores the same way."""
     group_size: int = 8
-    """With --objective grpo: G, the completions sampled per prompt; each one's advantage is its reward
-    against its group's (at least 2)."""
+    """With --objective grpo: G, the completions sampled per prompt; each one's advantage is its
+    reward against its group's (at least 2)."""
     clip_ratio: float = 0.2
-    """With --objective grpo: PPO's clip, the ratio p / p_old is kept in [1 - this, 1 + this]; in (0, 1)."""
+    """With --objective grpo: PPO's clip, the ratio p / p_old is kept in [1 - this, 1 + this]; in
+    (0, 1)."""
     kl_beta: float = 0.0
-    """With --objective grpo: weight of the per-token KL to --reference (the k3 estimator) in the loss;
-    0 loads no reference."""
+    """With --objective grpo: weight of the per-token KL to --reference (the k3 estimator) in the
+    loss; 0 loads no reference."""
     rollout_tokens: int = 64
-    """With --objective grpo: the most new tokens of a completion (it stops earlier at end-of-text); the
-    prompt keeps its last context - this tokens."""
+    """With --objective grpo: the most new tokens of a completion (it stops earlier at end-of-text);
+    the prompt keeps its last context - this tokens."""
     rollout_temperature: float = 1.0
     """With --objective grpo: the temperature completions are sampled at (above 0)."""
     rollout_top_k: int | None = None
     """With --objective grpo: sample completions from the K most likely tokens only; default all."""
     rollout_top_p: float = 1.0
-    """With --objective grpo: sample completions from the nucleus of this probability mass; in (0, 1]."""
+    """With --objective grpo: sample completions from the nucleus of this probability mass; in (0,
+    1]."""
     updates_per_rollout: int = 1
-    """With --objective grpo: optimizer steps on each batch of sampled completions (PPO's epochs); with 1
-    the ratio is 1 and the loss is the policy gradient."""
+    """With --objective grpo: optimizer steps on each batch of sampled completions (PPO's epochs);
+    with 1 the ratio is 1 and the loss is the policy gradient."""
     loss_aggregation: str = "token"
-    """With --objective grpo: token (the mean over a micro-batch's completion tokens, as DAPO and TRL)
-    or sequence (the mean over completions of each one's token mean, as the GRPO paper)."""
+    """With --objective grpo: token (the mean over a micro-batch's completion tokens, as DAPO and
+    TRL) or sequence (the mean over completions of each one's token mean, as the GRPO paper)."""
     scale_rewards: str = "group"
     """With --objective grpo: group (advantage = (reward - group mean) / (group std + 1e-4)) or none
     (reward - group mean, as Dr. GRPO)."""
 
     # system
     dtype: str = "auto"
-    """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+, or
-    a CPU with AVX512-BF16/AMX; float16 with a loss scaler on older CUDA GPUs; else float32),
+    """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+,
+    or a CPU with AVX512-BF16/AMX; float16 with a loss scaler on older CUDA GPUs; else float32),
     float32, bfloat16 (Apple GPUs: macOS 14+) or float16 (CUDA only). Weights stay float32 either
     way."""
     compile: bool = False
     """Compile the model with torch.compile (a slow first step; measured no faster on a CPU, see
     BENCHMARKS.md)."""
     loss_chunk: int = 0
-    """Run the LM head's matmuls and loss this many positions at a time (0 = the whole batch at once).
-    In evaluation only this many positions' logits exist at once; in training the logits' gradient
-    (positions x vocabulary, in the compute dtype) exists whole either way (see `gpt.model.loss.head_loss`;
-    speed in BENCHMARKS.md)."""
+    """Run the LM head's matmuls and loss this many positions at a time (0 = the whole batch at
+    once). In evaluation only this many positions' logits exist at once; in training the logits'
+    gradient (positions x vocabulary, in the compute dtype) exists whole either way (see
+    `gpt.model.loss.head_loss`; speed in BENCHMARKS.md)."""
     keep_freed_memory: bool = True
     """Linux: keep freed memory in the process for reuse instead of handing it back to the kernel
     after every step (much faster steps on a CPU, see BENCHMARKS.md; no effect on a GPU's memory).
@@ -270,12 +282,12 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one of the visible GPUs) or mps."""
     parallel: str = "ddp"
-    """How the processes of a `torchrun` launch share the work: ddp (each rank holds the whole model and
-    trains on its slice of every global batch) or fsdp (parameters, gradients and optimizer state
-    sharded too); ignored by a plain `python train.py`, which is one process."""
+    """How the processes of a `torchrun` launch share the work: ddp (each rank holds the whole model
+    and trains on its slice of every global batch) or fsdp (parameters, gradients and optimizer
+    state sharded too); ignored by a plain `python train.py`, which is one process."""
     dist_timeout: int = 600
-    """Seconds a rank waits for the others in a collective (an all-reduce) before the whole job fails:
-    what bounds the wait when a rank died or raised."""
+    """Seconds a rank waits for the others in a collective (an all-reduce) before the whole job
+    fails: what bounds the wait when a rank died or raised."""
     seed: int = 123
     """Seed of every random number generator (init, dropout, data order)."""
     out: str = "runs"
@@ -294,35 +306,45 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
                                   f"e.g. {flag(name)} {example}")
 
-        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters", "dist_timeout",
+        for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters",
+                     "dist_timeout",
                      "save_freq", "eval_task_limit"):
             need(getattr(self, name) >= 1, name, "at least 1", getattr(TrainConfig, name))
-        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads", "vocab_pad_multiple"):
+        for name in ("context_length", "stride", "n_layers", "emb_dim", "n_heads",
+                     "vocab_pad_multiple"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1", 256)
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number", 1e-3)
-        need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})", self.lr / 10)
-        for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience", "min_delta",
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and --lr ({self.lr:g})",
+             self.lr / 10)
+        for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "patience",
+                     "min_delta",
                      "sample_tokens", "loss_chunk", "eval_answers", "generation_temperature"):
             need(getattr(self, name) >= 0, name, "0 or more", getattr(TrainConfig, name))
-        need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}", "ddp")
+        need(self.parallel in PARALLEL_MODES, "parallel", f"one of {', '.join(PARALLEL_MODES)}",
+             "ddp")
         if self.best_weights_only and self.parallel == "fsdp":
-            raise ConfigError("--best-weights-only does not combine with --parallel fsdp (its best/ "
+            raise ConfigError("--best-weights-only does not combine with --parallel fsdp (its "
+                              "best/ "
                               "holds the optimizer's shards with the weights'); drop one of them")
         need(_betas(self.adam_betas) is not None, "adam_betas", "two numbers in [0, 1) as B1,B2",
              "0.9,0.999")
         need(0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", 0.1)
         need(0 <= self.seed < SEED_LIMIT, "seed", "in [0, 2^32)", 123)
         need(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", 0.1)
-        need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of {', '.join(ERRORS_MODES)}",
+        need(self.decode_errors in ERRORS_MODES, "decode_errors", f"one of "
+                                                                  f"{', '.join(ERRORS_MODES)}",
              "replace")
-        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"auto or one of {', '.join(DTYPES)}",
+        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"auto or one of "
+                                                                    f"{', '.join(DTYPES)}",
              "float32")
         need(self.init != "scratch" or self.preset in preset_names(), "preset",
              f"one of {', '.join(preset_names())}", "mini")
         need(self.prompt_template is None or is_record_file(self.data),
-             "prompt_template", "left out for text data (it lays out records: --data FILE.jsonl or .json)",
+             "prompt_template", "left out for text data (it lays out records: --data FILE.jsonl or "
+                                ".json)",
              "qa --data qa.jsonl")
-        need(self.val_data is None or is_record_file(self.val_data) == is_record_file(self.data), "val_data",
+        need(self.val_data is None or is_record_file(self.val_data) == is_record_file(self.data),
+             "val_data",
              "of the same kind as --data (records: .jsonl or .json; else text)", "val.jsonl")
         need(self.sample_tokens == 0 or self.sample_prompt != "", "sample_prompt",
              "some text (or use --sample-tokens 0)", '"Every effort moves you"')
@@ -336,8 +358,10 @@ class TrainConfig:
 
     @property
     def model_overrides(self) -> dict[str, Any]:
-        """The `MODEL_OVERRIDES` that are set, by name: what replaces fields of the model's config."""
-        return {name: getattr(self, name) for name in MODEL_OVERRIDES if getattr(self, name) is not None}
+        """The `MODEL_OVERRIDES` that are set, by name: what replaces fields of the model's config.
+        """
+        return {name: getattr(self, name) for name in MODEL_OVERRIDES if getattr(self,
+                                                                                 name) is not None}
 
     def _check_types(self) -> None:
         """Values from a TOML file or Python are not parsed by argparse: check each field's type."""
@@ -388,7 +412,8 @@ def current_names(settings: dict[str, Any]) -> dict[str, Any]:
     renamed = {RENAMED.get(key, key): value for key, value in settings.items()}
     if len(renamed) < len(settings):
         both = next(old for old, new in RENAMED.items() if old in settings and new in settings)
-        raise ConfigError(f"{both} and {RENAMED[both]} are the same setting ({both} is its old name); "
+        raise ConfigError(f"{both} and {RENAMED[both]} are the same setting ({both} is its old "
+                          f"name); "
                           f"keep only {RENAMED[both]}")
     return renamed
 
@@ -397,7 +422,8 @@ def current_names(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass `cls` (Python keeps none at runtime: read the source)."""
+    """The docstring under each field of dataclass `cls` (Python keeps none at runtime: read the
+    source)."""
     body = cast(ast.ClassDef, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]).body
     docs = {}
     for node, doc in itertools.pairwise(body):
@@ -416,20 +442,25 @@ def build_parser() -> ArgumentParser:
     """
     parser = ArgumentParser(
         prog=command_name("train.py"), argument_default=argparse.SUPPRESS,
-        description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few minutes "
+        description="Pretrain a GPT. With no flags: the mini model on the built-in corpus, a few "
+                    "minutes "
                     "on a laptop CPU; results in runs/<start time>/.")
     parser.add_argument("--config", type=Path, metavar="FILE.toml",
-                        help="read settings from a TOML file, keys named as the flags (batch_size = 8); "
+                        help="read settings from a TOML file, keys named as the flags (batch_size "
+                             "= 8); "
                              "flags given on the command line win")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR (runs/NAME) exactly where its last/ checkpoint "
-                             "was taken (or give RUN_DIR/best); its settings are reused, and flags that "
+                        help="continue the run in RUN_DIR (runs/NAME) exactly where its last/ "
+                             "checkpoint "
+                             "was taken (or give RUN_DIR/best); its settings are reused, and flags "
+                             "that "
                              "do not change the model or data (--epochs, --lr, ...) override them")
     hints, docs = get_type_hints(TrainConfig), field_docs(TrainConfig)
     old_names = {new: old for old, new in RENAMED.items()}
     for f in dataclasses.fields(TrainConfig):
         kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        help_text = docs[f.name].replace("%", "%%") + ("" if f.default in (None, ()) else f" [{f.default}]")
+        help_text = docs[f.name].replace("%", "%%") + ("" if f.default in (None, ()) else f" "
+                                                                                          f"[{f.default}]")
         flags = [flag(f.name)] + ([flag(old_names[f.name])] if f.name in old_names else [])
         if get_origin(hints[f.name]) is tuple:  # repeatable: each use adds one value
             parser.add_argument(*flags, action="append", metavar="TEXT", help=help_text)
@@ -442,14 +473,15 @@ def build_parser() -> ArgumentParser:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The settings in a TOML file, keys as field names (`batch-size` is read as `batch_size`, an old
-    name as the current one)."""
+    """The settings in a TOML file, keys as field names (`batch-size` is read as `batch_size`, an
+    old name as the current one)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8, comments included
-        raise UserError(f"--config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+        raise UserError(f"--config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                        f"offset "
                         f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path} is not valid TOML: {exc}") from None

@@ -1,28 +1,33 @@
-"""FSDP checkpoints: the sharded model and optimizer through torch.distributed.checkpoint, read safely.
+"""FSDP checkpoints: the sharded model and optimizer through torch.distributed.checkpoint, read
+safely.
 
 Under `--parallel fsdp` no rank holds the whole model (`gpt.training.distributed`), so a checkpoint
 directory (last/, best/) is written by all ranks together:
 
-    sharded/            torch.distributed.checkpoint's (DCP's) files: each rank's shards of the weights
+    sharded/            torch.distributed.checkpoint's (DCP's) files: each rank's shards of the
+                        weights
                         and of AdamW's moments (`__<rank>_0.distcp`), and their index (`.metadata`)
-    train_state.pt      as in one process (`gpt.training.resume`), but AdamW's tensors are in sharded/: only
+    train_state.pt      as in one process (`gpt.training.resume`), but AdamW's tensors are in
+                        sharded/: only
                         its param groups (plain values) are here, as "optimizer_groups" (none in a
                         checkpoint of step 0, before AdamW has any state)
     config.json         the model's config
-    model.safetensors   the whole model, gathered on rank 0: in best/, and in last/ at the end of a run
+    model.safetensors   the whole model, gathered on rank 0: in best/, and in last/ at the end of a
+                        run
                         (`final`), so generate.py, --init and the export read them unchanged
 
-Atomic as every checkpoint (`gpt.base.atomic.atomic_directory`): rank 0 makes the temporary directory and
-sends its name to the others, rank 0 writes its files there, every rank writes its shards there, and
-DCP's closing collective returns on each rank only once all shards and the index are written; rank 0
-then renames it into place. The shards are keyed by parameter name, so they load into any layout:
-FSDP on another number of ranks (DCP cuts the saved shards anew), DDP, or one process.
+Atomic as every checkpoint (`gpt.base.atomic.atomic_directory`): rank 0 makes the temporary
+directory and sends its name to the others, rank 0 writes its files there, every rank writes its
+shards there, and DCP's closing collective returns on each rank only once all shards and the index
+are written; rank 0 then renames it into place. The shards are keyed by parameter name, so they load
+into any layout: FSDP on another number of ranks (DCP cuts the saved shards anew), DDP, or one
+process.
 
-Reading is where care is needed: DCP's own reader unpickles `.metadata` with `pickle.load`, and loads a
-non-tensor entry with `torch.load(weights_only=False)`; either runs code a crafted file names.
-`SafeReader` unpickles `.metadata` building only the classes of DCP's index and torch's sizes and
-dtypes, and refuses an index with any entry that is not a tensor or a shard file outside sharded/;
-the tensors DCP then reads with `torch.load(weights_only=True)`.
+Reading is where care is needed: DCP's own reader unpickles `.metadata` with `pickle.load`, and
+loads a non-tensor entry with `torch.load(weights_only=False)`; either runs code a crafted file
+names. `SafeReader` unpickles `.metadata` building only the classes of DCP's index and torch's sizes
+and dtypes, and refuses an index with any entry that is not a tensor or a shard file outside
+sharded/; the tensors DCP then reads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -58,8 +63,10 @@ from gpt.training.resume import is_sharded
 
 SHARDED_DIR = "sharded"
 _INDEX_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
-                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata",
+                                              "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex",
+                                              "StorageMeta",
                                               "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},  # a layout by its name
@@ -76,8 +83,8 @@ _INDEX_CLASSES = {
 def save_sharded(model: GPT, optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
                  directories: list[Path], dist: Dist, *, final: bool) -> None:
     """Write an FSDP checkpoint (see the module docstring) into each of `directories`: every rank
-    must call this (it is a collective). `train_state` is `gpt.training.resume.checkpoint_state`'s; `final`
-    (the run ends) puts the whole model in last/ too, as it always is in best/."""
+    must call this (it is a collective). `train_state` is `gpt.training.resume.checkpoint_state`'s;
+    `final` (the run ends) puts the whole model in last/ too, as it always is in best/."""
     if not directories:  # (the same on every rank)
         return
     dist.add_rank_state(train_state)
@@ -105,8 +112,9 @@ def save_sharded(model: GPT, optimizer: torch.optim.Optimizer, train_state: dict
 
 
 def whole_model_state(model: GPT) -> dict[str, Tensor]:
-    """The whole model's tensors on rank 0's CPU, as `gpt.checkpoints.checkpoint.stored_state` names them (a
-    tied head stored once); {} on the other ranks. Every rank must call it (it gathers the shards)."""
+    """The whole model's tensors on rank 0's CPU, as `gpt.checkpoints.checkpoint.stored_state` names
+    them (a tied head stored once); {} on the other ranks. Every rank must call it (it gathers the
+    shards)."""
     state = cast(dict[str, Tensor], get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     if model.config.tie_embeddings:
@@ -128,37 +136,44 @@ def checkpoint_model(checkpoint: Path, device: torch.device) -> GPT:
 def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  saved: dict[str, Any]) -> None:
     """Put the weights and AdamW's state of an FSDP `checkpoint` (`saved` is its train state) into
-    `model` and `optimizer`, whatever their layout: sharded over any number of ranks (every rank calls
-    this), under DDP or in one process; nothing for another checkpoint (`gpt.training.resume.restore` reads
-    it). A damaged or foreign sharded/ is a `UserError`."""
+    `model` and `optimizer`, whatever their layout: sharded over any number of ranks (every rank
+    calls this), under DDP or in one process; nothing for another checkpoint
+    (`gpt.training.resume.restore` reads it). A damaged or foreign sharded/ is a `UserError`."""
     if not is_sharded(saved):
         return
     groups = saved.get("optimizer_groups")  # None: saved at step 0, AdamW has no state yet
     shards: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if groups:  # AdamW's state made (zero moments, by a step of lr 0) for the shards to be read into
+    # AdamW's state made (zero moments, by a step of lr 0) for the shards to be read into
+    if groups:
         shards["optimizer"] = get_optimizer_state_dict(model, optimizer)["state"]
     where = checkpoint / SHARDED_DIR
     reader = SafeReader(where)
-    reader.read_metadata()  # refused here, in one line: inside dcp.load a refusal is logged at length
+    # refused here, in one line: inside dcp.load a refusal is logged at length
+    reader.read_metadata()
     try:
-        with warnings.catch_warnings():  # in one process DCP warns that it reads as one process: so it does
+        # in one process DCP warns that it reads as one process: so it does
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(shards, storage_reader=reader, no_dist=not torch_dist.is_initialized())
         set_model_state_dict(model, shards["model"])
         if groups:
-            set_optimizer_state_dict(model, optimizer, {"state": shards["optimizer"], "param_groups": groups})
+            set_optimizer_state_dict(model, optimizer, {"state": shards["optimizer"],
+                                                        "param_groups": groups})
     except UserError:
         raise
-    except (Exception, CheckpointException) as exc:  # DCP reports a missing or damaged shard as anything
-        raise UserError(f"cannot load the sharded checkpoint {where} ({_load_failure(exc)}): it is damaged, "
-                        "incomplete or was written for another model; resume from another checkpoint "
+    # DCP reports a missing or damaged shard as anything
+    except (Exception, CheckpointException) as exc:
+        raise UserError(f"cannot load the sharded checkpoint {where} ({_load_failure(exc)}): it is "
+                        f"damaged, "
+                        "incomplete or was written for another model; resume from another "
+                        "checkpoint "
                         "(best/)") from None
 
 
 def _load_failure(exc: BaseException) -> str:
     """What went wrong in `dcp.load`, in one line: the first failing rank's own error inside a
-    `CheckpointException` (a `BaseException`, whose message is whole tracebacks), and never torch.load's
-    advice to set weights_only=False, which would run code from the file."""
+    `CheckpointException` (a `BaseException`, whose message is whole tracebacks), and never
+    torch.load's advice to set weights_only=False, which would run code from the file."""
     if isinstance(exc, CheckpointException) and exc.failures:
         exc = next(iter(exc.failures.values()))[0]
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
@@ -167,7 +182,8 @@ def _load_failure(exc: BaseException) -> str:
 
 
 class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader, but reading the index (`.metadata`) without running code (module docstring)."""
+    """DCP's file reader, but reading the index (`.metadata`) without running code (module
+    docstring)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
@@ -175,11 +191,13 @@ class SafeReader(dcp.FileSystemReader):
             with open(path, "rb") as file:
                 metadata = _IndexUnpickler(file).load()
         except Exception as exc:  # a damaged file makes the unpickler raise almost anything
-            raise UserError(f"cannot read {path} safely ({first_line(exc)}): it is missing, damaged or not "
+            raise UserError(f"cannot read {path} safely ({first_line(exc)}): it is missing, "
+                            f"damaged or not "
                             "a checkpoint index; resume from another checkpoint (best/)") from None
         problem = _index_problem(metadata)
         if problem:
-            raise UserError(f"{path} is not an index of tensors ({problem}); refused unread: resume from "
+            raise UserError(f"{path} is not an index of tensors ({problem}); refused unread: "
+                            f"resume from "
                             "another checkpoint (best/)")
         metadata.storage_meta = StorageMeta(load_id=self.load_id)  # as DCP's reader sets it
         return metadata
@@ -204,7 +222,8 @@ def _index_problem(metadata: object) -> str | None:
     if not isinstance(entries, dict):
         return "its entries are not listed"
     for name, entry in entries.items():
-        if not isinstance(entry, TensorStorageMetadata):  # DCP would unpickle it with weights_only=False
+        # DCP would unpickle it with weights_only=False
+        if not isinstance(entry, TensorStorageMetadata):
             return f"{name!r} is a {type(entry).__name__}"
     if not isinstance(storage, dict):
         return "its files are not listed"

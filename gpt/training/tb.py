@@ -1,7 +1,7 @@
 """TensorBoard event files for a run: `tensorboard --logdir runs` shows its curves live.
 
-Optional: it needs the `tensorboard` package (`pip install -e ".[tb]"`), imported only when a run asks
-for it. The events are written next to metrics.csv in the run directory, which stays the record
+Optional: it needs the `tensorboard` package (`pip install -e ".[tb]"`), imported only when a run
+asks for it. The events are written next to metrics.csv in the run directory, which stays the record
 (loss.png is still drawn from it); TensorBoard is a second view of the same rows.
 """
 
@@ -36,7 +36,8 @@ class TensorBoardLog:
 
     def log(self, step: int, row: dict[str, float]) -> None:
         """Write every value of `row` but the step itself at `step`, and flush, so a running
-        TensorBoard sees it now. NaN values (no learning rate before the first step) are left out."""
+        TensorBoard sees it now. NaN values (no learning rate before the first step) are left
+        out."""
         for name, value in row.items():
             if name != "step" and not math.isnan(value):
                 self.writer.add_scalar(name, value, global_step=step)

@@ -1,15 +1,18 @@
 """The training loop, as a few plain functions to read top-down:
 
     train(cfg)                          setup + fit
-      setup(cfg)                        seed, model, the objective's data and loss, optimizer, resume
+      setup(cfg)                        seed, model, the objective's data and loss, optimizer,
+                                        resume
       fit(run)                          an epoch at a time until done, early stopping or Ctrl-C
-        _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it should
+        _train_epoch(run, progress)     steps over the epoch's batches; says why to stop, if it
+                                        should
           train_step(run, batches)      zero grads, run.loss (the objective's), backward, clip, step
           evaluate_and_save(run, ...)   every eval_freq steps (and at the end):
             run.objective.evaluate(run)   measure: train and validation loss, the objective's own
             check_finite(run, ...)        stop if one is not finite: such weights are never saved
             state.keep_score(...)         keep score for early stopping (`TrainState`)
-            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png (`gpt.training.report`)
+            log_evaluation(run, ...)      metrics.csv, the printed line, loss.png
+                                          (`gpt.training.report`)
             save_checkpoints(run, ...)    last/, and best/ when the validation loss improved
 
 The loop knows no objective by name: --objective picks one (`gpt.training.run.Objective`, registered
@@ -67,7 +70,7 @@ from gpt.training.settings import RUN_CONFIG_FILE, TrainConfig
 from gpt.training.sharded_checkpoint import checkpoint_model, load_sharded, save_sharded
 from gpt.training.tb import TensorBoardLog
 
-# ---- the model ------------------------------------------------------------------------------------
+# ---- the model -----------------------------------------------------------------------------------
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -96,13 +99,15 @@ def setup(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> Run:
     """Build the run: seed, model, data, loaders, optimizer, run directory.
 
-    `resume` (a run directory, or a checkpoint directory in one) continues a run where that checkpoint
-    was taken; `cfg` must then agree with the run's settings on `RESUME_FIXED` (see `gpt.training.resume`).
-    `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`. Every check comes before
-    the run directory is written to, and the run directory is locked (`gpt.training.run_dir`) until `fit` ends.
+    `resume` (a run directory, or a checkpoint directory in one) continues a run where that
+    checkpoint was taken; `cfg` must then agree with the run's settings on `RESUME_FIXED` (see
+    `gpt.training.resume`). `token_ids` = (train, val) arrays replace `prepare_data(cfg.data, ...)`.
+    Every check comes before the run directory is written to, and the run directory is locked
+    (`gpt.training.run_dir`) until `fit` ends.
     """
     objective = check_objective(cfg)  # before anything is written
-    cfg, dist = init_distributed(cfg)  # torchrun's ranks (gpt.training.distributed); one process without it
+    # torchrun's ranks (gpt.training.distributed); one process without it
+    cfg, dist = init_distributed(cfg)
     # Checked, locked (by rank 0), a resumed run's state read: nothing built yet.
     opened = open_run_dir(cfg, resume, rank=dist.rank, world_size=dist.world_size)
     try:
@@ -147,7 +152,8 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
     steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
     run = Run(
         cfg=cfg, run_dir=run_dir, model=model, objective=objective, loss=loss,
-        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type,
+                                                         enabled=dtype == torch.float16),
         train_loader=train_loader, eval_loaders=prepared.eval_loaders, device=device, dtype=dtype,
         total_steps=min(steps, cfg.max_steps or steps),
         tokens_per_epoch=records.tokens_per_epoch if records else batches_per_epoch * cfg.batch_size
@@ -156,20 +162,25 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         tasks=tasks, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
         start=prepared.start,
     )
-    if checkpoint is not None:  # restore also sets the random generators: nothing below draws from them
-        load_sharded(checkpoint, model, optimizer, saved)  # an FSDP checkpoint's weights and AdamW state
-        run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler, sampler=run.sampler,
+    # restore also sets the random generators: nothing below draws from them
+    if checkpoint is not None:
+        # an FSDP checkpoint's weights and AdamW state
+        load_sharded(checkpoint, model, optimizer, saved)
+        run.state = restore(saved, checkpoint, optimizer=optimizer, scaler=run.scaler,
+                            sampler=run.sampler,
                             num_windows=len(run.windows), device=device)
         dist.restore_rngs(saved)
         # A changed --weight-decay and changed --adam-betas win over the checkpoint's.
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
         for group in optimizer.param_groups:
             group["betas"] = cfg.betas
-    if dist.is_main:  # every rank has checked the run directory: DDP's set-up waited for all of them
+    # every rank has checked the run directory: DDP's set-up waited for all of them
+    if dist.is_main:
         # Steps after the checkpoint (all, for a start at step 0) are taken again, and log again.
         run.metrics.truncate(up_to_step=run.state.step if checkpoint is not None else -1)
         if cfg.tensorboard:  # on resume, its events after the checkpoint are dropped too
-            run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint else None)
+            run.tensorboard = TensorBoardLog(run_dir, purge_step=run.state.step + 1 if checkpoint
+                                             else None)
         write_json(run_dir / RUN_CONFIG_FILE, cfg.to_dict())
     return run
 
@@ -226,9 +237,10 @@ class _Progress:
 
 def train(cfg: TrainConfig, *, resume: Path | None = None,
           token_ids: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
-    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a failed
-    `--compile` end in a one-line `UserError` naming the flags that fix them."""
-    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), or set "
+    """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a
+    failed `--compile` end in a one-line `UserError` naming the flags that fix them."""
+    with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), "
+                             "or set "
                              "--loss-chunk, or use --dtype bfloat16"):
         return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
@@ -241,9 +253,12 @@ def fit(run: Run) -> TrainResult:
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=None if run.dist.is_main else True)  # None: shown on a terminal
     # Left in reverse order: the saver's last write ends before the lock is released.
-    with run.lock, bar, ctrl_c_flag() as interrupted, run.saver, run.tensorboard or contextlib.nullcontext():
-        progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged else math.nan)
-        if state.step == 0 and not logged:  # the untrained model's losses (a step-0 checkpoint has them)
+    events = run.tensorboard or contextlib.nullcontext()
+    with run.lock, bar, ctrl_c_flag() as interrupted, run.saver, events:
+        progress = _Progress(bar, interrupted, val_loss=logged[-1]["val_loss"] if logged
+                             else math.nan)
+        # the untrained model's losses (a step-0 checkpoint has them)
+        if state.step == 0 and not logged:
             progress.val_loss = evaluate_and_save(run)["val_loss"]
         stop = None
         while stop is None:
@@ -295,9 +310,10 @@ def _train_epoch(run: Run, progress: _Progress) -> str | None:
 def train_step(run: Run, batches: Sequence[Sequence[Tensor]]) -> StepStats:
     """One optimizer step over `batches` (gradient accumulation): zero grads, then per micro-batch
     forward + loss + backward, then clip the gradient norm and step. Raises `TrainingDiverged`
-    before the weights change if the loss or the gradient norm is not finite. The loss is the mean over
-    the step's target tokens (`Objective.count`, over all ranks; DPO's: its pairs); a micro-batch with none
-    is skipped. A batch is (inputs, targets) or, for DPO, (inputs, targets, reference log-probs)."""
+    before the weights change if the loss or the gradient norm is not finite. The loss is the mean
+    over the step's target tokens (`Objective.count`, over all ranks; DPO's: its pairs); a
+    micro-batch with none is skipped. A batch is (inputs, targets) or, for DPO, (inputs, targets,
+    reference log-probs)."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                total_steps=run.total_steps)
@@ -306,28 +322,35 @@ def train_step(run: Run, batches: Sequence[Sequence[Tensor]]) -> StepStats:
     run.optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=run.device)
     world = run.dist.world_size
-    counts = [run.objective.count([batch]) for batch in batches]  # on the host, before the device copies
+    # on the host, before the device copies
+    counts = [run.objective.count([batch]) for batch in batches]
     # The step's targets (DPO: pairs) and input tokens, over all ranks (gpt.training.distributed).
     targets, tokens = run.dist.sum([sum(counts), sum(batch[0].numel() for batch in batches)])
     for i, (batch, counted) in enumerate(zip(batches, counts, strict=True)):
-        if counted == 0:  # nothing to learn (a 0/0 mean loss); never under torchrun: a record has targets
+        # nothing to learn (a 0/0 mean loss); never under torchrun: a record has targets
+        if counted == 0:
             continue
-        share = targets / (counted * world)  # this micro-batch's part of the step, with DDP's average
+        # this micro-batch's part of the step, with DDP's average
+        share = targets / (counted * world)
         tensors = [t.to(run.device, non_blocking=True) for t in batch]
         with autocast(run.device, run.dtype), run.dist.grad_sync(last=i == len(batches) - 1):
             # Its mean loss divided by its share: the gradients add up to those of the step's mean.
-            # Divided, so that equal shares (pretraining, one process) divide by exactly len(batches).
+            # Divided, so that equal shares (pretraining, one process) divide by exactly
+            # len(batches).
             loss = run.loss(*tensors, chunk_size=cfg.loss_chunk) / share
             run.scaler.scale(loss).backward()
         total_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip (and report) the true gradient, not the scaled one
     grad_norm = run.dist.clip_grad_norm(run.model, cfg.grad_clip or math.inf)
     total_loss = run.dist.mean(total_loss)  # over all ranks' batches
-    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()  # one sync
+    # one sync
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.to(total_loss)]).tolist()
     # With float16 an infinite gradient is routine: the scaler skips that step and lowers its scale.
     skipped = run.scaler.is_enabled() and not math.isfinite(norm_value)
-    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm", norm_value)])
-    check_finite(run, checks, f"at step {state.step + 1}: training stopped before that step changed the "
+    checks = [("loss", loss_value)] + ([] if run.scaler.is_enabled() else [("gradient norm",
+                                                                            norm_value)])
+    check_finite(run, checks, f"at step {state.step + 1}: training stopped before that step "
+                              f"changed the "
                  "weights")
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -355,7 +378,8 @@ def evaluate_and_save(run: Run, stats: StepStats | None = None,
         losses[task.column] = task_accuracy(run.model, task, dtype=run.dtype, rank=run.dist.rank,
                                             world_size=run.dist.world_size,
                                             all_reduce=run.dist.sum_values)
-    check_finite(run, [("training loss", losses["train_loss"]), ("validation loss", losses["val_loss"])],
+    check_finite(run, [("training loss", losses["train_loss"]), ("validation loss",
+                                                                 losses["val_loss"])],
                  f"at the evaluation of step {state.step}: these weights are not saved")
     # An evaluation the objective keeps out of best/ scores as no improvement (an infinite loss).
     eligible = may_be_best(run.objective, run, losses)
@@ -379,21 +403,26 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
     for what, value in values:
         if not math.isfinite(value):
             last, best, step = run.run_dir / "last", run.run_dir / "best", run.state.best_step
-            saved = (f"{last} holds the last checkpoint with finite losses and {best} the best (step "
+            saved = (f"{last} holds the last checkpoint with finite losses and {best} the best "
+                     f"(step "
                      f"{step}): resume one (--resume {best}) with a lower --lr"
                      if math.isfinite(run.state.best_val_loss) else
                      "no checkpoint was saved: start again with a lower --lr")
-            raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, or use "
+            raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, "
+                                   f"or use "
                                    "--dtype float32")
 
 
 def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -> None:
-    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.training.resume`) through `run.saver`,
-    or under FSDP by every rank (`gpt.training.sharded_checkpoint`; `final`: the run ends). Each directory is
-    written atomically (gpt/checkpoints/checkpoint.py): a kill at any moment leaves the previous one whole.
-    best/ comes first: the best a checkpoint's state names is on disk (`gpt.training.resume.settle_best`)."""
-    directories = [run.run_dir / name for name, wanted in (("best", best), ("last", last)) if wanted]
-    state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer, scaler=run.scaler,
+    """Save last/ and/or best/, as asked, from one checkpoint state (`gpt.training.resume`) through
+    `run.saver`, or under FSDP by every rank (`gpt.training.sharded_checkpoint`; `final`: the run
+    ends). Each directory is written atomically (gpt/checkpoints/checkpoint.py): a kill at any
+    moment leaves the previous one whole. best/ comes first: the best a checkpoint's state names is
+    on disk (`gpt.training.resume.settle_best`)."""
+    directories = [run.run_dir / name for name, wanted in (("best", best), ("last", last))
+                   if wanted]
+    state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer,
+                             scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
     if run.dist.sharded:  # every rank writes its shards
         save_sharded(run.model, run.optimizer, state, directories, run.dist, final=final)

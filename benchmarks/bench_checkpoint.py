@@ -83,8 +83,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--work", type=float, default=10.0,
                         help="about how many seconds of training steps between saves (the book's "
-                             "run "
-                             "evaluates, and saves, every 5 steps)")
+                             "run evaluates, and saves, every 5 steps)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp "
                                                                "dir)")
     args = parser.parse_args()

@@ -184,8 +184,7 @@ def main() -> None:
                   f"{row['loader_mb']:+.1f} MB | {row['file_mb']:+.1f} MB | {eager:,.0f} MB |",
                   flush=True)
         print("\nDataset and sampler columns: growth of anonymous RSS (the process's own memory). "
-              "The "
-              "sampler's shuffled order costs 4 bytes a window.")
+              "The sampler's shuffled order costs 4 bytes a window.")
 
 
 if __name__ == "__main__":

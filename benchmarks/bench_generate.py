@@ -278,9 +278,8 @@ def main() -> None:
                                                                     "cache")
     parser.add_argument("--uncached-new-tokens", type=int, default=20,
                         help="tokens per run without the cache (each costs a forward over the "
-                             "whole "
-                             "sequence; HF in bfloat16 on a CPU without native bf16 needs seconds "
-                             "each)")
+                             "whole sequence; HF in bfloat16 on a CPU without native bf16 needs "
+                             "seconds each)")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated, of: " + ", ".join(DTYPES))
     parser.add_argument("--no-uncached", action="store_true", help="skip the runs without cache")
@@ -307,15 +306,12 @@ def main() -> None:
             "| HF tokens/s | gpt / HF |",
             "|---:|---|---|---|---:|---:|---:|---:|"]
     floor_rows = ["| threads | dtype | weights read per token | memory read GB/s | weight products "
-                  "GB/s "
-                  "| products' time per token | floor at read bandwidth | split in two (probe) "
-                  "GB/s "
-                  "| compiled, frozen weights GB/s | prepacked GB/s | int8 products' time per "
-                  "token |",
+                  "GB/s | products' time per token | floor at read bandwidth | split in two "
+                  "(probe) GB/s | compiled, frozen weights GB/s | prepacked GB/s | int8 products' "
+                  "time per token |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     format_rows = ["| threads | weights | read per token | gpt tokens/s | ms/token | vs bf16 as "
-                   "loaded "
-                   "| vs HF bf16 eager | floor at read bandwidth | share of the floor |",
+                   "loaded | vs HF bf16 eager | floor at read bandwidth | share of the floor |",
                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     settings = [(True, False, args.new_tokens)]
     settings += [] if args.no_compiled else [(True, True, args.new_tokens)]
@@ -348,10 +344,8 @@ def main() -> None:
         f"\n# {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}; preset {args.preset} ({ours.num_parameters() / 1e6:.0f}M "
-        f"parameters), "
-        f"random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, temperature 1, "
-        f"best of "
-        f"{args.repeats}\n")
+        f"parameters), random weights, batch 1, {args.prompt_tokens}-token prompt, top-k 50, "
+        f"temperature 1, best of {args.repeats}\n")
     if "peers" in tables:
         print("\n".join(rows))
         print("\nWhat bounds a cached step: every weight read once per token (the LM head "
@@ -359,8 +353,7 @@ def main() -> None:
         print("\n".join(floor_rows))
     if "formats" in tables:
         print("\nWeight formats (gpt.model.quantize), bf16 activations, KV cache on, each timed "
-              "alternately "
-              "with HF bf16 eager\n")
+              "alternately with HF bf16 eager\n")
         print("\n".join(format_rows))
     if "perplexity" in tables and args.perplexity_checkpoint is not None:
         print(f"\nPerplexity of {args.perplexity_checkpoint} on the validation split of "

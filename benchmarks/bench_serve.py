@@ -77,8 +77,7 @@ class Phase:
 def make_checkpoint(preset: str, directory: Path) -> None:
     """A random model of `preset`'s shape, saved as a run (in a subprocess: its memory is freed)."""
     code = ("import sys, torch; from gpt.model.config import GPTConfig; from gpt.model.model "
-            "import GPT; "
-            "from gpt.checkpoints.checkpoint import save_model; torch.manual_seed(0); "
+            "import GPT; from gpt.checkpoints.checkpoint import save_model; torch.manual_seed(0); "
             "p = __import__('pathlib').Path(sys.argv[2]) / 'best'; p.mkdir(parents=True); "
             "save_model(GPT(GPTConfig.preset(sys.argv[1], drop_rate=0.0)), p)")
     subprocess.run([sys.executable, "-c", code, preset, str(directory)], check=True,
@@ -205,10 +204,9 @@ def main() -> None:
                   f"{run.name}, {args.dtype}", flush=True)
             asyncio.run(run_phase(url, server.pid, 2, 5, (8, 8), 0))  # warm-up
             print("\n| round | concurrent streams | requests | tokens | seconds | aggregate "
-                  "tokens/s |"
-                  " per stream tokens/s | TTFT p50 | vs 1 stream (same round) | rows per step |"
-                  " ms per step | prefill s | decode s | load average |\n"
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "tokens/s | per stream tokens/s | TTFT p50 | vs 1 stream (same round) | rows per "
+                  "step | ms per step | prefill s | decode s | load average "
+                  "|\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for round_ in range(1, args.rounds + 1):  # rounds alternate: a shared machine drifts
                 base = None
                 for count in (int(c) for c in args.streams.split(",")):
@@ -220,13 +218,11 @@ def main() -> None:
                     base = base or phase.tokens_per_s
                     print(f"| {round_} | {count} | {phase.requests} | {phase.tokens} | "
                           f"{phase.seconds:.1f} | {phase.tokens_per_s:.1f} | "
-                          f"{phase.tokens_per_s / count:.1f} | "
-                          f"{phase.percentile(0.5) * 1000:.0f} ms | "
-                          f"{phase.tokens_per_s / base:.2f}x | "
+                          f"{phase.tokens_per_s / count:.1f} | {phase.percentile(0.5) * 1000:.0f} "
+                          f"ms | {phase.tokens_per_s / base:.2f}x | "
                           f"{engine['decode_rows'] / max(1, engine['decode_steps']):.1f} | "
                           f"{1000 * engine['decode_seconds'] / max(1, engine['decode_steps']):.0f} "
-                          f"| "
-                          f"{engine['prefill_seconds']:.1f} | {engine['decode_seconds']:.1f} | "
+                          f"| {engine['prefill_seconds']:.1f} | {engine['decode_seconds']:.1f} | "
                           f"{os.getloadavg()[0]:.1f} |", flush=True)
                     if phase.errors:
                         print(f"errors: {phase.errors[:3]}")

@@ -268,16 +268,15 @@ def main() -> None:
     print(f"# {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{datetime.date.today()}")
     print(f"# matmul ceiling measured ({n}^3, best of 5 rounds): float32 {float32_ceiling:.0f} "
-          f"GFLOP/s; "
-          f"bfloat16 before and after each case {', '.join(f'{c:.0f}' for c in ceilings)} GFLOP/s")
+          f"GFLOP/s; bfloat16 before and after each case {', '.join(f'{c:.0f}' for c in ceilings)} "
+          f"GFLOP/s")
     print(f"# MFU is of {peak_name}, {peak:.0f} GFLOP/s\n")
     if args.grid:
         print_grid(args, rows, peak)
         return
     shape = SHAPES[args.shape]
     print(f"# bench_train: {args.shape}, batch {args.batch_size} x {shape['context_length']} "
-          f"tokens, "
-          f"{args.steps} timed steps after {args.warmup}\n")
+          f"tokens, {args.steps} timed steps after {args.warmup}\n")
     print(f"| case | ms/step | tokens/s | vs {PEER} | model TFLOP/s | MFU | peak memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     peer = results.get(PEER)

@@ -91,9 +91,8 @@ def book_split_windows(path: Path) -> tuple[np.ndarray, np.ndarray]:
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*windows, strict=True))
     if not same:
         raise SystemExit("the book's split gives other training windows than ours: this "
-                         "benchmark's "
-                         "shortcut (evaluating the book's validation windows in our runs) does not "
-                         "hold")
+                         "benchmark's shortcut (evaluating the book's validation windows in our "
+                         "runs) does not hold")
     return train, val
 
 

@@ -224,8 +224,7 @@ def check_dtype(device: torch.device, dtype_name: str, args: argparse.Namespace,
         ok = gap <= tol * max(1.0, float(top2[0].abs()))
         report("generate", "PASS" if ok else "FAIL",
                f"cached and uncached part at token {at - prompt.size(1) + 1} of {new}; the two "
-               f"best logits "
-               f"there differ by {gap:.2e} ({'a near-tie' if ok else 'not a tie'})")
+               f"best logits there differ by {gap:.2e} ({'a near-tie' if ok else 'not a tie'})")
 
     try:
         from transformers import GPT2LMHeadModel

@@ -223,9 +223,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU (or this torch build has no "
                      "CUDA)")
-    print(f"# profile_train: {datetime.date.today()}; {machine(torch.device(args.device))}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} profiled "
-          f"steps "
+    print(f"# profile_train: {datetime.date.today()}; {machine(torch.device(args.device))}; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; {args.steps} profiled steps "
           f"after {args.warmup}" + ("" if args.drop_rate is None else f"; --drop-rate "
                                                                       f"{args.drop_rate}"))
     if args.device == "cpu":
@@ -275,8 +274,7 @@ def print_bound(shape: str, bound: dict[str, float], ceiling: float) -> None:
     print(f"- the real step: {bound['step'] * 1000:.0f} ms/step (best of 6); the products are "
           f"{bound['seconds'] / bound['step']:.0%} of it")
     print(f"- MFU: the step {model_gflop / bound['step'] / ceiling:.1%}; the most these products "
-          f"allow "
-          f"{model_gflop / bound['seconds'] / ceiling:.1%}")
+          f"allow {model_gflop / bound['seconds'] / ceiling:.1%}")
 
 
 if __name__ == "__main__":

@@ -104,8 +104,7 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
     del state["lm_head.weight"]
     state["pos_emb.weight"] = state["pos_emb.weight"][:64]
     with pytest.raises(UserError, match=r"^somewhere: tensor 'pos_emb.weight' has shape \(64, "
-                                        r"64\), its "
-                                        r"config implies \(128, 64\)"):
+                                        r"64\), its config implies \(128, 64\)"):
         model_from_state_dict(GPTConfig.preset("tiny"), state, "somewhere")
 
 
@@ -142,8 +141,7 @@ def test_require_model_checkpoint_says_what_the_path_should_be(tmp_path: Path) -
     assert str(info.value) == (f"--checkpoint {tmp_path / 'nowhere'} is neither a checkpoint "
                                f"directory (with "
                                "model.safetensors) nor a run directory (with best/ or last/); pass "
-                               "e.g. "
-                               "runs/<run-name>")
+                               "e.g. runs/<run-name>")
 
 
 def test_truncated_weights_are_reported(tmp_path) -> None:

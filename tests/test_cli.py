@@ -74,8 +74,7 @@ def test_no_command_prints_the_table_and_an_unknown_one_is_one_line(tmp_path: Pa
     assert [line.split()[0] for line in lines[3:]] == list(COMMANDS)
     assert refused(python_m_gpt(tmp_path, "fly"), tmp_path) == (
         "error: unknown command 'fly'; the commands are train, generate, evaluate, explain, "
-        "export, "
-        "serve (see python -m gpt --help)")
+        "export, serve (see python -m gpt --help)")
 
 
 def test_help_is_the_table_in_process_and_the_commands_help_names_it(

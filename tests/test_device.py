@@ -71,8 +71,7 @@ def test_a_cuda_device_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch: 
     with pytest.raises(UserError) as caught:
         pick_device("cuda:2")
     assert str(caught.value) == ("--device cuda:2: this machine has 2 visible CUDA GPU(s), cuda:0 "
-                                 "to cuda:1; "
-                                 "use one of those, or --device cuda")
+                                 "to cuda:1; use one of those, or --device cuda")
 
 
 def test_configure_device_makes_the_chosen_gpu_current_and_lets_float32_matmuls_use_tf32(

@@ -239,6 +239,5 @@ def test_the_module_runs_as_a_command(run_dir: Path, text_file: Path) -> None:
                           env={"PYTHONPATH": str(REPO), "PATH": "", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("error: --stride must be between 1 and "
-                                                    "--context-length "
-                                                    "(32), got 40; a stride above it would skip "
-                                                    "tokens")
+                                                    "--context-length (32), got 40; a stride above "
+                                                    "it would skip tokens")

@@ -100,8 +100,7 @@ def test_auto_tokenizer_gives_tiktokens_ids(exported: Path, offline: None) -> No
 
     tokenizer = AutoTokenizer.from_pretrained(str(exported))
     text = ("Hello, do you like tea? <|endoftext|> In the sunlit terraces\n\n  def f(x):\treturn x "
-            "** 2"
-            "  # 3.14 café 🤖 日本語 ''' \r\n it's, they'll ,odd spacing ,")
+            "** 2  # 3.14 café 🤖 日本語 ''' \r\n it's, they'll ,odd spacing ,")
     ids = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
     assert tokenizer(text)["input_ids"] == ids
     assert tokenizer.decode(ids) == text

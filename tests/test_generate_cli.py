@@ -270,8 +270,8 @@ def test_a_failed_compile_is_one_line_naming_the_fix(
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "error: --compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler "
-        "found); "
-        "run without --compile (it needs a working C++ compiler on a CPU, and Triton on a GPU)")
+        "found); run without --compile (it needs a working C++ compiler on a CPU, and Triton on a "
+        "GPU)")
 
 
 
@@ -309,8 +309,7 @@ def test_out_of_memory_while_generating_is_one_line_naming_the_fix(
         run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a "
-                                     "total "
-                                     "capacity of 15.77 GiB of which 3.12 MiB is free.")
+                                     "total capacity of 15.77 GiB of which 3.12 MiB is free.")
 
     monkeypatch.setattr("gpt.cli.generate.stream", out_of_memory)
     status, _, err = cli(["--max-new-tokens", "5"], capsys)

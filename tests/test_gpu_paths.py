@@ -162,38 +162,30 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(("exc", "expected"), [
     (torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
-        "of "
-        "which 1.2 GiB is free. Including non-PyTorch memory, this process has 77.9 GiB memory in "
-        "use.\n"
-        "If reserved but unallocated memory is large try setting "
+        "of which 1.2 GiB is free. Including non-PyTorch memory, this process has 77.9 GiB memory "
+        "in use.\nIf reserved but unallocated memory is large try setting "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments"),
      "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size"),
     (RuntimeError(
         "MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, max "
-        "allowed: "
-        "18.1 GB). Tried to allocate 256.00 MB on private pool. Use "
-        "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 "
-        "to disable upper limit for memory allocations (may cause system failure)."),
+        "allowed: 18.1 GB). Tried to allocate 256.00 MB on private pool. Use "
+        "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations (may "
+        "cause system failure)."),
      "out of memory (MPS backend out of memory (MPS allocated: 17.5 GB, other allocations: 1.2 MB, "
-     "max "
-     "allowed: 18.1 GB). Tried to allocate 256.00 MB on private pool); lower --batch-size"),
+     "max allowed: 18.1 GB). Tried to allocate 256.00 MB on private pool); lower --batch-size"),
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 "
-                  "bytes. "
-                  "Error code 12 (Cannot allocate memory)"),
+                  "bytes. Error code 12 (Cannot allocate memory)"),
      "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 "
-     "bytes. "
-     "Error code 12 (Cannot allocate memory)); lower --batch-size"),
+     "bytes. Error code 12 (Cannot allocate memory)); lower --batch-size"),
     (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
      "out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`); "
      "lower --batch-size"),
     (BackendCompilerFailed(print, RuntimeError("Cannot find a working triton installation. Either "
-                                               "the "
-                                               "package is not installed or it is too old."), None),
+                                               "the package is not installed or it is too "
+                                               "old."), None),
      "--compile failed (RuntimeError: Cannot find a working triton installation. Either the "
-     "package is "
-     "not installed or it is too old.); run without --compile (it needs a working C++ compiler on "
-     "a CPU, "
-     "and Triton on a GPU)"),
+     "package is not installed or it is too old.); run without --compile (it needs a working C++ "
+     "compiler on a CPU, and Triton on a GPU)"),
     (BackendCompilerFailed(print, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 "
                                                          "GiB."),
                            None),  # out of memory while compiling (autotuning): still out of memory
@@ -216,8 +208,7 @@ def test_a_compiler_that_fails_inside_torch_compile_becomes_one_line() -> None:
     error = user_error_for(caught.value, OOM_FIX)
     assert str(error) == ("--compile failed (RuntimeError: No working C++ compiler found in "
                           "torch._inductor.config.cpp.cxx: (None, 'g++')); run without --compile "
-                          "(it needs "
-                          "a working C++ compiler on a CPU, and Triton on a GPU)")
+                          "(it needs a working C++ compiler on a CPU, and Triton on a GPU)")
 
 
 @pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("shape mismatch"),
@@ -342,8 +333,7 @@ def test_a_gpu_checkpoint_resumed_on_the_cpu_says_dropout_starts_afresh(
 
 
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total "
-                             "capacity of "
-                             "23.6 GiB of which 1.1 GiB is free.")
+                             "capacity of 23.6 GiB of which 1.1 GiB is free.")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -356,10 +346,8 @@ def test_out_of_memory_in_a_training_step_is_one_line_naming_the_flags(
     with pytest.raises(UserError) as caught:
         trainer.train(tiny(tmp_path), token_ids=TOKENS)
     assert str(caught.value) == ("out of memory (CUDA out of memory. Tried to allocate 3.00 GiB); "
-                                 "lower "
-                                 "--batch-size (raising --grad-accum keeps the step's tokens), or "
-                                 "set "
-                                 "--loss-chunk, or use --dtype bfloat16")
+                                 "lower --batch-size (raising --grad-accum keeps the step's "
+                                 "tokens), or set --loss-chunk, or use --dtype bfloat16")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -372,8 +360,7 @@ def test_a_failed_compile_in_training_is_one_line_and_a_bug_keeps_its_traceback(
 
     monkeypatch.setattr(torch, "compile", lambda fn: no_triton)
     with pytest.raises(UserError, match=r"^--compile failed \(RuntimeError: Cannot find a working "
-                                        r"triton "
-                                        r"installation.\); run without --compile"):
+                                        r"triton installation.\); run without --compile"):
         trainer.train(tiny(tmp_path, compile=True), token_ids=TOKENS)
 
     monkeypatch.setattr(trainer, "build_model", lambda cfg: {}["a bug in setup"])
@@ -423,6 +410,5 @@ def test_a_collapsed_float16_loss_scale_stops_training_with_the_fix(tmp_path: Pa
     run = float16_run(tmp_path, init_scale=1.0)
     overflow_gradients(run)
     with pytest.raises(TrainingDiverged, match=r"loss scale fell to 0.5 \(step 1\); use --dtype "
-                                               r"bfloat16 or "
-                                               r"float32, or lower --lr$"):
+                                               r"bfloat16 or float32, or lower --lr$"):
         trainer.train_step(run, next(trainer.micro_batch_groups(run.train_loader, 1)))

@@ -301,8 +301,7 @@ def test_a_resumed_state_out_of_range_is_one_line_and_changes_nothing(tmp_path, 
                                   tmp_path)) if path == "state.step" \
         else error_line(train_main, argv, capsys)
     assert line.startswith(f"error: {run_dir / 'last' / 'train_state.pt'} is not a complete "
-                           f"training "
-                           f"state ({message}")
+                           f"training state ({message}")
     assert line.endswith("; resume from another checkpoint (best/) or start a new run")
     assert hashes(tmp_path) == before
 
@@ -318,8 +317,7 @@ def test_a_data_position_inside_a_batch_is_one_line_and_changes_nothing(tmp_path
     assert line == (f"error: {run_dir / 'last' / 'train_state.pt'}: its data-loader position 3 is "
                     f"not the "
                     "start of a batch of this run's data order (a damaged file); resume from "
-                    "another "
-                    "checkpoint (best/) or start a new run")
+                    "another checkpoint (best/) or start a new run")
     assert hashes(tmp_path) == before
 
 
@@ -520,8 +518,7 @@ def test_generate_and_export_check_a_training_state_as_resume_does(tmp_path, cap
     line = error_line(main, argv, capsys)
     state = run_dir / "best" / "train_state.pt"
     fix = ("pass --raw to sample without the run's prompt template (then train_state.pt is not "
-           "read), or "
-           "use another checkpoint" if name == "generate" else
+           "read), or use another checkpoint" if name == "generate" else
            f"move {state} aside to export the weights without a record of their training, or "
            f"export "
            "another checkpoint")
@@ -556,8 +553,7 @@ def test_a_damaged_metrics_file_on_resume_is_one_line_and_changes_nothing(tmp_pa
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
     assert line.startswith(f"error: {metrics} is damaged ({problem}")
     assert line.endswith("restore it, or move it aside to resume with a new one (without the rows "
-                         "before "
-                         "the checkpoint)")
+                         "before the checkpoint)")
     assert hashes(tmp_path) == before
 
 
@@ -590,12 +586,9 @@ def test_an_fsdp_run_resumes_in_one_process_with_parallel_ddp_as_the_error_says(
     before = hashes(tmp_path)
     line = error_line(train_main, ["--resume", str(run_dir)], capsys)
     assert line == ("error: --parallel fsdp (given, or the setting of the run resumed) shards the "
-                    "model over "
-                    "processes that torchrun starts; launch with torchrun --nproc_per_node=N "
-                    "train.py ..., "
-                    "or pass --parallel ddp to train in one process (an FSDP run's checkpoint "
-                    "resumes in "
-                    "one process too)")
+                    "model over processes that torchrun starts; launch with torchrun "
+                    "--nproc_per_node=N train.py ..., or pass --parallel ddp to train in one "
+                    "process (an FSDP run's checkpoint resumes in one process too)")
     assert hashes(tmp_path) == before
     train_main(["--resume", str(run_dir), "--parallel", "ddp", "--max-steps", "4"])
     assert load_train_state(run_dir / "last")["state"]["step"] == 4
@@ -618,8 +611,7 @@ def test_a_damaged_or_missing_fsdp_shard_is_one_line_without_unsafe_advice(tmp_p
                            f"{run_dir / 'last' / 'sharded'} (")
     assert ("FileNotFoundError" if damage == "missing" else "RuntimeError") in line
     assert line.endswith("it is damaged, incomplete or was written for another model; resume from "
-                         "another "
-                         "checkpoint (best/)")
+                         "another checkpoint (best/)")
     assert "weights_only" not in line and "CheckpointException" not in line
     assert hashes(tmp_path) == before
 

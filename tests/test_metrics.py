@@ -93,7 +93,6 @@ def test_format_row_prints_the_step_losses_and_speed() -> None:
                        "val_loss": 5.6789, "val_perplexity": math.exp(5.6789), "lr": 1.5e-3,
                        "grad_norm": 0.875, "tokens_per_s": 12345.6})
     assert line == ("step    20 | epoch 0.25 | tokens 40,960 | train 5.432 | val 5.679 (ppl 292.6) "
-                    "| "
-                    "lr 1.50e-03 | grad norm 0.88 | 12,346 tok/s")
+                    "| lr 1.50e-03 | grad norm 0.88 | 12,346 tok/s")
     first = format_row({**row(0), "lr": math.nan, "grad_norm": math.nan, "tokens_per_s": math.nan})
     assert first == "step     0 | epoch 1.00 | tokens 2 | train 3.000 | val 4.000 (ppl 5.0)"

@@ -148,8 +148,8 @@ def test_tensorboard_log_is_closed_when_training_fails(tmp_path, monkeypatch) ->
      "--label-smoothing"),
     (["--teacher", "{tmp}/nowhere"], "error: --teacher {tmp}/nowhere: "),
     (["--teacher", "{tmp}/small-vocab"], "error: --teacher {tmp}/small-vocab predicts 101 token "
-                                         "ids and the "
-                                         "student 50257; distillation compares them id by id"),
+                                         "ids and the student 50257; distillation compares them id "
+                                         "by id"),
     (["--tensorboard"], "error: --tensorboard needs the tensorboard package; install it with "
                         'pip install -e ".[tb]"'),
 ])

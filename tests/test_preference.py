@@ -35,8 +35,7 @@ def test_the_three_prompt_forms_are_read_with_their_kinds(tmp_path) -> None:
 
 @pytest.mark.parametrize(("row", "message"), [
     ({"prompt": "p", "chosen": "a"}, 'p.jsonl:2: a preference record needs a prompt and the chosen '
-                                     'and '
-                                     'rejected responses, e.g. {"prompt"'),
+                                     'and rejected responses, e.g. {"prompt"'),
     ({"prompt": "p", "rejected": "a"}, "it has no chosen"),
     ({"prompt": "p"}, "it has no chosen and no rejected"),
     ({"chosen": "a", "rejected": "b"}, "it has no prompt (or instruction, or question)"),

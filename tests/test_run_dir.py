@@ -85,9 +85,8 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path) -> None:
     child.start()
     assert answer.poll(120)
     assert answer.recv() == (2, f"error: {first.run_dir} is in use: process {os.getpid()} is "
-                                f"writing it (it "
-                                f"holds {first.run_dir / '.lock'}); wait for it to end or stop it, "
-                                f"or choose "
+                                f"writing it (it holds {first.run_dir / '.lock'}); wait for it to "
+                                f"end or stop it, or choose "
                                 "another --run-name\n")
     child.join()
     fit_result = trainer.fit(first)  # ... and the lock goes with it
@@ -121,8 +120,7 @@ def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path) -> 
     assert refused.returncode == 2 and trained.returncode == 130, trained_err
     run_dir = tmp_path / "runs" / "both"
     assert refused_err == (f"error: {run_dir} is in use: process {trained.pid} is writing it (it "
-                           f"holds "
-                           f"{run_dir / '.lock'}); wait for it to end or stop it, or choose "
+                           f"holds {run_dir / '.lock'}); wait for it to end or stop it, or choose "
                            f"another "
                            "--run-name\n")
     steps = [row["step"] for row in metrics.rows()]

@@ -44,8 +44,7 @@ def test_a_bigger_teacher_loads_frozen_in_eval_mode_with_its_logits(tmp_path: Pa
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
     path = saved(GPT(STUDENT.replace(vocab_size=50257)), tmp_path / "big-vocab")
     with pytest.raises(UserError, match=r"--teacher .*big-vocab predicts 50257 token ids and the "
-                                        r"student "
-                                        r"101; distillation compares them id by id"):
+                                        r"student 101; distillation compares them id by id"):
         load_teacher(str(path), STUDENT, context_length=16)
 
 

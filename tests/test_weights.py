@@ -299,10 +299,9 @@ def test_unresolvable_hub_fails_at_once_when_the_cache_misses(tmp_path: Path,
     fake_hub(monkeypatch, cache_miss, reachable=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"cannot download openai-community/gpt2 \(the hub cannot "
-                                        r"be reached "
-                                        r"\(huggingface.co:443: refused\) and the files are not in "
-                                        r"the local "
-                                        r"cache\); download config.json and model.safetensors"):
+                                        r"be reached \(huggingface.co:443: refused\) and the files "
+                                        r"are not in the local cache\); download config.json and "
+                                        r"model.safetensors"):
         load_pretrained("gpt2")
 
 
@@ -319,8 +318,7 @@ def test_missing_huggingface_hub_is_explained(tmp_path: Path,
 def test_unknown_name_lists_the_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="'gpt3' is neither a file or directory nor a known model; "
-                                        "known "
-                                        "models: gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+                                        "known models: gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
         load_pretrained("gpt3")
 
 
@@ -440,8 +438,7 @@ def test_missing_tensor_is_named(hf_dir: Path) -> None:
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir: Path) -> None:
     edit_config(hf_dir, n_positions=64)
     with pytest.raises(UserError, match=r"tensor 'transformer\.wpe\.weight' has shape \(32, 32\), "
-                                        r"expected "
-                                        r"\(64, 32\) for this config"):
+                                        r"expected \(64, 32\) for this config"):
         load_pretrained(hf_dir)
 
 
@@ -507,11 +504,9 @@ def test_legacy_bin_file_loads(tmp_path: Path) -> None:
 def test_directory_of_no_known_layout_says_what_was_expected(tmp_path: Path) -> None:
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(UserError, match=r"none of the known layouts; expected a Hugging Face GPT-2 "
-                                        r"directory "
-                                        r"\(config\.json \+ model\.safetensors or "
-                                        r"pytorch_model\.bin\), "
-                                        r"OpenAI's release \(hparams\.json, checkpoint, "
-                                        r"model\.ckpt\.index"):
+                                        r"directory \(config\.json \+ model\.safetensors or "
+                                        r"pytorch_model\.bin\), OpenAI's release \(hparams\.json, "
+                                        r"checkpoint, model\.ckpt\.index"):
         load_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"expected a \.safetensors or \.bin file, or a directory"):
         load_pretrained(tmp_path / "weights.npz")

@@ -87,9 +87,8 @@ def write_errors(target: Path) -> Iterator[None]:
             raise
         raise _in_the_way(Path(target), exc) or UserError(
             f"cannot write {target} ({first_line(exc)}): the disk is full, a file-size limit "
-            f"(ulimit -f) was "
-            f"reached or the file system refused; {target} keeps its previous version: free space "
-            f"(or fix "
+            f"(ulimit -f) was reached or the file system refused; {target} keeps its previous "
+            f"version: free space (or fix "
             "the file system), then run again") from exc
 
 

@@ -102,8 +102,7 @@ def _refuse_unsupported(dtype: torch.dtype, device: torch.device) -> None:
         # Before macOS 14 torch turns bfloat16 autocast off with a warning: a float32 run that says
         # bf16.
         raise UserError("--dtype bfloat16 on an Apple GPU needs macOS 14 or newer; use --dtype "
-                        "float32 "
-                        "(or float16 with generate.py)")
+                        "float32 (or float16 with generate.py)")
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -190,8 +189,8 @@ def skipped_step_note(scaler: torch.amp.GradScaler, step: int) -> str:
     scale = scaler.get_scale()
     if scale < 1.0:
         raise TrainingDiverged(f"float16 overflowed at every step until the loss scale fell to "
-                               f"{scale:g} "
-                               f"(step {step}); use --dtype bfloat16 or float32, or lower --lr")
+                               f"{scale:g} (step {step}); use --dtype bfloat16 or float32, or "
+                               f"lower --lr")
     return f"step {step} skipped (float16 overflow, loss scale now {scale:g})"
 
 

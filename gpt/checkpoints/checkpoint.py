@@ -112,8 +112,7 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, Tensor], where: st
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
             raise UserError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, its config "
-                            f"implies "
-                            f"{expected[name]}; load it with the config it was saved with")
+                            f"implies {expected[name]}; load it with the config it was saved with")
     model.load_state_dict(state, strict=False, assign=True)  # not strict: a tied head is not stored
     model.tie_weights()
     return model

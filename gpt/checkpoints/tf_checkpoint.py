@@ -100,8 +100,7 @@ def _table_block(table: bytes, handle: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise ValueError(f"it has a compressed block (compression type {table[offset + size]}), "
                          f"which this "
                          "reader does not decompress; TensorFlow writes checkpoints uncompressed, "
-                         "so re-save "
-                         "it with TensorFlow's defaults")
+                         "so re-save it with TensorFlow's defaults")
     block = table[offset:offset + size]
     # The block ends with its restart points (uint32s, then their count), which a scan does not
     # need.

@@ -331,8 +331,7 @@ def _infer_hf_config(state: Mapping[str, Tensor], where: str, overrides: Mapping
     blocks = {int(m[1]) for k in state if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
     if "n_heads" not in overrides and emb_dim % GPT2_HEAD_DIM:
         raise UserError(f"cannot infer n_heads for {where}: its emb_dim {emb_dim} is not a "
-                        f"multiple of "
-                        f"GPT-2's head size {GPT2_HEAD_DIM}; pass n_heads=")
+                        f"multiple of GPT-2's head size {GPT2_HEAD_DIM}; pass n_heads=")
     if not blocks:
         raise UserError(f"{where} has no transformer blocks ('h.0.*' tensors); is it a GPT-2 "
                         f"checkpoint?")
@@ -413,9 +412,8 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
     raise UserError(
         f"{path} has none of the known layouts; expected a Hugging Face GPT-2 directory "
         f"({CONFIG_FILE} + {WEIGHTS_FILE} or {HF_BIN_FILE}), OpenAI's release "
-        f"({', '.join(OPENAI_FILES)}), "
-        f"or a checkpoint or run directory of this project ({CONFIG_FILE} + {WEIGHTS_FILE}, or "
-        f"best/)"
+        f"({', '.join(OPENAI_FILES)}), or a checkpoint or run directory of this project "
+        f"({CONFIG_FILE} + {WEIGHTS_FILE}, or best/)"
     )
 
 
@@ -471,8 +469,7 @@ def load_pretrained(name_or_path: str | Path, **overrides: Any) -> GPT:
     name = str(name_or_path).removeprefix(f"{HUB_ORG}/")
     if name not in HUB_MODELS:
         raise UserError(f"{str(name_or_path)!r} is neither a file or directory nor a known model; "
-                        f"known "
-                        f"models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
+                        f"known models: {', '.join(HUB_MODELS)} (also as {HUB_ORG}/<name>)")
     return _load_dir(_download(name), overrides)
 
 

@@ -230,8 +230,7 @@ def model_card(cfg: GPTConfig, parameters: int, training: Training | None) -> st
              "## Training", ""]
     lines += training_section(training) if training else [
         "unknown: the checkpoint was saved without its training state (train_state.pt), so its "
-        "data, "
-        "settings, steps and validation loss are not recorded."]
+        "data, settings, steps and validation loss are not recorded."]
     template = settings.get("prompt_template")
     if template:
         lines += ["", *template_section(template)]
@@ -282,8 +281,7 @@ def training_section(training: Training) -> list[str]:
                   "perplexity |",
                   "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['step']:.0f} | {r['epoch']:.2f} | {r['tokens_seen']:,.0f} | "
-                  f"{r['train_loss']:.4f} "
-                  f"| {r['val_loss']:.4f} | {perplexity(r['val_loss']):.1f} "
+                  f"{r['train_loss']:.4f} | {r['val_loss']:.4f} | {perplexity(r['val_loss']):.1f} "
                   f"|" for r in training.evaluations]
     toml = [f"{name} = {json.dumps(value)}" for name, value in settings.items()
             if value is not None and name not in RUN_LOCATION]

@@ -96,8 +96,7 @@ def build_parser() -> ArgumentParser:
                     "terminal.")
     parser.add_argument("--prompt", default=defaults.prompt,
                         help="text to continue; for a fine-tuned run, the question (laid out with "
-                             "the "
-                             "run's prompt template; only the answer is printed)")
+                             "the run's prompt template; only the answer is printed)")
     parser.add_argument("--interactive", action="store_true",
                         help="read one prompt per line from standard input and answer each (Ctrl-D "
                              "ends)")
@@ -122,8 +121,7 @@ def build_parser() -> ArgumentParser:
                         help="recompute the whole window for every token (slow; for checking)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model with frozen weights: a one-time compilation, "
-                             "then "
-                             "more tokens/s on a CPU; pays for long or many samples (see "
+                             "then more tokens/s on a CPU; pays for long or many samples (see "
                              "BENCHMARKS.md)")
     return parser
 
@@ -162,8 +160,7 @@ def run_generation(options: GenerationOptions, *, out: TextIO | None = None,
     answers = not o.raw and o.init is None  # a fine-tuned run answers in its template
     template = run_template(find_checkpoint(o.checkpoint)) if answers else None
     with flag_fixable_errors("use --dtype auto, bfloat16 or float16 (half float32's memory), a "
-                             "smaller "
-                             "model, or --device cpu"):
+                             "smaller model, or --device cpu"):
         model = load_from_flags(o.checkpoint, o.init, torch_device, torch_dtype, err)
         started = time.perf_counter()
         # Before compiling: inductor packs the (frozen) weights itself, so no prepacking then.

@@ -110,8 +110,7 @@ def resolve_source(source: str, data_dir: Path) -> Source:
         return _glob_source(source)
     raise DataError(
         f"{source!r} is not an existing file, directory, glob or corpus name; check the path, or "
-        f"use "
-        f"one of the corpora {', '.join(CORPORA)} or {HF_PREFIX}NAME (a Hugging Face dataset)"
+        f"use one of the corpora {', '.join(CORPORA)} or {HF_PREFIX}NAME (a Hugging Face dataset)"
     )
 
 
@@ -190,8 +189,7 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
         if actual != spec.sha256:
             raise DataError(
                 f"{path} has sha256 {actual}, expected {spec.sha256}; delete it so {name} is "
-                f"downloaded "
-                f"again, or replace it with the file from {spec.url}"
+                f"downloaded again, or replace it with the file from {spec.url}"
             )
         return path
     # Written under a temporary name and renamed only once complete and checked: an interrupted or
@@ -207,8 +205,7 @@ def _fetch_corpus(name: str, data_dir: Path) -> Path:
             reason = getattr(exc, "reason", None) or exc
             raise DataError(
                 f"cannot download {name} from {spec.url} ({first_line(reason)}); check the "
-                f"network, or "
-                f"download that file by hand and save it as {path}"
+                f"network, or download that file by hand and save it as {path}"
             ) from None
         if digest.hexdigest() != spec.sha256:
             raise DataError(

@@ -147,8 +147,7 @@ def _record(item: object, where: str) -> Record:
     accepted = ", ".join("{" + ", ".join(keys) + "}" for keys in KEY_SETS)
     found = "{" + ", ".join(map(str, item)) + "}" if isinstance(item, dict) else type(item).__name__
     raise UserError(f"{where}: a record needs one of the key sets {accepted} (Alpaca's may add "
-                    f"\"input\"),"
-                    f" or is a [question, answer] pair in a .json list; found {found}")
+                    f"\"input\"), or is a [question, answer] pair in a .json list; found {found}")
 
 
 def _checked(record: Record, where: str) -> Record:

@@ -62,14 +62,12 @@ def prepare_data(data: str = "default", val_data: str | None = None, *, val_frac
     fix = "use more text or a smaller context length"
     if len(tokens) < need:
         raise DataError(f"{data!r} has {len(tokens)} tokens, but one window needs context_length + "
-                        f"1 = "
-                        f"{need}; {fix}")
+                        f"1 = {need}; {fix}")
     if val_data is not None:
         val = load_tokens(val_data, data_dir=data_dir, errors=errors)
         if len(val) < need:
             raise DataError(f"validation source {val_data!r} has {len(val)} tokens, but one window "
-                            f"needs "
-                            f"context_length + 1 = {need}; {fix}")
+                            f"needs context_length + 1 = {need}; {fix}")
         return tokens, val
     train, val = split_tokens(tokens, val_fraction)
     n = len(tokens)
@@ -87,10 +85,8 @@ def prepare_data(data: str = "default", val_data: str | None = None, *, val_frac
     low, high = math.ceil(need / n * 1000) / 1000, math.floor((1 - need / n) * 1000) / 1000
     raise DataError(
         f"the {part} split of {data!r} (val_fraction {val_fraction:g} of {n} tokens) has {size} "
-        f"tokens, but "
-        f"one window needs context_length + 1 = {need}; use a validation fraction between {low:g} "
-        f"and "
-        f"{high:g}, or give a separate validation source"
+        f"tokens, but one window needs context_length + 1 = {need}; use a validation fraction "
+        f"between {low:g} and {high:g}, or give a separate validation source"
     )
 
 
@@ -237,8 +233,7 @@ def build_loaders(train_ids: np.ndarray, val_ids: np.ndarray, *, batch_size: int
         per = f" x {world_size} processes" if world_size > 1 else ""
         fewer = " (or the processes)" if world_size > 1 else ""
         raise DataError(f"the training data has {len(dataset)} windows of {context_length} tokens, "
-                        f"fewer "
-                        f"than one batch of {batch_size}{per}; lower --batch-size{fewer}, "
+                        f"fewer than one batch of {batch_size}{per}; lower --batch-size{fewer}, "
                         f"--context-length "
                         "or --stride, or use more text")
     sampler = ResumableSampler(dataset, shuffle=True, seed=seed, batch_size=batch_size, rank=rank,

@@ -198,11 +198,9 @@ def build_parser() -> ArgumentParser:
     add_task_flags(parser)
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="the text to score, in any form train.py --data takes: a corpus name "
-                             "(default, "
-                             "the-verdict, tinyshakespeare), a text file, a directory of .txt "
-                             "files, a glob, "
-                             "or hf:NAME[:CONFIG]:SPLIT; with --task choice or last-word, the "
-                             "task's file")
+                             "(default, the-verdict, tinyshakespeare), a text file, a directory of "
+                             ".txt files, a glob, or hf:NAME[:CONFIG]:SPLIT; with --task choice or "
+                             "last-word, the task's file")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where downloaded corpora and token caches are kept (default data)")
     parser.add_argument("--decode-errors", "--errors", default="strict", choices=ERRORS_MODES,

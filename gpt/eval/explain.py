@@ -112,8 +112,7 @@ def one_hot_arithmetic(logits: Tensor, target: int, names: tuple[str, str]) -> s
         f"{z.numel() - 1})",
         f"  log_softmax(z)[k] = z[k] - log(sum_j exp(z[j])) = z[k] - {log_norm:.4f}",
         f"  sum_k y[k] * log_softmax(z)[k] = z[{target}] - {log_norm:.4f} = {float(z[target]):.4f} "
-        f"- "
-        f"{log_norm:.4f} = {summed:.4f}",
+        f"- {log_norm:.4f} = {summed:.4f}",
         f"  loss = -({summed:.4f}) = {-summed:.4f} = -log p({target_name}) = -log "
         f"{math.exp(summed):.6g}",
     ])
@@ -223,8 +222,7 @@ def print_table(result: Explanation, tokenizer: tiktoken.Encoding, top: int) -> 
               f"{t.prob:>10.4g} "
               f"{t.nll:>7.3f} {t.rank:>6}  {predictions}")
     print(f"mean loss {result.loss:.4f} over {len(result.tokens)} predictions (= lm_loss of the "
-          f"same ids), "
-          f"perplexity exp({result.loss:.4f}) = {perplexity(result.loss):.2f}")
+          f"same ids), perplexity exp({result.loss:.4f}) = {perplexity(result.loss):.2f}")
     print()
 
 

@@ -224,8 +224,7 @@ def prepack(model: GPT) -> GPT:
     """
     if not can_prepack(model):
         raise UserError("prepacking needs bfloat16 weights on a CPU with native bf16 (AVX512-BF16 "
-                        "or "
-                        "AMX); leave the weights as they are")
+                        "or AMX); leave the weights as they are")
     return replace_linears(model, PackedLinear, include_head=True)
 
 

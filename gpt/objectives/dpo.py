@@ -123,16 +123,14 @@ def load_reference(cfg: TrainConfig, policy: GPTConfig, device: torch.device) ->
     reference = load_frozen(name, flag, device, **({} if cfg.reference else cfg.model_overrides))
     if reference.config.vocab_size != policy.vocab_size:
         raise UserError(f"{flag} {name} predicts {reference.config.vocab_size} token ids and the "
-                        f"trained "
-                        f"model {policy.vocab_size}; DPO compares their log-probabilities of the "
-                        f"same "
+                        f"trained model {policy.vocab_size}; DPO compares their log-probabilities "
+                        f"of the same "
                         "tokens, so choose a reference trained with the same tokenizer")
     shape, wanted = ((c.n_layers, c.n_heads, c.emb_dim, c.context_length)
                      for c in (reference.config, policy))
     if shape != wanted:
         raise UserError(f"{flag} {name} has another shape (layers, heads, width, context: {shape}) "
-                        f"than "
-                        f"the trained model ({wanted}); the reference is the model's starting "
+                        f"than the trained model ({wanted}); the reference is the model's starting "
                         f"point, so "
                         "choose one of the same shape (or drop --reference: the --init weights)")
     return reference
@@ -256,10 +254,8 @@ def warn_chosen_fall(logged: Sequence[dict[str, float]], row: dict[str, float],
     if fall > CHOSEN_FALL_WARNING >= before:
         fix = "raise --rpo-alpha" if rpo_alpha else "add --rpo-alpha 1"
         tqdm.write(f"warning: the chosen responses' log-probability fell by {fall:.1f} nats since "
-                   f"step "
-                   f"{logged[0]['step']:.0f} ({logged[0][chosen]:.2f} -> {row[chosen]:.2f}): DPO "
-                   f"is "
-                   f"pushing the chosen answers down too, a collapse; {fix}, or lower --lr")
+                   f"step {logged[0]['step']:.0f} ({logged[0][chosen]:.2f} -> {row[chosen]:.2f}): "
+                   f"DPO is pushing the chosen answers down too, a collapse; {fix}, or lower --lr")
 
 
 class DPO:
@@ -280,8 +276,7 @@ class DPO:
                               f"--rpo-alpha 1")
         if cfg.loss_chunk:
             raise ConfigError("--loss-chunk computes plain cross-entropy only; drop --loss-chunk "
-                              "to "
-                              "train with --objective dpo")
+                              "to train with --objective dpo")
         if not is_record_file(cfg.data):
             raise ConfigError(f"--objective dpo trains on preference records, not text "
                               f"({cfg.data!r}); "
@@ -289,20 +284,17 @@ class DPO:
                               'records')
         if cfg.init == "scratch":
             raise ConfigError("--objective dpo tunes a trained model against a frozen copy of it; "
-                              "pass "
-                              "--init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
+                              "pass --init with it (a fine-tuned run's runs/NAME/best, or gpt2)")
         if not cfg.mask_prompt:
             raise ConfigError("--objective dpo compares the log-probabilities of the responses "
-                              "alone; "
-                              "drop --no-mask-prompt")
+                              "alone; drop --no-mask-prompt")
 
     def check_unused(self, cfg: TrainConfig) -> None:
         for flag, value in (("--reference", cfg.reference if cfg.objective != "grpo" else None),
                             ("--rpo-alpha", cfg.rpo_alpha or None)):
             if value is not None:  # GRPO's KL term has a --reference too
                 raise ConfigError(f"{flag} is a setting of --objective dpo; add --objective dpo, "
-                                  f"or "
-                                  f"drop {flag}")
+                                  f"or drop {flag}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,

@@ -362,20 +362,17 @@ class GRPO:
                 raise ConfigError(f"--objective grpo: {fix}")
         if cfg.reference is not None and cfg.kl_beta == 0:
             raise ConfigError("--reference is the model of the KL term, which --kl-beta 0 leaves "
-                              "out; give "
-                              "--kl-beta (e.g. 0.04) or drop --reference")
+                              "out; give --kl-beta (e.g. 0.04) or drop --reference")
         if cfg.kl_beta > 0 and cfg.reference is None and cfg.init == "scratch":
             raise ConfigError("--kl-beta keeps the model near the --init weights, and --init "
-                              "scratch has "
-                              "none; pass --init (or --reference), or --kl-beta 0")
+                              "scratch has none; pass --init (or --reference), or --kl-beta 0")
 
     def check_unused(self, cfg: TrainConfig) -> None:
         defaults = TrainConfig()
         for name in SETTINGS:
             if getattr(cfg, name) != getattr(defaults, name):
                 raise ConfigError(f"{flag(name)} is a setting of --objective grpo; add --objective "
-                                  f"grpo, "
-                                  f"or drop {flag(name)}")
+                                  f"grpo, or drop {flag(name)}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,
@@ -385,8 +382,7 @@ class GRPO:
         room = context_length - cfg.rollout_tokens
         if room < 1:
             raise UserError(f"--rollout-tokens {cfg.rollout_tokens} leaves no room for a prompt in "
-                            f"the "
-                            f"context of {context_length} tokens; use --rollout-tokens "
+                            f"the context of {context_length} tokens; use --rollout-tokens "
                             f"{context_length // 2} "
                             "or fewer")
         rewards = parse_rewards(cfg.reward)

@@ -222,8 +222,7 @@ class LanguageModeling:
         variant = cross_entropy(cfg).variant_flag
         if variant is not None:
             raise ConfigError(f"--objective {cfg.objective} has a loss of its own and does not "
-                              f"combine "
-                              f"with {variant}; drop {variant}")
+                              f"combine with {variant}; drop {variant}")
 
     def prepare(self, cfg: TrainConfig, model: GPT, context_length: int,
                 token_ids: tuple[np.ndarray, np.ndarray] | None, *, dist: Dist, dtype: torch.dtype,

@@ -82,8 +82,8 @@ def _prompt_record(item: object, where: str) -> PromptRecord:
     keys = ", ".join(sorted({prompt for prompt, _ in KEY_SETS}))
     found = "{" + ", ".join(map(str, item)) + "}" if isinstance(item, dict) else type(item).__name__
     raise UserError(f"{where}: no prompt in this record (found {found}); a prompt record has one "
-                    f"of the "
-                    f"keys {keys}, and its reference answer if a reward needs one, e.g. {EXAMPLE}")
+                    f"of the keys {keys}, and its reference answer if a reward needs one, e.g. "
+                    f"{EXAMPLE}")
 
 
 # ---- the rewards ---------------------------------------------------------------------------------
@@ -171,8 +171,8 @@ def parse_rewards(specs: Sequence[str]) -> list[Reward]:
     """The rewards of a run's --reward flags (at least one)."""
     if not specs:
         raise UserError("--objective grpo needs a --reward to score completions with; e.g. "
-                        "--reward "
-                        "exact (the answer equals the record's), or --reward 'regex:PATTERN'")
+                        "--reward exact (the answer equals the record's), or --reward "
+                        "'regex:PATTERN'")
     return [parse_reward(spec) for spec in specs]
 
 
@@ -186,9 +186,8 @@ def check_references(rewards: Sequence[Reward], prompts: Sequence[PromptRecord])
                 keys = " or ".join(f'"{answer}"' for (question, answer) in KEY_SETS
                                    if question in prompt.fields)
                 raise UserError(f"{prompt.where}: no reference answer, which --reward "
-                                f"{reward.spec} "
-                                f"compares completions with; add it as {keys}, or use a reward "
-                                f"that "
+                                f"{reward.spec} compares completions with; add it as {keys}, or "
+                                f"use a reward that "
                                 "needs none (regex:PATTERN, FILE.py:FUNCTION)")
             if reward.spec == "number" and last_number(reference) is None:
                 raise UserError(f"{prompt.where}: the reference answer {reference!r} has no number "
@@ -210,8 +209,7 @@ def score(rewards: Sequence[Reward], prompt: PromptRecord, completion: str) -> f
                 value = reward.function(record.prompt, completion, dict(prompt.fields))
         except Exception as exc:  # whatever a user's function raises
             raise UserError(f"--reward {reward.spec} raised {describe(exc)} on {prompt.where} "
-                            f"(completion "
-                            f"{completion[:60]!r}); fix the function") from None
+                            f"(completion {completion[:60]!r}); fix the function") from None
         if not isinstance(value, (int, float)) or not math.isfinite(value):  # a bool is 0 or 1
             raise UserError(f"--reward {reward.spec} returned {value!r} on {prompt.where}, not a "
                             f"finite "

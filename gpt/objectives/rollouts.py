@@ -168,8 +168,7 @@ class RolloutBatchSampler(BucketBatchSampler):
                             f"--batch-size {batch_size // world_size}, fewer than --grad-accum "
                             f"{grad_accum} "
                             "that --updates-per-rollout repeats together; use more prompts or a "
-                            "smaller "
-                            "--grad-accum or --batch-size")
+                            "smaller --grad-accum or --batch-size")
         self.num_batches = self.base_batches * updates  # what the loader hands out in an epoch
 
     def locate(self, position: int) -> tuple[int, int]:

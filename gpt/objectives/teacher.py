@@ -44,13 +44,11 @@ def load_teacher(name_or_path: str, student: GPTConfig, context_length: int,
     teacher = load_frozen(name_or_path, "--teacher", device)
     if teacher.config.vocab_size != student.vocab_size:
         raise UserError(f"--teacher {name_or_path} predicts {teacher.config.vocab_size} token ids "
-                        f"and the "
-                        f"student {student.vocab_size}; distillation compares them id by id, so "
-                        f"choose a "
+                        f"and the student {student.vocab_size}; distillation compares them id by "
+                        f"id, so choose a "
                         "teacher trained with the student's tokenizer")
     if teacher.config.context_length < context_length:
         raise UserError(f"--teacher {name_or_path} reads at most {teacher.config.context_length} "
-                        f"tokens, "
-                        f"the training windows are {context_length}; use --context-length "
+                        f"tokens, the training windows are {context_length}; use --context-length "
                         f"{teacher.config.context_length}")
     return teacher

@@ -222,12 +222,9 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
     if "WORLD_SIZE" not in os.environ:
         if cfg.parallel == "fsdp":
             raise UserError("--parallel fsdp (given, or the setting of the run resumed) shards the "
-                            "model "
-                            "over processes that torchrun starts; launch with torchrun "
-                            "--nproc_per_node=N "
-                            "train.py ..., or pass --parallel ddp to train in one process (an FSDP "
-                            "run's "
-                            "checkpoint resumes in one process too)")
+                            "model over processes that torchrun starts; launch with torchrun "
+                            "--nproc_per_node=N train.py ..., or pass --parallel ddp to train in "
+                            "one process (an FSDP run's checkpoint resumes in one process too)")
         return cfg, Dist(device=pick_device(cfg.device))
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
@@ -249,8 +246,7 @@ def init_distributed(cfg: TrainConfig) -> tuple[TrainConfig, Dist]:
         torch.cuda.set_device(device)
     if cfg.parallel == "fsdp" and training_dtype(cfg.dtype, device) == torch.float16:
         raise UserError("--parallel fsdp does not train in float16: its loss scaler would see one "
-                        "rank's "
-                        "shard of the gradients only; use --dtype bfloat16 (or float32)")
+                        "rank's shard of the gradients only; use --dtype bfloat16 (or float32)")
     if not torch_dist.is_initialized():  # a second run in the same process (tests) reuses the group
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                                       world_size=world_size,

@@ -68,8 +68,7 @@ class RecordData:
     def describe(self, kept: int, context_length: int) -> str:
         """The training records in words, for the run's first line."""
         return (f"{kept} training {self.what} ({self.dropped} dropped: no room for a response "
-                f"token "
-                f"in {context_length}), prompt template {self.template!r}")
+                f"token in {context_length}), prompt template {self.template!r}")
 
 
 Batches = DataLoader[tuple[Tensor, Tensor]]
@@ -104,9 +103,8 @@ def split_records(data: str, val_data: str | None, val_fraction: float, seed: in
     n_val = round(len(records) * val_fraction)
     if not 0 < n_val < len(records):
         raise UserError(f"{data} has {len(records)} records: --val-fraction {val_fraction:g} "
-                        f"leaves "
-                        f"{n_val} for validation and {len(records) - n_val} for training; each "
-                        f"needs one, "
+                        f"leaves {n_val} for validation and {len(records) - n_val} for training; "
+                        f"each needs one, "
                         "so use more records, another --val-fraction, or --val-data")
     return records[:-n_val], records[-n_val:]
 
@@ -130,8 +128,7 @@ def resolve_template(cfg: TrainConfig, first_kind: str, *, warn: bool = True) ->
     template = cfg.prompt_template or inherited or first_kind
     if warn and inherited is not None and template != inherited:
         print(f"warning: --init {cfg.init} was fine-tuned with prompt template {inherited!r} and "
-              f"this "
-              f"run lays its records out with {template!r} (--prompt-template); drop "
+              f"this run lays its records out with {template!r} (--prompt-template); drop "
               f"--prompt-template "
               "to keep the model's", file=sys.stderr)
     return template
@@ -168,12 +165,10 @@ def dataset_loaders(datasets: Mapping[str, Any], cfg: TrainConfig, collate: Call
     for name, dataset in datasets.items():
         if len(dataset) == 0:
             raise UserError(f"all {dataset.dropped} {name} records are too long for even one "
-                            f"response "
-                            f"token in a context of {dataset.context_length} tokens (the response "
-                            f"and "
+                            f"response token in a context of {dataset.context_length} tokens (the "
+                            f"response and "
                             "its end-of-text are never cut); use a larger --context-length or "
-                            "shorter "
-                            "responses")
+                            "shorter responses")
     sampler = BucketBatchSampler(datasets["train"].lengths(), batch_size * dist.world_size, seed,
                                  rank=dist.rank, world_size=dist.world_size)
     train_loader = DataLoader(datasets["train"], batch_sampler=sampler, collate_fn=collate)

@@ -52,11 +52,9 @@ def print_header(run: Run) -> None:
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
     print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
-          f"({str(run.dtype).removeprefix('torch.')}); {data}, "
-          f"{run.total_steps} steps of {'up to ' * (run.records is not None)}{tokens_per_step} "
-          f"tokens, "
-          f"step {run.state.step} now; "
-          f"run directory {run.run_dir}")
+          f"({str(run.dtype).removeprefix('torch.')}); {data}, {run.total_steps} steps of "
+          f"{'up to ' * (run.records is not None)}{tokens_per_step} tokens, step {run.state.step} "
+          f"now; run directory {run.run_dir}")
 
 
 def print_summary(run: Run, stop: str) -> None:

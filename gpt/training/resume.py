@@ -175,8 +175,7 @@ def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]
     problem = _state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state "
-                        f"({problem}); "
-                        f"{fix}")
+                        f"({problem}); {fix}")
     return saved
 
 
@@ -239,8 +238,8 @@ def settle_best(checkpoint: Path, saved: dict[str, Any], *, chosen: bool) -> Set
     if best_saved is not None and not best_saved.get("without_optimizer"):
         return SettledBest(best_dir, best_saved,
                            f"{said}: best/ was saved later (--save-freq skipped last/ there, or "
-                           f"the run "
-                           f"stopped between the two writes); resuming from {best_dir}, the newest "
+                           f"the run stopped between the two writes); resuming from {best_dir}, "
+                           f"the newest "
                            "checkpoint of the run")
     if kept[0] <= state["step"] == state["best_step"] and (checkpoint / WEIGHTS_FILE).is_file():
         return SettledBest(checkpoint, saved, f"{said}: the run stopped before saving its best/; "
@@ -259,8 +258,7 @@ def require_optimizer_state(checkpoint: Path, saved: dict[str, Any]) -> None:
                         "state (AdamW's moments), so the run cannot go on exactly from it; resume "
                         "from "
                         f"{checkpoint.parent / 'last'}, or start a new run from its weights with "
-                        f"--init "
-                        f"{checkpoint}")
+                        f"--init {checkpoint}")
 
 
 def copy_best(checkpoint: Path) -> None:
@@ -437,9 +435,8 @@ def restore(saved: dict[str, Any], checkpoint: Path, *, optimizer: torch.optim.O
     load_scaler_state(scaler, saved["scaler"])
     if saved["num_windows"] != num_windows:
         raise UserError(f"the training data changed since {where} was written "
-                        f"({saved['num_windows']} "
-                        f"windows then, {num_windows} now); resume with the same data, or start a "
-                        f"new run")
+                        f"({saved['num_windows']} windows then, {num_windows} now); resume with "
+                        f"the same data, or start a new run")
     sampler.load_state_dict(saved["sampler"])
     _check_position(sampler, where)
     state = TrainState()

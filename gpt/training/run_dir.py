@@ -184,8 +184,7 @@ def _check_text(path: Path, resumed: bool) -> None:
         fix = ("rename it in UTF-8, then resume that" if resumed
                else "give --out and --run-name in UTF-8")
         raise UserError(f"the run directory {str(path)!a} is not UTF-8 text (it holds bytes of "
-                        f"another "
-                        f"encoding); {fix}") from None
+                        f"another encoding); {fix}") from None
 
 
 def _check_metrics(path: Path) -> None:

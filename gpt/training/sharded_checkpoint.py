@@ -166,8 +166,7 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
         raise UserError(f"cannot load the sharded checkpoint {where} ({_load_failure(exc)}): it is "
                         f"damaged, "
                         "incomplete or was written for another model; resume from another "
-                        "checkpoint "
-                        "(best/)") from None
+                        "checkpoint (best/)") from None
 
 
 def _load_failure(exc: BaseException) -> str:

@@ -240,8 +240,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None,
     """Train a GPT as `cfg` says (see `setup` for `resume` and `token_ids`). Out of memory and a
     failed `--compile` end in a one-line `UserError` naming the flags that fix them."""
     with flag_fixable_errors("lower --batch-size (raising --grad-accum keeps the step's tokens), "
-                             "or set "
-                             "--loss-chunk, or use --dtype bfloat16"):
+                             "or set --loss-chunk, or use --dtype bfloat16"):
         return fit(setup(cfg, resume=resume, token_ids=token_ids))
 
 
@@ -404,8 +403,7 @@ def check_finite(run: Run, values: list[tuple[str, float]], when: str) -> None:
         if not math.isfinite(value):
             last, best, step = run.run_dir / "last", run.run_dir / "best", run.state.best_step
             saved = (f"{last} holds the last checkpoint with finite losses and {best} the best "
-                     f"(step "
-                     f"{step}): resume one (--resume {best}) with a lower --lr"
+                     f"(step {step}): resume one (--resume {best}) with a lower --lr"
                      if math.isfinite(run.state.best_val_loss) else
                      "no checkpoint was saved: start again with a lower --lr")
             raise TrainingDiverged(f"the {what} is {value} {when}; {saved}, keep --grad-clip on, "

@@ -20,7 +20,7 @@ from test_resume import interrupt_after
 from tiny_runs import assert_same_params, params, tiny
 
 from gpt.base.errors import UserError
-from gpt.checkpoints.checkpoint import load_model, save_model
+from gpt.checkpoints.checkpoint import load_checkpoint, save_model
 from gpt.cli.generate import run_generation
 from gpt.cli.train import main as train_main
 from gpt.eval.answers import answer
@@ -124,8 +124,8 @@ def test_resume_between_the_updates_of_one_rollout_continues_exactly(
     assert min(resumed.step_losses) == 6 and resumed.step == straight.step == 8
     assert resumed.step_losses == {s: straight.step_losses[s] for s in resumed.step_losses}
     assert len(set(straight.step_losses.values())) > 4  # the steps differ: something was learnt
-    assert_same_params(params(load_model(tmp_path / "straight" / "last")),
-                       params(load_model(tmp_path / "run" / "last")))
+    assert_same_params(params(load_checkpoint(tmp_path / "straight" / "last")),
+                       params(load_checkpoint(tmp_path / "run" / "last")))
     timings = ("tokens_per_s", "sample_seconds", "learn_seconds")
 
     def measured(run: str) -> list[dict[str, str]]:
@@ -174,7 +174,7 @@ def test_a_bfloat16_run_samples_and_learns_under_autocast(tmp_path, prompts_file
     assert float(row["grad_norm"]) > 0.1 and 0 < float(row["train_reward"]) < 1
     # a random model: no stop
     assert float(row["completion_tokens"]) == 4.0 and float(row["kl"]) >= 0
-    weights = load_model(result.run_dir / "last").parameters()
+    weights = load_checkpoint(result.run_dir / "last").parameters()
     assert all(math.isfinite(float(p.detach().sum())) for p in weights)
 
 
@@ -220,7 +220,7 @@ def test_after_a_fine_tune_grpo_makes_a_tiny_model_answer_right_through_train_py
     first, last = float(logged[0][VAL_COLUMN]), float(logged[-1][VAL_COLUMN])
     assert first <= 0.3 and (last >= first + 0.3 or last >= 0.9), logged  # a margin, not a tie
     assert "best validation mean reward" in capsys.readouterr().out
-    best = load_model(tmp_path / "grpo" / "best")
+    best = load_checkpoint(tmp_path / "grpo" / "best")
     assert all(answer(best, f"Is {w} a word? ", 6) == "No." for w in names[80:])
     # generate.py answers the same way: the template applied, stopped at end-of-text
     out = io.StringIO()

@@ -78,6 +78,27 @@ def prompts() -> Tensor:
     return generated_text(4 * 16, seed=1).view(4, 16)
 
 
+NEAR_TIE = 0.25  # logits: 4 bf16 steps at 8-16, and 2.7x the largest int8 deviation measured (0.094)
+
+
+def assert_same_greedy_text(got: Tensor, reference: GPT, idx: Tensor) -> None:
+    """`got` (B, T + n) is `reference`'s greedy continuation of `idx` (B, T), token for token, up to
+    the first token `reference` chose by less than `NEAR_TIE` over the runner-up: a near tie, which
+    any rounding may decide (the trained model has none: min gap 0.56; a model trained from another
+    seed had one of 0.06). At least 3/4 of the new tokens must be compared."""
+    expected = generate(reference, idx, got.size(1) - idx.size(1))
+    with torch.inference_mode():  # the logits that chose each new token
+        logits = reference(expected[:, :-1]).float()[:, idx.size(1) - 1:]
+    top2 = logits.topk(2, dim=-1).values
+    gaps = top2[..., 0] - top2[..., 1]  # (B, n)
+    compared = 0
+    for row, clear in enumerate(gaps >= NEAR_TIE):
+        n = len(clear) if clear.all() else int((~clear).nonzero()[0])
+        assert torch.equal(got[row, :idx.size(1) + n], expected[row, :idx.size(1) + n]), row
+        compared += n
+    assert compared >= 0.75 * gaps.numel(), compared
+
+
 @pytest.mark.parametrize("include_head", [True, False])
 def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT,
                                                                     include_head: bool) -> None:
@@ -94,15 +115,14 @@ def test_int8_logits_point_the_way_bf16_logits_do_at_every_position(trained: GPT
 def test_int8_greedy_decoding_matches_bf16_on_a_trained_model(trained: GPT,
                                                               include_head: bool) -> None:
     int8 = quantize_int8(copy_of(trained), include_head=include_head)
-    expected = generate(trained, prompts(), 40)
-    assert torch.equal(generate(int8, prompts(), 40), expected)
+    assert_same_greedy_text(generate(int8, prompts(), 40), trained, prompts())
 
 
 def test_int8_cached_decoding_equals_uncached(trained: GPT) -> None:
     int8 = quantize_int8(copy_of(trained))
     idx = prompts()
     cached = generate(int8, idx, 30, use_cache=True)
-    assert torch.equal(cached, generate(int8, idx, 30, use_cache=False))
+    assert_same_greedy_text(generate(int8, idx, 30, use_cache=False), int8, idx)
     with torch.inference_mode():  # each cached step's logits are those of a full forward
         cache = int8.new_kv_cache(idx.size(0))
         int8(cached[:, :16], cache)
@@ -196,7 +216,7 @@ def test_prepacked_bf16_decodes_exactly_like_plain_bf16(trained: GPT) -> None:
     # the tied table stays as it was
     assert torch.equal(packed.tok_emb.weight, trained.tok_emb.weight)
     idx = prompts()
-    assert torch.equal(generate(packed, idx, 40), generate(trained, idx, 40))
+    assert_same_greedy_text(generate(packed, idx, 40), trained, idx)
     with torch.inference_mode():  # one position at a time (a decoding step): the same bits
         cache, packed_cache = trained.new_kv_cache(4), packed.new_kv_cache(4)
         for n in range(16):

@@ -155,8 +155,8 @@ def _file_shape(shape: tuple[int, ...], fmt: Format, conv1d: bool) -> tuple[int,
 
 def to_gpt_state_dict(state: Mapping[str, Tensor], cfg: GPTConfig, fmt: Format = "hf",
                       where: str = "checkpoint") -> dict[str, Tensor]:
-    """Convert a state dict in `fmt` names/layout into our names, as float32 views (row-major float32
-    copies of tensors stored in another dtype).
+    """Convert a state dict in `fmt` names/layout into our names, as float32 views (row-major
+    float32 copies of tensors stored in another dtype).
 
     The result is what our checkpoints store (`gpt.checkpoints.checkpoint.stored_state`, a tied head
     once) and what `model_from_state_dict` builds a model from. Every tensor `cfg` needs must be

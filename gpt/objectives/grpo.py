@@ -39,7 +39,8 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, dataset_loaders, split_records
 from gpt.training.run import Prepared, Run, register
-from gpt.training.settings import TrainConfig, flag
+from gpt.training.settings import TrainConfig, flag, need_setting
 
 VAL_COLUMN = "val_reward"
 """The mean reward of the greedy answers to the validation prompts (in place of val_perplexity)."""
@@ -325,10 +326,7 @@ class GRPO:
     def check(self, cfg: TrainConfig) -> None:
         """GRPO's settings, and what it needs besides: prompt records, masked prompts, whole logits,
         one forward per rank at a time."""
-        def need(ok: bool, name: str, what: str, example: Any) -> None:
-            if not ok:
-                raise ConfigError(f"{flag(name)} must be {what}, got {getattr(cfg, name)!r}; "
-                                  f"e.g. {flag(name)} {example}")
+        need = partial(need_setting, cfg)
 
         if not is_record_file(cfg.data):
             raise ConfigError(f"--objective grpo samples answers to prompt records, not text "

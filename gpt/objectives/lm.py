@@ -31,7 +31,7 @@ from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, record_loaders, text_loaders
 from gpt.training.run import Prepared, Run, register
-from gpt.training.settings import TrainConfig
+from gpt.training.settings import TrainConfig, need_setting
 
 ANSWER_COLUMN = "val_exact_match"
 """The extra column of a run on records: the share of validation answers that were exactly right."""
@@ -110,22 +110,15 @@ class CrossEntropy:
     """T: both models' logits are divided by this before their softmax (used with a teacher only).
     """
     def __post_init__(self) -> None:
-        def need(ok: bool, flag: str, value: float, what: str, example: str) -> None:
-            if not (ok and math.isfinite(value)):
-                raise UserError(f"--{flag} must be {what}, got {value!r}; e.g. --{flag} {example}")
-
-        need(0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)",
-             "0.1")
-        need(self.focal_gamma >= 0, "focal-gamma", self.focal_gamma, "0 or more", "2")
-        need(0 <= self.distill_weight <= 1, "distill-weight", self.distill_weight, "in [0, 1]",
-             "0.5")
-        need(self.distill_temperature > 0, "distill-temperature", self.distill_temperature, "above "
-                                                                                            "0",
-                                                                                            "2")
+        need, finite = partial(need_setting, self), math.isfinite
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)", "0.1")
+        need(self.focal_gamma >= 0 and finite(self.focal_gamma), "focal_gamma", "0 or more", "2")
+        need(0 <= self.distill_weight <= 1, "distill_weight", "in [0, 1]", "0.5")
+        need(self.distill_temperature > 0 and finite(self.distill_temperature),
+             "distill_temperature", "above 0", "2")
         if self.label_smoothing > 0 and self.focal_gamma > 0:
             raise UserError("--label-smoothing and --focal-gamma both reshape the cross-entropy "
-                            "and do "
-                               "not combine here; give only one of them")
+                            "and do not combine here; give only one of them")
 
     @property
     def variant_flag(self) -> str | None:

@@ -18,6 +18,7 @@ import math
 import sys
 import textwrap
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast, get_args, get_origin, get_type_hints
 
@@ -53,6 +54,15 @@ RUN_CONFIG_FILE = "train_config.json"
 def flag(name: str) -> str:
     """The command-line flag of setting `name`: `batch_size` -> `--batch-size`."""
     return "--" + name.replace("_", "-")
+
+
+def need_setting(settings: object, ok: bool, name: str, what: str, example: Any) -> None:
+    """Unless `ok`, a `ConfigError` "--NAME must be WHAT, got VALUE; e.g. --NAME EXAMPLE" for the
+    setting `name` of `settings`: the one check message of every setting, `TrainConfig`'s own and
+    an objective's (`functools.partial` binds `settings`)."""
+    if not ok:
+        raise ConfigError(f"{flag(name)} must be {what}, got {getattr(settings, name)!r}; "
+                          f"e.g. {flag(name)} {example}")
 
 
 @dataclass(frozen=True)
@@ -300,11 +310,7 @@ class TrainConfig:
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         self._check_types()
-
-        def need(ok: bool, name: str, what: str, example: Any) -> None:
-            if not ok:
-                raise ConfigError(f"{flag(name)} must be {what}, got {getattr(self, name)!r}; "
-                                  f"e.g. {flag(name)} {example}")
+        need = partial(need_setting, self)
 
         for name in ("batch_size", "grad_accum", "epochs", "eval_freq", "eval_iters",
                      "dist_timeout",

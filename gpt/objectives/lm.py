@@ -177,18 +177,19 @@ def objective_loss(objective: CrossEntropy, model: Callable[[Tensor], Tensor],
 
 
 def training_loss(objective: CrossEntropy, model: GPT, teacher: Callable[[Tensor], Tensor] | None,
-                  *,
-                  compile: bool = False) -> Callable[..., Tensor]:
+                  *, compile: bool = False) -> Callable[..., Tensor]:
     """What a training step calls, as `model.loss(idx, targets, chunk_size=...)`: `model.loss`
-    itself for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound
-    to `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain
+    for plain cross-entropy (the path `--loss-chunk` can split), else `objective_loss` bound to
+    `objective`, `model` and `teacher`. With `compile`, through torch.compile: for plain
     cross-entropy the transformer only, the head's loss run as written (its chunked path fills
     buffers in place, and compiling it too would be a new speed option to measure first)."""
     if not objective.is_cross_entropy:
         loss = partial(objective_loss, objective, model, teacher)
         return torch.compile(loss) if compile else loss
     if not compile:
-        return model.loss
+        # Looked up at each call: under FSDP, `Dist.wrap` replaces `model.loss` by the method that
+        # gathers the root's shards, after this loss is made.
+        return lambda idx, targets, *, chunk_size=0: model.loss(idx, targets, chunk_size=chunk_size)
     body = torch.compile(model.hidden_states)
     return lambda idx, targets, *, chunk_size=0: model.head_loss(body(idx), targets,
                                                                  chunk_size=chunk_size)

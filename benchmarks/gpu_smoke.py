@@ -48,8 +48,6 @@ from typing import Any
 import numpy as np
 import torch
 
-# ---- the project's API: every call into `gpt` is in this section, to retarget after a refactor ---
-from gpt import trainer
 from gpt.base.device import autocast, pick_device
 from gpt.base.errors import describe
 from gpt.checkpoints.checkpoint import load_checkpoint
@@ -59,6 +57,9 @@ from gpt.eval.perplexity import evaluate_loss
 from gpt.model.loss import head_loss
 from gpt.model.model import GPT
 from gpt.model.sampling import generate
+
+# ---- the project's API: every call into `gpt` is in this section, to retarget after a refactor ---
+from gpt.training import trainer
 from gpt.training.settings import TrainConfig
 
 

@@ -21,7 +21,7 @@ from tiny_runs import assert_same_params, params, tiny
 
 from gpt.base.errors import UserError
 from gpt.checkpoints.checkpoint import load_checkpoint, save_model
-from gpt.cli.generate import run_generation
+from gpt.cli.generate import GenerationOptions, run_generation
 from gpt.cli.train import main as train_main
 from gpt.eval.answers import answer
 from gpt.model.config import GPTConfig
@@ -224,10 +224,10 @@ def test_after_a_fine_tune_grpo_makes_a_tiny_model_answer_right_through_train_py
     assert all(answer(best, f"Is {w} a word? ", 6) == "No." for w in names[80:])
     # generate.py answers the same way: the template applied, stopped at end-of-text
     out = io.StringIO()
-    run_generation(prompt=f"Is {names[90]} a word?", max_new_tokens=6, temperature=0.0, top_k=None,
-                   top_p=None, seed=None, num_samples=1, checkpoint=tmp_path / "grpo" / "best",
-                   init=None,
-                   device="cpu", dtype="float32", no_cache=False, out=out, err=io.StringIO())
+    options = GenerationOptions(prompt=f"Is {names[90]} a word?", max_new_tokens=6,
+                                temperature=0.0, top_k=None, checkpoint=tmp_path / "grpo" / "best",
+                                device="cpu", dtype="float32")
+    run_generation(options, out=out, err=io.StringIO())
     assert out.getvalue() == "No.\n"
 
 

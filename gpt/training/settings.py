@@ -306,8 +306,9 @@ class TrainConfig:
     """Name of this run's directory under --out; default the start time, e.g. 20250101-120000."""
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):  # a repeatable setting read from JSON or TOML is a list
-            if isinstance(getattr(self, f.name), list):
+            if get_origin(hints[f.name]) is tuple and isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         self._check_types()
         need = partial(need_setting, self)

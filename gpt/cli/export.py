@@ -11,6 +11,9 @@ laid out as a model repository on the Hugging Face hub:
     README.md                         the model card: the model, its training data, settings, steps,
                                       validation loss and perplexity, the command that reproduces it
 
+A LoRA run's checkpoint is exported with its adapters merged into its base's weights (W + (alpha/r)
+B A, `gpt.model.lora.merge_lora`): a plain GPT-2 again.
+
 The card's training facts come from the checkpoint's `train_state.pt` (the settings and counters
 saved with those weights) and the run's `metrics.csv`; a checkpoint without them says "unknown".
 Everything is checked and read first, then written to a temporary directory renamed to OUT_DIR at the
@@ -34,11 +37,10 @@ from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
-    load_model,
     load_train_state,
     require_model_checkpoint,
 )
-from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, save_hf
+from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, load_pretrained, save_hf
 from gpt.data.corpora import CORPORA, HF_PREFIX
 from gpt.eval.perplexity import perplexity
 from gpt.model.config import GPTConfig
@@ -70,7 +72,7 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files; the export replaces the whole "
                         "directory, so give a new or empty one, or an earlier export")
-    model = load_model(checkpoint)
+    model = load_pretrained(checkpoint)  # a LoRA run's: its base with the adapters merged into it
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf writes "

@@ -22,7 +22,6 @@ from gpt.base.errors import UserError, run_cli
 from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     latest_checkpoint,
-    load_model,
     load_train_state,
     require_model_checkpoint,
 )
@@ -170,7 +169,7 @@ def load_for_generation(checkpoint: Path | None, init: str | None, device: torch
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
-        model, source = load_model(found, "cpu"), str(found)
+        model, source = load_pretrained(found), str(found)  # a LoRA run's: base + adapters, merged
     # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
     model = model.to(dtype=dtype).to(device)
     print(f"loaded {source} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} as "

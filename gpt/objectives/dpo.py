@@ -36,6 +36,7 @@ from gpt.base.errors import UserError
 from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
 from gpt.data.records import is_record_file
 from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.lora import adapters_off, has_lora
 from gpt.model.loss import IGNORE_INDEX, at_least_float32
 from gpt.model.model import GPT
 from gpt.model.tokenizer import get_tokenizer
@@ -138,9 +139,16 @@ def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset]
     bound to `model`; `gpt.training.distributed.Dist.wrap` compiles it, or puts it under DDP), once the
     reference (`load_reference`) has been run over every pair (`cache_reference`) and let go: from
     here on a step runs `model` alone. Under torchrun every rank caches every pair's numbers: the same
-    on all ranks, whichever pairs each one's batches hold."""
-    reference = load_reference(cfg, model.config, next(model.parameters()).device)
-    cache_reference(reference, pairs, cfg.batch_size, dtype)
+    on all ranks, whichever pairs each one's batches hold. A model with LoRA adapters
+    (`--lora-rank`) is its own reference, its adapters switched off (`gpt.model.lora.adapters_off`):
+    its base is the --init weights, so no second copy of them is loaded (unless --reference names
+    another model)."""
+    if has_lora(model) and cfg.reference is None:  # the base is the reference: no second model
+        with adapters_off(model), eval_mode(model):
+            cache_reference(model, pairs, cfg.batch_size, dtype)
+    else:
+        reference = load_reference(cfg, model.config, next(model.parameters()).device)
+        cache_reference(reference, pairs, cfg.batch_size, dtype)
     return partial(pair_loss, cfg.dpo_beta, model)
 
 

@@ -153,6 +153,9 @@ class Run:
     tensorboard: TensorBoardLog | None = None
     """With `--tensorboard`: each metrics row also goes to the run directory's event files."""
     last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
+    lora: dict[str, Any] | None = None
+    """With --lora-rank: the adapters' settings and base, written as every checkpoint's lora.json
+    (`gpt.checkpoints.lora`)."""
 
     @property
     def windows(self) -> Any:

@@ -102,8 +102,11 @@ class Dist:
                     block.compile()
                 fully_shard(block, mesh=mesh)
             self.fsdp = fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, (tied) head
+            unpatched = model.loss
             register_fsdp_forward_method(model, "loss")  # model.loss gathers the root's shards too
-            return loss  # model.loss, or via model.forward
+            # An objective that trains on model.loss itself took it before it was patched: the
+            # patched one, else the root's shards (the embeddings) are never gathered.
+            return model.loss if loss == unpatched else loss  # or via model.forward
         self.ddp = DistributedDataParallel(
             _Loss(model, loss),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

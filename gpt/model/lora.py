@@ -106,8 +106,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.adapter_on:
             return y
-        # (x A^T) B^T, never B A: two thin matmuls instead of an (out, in) matrix every step.
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        # (x A^T) B^T, never B A: two thin matmuls instead of an (out, in) matrix every step. The
+        # scale goes on the r-wide x A^T, and y + (.) B^T is one addmm: no extra pass over y.
+        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scale  # (..., r)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t()).view(y.shape)
 
     def merged(self) -> nn.Linear:
         """A plain `nn.Linear` of weight W + (alpha / r) B A (a new tensor: W itself is left alone,

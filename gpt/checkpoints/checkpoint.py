@@ -4,6 +4,10 @@
 `gpt.checkpoints.weights` has converted their names) and its head tied to the embedding
 again; `load_checkpoint` reads our checkpoints with it.
 
+A model with LoRA adapters (`gpt.model.lora`) is stored as its adapters alone,
+`adapters.safetensors`, with `lora.json` naming its base and the base's sha256
+(`gpt.checkpoints.lora` reads them back).
+
 A training checkpoint (`save_checkpoint`) adds `train_state.pt`: the optimizer, counters,
 data-loader position, RNG states and training config, as plain tensors and Python containers that
 `torch.load(..., weights_only=True)` reads without running any code from the file.
@@ -25,13 +29,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt.base.atomic import atomic_directory, resolve_directory
+from gpt.base.atomic import atomic_directory, resolve_directory, write_json
 from gpt.base.errors import UserError, describe, first_line
 from gpt.base.files import check_readable
 from gpt.model.config import GPTConfig
+from gpt.model.lora import adapter_state, is_adapter_state
 from gpt.model.model import GPT
 
 WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters, not the weights
+LORA_FILE = "lora.json"  # ... and their settings and base (`gpt.checkpoints.lora`)
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_STATE_FORMAT = 1  # bump when the layout of train_state.pt changes incompatibly
@@ -46,9 +53,17 @@ def find_model_checkpoint(path: Path) -> Path | None:
     """
     for candidate in (path, path / "best", path / "last"):
         candidate = resolve_directory(candidate)
-        if (candidate / WEIGHTS_FILE).is_file():
+        if weights_file(candidate).is_file():
             return candidate
     return None
+
+
+def weights_file(directory: Path) -> Path:
+    """The file of a checkpoint directory that holds its tensors: `model.safetensors`, or a LoRA
+    checkpoint's `adapters.safetensors` (`model.safetensors` when it has neither)."""
+    adapters = directory / ADAPTERS_FILE
+    return adapters if adapters.is_file() and not (directory / WEIGHTS_FILE).is_file() else \
+        directory / WEIGHTS_FILE
 
 
 def require_model_checkpoint(path: Path, flag: str | None = None) -> Path:
@@ -69,13 +84,17 @@ def latest_checkpoint(runs_dir: Path = Path("runs"), which: str = "best") -> Pat
     """`<run>/<which>` of the most recently written run under `runs_dir`, or None if there is none.
     """
     candidates = [resolve_directory(run / which) for run in Path(runs_dir).glob("*/")]
-    candidates = [c for c in candidates if (c / WEIGHTS_FILE).is_file()]
-    return max(candidates, key=lambda c: (c / WEIGHTS_FILE).stat().st_mtime, default=None)
+    candidates = [c for c in candidates if weights_file(c).is_file()]
+    return max(candidates, key=lambda c: weights_file(c).stat().st_mtime, default=None)
 
 
 def stored_state(model: GPT) -> dict[str, Tensor]:
     """What a checkpoint stores of `model`: its state dict, except that a tied head is stored once,
-    as `tok_emb.weight` (`lm_head.weight` would be the same tensor again)."""
+    as `tok_emb.weight` (`lm_head.weight` would be the same tensor again); of a model with LoRA
+    adapters, the adapters alone (the base is the one `lora.json` names)."""
+    adapters = adapter_state(model)
+    if adapters:
+        return adapters
     state = model.state_dict()
     if model.config.tie_embeddings:
         del state["lm_head.weight"]
@@ -139,7 +158,7 @@ def save_model(model: GPT, directory: Path) -> None:
 
 def _write_model(tensors: Mapping[str, Tensor], cfg: GPTConfig, directory: Path) -> None:
     save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
-              directory / WEIGHTS_FILE)
+              directory / (ADAPTERS_FILE if is_adapter_state(tensors) else WEIGHTS_FILE))
     cfg.save(directory / CONFIG_FILE)
 
 
@@ -151,6 +170,9 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu", **overr
     (`gpt.load_model` is the public loader: it also takes GPT-2 weights, a device and a dtype).
     """
     directory = resolve_directory(directory)
+    if weights_file(directory).name == ADAPTERS_FILE:
+        raise UserError(f"{directory} holds LoRA adapters, not a whole model; load it with "
+                        "gpt.load_model, which adds the base they adapt")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint {directory} has no {name}; is it a checkpoint directory?")
@@ -181,11 +203,14 @@ def write_checkpoint_files(tensors: Mapping[str, Tensor] | None, cfg: GPTConfig,
                            directory: Path) -> None:
     """The files of `write_checkpoint`, into `directory` as it is (not atomic by itself); without
     `tensors`, no `model.safetensors` (an FSDP checkpoint's shards hold the weights instead:
-    `gpt.training.sharded_checkpoint`)."""
+    `gpt.training.sharded_checkpoint`). A LoRA run's `train_state` has "lora", its adapters'
+    settings and base, also written as `lora.json`."""
     if tensors is None:
         cfg.save(directory / CONFIG_FILE)
     else:
         _write_model(tensors, cfg, directory)
+    if "lora" in train_state:
+        write_json(directory / LORA_FILE, train_state["lora"])
     torch.save({"format": TRAIN_STATE_FORMAT, **train_state}, directory / TRAIN_STATE_FILE)
 
 

@@ -20,7 +20,6 @@ from gpt.base.errors import UserError
 from gpt.checkpoints.checkpoint import (
     TRAIN_STATE_FILE,
     latest_checkpoint,
-    load_checkpoint,
     load_train_state,
     require_model_checkpoint,
 )
@@ -95,7 +94,7 @@ def load_from_flags(checkpoint: Path | None, init: str | None, device: torch.dev
         model, source = load_pretrained(init), init
     else:
         found = find_checkpoint(checkpoint)
-        model, source = load_checkpoint(found, "cpu"), str(found)
+        model, source = load_pretrained(found), str(found)  # a LoRA run's: base + adapters, merged
     # Cast on the CPU, then move: the GPU never holds the float32 weights (twice the bytes) at once.
     model = cast(model, dtype).to(device)  # row-major copies (what the int8 kernel reads)
     if err is not None:

@@ -9,7 +9,8 @@
   `model.ckpt.data-00000-of-00001`), read without TensorFlow by `gpt.checkpoints.tf_checkpoint`;
 - a checkpoint of this project (`config.json` in our field names + `model.safetensors`), or a run
   directory, whose `best/` (else `last/`) is read: by `gpt.checkpoints.checkpoint.load_checkpoint`,
-  as `--resume` reads it, with the same checks;
+  as `--resume` reads it, with the same checks; a LoRA run's is its base with the adapters merged
+  (`gpt.checkpoints.lora`);
 - a model name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, with or without
 `openai-community/`),
   downloaded from the Hugging Face hub with the optional `huggingface_hub` package.
@@ -60,6 +61,7 @@ from gpt.checkpoints.checkpoint import (
     read_torch_file,
     stored_shapes,
 )
+from gpt.checkpoints.lora import is_lora_checkpoint, load_adapted
 from gpt.checkpoints.tf_checkpoint import read_tf_checkpoint
 from gpt.data.corpora import hub_unreachable
 from gpt.model.config import ConfigError, GPTConfig, read_json_object
@@ -408,6 +410,8 @@ def _load_dir(path: Path, overrides: Mapping[str, Any]) -> GPT:
                      else _read_bin(weights))
             return _build(cfg, state, "hf", str(weights))
     checkpoint = find_model_checkpoint(path)  # ours: `path` itself, or a run's best/ (else last/)
+    if checkpoint is not None and is_lora_checkpoint(checkpoint):  # its base + adapters, merged
+        return load_adapted(checkpoint, load_pretrained, **overrides).float().eval()
     if checkpoint is not None:
         return load_checkpoint(checkpoint, **overrides).float().eval()
     raise UserError(

@@ -15,6 +15,9 @@ laid out as a model repository on the Hugging Face hub:
                                       a fine-tuned run's prompt template with an example,
                                       validation loss and perplexity, the command that reproduces it
 
+A LoRA run's checkpoint is exported with its adapters merged into its base's weights (W + (alpha/r)
+B A, `gpt.model.lora.merge_lora`): a plain GPT-2 again.
+
 The card's training facts come from the checkpoint's `train_state.pt` (the settings and counters
 saved with those weights) and the run's `metrics.csv`; a checkpoint without them says "unknown".
 Everything is checked and read first, then written to a temporary directory renamed to OUT_DIR at
@@ -38,11 +41,10 @@ from gpt.checkpoints.checkpoint import (
     CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
-    load_checkpoint,
     require_model_checkpoint,
 )
 from gpt.checkpoints.load import DEFAULT_TEMPERATURE
-from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, save_hf
+from gpt.checkpoints.weights import HUB_MODELS, HUB_ORG, load_pretrained, save_hf
 from gpt.data.corpora import CORPORA, HF_PREFIX
 from gpt.data.records import format_prompt, is_record_file
 from gpt.eval.perplexity import perplexity
@@ -79,7 +81,7 @@ def export(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
                                                       for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files; the export replaces the whole "
                         "directory, so give a new or empty one, or an earlier export")
-    model = load_checkpoint(checkpoint)
+    model = load_pretrained(checkpoint)  # a LoRA run's: its base with the adapters merged into it
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has vocab_size {model.config.vocab_size}, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}, so GPT-2's tokenizer does not fit it; gpt.save_hf "

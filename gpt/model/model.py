@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gpt.base.errors import UserError
 from gpt.model.config import GPTConfig
@@ -203,6 +204,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = False
+        """Recompute each block's activations in backward, not keep them (`hidden_states`)."""
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = Dropout(cfg.drop_rate)
@@ -272,7 +275,8 @@ class GPT(nn.Module):
         """Token ids (B, T) -> final-LayerNorm outputs (B, T, C), i.e. everything but the LM head.
 
         Kept separate so that `loss` can apply the head in chunks instead of materialising (B, T,
-        V).
+        V). With `activation_checkpointing` (and gradients on), backward recomputes each block's
+        activations from its input, all the forward pass keeps of it (`torch.utils.checkpoint`).
         """
         T = idx.size(1)
         start = kv_cache[0].length if kv_cache else 0
@@ -286,7 +290,12 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
         x = self.drop_emb(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache[i] if kv_cache else None)
+            if self.activation_checkpointing and torch.is_grad_enabled() and not kv_cache:
+                # Only the block's input is kept; backward runs the block again for the rest,
+                # with the random generators as they were, so dropout draws the same masks.
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, kv_cache[i] if kv_cache else None)
         return self.final_norm(x)
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -40,6 +40,7 @@ from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
 from gpt.data.records import is_record_file
 from gpt.eval.answers import val_exact_match
 from gpt.model.config import ConfigError, GPTConfig
+from gpt.model.lora import adapters_off, has_lora
 from gpt.model.loss import IGNORE_INDEX, at_least_float32
 from gpt.model.model import GPT
 from gpt.model.tokenizer import get_tokenizer
@@ -168,11 +169,19 @@ def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset]
     (`cache_reference`) and let go: from here on a step runs `model` alone. Under torchrun every
     rank caches every pair's numbers: the same on all ranks, whichever pairs each one's batches
     hold. `measure(reference)` is called before the reference is let go (to measure the starting
-    point)."""
-    reference = load_reference(cfg, model.config, next(model.parameters()).device)
-    cache_reference(reference, pairs, cfg.batch_size, dtype)
-    if measure is not None:
-        measure(reference)
+    point). A model with LoRA adapters (`--lora-rank`) is its own reference, its adapters switched
+    off (`gpt.model.lora.adapters_off`): its base is the --init weights, so no second copy of them
+    is loaded (unless --reference names another model)."""
+    if has_lora(model) and cfg.reference is None:  # the base is the reference: no second model
+        with adapters_off(model), eval_mode(model):
+            cache_reference(model, pairs, cfg.batch_size, dtype)
+            if measure is not None:
+                measure(model)
+    else:
+        reference = load_reference(cfg, model.config, next(model.parameters()).device)
+        cache_reference(reference, pairs, cfg.batch_size, dtype)
+        if measure is not None:
+            measure(reference)
     return partial(pair_loss, cfg.dpo_beta, model, rpo_alpha=cfg.rpo_alpha)
 
 

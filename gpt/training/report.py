@@ -51,7 +51,10 @@ def print_header(run: Run) -> None:
     tokens_per_step = rows * run.dist.world_size * cfg.grad_accum * run.windows.context_length
     data = run.records.describe(windows, run.windows.context_length) if run.records else \
         f"{windows} training windows"
-    print(f"{run.model.num_parameters() / 1e6:.1f}M parameters on {run.device} "
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in run.model.parameters()) - trainable  # a LoRA run's base
+    split = f" ({trainable:,} trainable, {frozen / 1e6:.1f}M frozen)" if frozen else ""
+    print(f"{run.model.num_parameters() / 1e6:.1f}M parameters{split} on {run.device} "
           f"({str(run.dtype).removeprefix('torch.')}); {data}, {run.total_steps} steps of "
           f"{'up to ' * (run.records is not None)}{tokens_per_step} tokens, step {run.state.step} "
           f"now; run directory {run.run_dir}")

@@ -63,16 +63,18 @@ RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "
                 "label_smoothing", "focal_gamma", "distill_weight", "distill_temperature",
                 "objective",
                 "dpo_beta", "reference", "reward", "group_size", "kl_beta", "rollout_tokens",
-                "updates_per_rollout", "eval_task", "eval_task_limit")
+                "updates_per_rollout", "eval_task", "eval_task_limit", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_targets")
 """What a resumed run must keep: these fix the model, the training windows and their order, and the
-objective, so the checkpoint's weights, optimizer state and data-loader position still mean what
-they meant, and metrics.csv keeps its columns (DPO's reference is loaded again, from --reference or
---init, and its log-probabilities computed again: the same numbers). So does the global batch,
-`batch_size` x the number of processes (`check_resume_settings`). `--teacher` may name another path
-(the teacher's directory moved, or the run continues on another machine: the teacher is read-only
-and in no checkpoint, and `load_teacher` checks it again), but a run with a teacher keeps one and a
-run without stays without. GRPO's rewards, group size, rollout length and updates per rollout fix
-what its steps sample and in which order, and --kl-beta whether a reference is loaded."""
+objective (LoRA's adapters too), so the checkpoint's weights, optimizer state and data-loader
+position still mean what they meant, and metrics.csv keeps its columns (DPO's reference is loaded
+again, from --reference or --init, and its log-probabilities computed again: the same numbers). So
+does the global batch, `batch_size` x the number of processes (`check_resume_settings`). `--teacher`
+may name another path (the teacher's directory moved, or the run continues on another machine: the
+teacher is read-only and in no checkpoint, and `load_teacher` checks it again), but a run with a
+teacher keeps one and a run without stays without. GRPO's rewards, group size, rollout length and
+updates per rollout fix what its steps sample and in which order, and --kl-beta whether a reference
+is loaded."""
 
 
 @dataclass

@@ -189,6 +189,9 @@ class Run:
     start: dict[str, float] = field(default_factory=dict)
     """The objective's measurements of the starting model (`Prepared.start`)."""
     last_saved: int = -1  # the step of the latest last/ (`save_freq` may skip evaluations)
+    lora: dict[str, Any] | None = None
+    """With --lora-rank: the adapters' settings and base, written as every checkpoint's lora.json
+    (`gpt.checkpoints.lora`)."""
 
     @property
     def windows(self) -> Any:

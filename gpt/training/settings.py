@@ -17,6 +17,7 @@ import itertools
 import math
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from gpt.data.records import is_record_file
 from gpt.data.token_cache import ERRORS_MODES
 from gpt.eval.tasks import parse_task_spec
 from gpt.model.config import ConfigError, check_known_fields, preset_names
+from gpt.model.lora import DEFAULT_TARGETS, LoRASettings, parse_targets
 from gpt.training.tb import require_tensorboard
 
 if sys.version_info >= (3, 11):
@@ -271,6 +273,23 @@ class TrainConfig:
     """With --objective grpo: group (advantage = (reward - group mean) / (group std + 1e-4)) or none
     (reward - group mean, as Dr. GRPO)."""
 
+    # fine-tuning big models in less memory (see docs/finetuning.md)
+    lora_rank: int = 0
+    """LoRA: freeze the --init weights and train low-rank adapters of this rank beside the layers
+    --lora-targets names (0: off, train every weight). Checkpoints then hold the adapters and a
+    reference to the --init weights; generate.py, evaluate, explain, export and --init read them
+    merged."""
+    lora_alpha: float = 16.0
+    """With --lora-rank R: the adapters' update is scaled by this / R."""
+    lora_dropout: float = 0.05
+    """With --lora-rank: dropout on the adapters' input, in [0, 1)."""
+    lora_targets: str = ",".join(DEFAULT_TARGETS)
+    """With --lora-rank: the layers adapted, of attn.qkv (the fused query/key/value projection,
+    adapted as one), attn.proj, mlp.fc, mlp.proj, lm_head; default every layer of the blocks."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in the forward pass and recompute its activations in backward:
+    less memory for a third more compute; the same losses and gradients (dropout too)."""
+
     # system
     dtype: str = "auto"
     """Autocast precision: auto (bfloat16 where the hardware has it: CUDA compute capability 8.0+,
@@ -360,8 +379,42 @@ class TrainConfig:
             if not path.is_file():
                 raise ConfigError(f"--eval-task {spec}: there is no file {path}; give a {kind} "
                                   "file (see docs/evaluation-tasks.md)")
+        self._check_lora(need)
         if self.tensorboard:
             require_tensorboard()  # here, so a missing package stops the run before it starts
+
+    def _check_lora(self, need: Callable[[bool, str, str, Any], None]) -> None:
+        """The --lora-* settings: in range, and only with --lora-rank, for a run from --init."""
+        need(self.lora_rank >= 0, "lora_rank", "0 (off) or more", 8)
+        positive = self.lora_alpha > 0 and math.isfinite(self.lora_alpha)
+        need(positive, "lora_alpha", "a positive number", 16)
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", 0.05)
+        try:
+            parse_targets(self.lora_targets)
+        except ValueError as exc:
+            raise ConfigError(f"--lora-targets: {exc}; e.g. --lora-targets attn.qkv,mlp.fc") \
+                from None
+        if self.lora_rank == 0:
+            for name in ("lora_alpha", "lora_dropout", "lora_targets"):
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ConfigError(f"{flag(name)} sets up LoRA's adapters, which --lora-rank "
+                                      f"turns on; add --lora-rank 8, or drop {flag(name)}")
+            return
+        if self.init == "scratch":
+            raise ConfigError("--lora-rank adapts trained weights, which --init names; add "
+                              "--init (gpt2, runs/NAME/best, ...), or drop --lora-rank to train a "
+                              "new model")
+        if self.parallel == "fsdp":
+            raise ConfigError("--lora-rank with --parallel fsdp: FSDP shards weights, gradients "
+                              "and AdamW's state, but a LoRA run's frozen base has neither "
+                              "gradients nor AdamW's state, and its checkpoints hold the adapters "
+                              "alone; use --parallel ddp")
+
+    @property
+    def lora(self) -> LoRASettings:
+        """The --lora-* settings, as `gpt.model.lora.add_lora` takes them."""
+        return LoRASettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                            parse_targets(self.lora_targets))
 
     @property
     def model_overrides(self) -> dict[str, Any]:

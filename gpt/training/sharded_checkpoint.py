@@ -56,6 +56,8 @@ from torch.distributed.fsdp import FSDPModule
 from gpt.base.atomic import atomic_directory
 from gpt.base.errors import UserError, describe, first_line
 from gpt.checkpoints.checkpoint import WEIGHTS_FILE, load_checkpoint, write_checkpoint_files
+from gpt.checkpoints.lora import is_lora_checkpoint, load_adapted
+from gpt.checkpoints.weights import load_pretrained
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist
@@ -126,8 +128,11 @@ def whole_model_state(model: GPT) -> dict[str, Tensor]:
 
 
 def checkpoint_model(checkpoint: Path, device: torch.device) -> GPT:
-    """The model to resume `checkpoint` into: its whole weights when it has them, else (an FSDP
-    last/ mid-run) a fresh model of its config, which `load_sharded` fills in."""
+    """The model to resume `checkpoint` into: its whole weights when it has them, a LoRA run's base
+    with its adapters beside it (`gpt.checkpoints.lora`), else (an FSDP last/ mid-run) a fresh model
+    of its config, which `load_sharded` fills in."""
+    if is_lora_checkpoint(checkpoint):
+        return load_adapted(checkpoint, load_pretrained, device, merge=False)
     if (checkpoint / WEIGHTS_FILE).is_file():
         return load_checkpoint(checkpoint, device)
     return GPT(GPTConfig.load(checkpoint / "config.json")).to(device)

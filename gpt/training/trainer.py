@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from gpt.base.device import (
 from gpt.base.errors import TrainingDiverged, UserError
 from gpt.base.interrupt import ctrl_c_flag
 from gpt.base.rng import seed_everything
+from gpt.checkpoints.lora import read_lora_record, start_adapters
 from gpt.checkpoints.saver import CheckpointSaver
 from gpt.checkpoints.weights import load_pretrained
 from gpt.data.windows import micro_batch_groups
@@ -78,6 +80,17 @@ def build_model(cfg: TrainConfig) -> GPT:
     if cfg.init == "scratch":
         return GPT(GPTConfig.preset(cfg.preset, **cfg.model_overrides))
     return load_pretrained(cfg.init, **cfg.model_overrides)
+
+
+def adapt(cfg: TrainConfig, model: GPT, checkpoint: Path | None) -> dict[str, Any] | None:
+    """With --lora-rank, the run's LoRA record (`gpt.checkpoints.lora`, saved with each checkpoint):
+    a resumed run's, whose adapters came with its checkpoint, or a new run's, whose base is frozen
+    and given adapters here, before the objective and the optimizer see the model. None without."""
+    if not cfg.lora_rank:
+        return None
+    if checkpoint is not None:
+        return read_lora_record(checkpoint)
+    return start_adapters(model, cfg.lora, cfg.init, cfg.model_overrides)
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -130,6 +143,8 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
 
     seed_everything(cfg.seed)
     model = checkpoint_model(checkpoint, device) if checkpoint else build_model(cfg).to(device)
+    lora = adapt(cfg, model, checkpoint)
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     model_context = model.config.context_length
     context_length = cfg.context_length or model_context
@@ -160,7 +175,7 @@ def _build(cfg: TrainConfig, objective: Objective, dist: Dist, opened: OpenedRun
         * dist.world_size * context_length,
         metrics=metrics_log(objective, cfg, records, run_dir, tasks), records=records, dist=dist,
         tasks=tasks, saver=CheckpointSaver(background=cfg.async_save), lock=opened.lock,
-        start=prepared.start,
+        start=prepared.start, lora=lora,
     )
     # restore also sets the random generators: nothing below draws from them
     if checkpoint is not None:
@@ -422,6 +437,8 @@ def save_checkpoints(run: Run, *, last: bool, best: bool, final: bool = False) -
     state = checkpoint_state(cfg=run.cfg, state=run.state, optimizer=run.optimizer,
                              scaler=run.scaler,
                              sampler=run.sampler, num_windows=len(run.windows), device=run.device)
+    if run.lora is not None:  # the adapters' settings and base, beside the adapters (lora.json)
+        state["lora"] = run.lora
     if run.dist.sharded:  # every rank writes its shards
         save_sharded(run.model, run.optimizer, state, directories, run.dist, final=final)
     elif run.dist.add_rank_state(state):  # rank 0 writes for all: every rank holds the same weights

@@ -1,6 +1,6 @@
-"""LoRA runs through train.py: learning new answers and a preferred style, DPO against the base with
-its adapters off (also after a resume), and refusals: a resume that adds or drops adapters, a base
-that is gone or has changed."""
+"""LoRA runs through train.py: learning new answers and a preferred style, DPO and GRPO against the
+base with its adapters off (DPO's also after a resume), and refusals: a resume that adds or drops
+adapters, a base that is gone or has changed."""
 
 import csv
 import dataclasses
@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_dpo import dpo_run, init_dir, pairs_file, rows, saved, style_pairs, tiny_model, words
 from test_finetune import capitals, write_jsonl
+from test_grpo_runs import grpo_run, prompts_file
 from test_resume import interrupt_after
 from tiny_runs import TOKENS, cli_error, tiny
 
@@ -19,10 +20,10 @@ from gpt.base.errors import UserError
 from gpt.checkpoints.weights import load_pretrained
 from gpt.cli.generate import main as generate_main
 from gpt.eval.answers import answer
-from gpt.training.trainer import setup, train
+from gpt.training.trainer import fit, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-__all__ = ["init_dir", "pairs_file"]  # fixtures of test_dpo, used here
+__all__ = ["init_dir", "pairs_file", "prompts_file"]  # fixtures of test_dpo and test_grpo_runs
 ALL_LAYERS = "attn.qkv,attn.proj,mlp.fc,mlp.proj,lm_head"
 
 
@@ -102,6 +103,22 @@ def test_dpo_with_lora_uses_the_base_as_reference_also_after_a_resume(tmp_path, 
     measured = [[{k: v for k, v in row.items() if k != "tokens_per_s"}
                  for row in rows(tmp_path / name)] for name in ("run", "straight")]
     assert measured[0] == measured[1]
+
+
+def test_grpo_with_lora_takes_its_kl_to_the_base_without_a_second_model(tmp_path, prompts_file,
+                                                                        init_dir) -> None:
+    cfg = grpo_run(tmp_path, prompts_file, init_dir, kl_beta=0.5, eval_freq=1, max_steps=4,
+                   lora_rank=4, lora_dropout=0.0, lr=1e-2)
+    run = setup(cfg)
+    assert run.records.step.reference is run.model  # type: ignore[union-attr]
+    result = fit(run)
+    logged = rows(result.run_dir)
+    # Step 1 sampled with B = 0, the base itself: its KL is 0 exactly; later the adapters moved.
+    assert float(logged[1]["kl"]) == 0.0 and float(logged[4]["kl"]) > 0
+    # The same run against the --init weights loaded as a second model: the same steps.
+    loaded = train(dataclasses.replace(cfg, reference=str(init_dir), run_name="loaded"))
+    assert loaded.step_losses == result.step_losses
+    assert [row["kl"] for row in rows(loaded.run_dir)] == [row["kl"] for row in logged]
 
 
 # ---- refusals: one line, exit 2, nothing written ------------------------------------------------

@@ -40,12 +40,11 @@ from gpt.data.pairs import PreferenceDataset, load_pairs, pair_collate
 from gpt.data.records import is_record_file
 from gpt.eval.answers import val_exact_match
 from gpt.model.config import ConfigError, GPTConfig
-from gpt.model.lora import adapters_off, has_lora
 from gpt.model.loss import IGNORE_INDEX, at_least_float32
 from gpt.model.model import GPT
 from gpt.model.tokenizer import get_tokenizer
 from gpt.objectives.lm import ANSWER_COLUMN
-from gpt.objectives.teacher import load_frozen
+from gpt.objectives.teacher import as_base, base_is_reference, load_frozen
 from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, dataset_loaders, resolve_template, split_records
@@ -169,11 +168,11 @@ def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset]
     (`cache_reference`) and let go: from here on a step runs `model` alone. Under torchrun every
     rank caches every pair's numbers: the same on all ranks, whichever pairs each one's batches
     hold. `measure(reference)` is called before the reference is let go (to measure the starting
-    point). A model with LoRA adapters (`--lora-rank`) is its own reference, its adapters switched
-    off (`gpt.model.lora.adapters_off`): its base is the --init weights, so no second copy of them
-    is loaded (unless --reference names another model)."""
-    if has_lora(model) and cfg.reference is None:  # the base is the reference: no second model
-        with adapters_off(model), eval_mode(model):
+    point). A model with LoRA adapters (`--lora-rank`) is its own reference, its adapters
+    switched off (`gpt.objectives.teacher.as_base`): its base is the --init weights, so no second
+    copy of them is loaded (unless --reference names another model)."""
+    if base_is_reference(model, cfg.reference):  # no second copy of the same weights
+        with as_base(model):
             cache_reference(model, pairs, cfg.batch_size, dtype)
             if measure is not None:
                 measure(model)

@@ -74,7 +74,7 @@ from gpt.objectives.rollouts import (
     prompt_collate,
     rollout_seed,
 )
-from gpt.objectives.teacher import load_frozen
+from gpt.objectives.teacher import as_base, base_is_reference, load_frozen
 from gpt.training import metrics
 from gpt.training.distributed import Dist
 from gpt.training.record_data import RecordData, dataset_loaders, split_records
@@ -254,8 +254,8 @@ class GRPOStep:
                        completion_tokens=float(new.sum()))
         inputs, targets = completion_targets(seq, row_lengths, new)
         reference = None
-        if self.reference is not None:
-            with torch.no_grad():
+        if self.reference is not None:  # a LoRA policy's reference is its base: adapters off
+            with torch.no_grad(), as_base(self.reference):
                 reference = token_logps(self.reference(inputs), targets)
         return Rollout(inputs, targets, group_advantages(rewards, size, self.scale).to(device),
                        reference)
@@ -401,7 +401,10 @@ class GRPO:
         # iterating draws nothing from the global generator
         train_loader.generator = torch.Generator()
         device = next(model.parameters()).device
-        reference = load_reference(cfg, model.config, device) if cfg.kl_beta > 0 else None
+        reference = None
+        if cfg.kl_beta > 0:  # a LoRA policy is its own reference (`as_base`): no second copy
+            reference = (model if base_is_reference(model, cfg.reference)
+                         else load_reference(cfg, model.config, device))
         step = GRPOStep(cfg, model, reference, rewards, train, state)
         records = PromptData(template, datasets["val"].records, 0, sampler.padded_tokens(),
                              (datasets["train"], datasets["val"]), what="prompts",

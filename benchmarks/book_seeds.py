@@ -110,7 +110,8 @@ def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, b
     from gpt.data.windows import build_loaders
     from gpt.eval.perplexity import evaluate_loss
     from gpt.training import trainer
-    from gpt.training.settings import TrainConfig, read_toml
+    from gpt.training.flags import read_toml
+    from gpt.training.settings import TrainConfig
 
     name = f"{variant}-seed{seed}"
     cfg = TrainConfig.from_dict({**read_toml(RECIPE), "data": str(text), "seed": seed,

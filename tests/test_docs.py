@@ -8,7 +8,7 @@ and the anchor is a heading of that file (GitHub's slugs). Commands, in code blo
 - `python -m gpt.x.y`: a module that `importlib.util.find_spec` finds;
 - `python path/to/script.py`: a file of the repository;
 - the flags after `python train.py` (also under torchrun) and `gpt-train`/`python -m gpt train`:
-  flags of `gpt.training.settings.build_parser()`; after generate.py and the other commands: flags
+  flags of `gpt.training.flags.build_parser()`; after generate.py and the other commands: flags
   their `--help` lists; after another script: a flag written in its source.
 """
 
@@ -140,7 +140,7 @@ def command_table() -> frozenset[str]:
 
 @cache
 def train_flags() -> frozenset[str]:
-    from gpt.training.settings import build_parser
+    from gpt.training.flags import build_parser
 
     return frozenset(build_parser()._option_string_actions)
 

@@ -8,8 +8,9 @@ import torch
 
 from gpt.model.config import ConfigError, GPTConfig
 from gpt.model.model import GPT
+from gpt.training.flags import build_parser, read_toml
 from gpt.training.optim import build_optimizer
-from gpt.training.settings import TrainConfig, build_parser, read_toml
+from gpt.training.settings import TrainConfig
 from gpt.training.trainer import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

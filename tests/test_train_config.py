@@ -6,14 +6,8 @@ import pytest
 
 from gpt.base.errors import UserError
 from gpt.model.config import ConfigError
-from gpt.training.settings import (
-    RENAMED,
-    TrainConfig,
-    build_parser,
-    current_names,
-    field_docs,
-    read_toml,
-)
+from gpt.training.flags import build_parser, field_docs, read_toml
+from gpt.training.settings import RENAMED, TrainConfig, current_names
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -1,6 +1,6 @@
 """The `train.py` command: its command line parsed (settings from four sources), then a run trained.
 
-`build_parser` (in `gpt.training.settings`, next to the settings it turns into flags) holds its
+`build_parser` (in `gpt.training.flags`, made from the settings it turns into flags) holds its
 flags and `main(argv)` runs it. `train.py` at the repository root and `python -m gpt train` only
 call `main`.
 """
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from gpt.base.errors import run_cli
+from gpt.training.flags import build_parser, read_toml
 from gpt.training.resume import resume_config
-from gpt.training.settings import TrainConfig, build_parser, read_toml
+from gpt.training.settings import TrainConfig
 from gpt.training.trainer import train
 
 

@@ -8,6 +8,7 @@ from gpt.data.records import InstructionDataset, load_records, pad_collate
 from gpt.data.windows import SlidingWindowDataset, create_dataloader
 from gpt.eval.perplexity import evaluate_loss, perplexity
 from gpt.model.config import GPTConfig
+from gpt.model.lora import LoRASettings, add_lora, merge_lora
 from gpt.model.loss import lm_loss
 from gpt.model.model import GPT
 from gpt.model.quantize import prepack, quantize_int8
@@ -20,9 +21,11 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "InstructionDataset",
+    "LoRASettings",
     "SlidingWindowDataset",
     "TrainConfig",
     "UserError",
+    "add_lora",
     "create_dataloader",
     "evaluate_loss",
     "generate",
@@ -31,6 +34,7 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "load_records",
+    "merge_lora",
     "pad_collate",
     "perplexity",
     "prepack",

@@ -265,8 +265,8 @@ def put(path: str, value):
     """A change to a train state: set the entry at `path` ("state.step") to `value`."""
     def change(state: dict) -> None:
         *parents, key = path.split(".")
-        for parent in parents:
-            state = state[parent]
+        for parent in parents:  # a digit indexes a list (optimizer.param_groups.0.eps)
+            state = state[int(parent)] if isinstance(state, list) else state[parent]
         state[key] = value
     return change
 
@@ -287,6 +287,12 @@ def put(path: str, value):
     ("train_config.seed", 2**32, "its settings: --seed must be in [0, 2^32), got 4294967296"),
     ("train_config.lr", None, "its settings: --lr must be float, got None"),
     ("train_config.mask_prompt", "no", "its settings: --mask-prompt must be bool, got 'no'"),
+    ("optimizer.param_groups.0.eps", 0.0, "optimizer param group 0 has an lr, eps, weight_decay "
+                                          "or betas out of range"),
+    ("optimizer.param_groups.1.weight_decay", -5.0, "optimizer param group 1 has an lr, eps"),
+    ("optimizer.param_groups.0.betas", (0.9, 1.5), "optimizer param group 0 has an lr, eps"),
+    ("optimizer.param_groups.0.lr", float("nan"), "optimizer param group 0 has an lr, eps"),
+    ("scaler.scale", float("nan"), "scaler 'scale' is nan, not a positive number"),
 ])
 def test_a_resumed_state_out_of_range_is_one_line_and_changes_nothing(tmp_path, capsys, cli_run,
                                                                       path,
@@ -487,6 +493,21 @@ def test_our_config_with_a_wrong_value_is_one_line_in_every_command(tmp_path, ca
     before = hashes(tmp_path)
     assert error_line(main, argv, capsys) == f"error: {config} is not a valid model config: {message}"  # noqa: E501
     assert hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("bomb", JSON_BOMBS)
+@pytest.mark.parametrize("name", ["generate", "train --init"])
+def test_a_config_too_deep_or_too_long_a_number_is_one_line_without_pythons_advice(
+        tmp_path, capsys, cli_run, bomb, name) -> None:
+    run_dir = copied_run(cli_run, tmp_path)
+    config = run_dir / "best" / "config.json"
+    config.write_text(JSON_BOMBS[bomb][0].replace('"answer": "x"', '"emb_dim": 16'))
+    weights = "init" if name == "train --init" else "checkpoint"
+    main, argv = commands_reading(weights, run_dir / "best", tmp_path)[name.split()[0]]
+    before = hashes(tmp_path)
+    line = error_line(main, argv, capsys)
+    assert line.startswith(f"error: cannot read {config} ({JSON_BOMBS[bomb][1]}); it should hold")
+    assert "sys.set_int_max_str_digits" not in line and hashes(tmp_path) == before
 
 
 def test_an_absurd_model_shape_is_refused_with_its_size(tmp_path, capsys) -> None:

@@ -40,6 +40,14 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def past_json_limits(exc: RecursionError | ValueError) -> str:
+    """What `json.loads` raising `exc` (not a `JSONDecodeError`) means: its input went past one of
+    Python's own limits, which Python's message would advise raising in code."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested deeper than Python can read"
+    return "an integer of more digits than Python converts"
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a command-line front: a `UserError` becomes `error: <message>` on stderr and exit status
     2."""

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from gpt.base.errors import UserError
+from gpt.base.errors import UserError, past_json_limits
 from gpt.model.loss import IGNORE_INDEX
 from gpt.model.tokenizer import ENDOFTEXT_ID
 
@@ -127,9 +127,7 @@ def _parse(text: str, path: Path, line: int) -> object:
                         f"line") from None
     except (RecursionError, ValueError) as exc:  # what json.loads raises past Python's own limits
         where = f"{path}:{line}" if line else str(path)
-        found = "JSON nested deeper than Python can read" if isinstance(exc, RecursionError) else \
-            "an integer of more digits than Python converts"
-        raise UserError(f"{where}: {found}, which no record holds; fix "
+        raise UserError(f"{where}: {past_json_limits(exc)}, which no record holds; fix "
                         f"{'that line' if line else 'the file'}") from None
 
 

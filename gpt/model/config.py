@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.base.errors import UserError, describe
+from gpt.base.errors import UserError, describe, past_json_limits
 
 GPT2_VOCAB_SIZE = 50257
 MAX_PARAMETERS = 2**40
@@ -44,9 +44,11 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     JSON, or holds something else. `what` says what the file should hold, e.g. "a model config"."""
     try:
         data = json.loads(Path(path).read_text())
-    # JSONDecodeError, UnicodeDecodeError; nested
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path} ({describe(exc)}); it should hold {what}") from None
+    except (RecursionError, ValueError) as exc:  # past Python's limits: no config goes there
+        raise ConfigError(f"cannot read {path} ({past_json_limits(exc)}); it should hold "
+                          f"{what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; it should "
                           f"hold {what}")

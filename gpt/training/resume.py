@@ -316,6 +316,9 @@ def _state_problem(saved: dict[str, Any]) -> str | None:
             isinstance(saved["optimizer"].get("state"), dict)
             and isinstance(saved["optimizer"].get("param_groups"), list)):
         return "the optimizer state lacks its 'state' or 'param_groups'"
+    problem = _hyperparameter_problem(saved)
+    if problem is not None:
+        return problem
     rng, numpy = saved["rng"], saved["rng"].get("numpy")
     try:  # on throwaway generators: the global ones are set last, by `restore`
         random.Random().setstate(rng["python"])
@@ -349,6 +352,30 @@ def _range_problem(saved: dict[str, Any]) -> str | None:
             return f"{what} is {value!r}, not an integer in [{low}, {top}]"
     if math.isnan(state["best_val_loss"]) or state["best_val_loss"] == -math.inf:
         return f"state 'best_val_loss' is {state['best_val_loss']!r}, not a loss (a number, or inf)"
+    return None
+
+
+def _hyperparameter_problem(saved: dict[str, Any]) -> str | None:
+    """Which of AdamW's saved hyperparameters (each param group's: `load_state_dict` puts them
+    back) or float16's saved loss scale is out of its range, or None."""
+    groups = (saved.get("optimizer_groups") if is_sharded(saved)
+              else saved.get("optimizer", {}).get("param_groups")) or []
+
+    def number(x: object, *, positive: bool = False) -> bool:  # finite and >= 0 (or > 0)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+            and (x > 0 if positive else x >= 0)
+
+    for i, group in enumerate(groups):
+        betas = group.get("betas") if isinstance(group, dict) else None
+        if not (isinstance(group, dict) and number(group.get("lr"))
+                and number(group.get("eps"), positive=True) and number(group.get("weight_decay"))
+                and isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(number(b) and b < 1 for b in betas)):
+            return (f"optimizer param group {i} has an lr, eps, weight_decay or betas out of range "
+                    "(lr and weight_decay >= 0, eps > 0, betas in [0, 1))")
+    scale = saved["scaler"].get("scale")
+    if scale is not None and not number(scale, positive=True):
+        return f"scaler 'scale' is {scale!r}, not a positive number"
     return None
 
 

@@ -282,11 +282,11 @@ def test_the_device_is_configured_and_the_weights_cast_on_the_cpu_before_they_mo
     configured, loaded_on, moved = [], [], []
     monkeypatch.setattr("gpt.cli.generate.configure_device", configured.append)
 
-    def load(path, device):
+    def load(path, device="cpu", **overrides):
         loaded_on.append(torch.device(device))
-        return load_checkpoint(path, device)
+        return load_checkpoint(path, device, **overrides)
 
-    monkeypatch.setattr("gpt.checkpoints.load.load_checkpoint", load)
+    monkeypatch.setattr("gpt.checkpoints.weights.load_checkpoint", load)  # what --checkpoint reads
     original_to = GPT.to
 
     def to(self, *args, **kwargs):

@@ -109,6 +109,7 @@ def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, b
     """One run of the recipe (see the module docstring), kept in `keep`/<variant>-seed<seed>/."""
     from gpt.data.windows import build_loaders
     from gpt.eval.perplexity import evaluate_loss
+    from gpt.objectives.lm import LanguageModeling
     from gpt.training import trainer
     from gpt.training.flags import read_toml
     from gpt.training.settings import TrainConfig
@@ -126,15 +127,15 @@ def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, b
                                 stride=256,
                                 eval_batches=cfg.eval_iters, seed=seed)[1]["val"]
     rows: list[tuple[int, float]] = []
-    evaluate = trainer.evaluate
+    evaluate = LanguageModeling.evaluate
 
-    def also_book_split(run: trainer.Run) -> tuple[float, float]:
+    def also_book_split(objective: LanguageModeling, run: trainer.Run) -> dict[str, float]:
         rows.append((run.state.step, evaluate_loss(run.model, book_loader, dtype=run.dtype)))
-        return evaluate(run)
+        return evaluate(objective, run)
 
     saved, built = trainer.save_checkpoints, trainer.build_optimizer
     trainer.save_checkpoints = lambda *args, **kwargs: None  # type: ignore[assignment]
-    trainer.evaluate = also_book_split  # type: ignore[assignment]
+    LanguageModeling.evaluate = also_book_split  # type: ignore[method-assign]
     if variant == "decay-all":
         trainer.build_optimizer = decay_every_parameter  # type: ignore[assignment]
     try:
@@ -142,7 +143,8 @@ def train_one(text: Path, variant: str, seed: int, keep: Path, max_steps: int, b
         trainer.train(cfg)
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     finally:
-        trainer.save_checkpoints, trainer.build_optimizer, trainer.evaluate = saved, built, evaluate
+        trainer.save_checkpoints, trainer.build_optimizer = saved, built
+        LanguageModeling.evaluate = evaluate  # type: ignore[method-assign]
     with open(keep / name / BOOK_SPLIT_FILE, "w", newline="") as file:
         csv.writer(file).writerows([("step", "val_loss"), *rows])
 

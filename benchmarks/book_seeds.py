@@ -31,12 +31,11 @@ rate makes the steps before it those of the full 90-step run) and no samples (th
 generator of their own: the losses do not change). Checkpoints are not written (each would be 2 GB
 of weights and AdamW state every 5 steps); nothing they save feeds back into training. Each run's
 metrics.csv is kept under `--keep DIR/<variant>-seed<N>/`, and `--table-only` prints the tables
-from those. A run took 42 minutes on 2 CPU cores shared with ~7 other jobs, one thread (at the
-README's ~1-2 s a step on a quiet machine, ~5 minutes). `--preset mini` trains the recipe's settings
-on the 29M mini model instead (~3 minutes for 30 steps here): a check of the script, not the book's
-model. Run with OMP_NUM_THREADS=1 when the machine is shared: the thread count changes what is
-computed only in its float rounding, but this recipe is chaotic, so after some 20 steps a change of
-rounding can move the curve as far as another seed does.
+from those; how long a run takes is in docs/book-curve.md. `--preset mini` trains the recipe's
+settings on the 29M mini model instead: a check of the script, not the book's model. Run with
+OMP_NUM_THREADS=1 when the machine is shared: the thread count changes what is computed only in its
+float rounding, but this recipe is chaotic, so after some 20 steps a change of rounding can move the
+curve as far as another seed does.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Every `$ python train.py ...` and `$ python generate.py ...` command of docs/finetuning.md and
-docs/preference.md runs as written against the shipped examples/ (issue 31 item 6).
+"""Every `$ python train.py ...` and `$ python generate.py ...` command of docs/finetuning.md,
+docs/preference.md and docs/grpo.md runs as written against the shipped examples/ (issue 31 item 6).
 
 The commands of a page are taken from its fenced code blocks (a `$ ` line and its `\\`
 continuations) and run in order, in a temporary directory holding a copy of examples/ (so the
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/finetuning.md", "docs/preference.md"]
+PAGES = ["docs/finetuning.md", "docs/preference.md", "docs/grpo.md"]
 SCRIPTS = ("train.py", "generate.py")
 
 

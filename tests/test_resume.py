@@ -23,8 +23,8 @@ from gpt.cli.train import parse_args
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.training import trainer
-from gpt.training.resume import TrainState
 from gpt.training.settings import TrainConfig
+from gpt.training.train_state import TrainState
 from gpt.training.trainer import setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

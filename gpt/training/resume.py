@@ -6,7 +6,7 @@ that, `train_state.pt` (written by `gpt.checkpoints.checkpoint.save_checkpoint`)
 `checkpoint_state`:
 
     train_config   the run's settings (those in `RESUME_FIXED` must not change on resume)
-    state          the loop's counters (`TrainState`)
+    state          the loop's counters (`gpt.training.train_state.TrainState`)
     optimizer      AdamW's moments and step counts
     scaler         float16's loss scale
     sampler        the epoch and the position in it of the data order (`ResumableSampler`)
@@ -17,24 +17,21 @@ that, `train_state.pt` (written by `gpt.checkpoints.checkpoint.save_checkpoint`)
 An FSDP checkpoint (`gpt.training.sharded_checkpoint`) has "sharded": True, and AdamW's tensors in
 its sharded/ directory instead of "optimizer" (its param groups are "optimizer_groups").
 
-Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`.
+Only tensors and plain Python values, so it loads with `torch.load(..., weights_only=True)`; every
+entry is checked (`gpt.training.train_state.state_problem`) before anything is written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from gpt.base.atomic import copy_directory, resolve_directory
 from gpt.base.device import load_scaler_state
-from gpt.base.errors import UserError, describe, first_line
+from gpt.base.errors import UserError
 from gpt.base.files import permission_errors
 from gpt.base.rng import rng_state, set_rng_state
 from gpt.checkpoints.checkpoint import (
@@ -51,11 +48,11 @@ from gpt.model.config import read_json_object
 from gpt.training.settings import (
     MODEL_OVERRIDES,
     RUN_CONFIG_FILE,
-    SEED_LIMIT,
     TrainConfig,
     current_names,
     flag,
 )
+from gpt.training.train_state import TrainState, is_sharded, settings_problem, state_problem
 
 RESUME_FIXED = ("data", "val_data", "val_fraction", "decode_errors", "preset", "init",
                 *MODEL_OVERRIDES,
@@ -75,47 +72,6 @@ teacher is read-only and in no checkpoint, and `load_teacher` checks it again), 
 teacher keeps one and a run without stays without. GRPO's rewards, group size, rollout length and
 updates per rollout fix what its steps sample and in which order, and --kl-beta whether a reference
 is loaded."""
-
-
-@dataclass
-class TrainState:
-    """The loop's counters; saved in every checkpoint so that a resumed run continues exactly."""
-
-    step: int = 0
-    """Optimizer steps taken."""
-    tokens_seen: int = 0
-    """Input tokens trained on so far."""
-    best_val_loss: float = math.inf
-    """Lowest validation loss so far (improvements smaller than min_delta do not count)."""
-    best_step: int = 0
-    """The step at which `best_val_loss` was measured (the weights in best/)."""
-    evals_since_best: int = 0
-    """Evaluations in a row without an improvement: the early-stopping counter."""
-
-    def keep_score(self, val_loss: float, min_delta: float) -> bool:
-        """Count an evaluation for early stopping; True if `val_loss` is a new best (by more than
-        `min_delta`), which resets the count of evaluations without one."""
-        improved = val_loss < self.best_val_loss - min_delta
-        if improved:
-            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
-        else:
-            self.evals_since_best += 1
-        return improved
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counters as a plain dict (what `load_state_dict` takes back)."""
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Set every counter from a `state_dict()`."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
-
-
-def is_sharded(saved: dict[str, Any]) -> bool:
-    """Whether the train state `saved` is an FSDP checkpoint's (its weights and moments in
-    sharded/)."""
-    return saved.get("sharded") is True
 
 
 def checkpoint_state(*, cfg: TrainConfig, state: TrainState, optimizer: torch.optim.Optimizer,
@@ -158,7 +114,7 @@ def resume_config(path: Path) -> dict[str, Any]:
         checkpoint = find_resume_checkpoint(path)
     if checkpoint is None:
         settings = read_json_object(path / RUN_CONFIG_FILE, "the run's settings")
-        problem = _settings_problem(settings)
+        problem = settings_problem(settings)
         if problem is not None:
             raise UserError(f"{path / RUN_CONFIG_FILE} does not hold a run's settings ({problem}); "
                             f"start a "
@@ -174,7 +130,7 @@ def read_resume_state(checkpoint: Path, fix: str = RESUME_FIX) -> dict[str, Any]
     Also what generate.py and the export read a run's settings and counters through (`fix`: what a
     user of theirs does about a damaged file)."""
     saved = load_train_state(checkpoint, fix)
-    problem = _state_problem(saved)
+    problem = state_problem(saved)
     if problem is not None:
         raise UserError(f"{checkpoint / TRAIN_STATE_FILE} is not a complete training state "
                         f"({problem}); {fix}")
@@ -279,114 +235,11 @@ def _best_on_disk(best_dir: Path) -> tuple[int, float]:
         raise UserError(f"{path} is missing, so the run's best checkpoint cannot be checked; {fix}")
     saved = read_torch_file(path, fix, mmap=True)  # mapped: its counters are all that is read
     ours = isinstance(saved, dict) and saved.get("format") == TRAIN_STATE_FORMAT
-    problem = _state_problem(saved) if ours else \
+    problem = state_problem(saved) if ours else \
         f"not a training state of format {TRAIN_STATE_FORMAT}"
     if problem is not None:
         raise UserError(f"{path} is not a complete training state ({problem}); {fix}")
     return saved["state"]["step"], saved["state"]["best_val_loss"]
-
-
-def _state_problem(saved: dict[str, Any]) -> str | None:
-    """What is missing or of the wrong type in a loaded train state (see the module docstring), or
-    None."""
-    kind: type
-    # An FSDP checkpoint keeps AdamW's state in its shards; --best-weights-only's best/ has none.
-    optimizer = () if is_sharded(saved) or saved.get("without_optimizer") is True else (
-        ("optimizer", dict),)
-    for key, kind in (("train_config", dict), ("state", dict), *optimizer, ("scaler", dict),
-                      ("sampler", dict), ("num_windows", int), ("rng", dict)):
-        if not isinstance(saved.get(key), kind):
-            found = type(saved[key]).__name__ if key in saved else "missing"
-            return f"{key!r} is {found}, not a {kind.__name__}"
-    numbers = [(f"state {f.name!r}", saved["state"].get(f.name), float if f.name == "best_val_loss"
-                else int)
-               for f in dataclasses.fields(TrainState)]
-    numbers += [(f"sampler {name!r}", saved["sampler"].get(name), int)
-                for name in ("epoch", "position", "seed")]
-    for what, value, kind in numbers:
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            return f"{what} is {value!r}, not a number of type {kind.__name__}"
-    problem = _range_problem(saved) or _settings_problem(saved["train_config"])
-    if problem is not None:
-        return problem
-    if is_sharded(saved):
-        if not isinstance(saved.get("optimizer_groups", []), list):
-            return "its 'optimizer_groups' is not a list"
-    elif saved.get("without_optimizer") is not True and not (
-            isinstance(saved["optimizer"].get("state"), dict)
-            and isinstance(saved["optimizer"].get("param_groups"), list)):
-        return "the optimizer state lacks its 'state' or 'param_groups'"
-    problem = _hyperparameter_problem(saved)
-    if problem is not None:
-        return problem
-    rng, numpy = saved["rng"], saved["rng"].get("numpy")
-    try:  # on throwaway generators: the global ones are set last, by `restore`
-        random.Random().setstate(rng["python"])
-        torch.Generator().set_state(rng["torch"])
-        np.random.RandomState().set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32),
-                                           numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
-    except Exception as exc:  # whatever a malformed state makes them raise
-        return f"its random generator states cannot be set ({describe(exc)})"
-    return None
-
-
-def _range_problem(saved: dict[str, Any]) -> str | None:
-    """Which counter of a train state (its types checked) is out of its range, or None: steps and
-    counts are >= 0, the best step is one already taken, the best loss is a number or inf (none
-    yet), the data order's position lies within its epoch and its seed and epoch where `--seed`
-    is."""
-    state, sampler = saved["state"], saved["sampler"]
-    bounds = [("state 'step'", state["step"], 0, None),
-              ("state 'tokens_seen'", state["tokens_seen"], 0, None),
-              ("state 'best_step'", state["best_step"], 0, state["step"]),
-              ("state 'evals_since_best'", state["evals_since_best"], 0, None),
-              ("'num_windows'", saved["num_windows"], 1, None),
-              ("'world_size'", saved.get("world_size", 1), 1, None),
-              ("sampler 'position'", sampler["position"], 0, saved["num_windows"]),
-              ("sampler 'epoch'", sampler["epoch"], 0, SEED_LIMIT - 1),
-              ("sampler 'seed'", sampler["seed"], 0, SEED_LIMIT - 1)]
-    for what, value, low, high in bounds:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low or \
-                (high is not None and value > high):
-            top = "..." if high is None else high
-            return f"{what} is {value!r}, not an integer in [{low}, {top}]"
-    if math.isnan(state["best_val_loss"]) or state["best_val_loss"] == -math.inf:
-        return f"state 'best_val_loss' is {state['best_val_loss']!r}, not a loss (a number, or inf)"
-    return None
-
-
-def _hyperparameter_problem(saved: dict[str, Any]) -> str | None:
-    """Which of AdamW's saved hyperparameters (each param group's: `load_state_dict` puts them
-    back) or float16's saved loss scale is out of its range, or None."""
-    groups = (saved.get("optimizer_groups") if is_sharded(saved)
-              else saved.get("optimizer", {}).get("param_groups")) or []
-
-    def number(x: object, *, positive: bool = False) -> bool:  # finite and >= 0 (or > 0)
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
-            and (x > 0 if positive else x >= 0)
-
-    for i, group in enumerate(groups):
-        betas = group.get("betas") if isinstance(group, dict) else None
-        if not (isinstance(group, dict) and number(group.get("lr"))
-                and number(group.get("eps"), positive=True) and number(group.get("weight_decay"))
-                and isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(number(b) and b < 1 for b in betas)):
-            return (f"optimizer param group {i} has an lr, eps, weight_decay or betas out of range "
-                    "(lr and weight_decay >= 0, eps > 0, betas in [0, 1))")
-    scale = saved["scaler"].get("scale")
-    if scale is not None and not number(scale, positive=True):
-        return f"scaler 'scale' is {scale!r}, not a positive number"
-    return None
-
-
-def _settings_problem(settings: dict[str, Any]) -> str | None:
-    """Why the saved settings of a run (`TrainConfig.to_dict` then) are not valid ones now, or None;
-    its `--tensorboard` is not checked here, so that a run may resume without it."""
-    try:
-        TrainConfig.from_dict({**current_names(settings), "tensorboard": False})
-    except (UserError, TypeError) as exc:  # TypeError: a key that is not a string
-        return f"its settings: {first_line(exc)}"
-    return None
 
 
 def check_resume_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: Path,

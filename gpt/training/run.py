@@ -46,7 +46,7 @@ from gpt.model.model import GPT
 from gpt.training.distributed import Dist
 from gpt.training.metrics import MetricsLog
 from gpt.training.record_data import RecordData
-from gpt.training.resume import TrainState
+from gpt.training.train_state import TrainState
 
 if TYPE_CHECKING:
     from gpt.checkpoints.saver import CheckpointSaver

@@ -61,7 +61,7 @@ from gpt.checkpoints.weights import load_pretrained
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.training.distributed import Dist
-from gpt.training.resume import is_sharded
+from gpt.training.train_state import is_sharded
 
 SHARDED_DIR = "sharded"
 _INDEX_CLASSES = {

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt.base.errors import UserError
-from gpt.checkpoints.weights import gpt_to_hf_state_dict
+from gpt.checkpoints.key_map import gpt_to_hf_state_dict
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.model.sampling import DecodeSession, generate, sample_next, stream

@@ -22,15 +22,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gpt.base.errors import UserError
 from gpt.checkpoints import weights
 from gpt.checkpoints.checkpoint import model_from_state_dict, save_model
+from gpt.checkpoints.key_map import gpt_to_hf_state_dict, key_pairs, to_gpt_state_dict
 from gpt.checkpoints.tf_checkpoint import read_tf_checkpoint
-from gpt.checkpoints.weights import (
-    config_from_hf,
-    gpt_to_hf_state_dict,
-    key_pairs,
-    load_pretrained,
-    save_hf,
-    to_gpt_state_dict,
-)
+from gpt.checkpoints.weights import config_from_hf, load_pretrained, save_hf
 from gpt.cli.export import main as export_main
 from gpt.cli.generate import main as generate_main
 from gpt.model.config import ConfigError, GPTConfig

@@ -39,7 +39,8 @@ import transformers
 from machine import cpu_name
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt.checkpoints.weights import gpt_to_hf_state_dict, hf_config
+from gpt.checkpoints.key_map import gpt_to_hf_state_dict
+from gpt.checkpoints.weights import hf_config
 from gpt.model.config import GPTConfig
 from gpt.model.model import GPT
 from gpt.model.quantize import Int8Linear, PackedLinear, can_prepack, prepare_for_decoding

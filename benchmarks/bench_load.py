@@ -50,7 +50,8 @@ def child(method: str, directory: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from gpt.checkpoints.weights import config_from_hf, load_pretrained, to_gpt_state_dict
+    from gpt.checkpoints.key_map import to_gpt_state_dict
+    from gpt.checkpoints.weights import config_from_hf, load_pretrained
     from gpt.model.model import GPT
 
     imports = peak_rss_bytes() / 2**20

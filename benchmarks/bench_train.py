@@ -159,7 +159,8 @@ def run_hf(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
 
     from gpt.base.device import keep_freed_memory
     from gpt.base.rng import seed_everything
-    from gpt.checkpoints.weights import gpt_to_hf_state_dict, hf_config
+    from gpt.checkpoints.key_map import gpt_to_hf_state_dict
+    from gpt.checkpoints.weights import hf_config
     from gpt.training.trainer import build_model
 
     shape, defaults = SHAPES[args.shape], train_config(args, out)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt.base.errors import UserError, describe, first_line, run_cli
-from gpt.checkpoints.weights import key_pairs
+from gpt.checkpoints.key_map import key_pairs
 from gpt.model.config import ConfigError, GPTConfig
 from gpt.model.model import GPT
 from gpt.model.sampling import stream

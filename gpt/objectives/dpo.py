@@ -22,6 +22,7 @@ objective the loop sees (`gpt.training.run.Objective`), registered as --objectiv
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -171,13 +172,10 @@ def prepare_dpo(cfg: TrainConfig, model: GPT, pairs: Iterable[PreferenceDataset]
     point). A model with LoRA adapters (`--lora-rank`) is its own reference, its adapters
     switched off (`gpt.objectives.teacher.as_base`): its base is the --init weights, so no second
     copy of them is loaded (unless --reference names another model)."""
-    if base_is_reference(model, cfg.reference):  # no second copy of the same weights
-        with as_base(model):
-            cache_reference(model, pairs, cfg.batch_size, dtype)
-            if measure is not None:
-                measure(model)
-    else:
-        reference = load_reference(cfg, model.config, next(model.parameters()).device)
+    frozen = (as_base(model) if base_is_reference(model, cfg.reference)  # no second copy
+              else contextlib.nullcontext(load_reference(cfg, model.config,
+                                                         next(model.parameters()).device)))
+    with frozen as reference:
         cache_reference(reference, pairs, cfg.batch_size, dtype)
         if measure is not None:
             measure(reference)
